@@ -1,0 +1,280 @@
+"""One typed config that mirrors `params.yaml`, checked before any compute.
+
+Every stage calls `load_params()` first. A mistake in `params.yaml` (a typo'd key, a
+negative learning rate, a patch size that does not tile the image) stops the stage with
+one message that names the key, the bad value and what is allowed, before a byte of data
+is read.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+# Image geometry of every dataset the pipeline knows: (channels, height, width, classes).
+DATASET_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "mnist": (1, 28, 28, 10),
+    "cifar10": (3, 32, 32, 10),
+    "cifar100": (3, 32, 32, 100),
+}
+
+
+class ConfigError(ValueError):
+    """A bad value in params.yaml (or the environment): the message says what and how to fix it."""
+
+
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class Section(BaseModel):
+    # extra="forbid" turns a typo into an error instead of a silently ignored key.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    classifier_dataset: Literal["cifar10", "cifar100"] = "cifar10"
+    gan_dataset: Literal["mnist"] = "mnist"
+    train_fraction: Fraction = 1.0  # deterministic, class-stratified subset of the train split
+    test_fraction: Fraction = 1.0  # the same for the test split
+
+
+class AugmentConfig(Section):
+    """Training-time augmentation of the classifier dataset (batched tensor ops, see augment.py)."""
+
+    crop_padding: NonNegativeInt = 4  # random crop after zero padding by this many pixels
+    hflip: bool = True
+    cutmix_prob: Probability = 0.0  # per mini-batch, as in R4
+    cutmix_alpha: PositiveFloat = 1.0  # box area ratio ~ Beta(alpha, alpha)
+    mixup_prob: Probability = 0.0
+    mixup_alpha: PositiveFloat = 0.2
+    cutout_prob: Probability = 0.0  # per image
+    cutout_size: PositiveInt = 8
+    preview_images: PositiveInt = 64
+
+
+class MLPGANConfig(Section):
+    """R1: the MLP GAN, TTUR Adam."""
+
+    latent_dim: PositiveInt = 128
+    g_hidden: list[PositiveInt] = [128, 256, 512, 1024]
+    d_hidden: list[PositiveInt] = [512, 256]
+    g_dropout: Probability = 0.0  # R1's variant used 0.3
+    d_dropout: Probability = 0.6
+    lr_g: PositiveFloat = 1e-4
+    lr_d: PositiveFloat = 4e-4
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    batch_size: PositiveInt = 64
+
+
+class DCGANConfig(Section):
+    """R2: the Keras DCGAN, rebuilt in PyTorch."""
+
+    latent_dim: PositiveInt = 100
+    lr_g: PositiveFloat = 3e-4
+    lr_d: PositiveFloat = 3e-4
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    init_std: PositiveFloat = 0.02
+    batch_size: PositiveInt = 32
+
+
+class GANConfig(Section):
+    epochs: PositiveInt = 50
+    sample_every: PositiveInt = 10  # sample grids at epochs 0, k, 2k, ..., last
+    fid_every: NonNegativeInt = 5  # FID curve during training every k epochs (0: off)
+    fid_samples_during: PositiveInt = 2000  # N for the cheap in-training FID
+    fid_samples: PositiveInt = 10000  # N generated vs N test images for the final FID/IS (FID is biased by N)
+    train_fraction: Fraction = 1.0  # of MNIST train; separate from data.train_fraction so data-size studies don't retrain GANs
+    steps_per_epoch_max: NonNegativeInt = 0  # 0: full epochs; >0 caps steps per epoch (benchmarks only)
+    mlp: MLPGANConfig = MLPGANConfig()
+    dcgan: DCGANConfig = DCGANConfig()
+
+
+class JudgeConfig(Section):
+    """The LeNet-style MNIST classifier whose features measure GAN quality (FID, IS)."""
+
+    epochs: PositiveInt = 4
+    batch_size: PositiveInt = 128
+    lr: PositiveFloat = 1e-3
+    train_fraction: Fraction = 1.0
+
+
+class TrainConfig(Section):
+    """What the one classifier training loop needs; shared by the `vit` and `cnn` sections."""
+
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 1000
+    # The learning rate is the top-level `lr` times this multiplier, so that
+    # `dvc exp run -S lr=4e-4` moves both classifiers and per-model ratios stay explicit.
+    lr_mult: PositiveFloat = 1.0
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: NonNegativeFloat = 0.0
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd only
+    nesterov: bool = True  # sgd only
+    scheduler: Literal["none", "cosine", "step", "warmup_cosine"] = "none"
+    step_size: PositiveInt = 15  # step scheduler, in epochs
+    gamma: PositiveFloat = 0.1  # step scheduler
+    warmup_epochs: NonNegativeInt = 0  # warmup_cosine
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    grad_clip: NonNegativeFloat = 0.0  # max global grad norm; 0 disables
+    sam: Literal["none", "sam", "asam"] = "none"
+    sam_rho: PositiveFloat = 0.05
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+    compile: bool = False
+    augment: bool = True  # apply the augment-stage policy to training batches
+
+
+class ViTConfig(TrainConfig):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    weight_decay: NonNegativeFloat = 0.05
+    scheduler: Literal["none", "cosine", "step", "warmup_cosine"] = "cosine"
+    patch_size: PositiveInt = 4
+    embed_dim: PositiveInt = 192
+    depth: PositiveInt = 12
+    heads: PositiveInt = 3
+    mlp_ratio: PositiveFloat = 4.0
+    dropout: Probability = 0.1
+
+
+class CNNConfig(TrainConfig):
+    arch: Literal["refcnn", "resnet18"] = "refcnn"
+    weight_decay: NonNegativeFloat = 1e-4
+    scheduler: Literal["none", "cosine", "step", "warmup_cosine"] = "step"
+    widths: list[PositiveInt] = [64, 128, 256, 512]  # refcnn
+    convs_per_block: PositiveInt = 2  # refcnn
+    hidden: PositiveInt = 256  # refcnn
+    dropout: Probability = 0.5  # refcnn
+
+
+class EvaluateConfig(Section):
+    heatmap_images: PositiveInt = 8
+    misclassified_images: PositiveInt = 32
+
+
+class Params(Section):
+    seed: NonNegativeInt = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    lr: PositiveFloat = 1e-3
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    judge: JudgeConfig = JudgeConfig()
+    gan: GANConfig = GANConfig()
+    vit: ViTConfig = ViTConfig()
+    cnn: CNNConfig = CNNConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> "Params":
+        _, height, width, _ = DATASET_SHAPES[self.data.classifier_dataset]
+        v = self.vit
+        if height % v.patch_size or width % v.patch_size:
+            raise ValueError(
+                f"vit.patch_size={v.patch_size} does not divide the {height}x{width} images of "
+                f"{self.data.classifier_dataset}; allowed: a divisor of {height}, e.g. 2, 4 or 8"
+            )
+        if v.embed_dim % v.heads:
+            raise ValueError(
+                f"vit.embed_dim={v.embed_dim} is not divisible by vit.heads={v.heads}; "
+                f"allowed: heads dividing embed_dim, e.g. {_divisors(v.embed_dim)}"
+            )
+        return self
+
+    def classifier(self, name: str) -> ViTConfig | CNNConfig:
+        return {"vit": self.vit, "cnn": self.cnn}[name]
+
+    def learning_rate(self, name: str) -> float:
+        return self.lr * self.classifier(name).lr_mult
+
+    def flat(self) -> dict[str, Any]:
+        """`{"vit.lr_mult": 1.0, ...}`: the form MLflow params and study tables use."""
+        return flatten(self.model_dump())
+
+    def digest(self, *sections: str) -> str:
+        """sha256 of the given sections (all when none): identifies a configuration."""
+        dump = self.model_dump()
+        picked = {k: dump[k] for k in sections} if sections else dump
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 16) + 1) if n % d == 0]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at `loc` (for "did you mean")."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def explain(error: ValidationError, source: str = "params.yaml") -> str:
+    lines = [f"{source}: {error.error_count()} invalid value(s):"]
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(Params, loc[:-1])
+            known = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+            lines.append(f"  - unknown key '{key}'{hint} (allowed here: {', '.join(known)})")
+            continue
+        value = err.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            lines.append(f"  - {msg}")
+        else:
+            lines.append(f"  - {key} = {shown}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(explain(err, source)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run the stages from the repository root (where dvc.yaml is)")
+    with path.open() as fh:
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,96 @@
+"""GAN training: one loop for both reference GANs (R1 MLP GAN, R2 DCGAN).
+
+Standard GAN objective with BCE on logits (numerically stable form of the sigmoid + BCE the
+references used); the generator maximises log D(G(z)) (the non-saturating form, which is what
+"BCE with real labels for G" computes). Like the classifier loop, images stay on the device as
+uint8 and losses are accumulated on the device, read once per epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def scale_pm1(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the range of the generators' Tanh."""
+    return x_uint8.float().div_(127.5).sub_(1.0)
+
+
+def train_gan(
+    generator_net: torch.nn.Module,
+    discriminator: torch.nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    images: torch.Tensor,
+    latent_dim: int,
+    batch_size: int,
+    epochs: int,
+    rng: torch.Generator,
+    on_epoch: Callable[[int, dict], None] | None = None,
+    max_steps: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Train for `epochs` over the uint8 `images` (N,1,28,28) on their device; on_epoch(epoch, row) after each."""
+    device = images.device
+    n = len(images)
+    steps = n // batch_size  # drop the ragged last batch: BatchNorm1d needs > 1 sample
+    if max_steps:
+        steps = min(steps, max_steps)
+    history = []
+    for epoch in range(1, epochs + 1):
+        generator_net.train()
+        discriminator.train()
+        started = time.perf_counter()
+        sums = torch.zeros(4, device=device)  # d_loss, g_loss, D(x), D(G(z))
+        perm = torch.randperm(n, device=device, generator=rng)
+        for step in tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress):
+            real = scale_pm1(images[perm[step * batch_size : (step + 1) * batch_size]])
+            z = torch.randn(batch_size, latent_dim, device=device, generator=rng)
+            fake = generator_net(z)
+
+            # Discriminator: real -> 1, fake -> 0.
+            d_real = discriminator(real)
+            d_fake = discriminator(fake.detach())
+            d_loss = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + F.binary_cross_entropy_with_logits(
+                d_fake, torch.zeros_like(d_fake)
+            )
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+
+            # Generator: make D call the fakes real.
+            d_fake_for_g = discriminator(fake)
+            g_loss = F.binary_cross_entropy_with_logits(d_fake_for_g, torch.ones_like(d_fake_for_g))
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            opt_g.step()
+
+            with torch.no_grad():
+                sums += torch.stack(
+                    [d_loss, g_loss, torch.sigmoid(d_real).mean(), torch.sigmoid(d_fake).mean()]
+                )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        means = (sums / steps).tolist()
+        row = {
+            "epoch": epoch,
+            "d_loss": means[0],
+            "g_loss": means[1],
+            "d_real": means[2],
+            "d_fake": means[3],
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        history.append(row)
+        print(
+            f"epoch {epoch:3d} | D loss {row['d_loss']:.4f} | G loss {row['g_loss']:.4f} | "
+            f"D(x) {row['d_real']:.3f} D(G(z)) {row['d_fake']:.3f} | {row['epoch_seconds']:6.2f} s",
+            flush=True,
+        )
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+    return history

@@ -1,0 +1,89 @@
+"""The CNN baselines: R3's reference CNN and R4's ResNet-18 with the CIFAR stem.
+
+Both expose `gradcam_layer`, the module whose output is the last convolutional feature map
+(before any pooling), which is where Grad-CAM reads activations and gradients.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..compat import import_torchvision
+
+import_torchvision()
+from torchvision.models.resnet import BasicBlock, ResNet  # noqa: E402
+
+
+def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+class RefCNN(nn.Module):
+    """VGG-style: per block `convs_per_block` x (Conv3x3 + BN + ReLU), then MaxPool 2x2; GAP; MLP head.
+
+    At the defaults this is R3's CNN with exactly its 4,823,114 parameters (two convs per
+    block is the layout that reproduces that count; one conv per block gives 2,080,010).
+    """
+
+    def __init__(
+        self,
+        *,
+        channels: int = 3,
+        num_classes: int = 10,
+        widths: tuple[int, ...] = (64, 128, 256, 512),
+        convs_per_block: int = 2,
+        hidden: int = 256,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if not widths:
+            raise ValueError("RefCNN needs at least one block width, e.g. widths=(64, 128, 256, 512)")
+        blocks = []
+        for c_in, c_out in zip((channels, *widths[:-1]), widths):
+            layers = conv_bn_relu(c_in, c_out)
+            for _ in range(convs_per_block - 1):
+                layers += conv_bn_relu(c_out, c_out)
+            blocks.append(nn.Sequential(*layers))
+        self.blocks = nn.ModuleList(blocks)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(widths[-1], hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    @property
+    def gradcam_layer(self) -> nn.Module:
+        # A property, not an attribute: assigning the block again would register it twice
+        # and duplicate its weights in the state_dict.
+        return self.blocks[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = self.pool(block(x))
+        return self.head(x)
+
+
+class CifarResNet(ResNet):
+    """torchvision's ResNet, plus the `gradcam_layer` that heat maps read (its last stage)."""
+
+    @property
+    def gradcam_layer(self) -> nn.Module:
+        return self.layer4
+
+
+def resnet18_cifar(num_classes: int = 10, channels: int = 3) -> CifarResNet:
+    """torchvision's ResNet-18 (the same BasicBlock x [2, 2, 2, 2] that `resnet18()` builds) with the CIFAR stem.
+
+    The ImageNet stem (7x7 stride-2 conv + max-pool) would shrink a 32x32 image to 8x8 before
+    the first stage; the CIFAR stem (3x3 stride-1 conv, no max-pool) keeps 32x32, so layer4
+    sees 4x4 maps.
+    """
+    model = CifarResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+    model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as ResNet inits its convs
+    model.maxpool = nn.Identity()
+    return model

@@ -1,0 +1,194 @@
+"""The one classifier training loop, shared by the ViT and the CNN stages.
+
+Fast path (airbench-style): the dataset lives on the device as uint8, batches are gathered by
+index, augmentation runs as batched tensor ops, bf16 autocast on CUDA, fused optimisers, and
+per-step metrics stay on the device: the host reads them once per epoch.
+
+Every epoch ends with an atomic checkpoint (model, optimiser, scheduler, RNG states, history).
+A run killed mid-way resumes from the last complete epoch and, on CPU, finishes with exactly
+the metrics of an uninterrupted run. A checkpoint is only resumed when its fingerprint (the
+params, data and code that produced it) matches, and never once it is marked complete.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .augment import BatchAugment
+from .config import TrainConfig
+from .optim import SAM, build_optimizer, build_scheduler, clip_gradients
+from .runtime import autocast_dtype
+
+
+@dataclass
+class DeviceData:
+    """A dataset split resident on the training device: uint8 images (N,C,H,W) and int64 labels."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def evaluate(model, data: DeviceData, augment: BatchAugment, batch_size: int, amp: torch.dtype | None) -> dict[str, float]:
+    model.eval()
+    device = data.x.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for start in range(0, len(data), batch_size):
+        x, _ = augment(data.x[start : start + batch_size], data.y[start : start + batch_size], train=False)
+        y = data.y[start : start + batch_size]
+        with _autocast(device, amp):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return {"loss": loss_sum.item() / len(data), "acc": correct.item() / len(data)}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file, then rename: a kill mid-write never leaves a broken checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path | None, fingerprint: str) -> dict | None:
+    if path is None or not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("complete") or state.get("fingerprint") != fingerprint:
+        return None  # finished, or made by other params/data/code: start afresh
+    return state
+
+
+def fit(
+    model: torch.nn.Module,
+    train: DeviceData,
+    test: DeviceData,
+    augment: BatchAugment,
+    cfg: TrainConfig,
+    lr: float,
+    generator: torch.Generator,
+    checkpoint: Path | None = None,
+    fingerprint: str = "",
+    on_epoch: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train for cfg.epochs; return one dict per epoch (the columns of the per-epoch table)."""
+    device = train.x.device
+    amp = autocast_dtype(cfg.precision, device)
+    # A last batch of one image breaks BatchNorm's batch statistics; every other remainder is used.
+    steps = len(train) // cfg.batch_size + (len(train) % cfg.batch_size > 1)
+    optimizer = build_optimizer(model, cfg, lr, device)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    step_model = torch.compile(model) if cfg.compile else model
+    history: list[dict] = []
+    first_epoch = 1
+
+    state = load_checkpoint(checkpoint, fingerprint)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        history = state["history"]
+        first_epoch = state["epoch"] + 1
+        print(f"resuming from {checkpoint} after epoch {state['epoch']}")
+        for row in history:  # the new tracking run gets the whole metric history, not just the tail
+            if on_epoch is not None:
+                on_epoch(row)
+
+    def loss_of(x, target):
+        with _autocast(device, amp):
+            logits = step_model(x)
+        return F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing), logits
+
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        model.train()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen = 0
+        perm = torch.randperm(len(train), device=device, generator=generator)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress)
+        for step in bar:
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            y = train.y[idx]
+            x, target = augment(train.x[idx], y, train=True)
+            loss, logits = loss_of(x, target)
+            loss.backward()
+            if isinstance(optimizer, SAM):
+                # SAM: ascend to w + e(w), take the gradient there, come back and step.
+                clip_gradients(model, cfg.grad_clip)
+                optimizer.first_step(zero_grad=True)
+                loss_of(x, target)[0].backward()
+                clip_gradients(model, cfg.grad_clip)
+                optimizer.second_step(zero_grad=True)
+            else:
+                clip_gradients(model, cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += loss.detach() * len(idx)
+            # Accuracy against the original labels, also under CutMix/MixUp (the references' convention).
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(idx)
+        lr_now = optimizer.param_groups[0]["lr"]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - started
+        test_metrics = evaluate(model, test, augment, cfg.eval_batch_size, amp)
+        row = {
+            "epoch": epoch,
+            "train_loss": loss_sum.item() / seen,
+            "train_acc": correct.item() / seen,
+            "test_loss": test_metrics["loss"],
+            "test_acc": test_metrics["acc"],
+            "epoch_seconds": train_seconds,
+            "lr": lr_now,
+        }
+        history.append(row)
+        print(
+            f"epoch {epoch:3d} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+            f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f} | {train_seconds:6.2f} s | lr {lr_now:.2e}",
+            flush=True,
+        )
+        if checkpoint is not None:
+            save_checkpoint(
+                checkpoint,
+                {
+                    "fingerprint": fingerprint,
+                    "epoch": epoch,
+                    "complete": epoch == cfg.epochs,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "history": history,
+                },
+            )
+        if on_epoch is not None:
+            on_epoch(row)
+    return history

@@ -1,0 +1,72 @@
+"""Shared fixtures: a throwaway copy of the repository for tests that run DVC for real."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared" / "datasets")
+
+# A run small enough for a test, with the reference architectures unchanged.
+TINY = [
+    "data.train_fraction=0.01", "data.test_fraction=0.02",
+    "judge.epochs=1", "judge.train_fraction=0.05",
+    "gan.epochs=1", "gan.train_fraction=0.01", "gan.sample_every=1", "gan.fid_every=1",
+    "gan.fid_samples_during=200", "gan.fid_samples=200",
+    "vit.epochs=1", "cnn.epochs=1",
+    "evaluate.heatmap_images=4", "evaluate.misclassified_images=8",
+]
+
+
+def sh(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def copy_repo(dest: Path) -> Path:
+    """Copy what git would commit (tracked + untracked, not ignored) and commit it in a fresh repo."""
+    files = sh(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], ROOT).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    sh(["git", "init", "-q", "-b", "main"], dest)
+    sh(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "add", "-A"], dest)
+    sh(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m", "copy"], dest)
+    return dest
+
+
+def pipeline_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["REPROVISION_DATA_MIRROR"] = str(MIRROR)
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    if not MIRROR.is_dir():
+        pytest.fail(f"the dataset mirror {MIRROR} is missing: set REPROVISION_DATA_MIRROR (see README)")
+    return copy_repo(tmp_path / "repo")
+
+
+def dvc(repo: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    return sh([str(Path(sys.executable).parent / "dvc"), *args], repo, env or pipeline_env(), check)
+
+
+def exp_run(repo: Path, *sets: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    args = ["exp", "run"]
+    for s in [*TINY, *sets]:
+        args += ["-S", s]
+    return dvc(repo, *args, env=env, check=check)

@@ -1,0 +1,269 @@
+"""The report stage: a fake results tree in, a self-contained page out, checked in a real browser."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from reprovision import report
+
+CHROMIUM = Path("/usr/bin/chromium")
+RUN_IDS = {"vit": "a" * 32, "cnn": "b" * 32, "mlp": "c" * 32, "dcgan": "d" * 32, "judge": "e" * 32}
+# A CPU-sized configuration: the page must say it is reduced.
+PARAMS = {"data": {"train_fraction": 0.1}, "vit": {"epochs": 3}, "cnn": {"epochs": 3}, "gan": {"epochs": 3, "fid_samples": 500}}
+EVALUATION_FIGURES = [name for row in report.EVALUATION_FIGURES for name, _ in row]
+
+
+# ---------------------------------------------------------------------------- a fake results tree
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def noise_image(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def write_png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise_image(seed).save(path)
+
+
+def write_results(root: Path, classifiers: bool = True, gans: bool = True) -> None:
+    """What the earlier stages leave behind, with plausible values."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    write_json(root / "data/prepared/manifest.json", {
+        "cifar10": {"train": 50000, "test": 10000, "sha256": "1" * 64, "files": {"train_x.npy": "2" * 64}},
+        "mnist": {"train": 60000, "test": 10000, "sha256": "3" * 64, "files": {"train_x.npy": "4" * 64}},
+    })
+    uris = {"vit": "sqlite:////tmp/store/mlflow.db", "cnn": "http://mlflow.example:5000"}
+    if classifiers:
+        for seed, (m, acc, seconds) in enumerate((("vit", 0.4172, 31.0), ("cnn", 0.5861, 18.5))):
+            write_json(root / f"metrics/{m}.json", {
+                "test_acc": acc, "test_loss": 1.61, "train_acc": acc - 0.03, "train_loss": 1.7, "best_test_acc": acc + 0.004,
+                "params": report.REFERENCE[m]["params"], "epochs": 3, "train_seconds": 3 * seconds, "s_per_epoch": seconds, "device": "cpu",
+            })
+            write_csv(root / f"metrics/{m}/history.csv", [
+                {"epoch": e, "train_loss": 2.2 - 0.2 * e, "train_acc": acc * e / 3 - 0.03, "test_loss": 2.1 - 0.17 * e,
+                 "test_acc": acc * e / 3, "epoch_seconds": seconds + e, "lr": 1e-3} for e in (1, 2, 3)
+            ])
+            write_json(root / f"models/{m}/run.json", {"run_id": RUN_IDS[m], "experiment_id": "1", "tracking_uri": uris[m], "run_name": f"train-{m}"})
+            (root / f"models/{m}/card.md").write_text(f"# Model card: {m}\n\n**Architecture.** a {m}.\n\n| metric | value |\n|---|---|\n| test_acc | {acc} |\n")
+        write_json(root / "metrics/evaluate.json", {"classifiers": {
+            "vit": {"accuracy": 0.4172, "macro_precision": 0.41, "macro_recall": 0.4172, "macro_f1": 0.4031, "per_class": {}},
+            "cnn": {"accuracy": 0.5861, "macro_precision": 0.59, "macro_recall": 0.5861, "macro_f1": 0.5790, "per_class": {}},
+        }, "gans": {}})
+        for seed, name in enumerate(EVALUATION_FIGURES):
+            write_png(root / "reports/figures" / name, seed)
+    if gans:
+        write_json(root / "metrics/judge.json", {"test_acc": 0.9871, "params": 44426, "epochs": 4})
+        write_json(root / "models/judge/run.json", {"run_id": RUN_IDS["judge"], "experiment_id": "1", "tracking_uri": uris["vit"], "run_name": "train-judge"})
+        for seed, (g, fid) in enumerate((("mlp", 23.456), ("dcgan", 7.891)), start=20):
+            write_json(root / f"metrics/gan/{g}.json", {
+                "fid": fid, "fid_floor": 0.812, "inception_score": 8.73, "inception_score_std": 0.11, "inception_score_real": 9.61,
+                "kl_uniform": 0.0123, "class_histogram": [48, 52, 50, 47, 55, 49, 51, 50, 46, 52], "n": 500,
+                "d_loss": 0.61, "g_loss": 0.93, "epochs": 3, "total_seconds": 42.0, "s_per_epoch": 14.0,
+                "g_params": 1_496_592, "d_params": 533_505,
+            })
+            write_csv(root / f"metrics/gan/{g}/history.csv", [
+                {"epoch": e, "d_loss": 0.7 - 0.03 * e, "g_loss": 0.8 + 0.05 * e, "d_real": 0.6, "d_fake": 0.4, "epoch_seconds": 14.0} for e in (1, 2, 3)
+            ])
+            write_csv(root / f"metrics/gan/{g}/fid.csv", [{"epoch": e, "fid": fid * (4 - e)} for e in (1, 2, 3)])
+            folder = root / "models/gan" / g
+            for i, name in enumerate(("grid_10x10.png", "nearest_neighbours.png", "samples/epoch_000.png", "samples/epoch_003.png")):
+                write_png(folder / name, seed * 10 + i)
+            noise_image(seed).save(folder / "progression.gif", save_all=True, append_images=[noise_image(seed + 1)], duration=200, loop=0)
+            write_json(folder / "run.json", {"run_id": RUN_IDS[g], "experiment_id": "1", "tracking_uri": uris["vit"], "run_name": f"train-gan-{g}"})
+
+
+def input_pictures(root: Path) -> list[Path]:
+    return sorted([*(root / "reports/figures").glob("*.png"), *(root / "models/gan").rglob("*.png"), *(root / "models/gan").rglob("*.gif")])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("results")
+    write_results(root)
+    return root, report.build_report(root)
+
+
+def page(root: Path) -> tuple[str, str]:
+    return (root / "reports/report.md").read_text(), (root / "reports/report.html").read_text()
+
+
+# ---------------------------------------------------------------------------- content
+def test_key_numbers_appear_as_on_the_page(built):
+    root, numbers = built
+    md, html = page(root)
+    vit = json.loads((root / "metrics/vit.json").read_text())
+    mlp = json.loads((root / "metrics/gan/mlp.json").read_text())
+    assert numbers["vit.test_acc"] == vit["test_acc"] and numbers["mlp.fid"] == mlp["fid"]
+    assert {"cnn.test_acc", "dcgan.fid", "dcgan.inception_score", "judge.test_acc", "vit.macro_f1"} <= set(numbers)
+    for text in (md, html):
+        assert report.pct(vit["test_acc"]) in text
+        assert report.fixed(mlp["fid"]) in text
+        assert "5,362,762" in text  # R3's ViT parameter count, beside ours
+        assert "~52–55%" in text  # R3's ViT test accuracy
+        assert "0.347" in text and "0.728" in text  # R1 and R2 reported losses
+    # Sections in the order the brief asks for.
+    heads = [html.index(f'id="{anchor}"') for anchor in ("summary", "comparison", "curves", "evaluation", "gans", "provenance")]
+    assert heads == sorted(heads)
+
+
+def test_reduced_configuration_is_flagged(built):
+    md, html = page(built[0])
+    assert '<span class="badge">reduced</span>' in html and "**reduced**" in md
+    assert "train 10% · test 100% · 3/30 epochs" in html
+    assert "train 100% · ≤" not in html  # no step cap was set
+
+
+def test_mlflow_links(built):
+    md, html = page(built[0])
+    assert f'href="http://mlflow.example:5000/#/experiments/1/runs/{RUN_IDS["cnn"]}"' in html
+    assert RUN_IDS["vit"] in html and RUN_IDS["vit"] in md
+    assert "mlflow ui --backend-store-uri sqlite:////tmp/store/mlflow.db" in html
+
+
+def test_provenance(built):
+    root, _ = built
+    md, html = page(root)
+    assert "1" * 64 in html and "3" * 64 in md  # data sha256
+    assert "<details><summary>params.yaml</summary>" in html and "train_fraction: 0.1" in html
+    for library in ("torch", "torchvision", "mlflow", "dvc", "numpy", "scikit-learn"):
+        assert f"{library} <code>" in html
+    assert "<h1>Model card: vit</h1>" in html  # the card is rendered, not dumped
+
+
+def test_html_is_self_contained(built):
+    root, _ = built
+    _, html = page(root)
+    assert not re.search(r"<link|<script[^>]+src|src=\"(https?:)?//|url\(|@import", html)
+    sources = re.findall(r'<img src="([^"]+)"', html)
+    assert len(sources) == html.count("<img")
+    for src in sources:
+        header, payload = src.split(",", 1)
+        assert re.fullmatch(r"data:image/(png|gif);base64", header)
+        with Image.open(io.BytesIO(base64.b64decode(payload))) as image:
+            image.verify()
+    # Every picture of the earlier stages and every curve drawn here is on the page.
+    curves = sorted((root / "reports/curves").glob("*.png"))
+    assert len(curves) == 7  # 3 classifier curves, 2 GAN losses, FID, class histogram
+    for path in [*input_pictures(root), *curves]:
+        assert report.data_uri(path) in html, path
+
+
+def test_markdown_links_resolve(built):
+    root, _ = built
+    md, _ = page(root)
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert links and all((root / "reports" / link).exists() for link in links)
+
+
+def test_sections_without_their_inputs_say_so(tmp_path):
+    gan_only, classifiers_only = tmp_path / "gan_only", tmp_path / "classifiers_only"
+    write_results(gan_only, classifiers=False)
+    write_results(classifiers_only, gans=False)
+    (classifiers_only / "reports/figures/rollout_vit.png").unlink()
+    numbers = report.build_report(gan_only)
+    assert "mlp.fid" in numbers and "vit.test_acc" not in numbers
+    md, html = page(gan_only)
+    assert "Not run: <code>metrics/vit.json</code> is missing" in html and 'id="comparison"' not in html
+    assert "`metrics/cnn.json` is missing" in md
+    numbers = report.build_report(classifiers_only)
+    assert "cnn.test_acc" in numbers and "dcgan.fid" not in numbers
+    _, html = page(classifiers_only)
+    assert "Not run: <code>metrics/gan/mlp.json</code> is missing" in html and 'id="gans"' not in html
+    assert "not shown: rollout_vit.png" in html
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    write_results(tmp_path, gans=False)
+    (tmp_path / "metrics/vit.json").write_text("{not json")
+    with pytest.raises(report.ReportError, match=r"metrics/vit\.json is not valid JSON"):
+        report.build_report(tmp_path)
+    write_results(tmp_path, gans=False)
+    (tmp_path / "metrics/cnn/history.csv").write_text("epoch,loss\n1,2.0\n")
+    with pytest.raises(report.ReportError, match=r"history\.csv lacks column\(s\) train_loss"):
+        report.build_report(tmp_path)
+
+
+def test_sample_frames_keep_first_and_last(tmp_path):
+    for epoch in range(51):
+        (tmp_path / f"epoch_{epoch:03d}.png").touch()
+    frames = [int(p.stem.split("_")[1]) for p in report.sample_frames(tmp_path)]
+    assert frames == [0, 10, 20, 30, 40, 50]
+
+
+# ---------------------------------------------------------------------------- in a browser
+def chromium(*args: str, profile: Path) -> str:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's `chromium` package (apt-get install chromium); CI installs it")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}"]
+    done = subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_page_renders_in_a_browser(built, tmp_path):
+    root, _ = built
+    url = (root / "reports/report.html").as_uri()
+    dom = chromium("--virtual-time-budget=5000", "--dump-dom", url, profile=tmp_path / "profile")
+    images = int(re.search(r'data-images-loaded="(\d+)"', dom).group(1))
+    assert images == page(root)[1].count("<img") > 0
+    assert 'data-broken-images="0"' in dom
+    vit = json.loads((root / "metrics/vit.json").read_text())
+    assert report.pct(vit["test_acc"]) in dom
+
+    screenshot = root / "reports/screenshots/report.png"
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    chromium(f"--screenshot={screenshot}", "--window-size=1366,900", "--hide-scrollbars", url, profile=tmp_path / "profile")
+    with Image.open(screenshot) as image:
+        assert image.size == (1366, 900)
+        assert np.asarray(image.convert("L"), dtype=float).std() > 10  # not a blank page
+
+
+# ---------------------------------------------------------------------------- MLflow
+def test_log_summary_run(built, tmp_path, monkeypatch):
+    import mlflow
+
+    root, numbers = built
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = report.log_summary_run(root, numbers)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.data.metrics == pytest.approx(numbers)
+    assert run.data.tags["stage"] == "report"
+    assert set(run.data.tags["linked_runs"].split(",")) == set(RUN_IDS.values())
+    assert run.data.params["data.train_fraction"] == "0.1"
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"report.html", "report.md", "curves"} <= artifacts
+    html = Path(client.download_artifacts(run_id, "report.html", str(tmp_path))).read_text()
+    assert html == page(root)[1]
+
+
+def test_log_summary_run_needs_the_report(tmp_path):
+    with pytest.raises(report.ReportError, match="call build_report"):
+        report.log_summary_run(tmp_path, {})
+
