@@ -11,11 +11,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -31,12 +33,21 @@ class ConfigError(ValueError):
     """A bad value in params.yaml (or the environment): the message says what and how to fix it."""
 
 
-Fraction = Annotated[float, Field(gt=0, le=1)]
-Probability = Annotated[float, Field(ge=0, le=1)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+def _not_a_bool(value: Any) -> Any:
+    # Pydantic would read `epochs: true` as 1 (and `lr: true` as 1.0): in a config that is a slip.
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_type", "Input should be a number, not true/false")
+    return value
+
+
+NotBool = BeforeValidator(_not_a_bool)
+Fraction = Annotated[float, Field(gt=0, le=1), NotBool]
+Probability = Annotated[float, Field(ge=0, le=1), NotBool]
+BelowOne = Annotated[float, Field(ge=0, lt=1), NotBool]  # Adam betas, SGD momentum, label smoothing
+PositiveFloat = Annotated[float, Field(gt=0), NotBool]
+NonNegativeFloat = Annotated[float, Field(ge=0), NotBool]
+PositiveInt = Annotated[int, Field(gt=0), NotBool]
+NonNegativeInt = Annotated[int, Field(ge=0), NotBool]
 
 
 class Section(BaseModel):
@@ -75,8 +86,8 @@ class MLPGANConfig(Section):
     d_dropout: Probability = 0.6
     lr_g: PositiveFloat = 1e-4
     lr_d: PositiveFloat = 4e-4
-    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta1: BelowOne = 0.0
+    beta2: BelowOne = 0.9
     batch_size: PositiveInt = 64
 
 
@@ -86,8 +97,8 @@ class DCGANConfig(Section):
     latent_dim: PositiveInt = 100
     lr_g: PositiveFloat = 3e-4
     lr_d: PositiveFloat = 3e-4
-    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.5
-    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    beta1: BelowOne = 0.5
+    beta2: BelowOne = 0.999
     init_std: PositiveFloat = 0.02
     batch_size: PositiveInt = 32
 
@@ -124,13 +135,13 @@ class TrainConfig(Section):
     lr_mult: PositiveFloat = 1.0
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     weight_decay: NonNegativeFloat = 0.0
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd only
+    momentum: BelowOne = 0.9  # sgd only
     nesterov: bool = True  # sgd only
     scheduler: Literal["none", "cosine", "step", "warmup_cosine"] = "none"
     step_size: PositiveInt = 15  # step scheduler, in epochs
     gamma: PositiveFloat = 0.1  # step scheduler
     warmup_epochs: NonNegativeInt = 0  # warmup_cosine
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    label_smoothing: BelowOne = 0.0
     grad_clip: NonNegativeFloat = 0.0  # max global grad norm; 0 disables
     sam: Literal["none", "sam", "asam"] = "none"
     sam_rho: PositiveFloat = 0.05
@@ -182,15 +193,16 @@ class Params(Section):
     def _check_geometry(self) -> "Params":
         _, height, width, _ = DATASET_SHAPES[self.data.classifier_dataset]
         v = self.vit
-        if height % v.patch_size or width % v.patch_size:
+        side = math.gcd(height, width)
+        if side % v.patch_size:
             raise ValueError(
-                f"vit.patch_size={v.patch_size} does not divide the {height}x{width} images of "
-                f"{self.data.classifier_dataset}; allowed: a divisor of {height}, e.g. 2, 4 or 8"
+                f"vit.patch_size = {v.patch_size} does not tile the {height}x{width} images of "
+                f"{self.data.classifier_dataset}; allowed: a divisor of {side}, e.g. {_divisors(side)}"
             )
         if v.embed_dim % v.heads:
             raise ValueError(
-                f"vit.embed_dim={v.embed_dim} is not divisible by vit.heads={v.heads}; "
-                f"allowed: heads dividing embed_dim, e.g. {_divisors(v.embed_dim)}"
+                f"vit.heads = {v.heads} does not divide vit.embed_dim = {v.embed_dim}; "
+                f"allowed: a divisor of {v.embed_dim}, e.g. {_divisors(v.embed_dim)}"
             )
         return self
 
@@ -211,8 +223,10 @@ class Params(Section):
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, min(n, 16) + 1) if n % d == 0]
+def _divisors(n: int) -> str:
+    """The small divisors of n, written "1, 2, 4 or 8"."""
+    found = [str(d) for d in range(1, min(n, 16) + 1) if n % d == 0]
+    return " or ".join([", ".join(found[:-1]), found[-1]]) if len(found) > 1 else found[0]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -236,32 +250,43 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+def _dotted(loc: tuple) -> str:
+    """("gan", "mlp", "g_hidden", 1) -> "gan.mlp.g_hidden[1]": the key as params.yaml spells it."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
 def explain(error: ValidationError, source: str = "params.yaml") -> str:
+    """One line per mistake: the dotted key, the value found, and what is allowed there."""
     lines = [f"{source}: {error.error_count()} invalid value(s):"]
     for err in error.errors():
         loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = _dotted(loc)
         if err["type"] == "extra_forbidden":
             owner = _model_at(Params, loc[:-1])
             known = list(owner.model_fields) if owner else []
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+            hint = f"; did you mean '{_dotted((*loc[:-1], close[0]))}'?" if close else ""
             lines.append(f"  - unknown key '{key}'{hint} (allowed here: {', '.join(known)})")
+            continue
+        msg = err["msg"].removeprefix("Value error, ")
+        if not loc:  # a check across keys (Params._check_geometry): its message names them
+            lines.append(f"  - {msg}")
             continue
         value = err.get("input")
         shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
-        msg = err["msg"]
-        if err["type"] == "value_error":
-            msg = msg.removeprefix("Value error, ")
-            lines.append(f"  - {msg}")
-        else:
-            lines.append(f"  - {key} = {shown}: {msg}")
+        owner = _model_at(Params, loc) if err["type"] == "model_type" else None
+        if owner:  # a section that is not a mapping, e.g. one whose keys are all commented out
+            msg = f"should be a mapping with the keys {', '.join(owner.model_fields)}"
+        lines.append(f"  - {key} = {shown}: {msg}")
     return "\n".join(lines)
 
 
 def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping of the sections {', '.join(Params.model_fields)}, "
+            f"got {type(raw).__name__} {json.dumps(raw, default=str)[:80]}"
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as err:

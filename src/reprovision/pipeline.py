@@ -113,7 +113,7 @@ def train_judge() -> None:
         final = history[-1]
         out.mkdir(parents=True, exist_ok=True)
         torch.save(judge.state_dict(), out / "model.pt")
-        metrics = {"test_acc": final["test_acc"], "params": count_parameters(judge), "epochs": cfg.epochs}
+        metrics = {"test_acc": final["test_acc"], "params": count_parameters(judge), "epochs": cfg.epochs, "device": str(device)}
         write_json(METRICS / "judge.json", metrics)
         card = cards.judge_card(params, metrics)
         (out / "card.md").write_text(card)
@@ -193,9 +193,10 @@ def train_gan(name: str) -> None:
     def on_epoch(epoch: int, row: dict) -> None:
         if gcfg.fid_every and (epoch % gcfg.fid_every == 0 or epoch == gcfg.epochs):
             n = min(gcfg.fid_samples_during, len(real_test))
-            row["fid"] = gm.frechet_distance(judge, real_test[:n], sample(n, params.seed + 2))
-            fid_curve.append({"epoch": epoch, "fid": row["fid"]})
-            print(f"          FID({n}) {row['fid']:.3f}", flush=True)
+            # Its own name: the final "fid" uses gan.fid_samples images, and FID depends on N.
+            row["fid_during"] = gm.frechet_distance(judge, real_test[:n], sample(n, params.seed + 2))
+            fid_curve.append({"epoch": epoch, "fid": row["fid_during"]})
+            print(f"          FID({n}) {row['fid_during']:.3f}", flush=True)
         if epoch % gcfg.sample_every == 0 or epoch == gcfg.epochs:
             snapshot(epoch)
         history_rows.append({k: row[k] for k in ("epoch", "d_loss", "g_loss", "d_real", "d_fake", "epoch_seconds")})
@@ -230,13 +231,15 @@ def train_gan(name: str) -> None:
             "s_per_epoch": total / gcfg.epochs,
             "g_params": run_params["g_params"],
             "d_params": run_params["d_params"],
+            "device": str(device),
         }
         write_json(METRICS / "gan" / f"{name}.json", metrics)
         write_csv(METRICS / "gan" / name / "history.csv", history_rows)
         write_csv(METRICS / "gan" / name / "fid.csv", fid_curve or [{"epoch": 0, "fid": float("nan")}])
         import mlflow
 
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        per_epoch = {"d_loss", "g_loss"}  # logged with their step already
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k not in per_epoch}, step=gcfg.epochs)
 
         gm.save_grid(sample(100, params.seed + 5), out / "grid_10x10.png", nrow=10)
         gm.save_progression_gif(frames, out / "progression.gif")
@@ -340,7 +343,11 @@ def train_classifier(name: str) -> None:
             "device": str(device),
         }
         write_json(METRICS / f"{name}.json", metrics)
-        mlflow.log_metrics({"wall_seconds": wall, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}})
+        # Per-epoch metrics are already logged with their step; add only the run-level figures.
+        mlflow.log_metrics(
+            {"wall_seconds": wall, **{k: metrics[k] for k in ("best_test_acc", "params", "train_seconds", "s_per_epoch")}},
+            step=cfg.epochs,
+        )
         torch.save(model.state_dict(), out / "model.pt")
         card = cards.classifier_card(name, params, metrics, classes)
         (out / "card.md").write_text(card)
@@ -415,7 +422,7 @@ def evaluate() -> None:
 def report() -> None:
     from .report import main
 
-    load_params()
+    _start("report")
     main()
 
 

@@ -1,0 +1,497 @@
+"""How fast, and how good, each reference model trains under each recipe. A script, not a test.
+
+    PYTHONPATH=src python benchmarks/benchmark.py --data .device-data            # GPU: everything
+    PYTHONPATH=src python benchmarks/benchmark.py --cpu-mode --data ../shared/datasets
+
+For every model x recipe it trains with the library's own loops (`reprovision.train.fit`,
+`reprovision.gan_train.train_gan`), set up as the pipeline's stages set them up, and prints
+one Markdown table row: throughput, seconds per epoch (measured, and extrapolated to a full
+epoch when only a fraction of the data or of the steps was used), total time, final test
+accuracy, achieved TFLOP/s against FLOPs counted with `FlopCounterMode`, peak GPU memory,
+and the speed-up over the time the reference reported. Recipes live in recipes.py.
+
+Imports only torch, numpy, PIL, PyYAML, scikit-learn/torchvision (through reprovision.data)
+and pydantic (through reprovision.config); no dvc, no mlflow. Reads data from prepared
+arrays or straight from a raw mirror, so it runs on a bare GPU machine (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gzip
+import io
+import json
+import lzma
+import os
+import platform
+import statistics
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import recipes  # benchmarks/recipes.py: this script's folder is on sys.path
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from reprovision.augment import BatchAugment, make_policy
+from reprovision.config import DATASET_SHAPES, ConfigError, Params, parse_params
+from reprovision.data import stratified_subset
+from reprovision.gan_train import train_gan
+from reprovision.models import build_classifier, build_gan, count_parameters
+from reprovision.runtime import autocast_dtype, resolve_device, seed_everything
+from reprovision.train import DeviceData, fit
+
+# Seconds per epoch the references reported on their own hardware (../shared/SEEDS.md): R3 ViT
+# ~14 s, R3 CNN 8-10 s (9 taken), R2 DCGAN ~63 s; R1's MLP GAN reported none.
+REFERENCE_S_PER_EPOCH: dict[str, float | None] = {"vit": 14.0, "cnn": 9.0, "dcgan": 63.0, "mlp": None}
+# The issue's back-of-envelope training cost, GFLOP per image (forward + backward).
+ISSUE_GFLOP_PER_IMAGE: dict[str, float | None] = {"vit": 2.1, "cnn": 1.25, "dcgan": None, "mlp": None}
+CLASSIFIERS = ("vit", "cnn")
+FLOP_BATCH = 16  # FLOPs are linear in the batch: a small batch keeps the count cheap on a CPU
+# 200 CIFAR-10 train images, 100 test images, 1 epoch, <= 5 GAN steps: about 3 minutes on 2 vCPUs.
+CPU_MODE = {"train_fraction": 0.004, "test_fraction": 0.01, "epochs": 1, "gan_steps": 5}
+
+
+# ------------------------------------------------------------------------------------------ data
+# The pipeline's fetch-data stage verifies md5s and writes data/prepared/<name>/*.npy; this reads
+# those, or the raw mirror files directly (unverified: a benchmark, not a pipeline stage).
+
+
+def _mnist_idx(raw: Path) -> dict[str, np.ndarray]:
+    def idx(path: Path, header: int) -> np.ndarray:
+        with gzip.open(path) as fh:
+            return np.frombuffer(fh.read(), np.uint8, offset=header)
+
+    arrays = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        arrays[f"{split}_x"] = idx(raw / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
+        arrays[f"{split}_y"] = idx(raw / f"{prefix}-labels-idx1-ubyte.gz", 8).astype(np.int64)
+    return arrays
+
+
+def _cifar10_binary(folder: Path) -> dict[str, np.ndarray]:
+    def records(name: str) -> np.ndarray:
+        plain = folder / f"{name}.bin"
+        with (open(plain, "rb") if plain.is_file() else lzma.open(folder / f"{name}.bin.xz")) as fh:
+            return np.frombuffer(fh.read(), np.uint8).reshape(-1, 3073)  # label byte, then R, G, B planes
+
+    train = np.concatenate([records(f"data_batch_{i}") for i in range(1, 6)])
+    test = records("test_batch")
+    return {
+        "train_x": train[:, 1:].reshape(-1, 3, 32, 32),
+        "train_y": train[:, 0].astype(np.int64),
+        "test_x": test[:, 1:].reshape(-1, 3, 32, 32),
+        "test_y": test[:, 0].astype(np.int64),
+    }
+
+
+def _cifar10_jpeg(tar_path: Path) -> dict[str, np.ndarray]:
+    """CIFAR-10-images/{train,test}/<class>/NNNN.jpg, decoded with PIL; classes in alphabetical order,
+    which is CIFAR-10's label order. Images come class by class (the official interleaving is lost)."""
+    files: dict[str, list[tuple[str, int, bytes]]] = {"train": [], "test": []}
+    with tarfile.open(tar_path, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 4 and parts[1] in files and parts[3].endswith(".jpg"):
+                files[parts[1]].append((parts[2], int(parts[3].removesuffix(".jpg")), tar.extractfile(member).read()))
+    classes = sorted({name for name, _, _ in files["train"]})
+    if len(classes) != 10:
+        raise SystemExit(f"{tar_path}: found classes {classes}, expected the 10 CIFAR-10 folders; wrong archive")
+    arrays = {}
+    for split, entries in files.items():
+        entries.sort(key=lambda e: (e[0], e[1]))
+        x = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for _, _, data in entries])
+        arrays[f"{split}_x"] = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        arrays[f"{split}_y"] = np.array([classes.index(name) for name, _, _ in entries], np.int64)
+    return arrays
+
+
+def load_dataset(root: Path, name: str) -> tuple[dict[str, np.ndarray], str]:
+    """The four arrays of `name` and where they came from, from the first source found under `root`."""
+    prepared = root / name / "train_x.npy"
+    if prepared.is_file():
+        return {f"{s}_{a}": np.load(root / name / f"{s}_{a}.npy") for s in ("train", "test") for a in "xy"}, "prepared"
+    if name == "mnist" and (root / "mnist/MNIST/raw/train-images-idx3-ubyte.gz").is_file():
+        return _mnist_idx(root / "mnist/MNIST/raw"), "mirror idx.gz"
+    if name == "cifar10":
+        binary = root / "cifar10/cifar-10-batches-bin"
+        if any((binary / f"data_batch_1.bin{ext}").is_file() for ext in ("", ".xz")):
+            return _cifar10_binary(binary), "mirror .bin (lossless)"
+        jpeg = root / "cifar10/lossy-jpeg/CIFAR-10-images-jpg.tar.gz"
+        if jpeg.is_file():
+            return _cifar10_jpeg(jpeg), "mirror JPEG (LOSSY)"
+    raise SystemExit(
+        f"no {name} under {root}: expected prepared arrays {root}/{name}/{{train,test}}_{{x,y}}.npy "
+        f"(`dvc repro fetch-data` writes them to data/prepared) or a raw mirror laid out like "
+        f"../shared/datasets (mnist/MNIST/raw/*.gz, cifar10/cifar-10-batches-bin/*.bin[.xz] or "
+        f"cifar10/lossy-jpeg/CIFAR-10-images-jpg.tar.gz); on a GPU machine carry .device-data"
+    )
+
+
+def subset(arrays: dict[str, np.ndarray], split: str, fraction: float, seed: int, device: torch.device):
+    """The pipeline's class-stratified subset, moved to the device as uint8 images + int64 labels."""
+    x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+    idx = stratified_subset(y, fraction, seed)
+    return torch.from_numpy(np.ascontiguousarray(x[idx])).to(device), torch.from_numpy(y[idx]).to(device)
+
+
+# --------------------------------------------------------------------------------------- recipes
+
+
+def effective_overrides(recipe: recipes.Recipe, model: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe's overrides plus this run's data/epoch/compile knobs, as params.yaml keys.
+
+    Only the sections `model` reads are kept, so the row's `dvc exp run -S` list re-runs just it.
+    """
+    base = Params()
+    out = dict(recipe.overrides)
+    if args.train_fraction is not None:
+        out["data.train_fraction"] = out["gan.train_fraction"] = args.train_fraction
+    if args.test_fraction is not None:
+        out["data.test_fraction"] = args.test_fraction
+    if model in CLASSIFIERS:
+        if args.compile:
+            out[f"{model}.compile"] = True
+        if args.epochs is not None:
+            epochs = out.get(f"{model}.epochs", base.classifier(model).epochs)
+            warmup = out.get(f"{model}.warmup_epochs", base.classifier(model).warmup_epochs)
+            out[f"{model}.epochs"] = args.epochs
+            if warmup:  # keep the warm-up's share of the run, and leave at least one epoch of decay
+                out[f"{model}.warmup_epochs"] = min(round(warmup * args.epochs / epochs), args.epochs - 1)
+    else:
+        if args.epochs is not None:
+            out["gan.epochs"] = args.epochs
+        if args.gan_steps is not None:
+            out["gan.steps_per_epoch_max"] = args.gan_steps
+    sections = {model, "data", "augment", "lr", "seed"} if model in CLASSIFIERS else {"gan", "seed"}
+    return {key: value for key, value in out.items() if key.split(".")[0] in sections}
+
+
+def apply(overrides: dict[str, Any], source: str) -> Params:
+    """Params() with the dotted overrides set, validated like params.yaml (a typo'd key is an error)."""
+
+    def merge(base: dict, patch: dict) -> dict:
+        for key, value in patch.items():
+            both_sections = isinstance(value, dict) and isinstance(base.get(key), dict)
+            base[key] = merge(base[key], value) if both_sections else value
+        return base
+
+    return parse_params(merge(Params().model_dump(), recipes.nest(overrides)), source)
+
+
+# ----------------------------------------------------------------------------------------- FLOPs
+
+
+def classifier_flops(model: torch.nn.Module, channels: int, size: int, classes: int, device: torch.device) -> float:
+    """Forward + backward FLOPs per image of one training step (the optimiser's update is not counted)."""
+    model.train()
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(FLOP_BATCH, channels, size, size, device=device, generator=g)
+    y = torch.randint(classes, (FLOP_BATCH,), device=device, generator=g)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return counter.get_total_flops() / FLOP_BATCH
+
+
+def gan_flops(gen, disc, images: torch.Tensor, latent_dim: int) -> float:
+    """FLOPs of one whole D + G step of `train_gan`, per real image."""
+    opt_g, opt_d = torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters())
+    rng = torch.Generator(device=images.device).manual_seed(0)
+    with FlopCounterMode(display=False) as counter, contextlib.redirect_stdout(io.StringIO()):
+        train_gan(gen, disc, opt_g, opt_d, images[:FLOP_BATCH], latent_dim, FLOP_BATCH, 1, rng, max_steps=1, progress=False)
+    return counter.get_total_flops() / FLOP_BATCH
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Peak memory then covers the data on the device and the training run, not the FLOP count."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _timing(seconds: list[float], images_per_epoch: int) -> dict[str, float | None]:
+    """Steady-state speed from the epochs after the first; the first one's excess is warm-up (compile)."""
+    steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
+    return {
+        "s_per_epoch": steady,
+        "images_per_s": images_per_epoch / steady,
+        "warmup_s": seconds[0] - steady if len(seconds) > 1 else None,
+    }
+
+
+def run_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device) -> dict:
+    cfg = params.classifier(name)
+    ds = params.data.classifier_dataset
+    channels, size, _, classes = DATASET_SHAPES[ds]
+    flops = classifier_flops(build_classifier(name, params, classes, channels, size).to(device), channels, size, classes, device)
+    # From here on, the train-vit / train-cnn stage's own set-up (pipeline.train_classifier).
+    rng = seed_everything(params.seed, device)
+    train_x, train_y = subset(arrays, "train", params.data.train_fraction, params.seed, device)
+    test_x, test_y = subset(arrays, "test", params.data.test_fraction, params.seed, device)
+    policy = make_policy(ds, params.augment, train_x)
+    model = build_classifier(name, params, classes, channels, size).to(device)
+    if name == "cnn":
+        model = model.to(memory_format=torch.channels_last)
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    history = fit(
+        model, DeviceData(train_x, train_y), DeviceData(test_x, test_y), BatchAugment(policy, classes, rng),
+        cfg, params.learning_rate(name), rng, progress=False,
+    )
+    total = time.perf_counter() - started
+    amp = autocast_dtype(cfg.precision, device)
+    return {
+        **_timing([row["epoch_seconds"] for row in history], len(train_y)),
+        "total_s": total,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "train_images": len(train_y),
+        "test_images": len(test_y),
+        "full_epoch_images": len(arrays["train_y"]),
+        "test_acc": history[-1]["test_acc"],
+        "flops_per_image": flops,
+        "params": count_parameters(model),
+        "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
+        "history": history,
+    }
+
+
+def run_gan(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, compile_: bool) -> dict:
+    gcfg = params.gan
+    mcfg = getattr(gcfg, name)
+    images, _ = subset(arrays, "train", gcfg.train_fraction, params.seed, device)
+    # Counted on a separate pair before seeding: the timed run then draws the stage's exact RNG stream.
+    flops = gan_flops(*(net.to(device) for net in build_gan(name, params)), images, mcfg.latent_dim)
+    # The train-gan stage's set-up (pipeline.train_gan), without its FID/sampling side work.
+    rng = seed_everything(params.seed, device)
+    gen, disc = (net.to(device) for net in build_gan(name, params))
+    opt_g = torch.optim.Adam(gen.parameters(), lr=mcfg.lr_g, betas=(mcfg.beta1, mcfg.beta2))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=mcfg.lr_d, betas=(mcfg.beta1, mcfg.beta2))
+    step_gen, step_disc = (torch.compile(gen), torch.compile(disc)) if compile_ else (gen, disc)
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    history = train_gan(
+        step_gen, step_disc, opt_g, opt_d, images, mcfg.latent_dim, mcfg.batch_size, gcfg.epochs, rng,
+        max_steps=gcfg.steps_per_epoch_max, progress=False,
+    )
+    total = time.perf_counter() - started
+    steps = len(images) // mcfg.batch_size
+    if gcfg.steps_per_epoch_max:
+        steps = min(steps, gcfg.steps_per_epoch_max)
+    full = len(arrays["train_y"]) // mcfg.batch_size * mcfg.batch_size
+    return {
+        **_timing([row["epoch_seconds"] for row in history], steps * mcfg.batch_size),
+        "total_s": total,
+        "epochs": gcfg.epochs,
+        "batch_size": mcfg.batch_size,
+        "train_images": steps * mcfg.batch_size,
+        "test_images": 0,
+        "full_epoch_images": full,
+        "test_acc": None,
+        "d_loss": history[-1]["d_loss"],
+        "g_loss": history[-1]["g_loss"],
+        "flops_per_image": flops,
+        "params": count_parameters(gen) + count_parameters(disc),
+        "precision": "fp32",  # train_gan has no autocast
+        "history": history,
+    }
+
+
+def dataset_of(model: str, params: Params) -> str:
+    return params.data.classifier_dataset if model in CLASSIFIERS else params.data.gan_dataset
+
+
+def benchmark(
+    model: str, recipe: recipes.Recipe, overrides: dict, params: Params, compile_: bool, device: torch.device, data: dict
+) -> dict:
+    arrays, source = data[dataset_of(model, params)]
+    print(f"\n== {model} / {recipe.name}: {', '.join(f'{k}={v}' for k, v in overrides.items()) or 'defaults'}", flush=True)
+    if model in CLASSIFIERS:
+        row = run_classifier(model, params, arrays, device)
+    else:
+        row = run_gan(model, params, arrays, device, compile_)  # fit() compiles the classifiers from their config
+    s_full = row["full_epoch_images"] / row["images_per_s"]
+    reference = REFERENCE_S_PER_EPOCH[model]
+    return {
+        "model": model,
+        "recipe": recipe.name,
+        "data_source": source,
+        "compile": compile_,
+        "overrides": overrides,
+        "dvc_set_args": recipes.dvc_set_args(overrides),
+        **row,
+        "s_per_full_epoch": s_full,
+        "gflop_per_image": row["flops_per_image"] / 1e9,
+        "gflop_per_image_issue": ISSUE_GFLOP_PER_IMAGE[model],
+        "tflop_per_s": row["flops_per_image"] * row["images_per_s"] / 1e12,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "reference_s_per_epoch": reference,
+        "speedup_vs_reference": reference / s_full if reference else None,
+    }
+
+
+# ----------------------------------------------------------------------------------------- table
+
+
+def _fmt(value, spec: str, prefix: str = "") -> str:
+    return "-" if value is None else f"{prefix}{value:{spec}}"
+
+
+COLUMNS = [
+    ("model", lambda r: r["model"]),
+    ("recipe", lambda r: r["recipe"]),
+    ("epochs", lambda r: str(r["epochs"])),
+    ("train imgs/epoch", lambda r: str(r["train_images"])),
+    ("img/s", lambda r: _fmt(r["images_per_s"], ",.0f")),
+    ("s/epoch", lambda r: _fmt(r["s_per_epoch"], ".3f")),
+    ("s/full epoch", lambda r: _fmt(r["s_per_full_epoch"], ".2f")),
+    ("warm-up s", lambda r: _fmt(r["warmup_s"], ".2f")),
+    ("total s", lambda r: _fmt(r["total_s"], ".1f")),
+    ("test acc", lambda r: _fmt(r["test_acc"], ".2%")),
+    ("GFLOP/img counted (issue)", lambda r: f"{r['gflop_per_image']:.3f} ({_fmt(r['gflop_per_image_issue'], '.2f')})"),
+    ("TFLOP/s", lambda r: _fmt(r["tflop_per_s"], ".3f")),
+    ("peak GiB", lambda r: _fmt(r["peak_gib"], ".2f")),
+    ("ref s/epoch", lambda r: _fmt(r["reference_s_per_epoch"], ".0f")),
+    ("vs ref", lambda r: _fmt(r["speedup_vs_reference"], ".3g", "x")),
+]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {cpu}",
+        "cpu": cpu,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load_average_1min": os.getloadavg()[0],  # other work on the machine slows a CPU run
+    }
+
+
+# ------------------------------------------------------------------------------------------- cli
+
+
+def _choices(allowed: tuple[str, ...] | list[str]):
+    def parse(text: str) -> list[str]:
+        picked = [item.strip() for item in text.split(",") if item.strip()]
+        unknown = [item for item in picked if item not in allowed]
+        if unknown or not picked:
+            raise argparse.ArgumentTypeError(f"{unknown or text!r}: allowed {', '.join(allowed)} (comma-separated)")
+        return picked
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--models", type=_choices(recipes.MODELS), default=list(recipes.MODELS), help="default: all")
+    p.add_argument("--recipes", type=_choices(list(recipes.RECIPES)), default=["reference", "improved"],
+                   help=f"of {', '.join(recipes.RECIPES)}; default: reference,improved")
+    p.add_argument("--epochs", type=int, help="override every run's epochs (a warm-up keeps its share)")
+    p.add_argument("--train-fraction", type=float, help="class-stratified share of each train split")
+    p.add_argument("--test-fraction", type=float, help="class-stratified share of the CIFAR test split")
+    p.add_argument("--gan-steps", type=int, help="cap on GAN steps per epoch (gan.steps_per_epoch_max)")
+    p.add_argument("--data", type=Path, help="prepared arrays (data/prepared) or a raw mirror; "
+                   "default: data/prepared, else $REPROVISION_DATA_MIRROR")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models; compile time shows as warm-up s")
+    p.add_argument("--json", type=Path, help="also write every result, with per-epoch history, here")
+    p.add_argument("--cpu-mode", action="store_true",
+                   help=f"a CPU-sized run, labelled as such: device cpu and, unless given, {CPU_MODE}")
+    args = p.parse_args(argv)
+    if args.cpu_mode:
+        args.device = "cpu"
+        for key, value in CPU_MODE.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    if args.epochs is not None and args.epochs < 1:
+        p.error(f"--epochs {args.epochs}: must be >= 1")
+    if args.gan_steps is not None and args.gan_steps < 0:
+        p.error(f"--gan-steps {args.gan_steps}: must be >= 0 (0: full epochs)")
+    if args.data is None:
+        mirror = os.environ.get("REPROVISION_DATA_MIRROR")
+        if not Path("data/prepared").is_dir() and not mirror:
+            p.error("no --data given, and neither data/prepared (from `dvc repro fetch-data`) nor "
+                    "$REPROVISION_DATA_MIRROR exists: pass --data <prepared arrays or raw mirror>")
+        args.data = Path("data/prepared") if Path("data/prepared").is_dir() else Path(mirror)
+    if not args.data.is_dir():
+        p.error(f"--data {args.data}: not a directory (give data/prepared, a mirror, or .device-data)")
+    return args
+
+
+def describe_mode(args: argparse.Namespace) -> str:
+    """How much of a full run this is, for the table's header: a partial run must never pass for a full one."""
+    knobs = ("epochs", "train_fraction", "test_fraction", "gan_steps")
+    changed = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in knobs if getattr(args, k) is not None)
+    if args.cpu_mode:
+        return f"CPU MODE ({changed}): a tiny slice of data and steps; says nothing about a full run's speed or accuracy"
+    return f"partial run ({changed})" if changed else "full run (every recipe's own epochs and all the data)"
+
+
+def write_results(path: Path, env: dict, mode: str, args: argparse.Namespace, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {"environment": env, "mode": mode, "args": vars(args), "results": rows}
+    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # Before any CUDA work: deterministic cuBLAS (which seed_everything asks for) reads it at init.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    try:
+        device = resolve_device(args.device)
+        # Every run's params are built and validated before any data is read or any model trained.
+        plan = []
+        for recipe in map(recipes.get, args.recipes):
+            for model in args.models:
+                if model in recipe.models:
+                    overrides = effective_overrides(recipe, model, args)
+                    plan.append((model, recipe, overrides, apply(overrides, f"recipe {recipe.name!r} + options")))
+    except ConfigError as err:
+        raise SystemExit(f"benchmark: {err}") from None
+    if not plan:
+        raise SystemExit(f"no recipe in {args.recipes} is meant for {args.models}: "
+                         + "; ".join(f"{r.name}: {', '.join(r.models)}" for r in recipes.RECIPES.values()))
+    env, mode = environment(device), describe_mode(args)
+    print(f"{env['device']} | torch {env['torch']} | {env['torch_threads']} threads | load {env['load_average_1min']:.1f} "
+          f"| {env['date']} | {mode}", flush=True)
+
+    data = {}
+    for name in sorted({dataset_of(model, params) for model, _, _, params in plan}):
+        started = time.perf_counter()
+        data[name] = load_dataset(args.data, name)
+        print(f"{name}: {data[name][1]} from {args.data}, {time.perf_counter() - started:.1f} s", flush=True)
+
+    rows = []
+    for run in plan:
+        rows.append(benchmark(*run, args.compile, device, data))
+        if args.json:  # after every run: a run cut off by a time limit keeps what it finished
+            write_results(args.json, env, mode, args, rows)
+    print(f"\n{env['device']} | torch {env['torch']} | {mode}\n")
+    print(markdown_table(rows))
+    if args.json:
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
