@@ -77,8 +77,10 @@ def _mnist_idx(raw: Path) -> dict[str, np.ndarray]:
 
 def _cifar10_binary(folder: Path) -> dict[str, np.ndarray]:
     def records(name: str) -> np.ndarray:
-        plain = folder / f"{name}.bin"
-        with (open(plain, "rb") if plain.is_file() else lzma.open(folder / f"{name}.bin.xz")) as fh:
+        plain, packed = folder / f"{name}.bin", folder / f"{name}.bin.xz"
+        if not plain.is_file() and not packed.is_file():
+            raise SystemExit(f"{packed} not found: the lossless CIFAR-10 needs all six batches (device-data lossless 1, 2 and 3)")
+        with (open(plain, "rb") if plain.is_file() else lzma.open(packed)) as fh:
             return np.frombuffer(fh.read(), np.uint8).reshape(-1, 3073)  # label byte, then R, G, B planes
 
     train = np.concatenate([records(f"data_batch_{i}") for i in range(1, 6)])
@@ -460,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         device = resolve_device(args.device)
+    except ConfigError:
+        raise SystemExit(f"--device {args.device}: no {args.device} device on this machine; use --device auto or cpu") from None
+    try:
         # Every run's params are built and validated before any data is read or any model trained.
         plan = []
         for recipe in map(recipes.get, args.recipes):

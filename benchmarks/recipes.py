@@ -36,7 +36,7 @@ REFERENCE = Recipe(
 
 # ViT: R3 trained with AdamW lr 1e-3 from step 0, no warm-up. A transformer's Adam statistics are
 # poor for the first few hundred steps, and a full-size step then throws the attention weights far
-# off; a linear warm-up is what every from-scratch ViT recipe (DeiT, timm, vit-pytorch) adds.
+# off; a linear warm-up is what from-scratch ViT recipes (DeiT, timm's scripts) add.
 # Label smoothing and gradient clipping are the other cheap, standard stabilisers. Batch 256 keeps
 # ~5,900 steps in 30 epochs (enough for warm-up + cosine) while filling a GPU better than 128.
 # No CutMix/MixUp at 30 epochs: mixing pays off once a run is long enough to overfit (DeiT trains
@@ -88,7 +88,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (REFERENCE, IMPROVED, VIT_LONG)
 
 def get(name: str) -> Recipe:
     if name not in RECIPES:
-        raise KeyError(f"unknown recipe {name!r}; allowed: {', '.join(RECIPES)}")
+        raise ValueError(f"unknown recipe {name!r}; allowed: {', '.join(RECIPES)}")
     return RECIPES[name]
 
 
