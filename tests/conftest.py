@@ -15,7 +15,7 @@ MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared
 
 # A run small enough for a test, with the reference architectures unchanged.
 TINY = [
-    "data.train_fraction=0.01", "data.test_fraction=0.02",
+    "data.train_fraction=0.005", "data.test_fraction=0.01",
     "judge.epochs=1", "judge.train_fraction=0.05",
     "gan.epochs=1", "gan.train_fraction=0.01", "gan.sample_every=1", "gan.fid_every=1",
     "gan.fid_samples_during=200", "gan.fid_samples=200",
@@ -54,11 +54,21 @@ def pipeline_env(**extra: str) -> dict:
     return env
 
 
-@pytest.fixture
-def repo_copy(tmp_path: Path) -> Path:
+def _new_copy(folder: Path) -> Path:
     if not MIRROR.is_dir():
         pytest.fail(f"the dataset mirror {MIRROR} is missing: set REPROVISION_DATA_MIRROR (see README)")
-    return copy_repo(tmp_path / "repo")
+    return copy_repo(folder)
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    return _new_copy(tmp_path / "repo")
+
+
+@pytest.fixture(scope="module")
+def module_repo(tmp_path_factory) -> Path:
+    """One copy shared by the tests of a module that build on each other's runs."""
+    return _new_copy(tmp_path_factory.mktemp("repo"))
 
 
 def dvc(repo: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

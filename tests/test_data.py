@@ -207,7 +207,7 @@ def fake_torchvision_class(arrays: dict[str, np.ndarray], classes: list[str], nh
 def test_download_and_mirror_give_byte_identical_files(tmp_path, monkeypatch, name, make, torchvision_name, classes):
     arrays = make(tmp_path / "mirror", monkeypatch)
     fake = fake_torchvision_class(arrays, classes, nhwc=name != "mnist")
-    monkeypatch.setattr(data.tv_datasets, torchvision_name, fake)
+    monkeypatch.setattr(data._torchvision_datasets(), torchvision_name, fake)
     from_mirror = data.fetch_dataset(name, tmp_path / "m", tmp_path / "mirror")
     downloaded = data.fetch_dataset(name, tmp_path / "d", None)
     assert (from_mirror["source"], downloaded["source"]) == ("mirror", "download")
@@ -220,7 +220,7 @@ def test_download_failure_without_mirror_says_how_to_set_one(tmp_path, monkeypat
         def __init__(self, root, train, download):
             raise URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(data.tv_datasets, "CIFAR10", Offline)
+    monkeypatch.setattr(data._torchvision_datasets(), "CIFAR10", Offline)
     with pytest.raises(DataError, match=r"could not download cifar10 .*name resolution.*REPROVISION_DATA_MIRROR="):
         data.fetch_all(["cifar10"], tmp_path / "out", None)
     assert empty(tmp_path / "out")
@@ -407,3 +407,12 @@ def test_real_cifar10(tmp_path):
     assert train.x.shape == (50000, 3, 32, 32)
     assert np.bincount(train.y).tolist() == [5000] * 10
     assert np.bincount(data.load_split(tmp_path, "cifar10", "test").y).tolist() == [1000] * 10
+
+
+def test_checksum_tables_equal_torchvisions_published_values():
+    tv = data._torchvision_datasets()
+    assert data.MNIST_MD5 == dict(tv.MNIST.resources)
+    assert data.CIFAR100_PYTHON_MD5 == {
+        **dict(tv.CIFAR100.train_list + tv.CIFAR100.test_list),
+        tv.CIFAR100.meta["filename"]: tv.CIFAR100.meta["md5"],
+    }

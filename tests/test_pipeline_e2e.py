@@ -1,32 +1,39 @@
-"""The whole DAG for real: `dvc exp run` on the real mirror, MLflow runs, caching, `-S lr=4e-4`."""
+"""The whole DAG for real: `dvc exp run` on the real mirror, MLflow runs, caching, `-S lr=4e-4`,
+and a parallel queue of experiments logging to one MLflow server.
+
+The tests run in order on one copy of the repository and build on each other's results.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import requests
 from mlflow import MlflowClient
 
-from conftest import exp_run
+from conftest import TINY, dvc, exp_run, pipeline_env, sh
 
-TRAINING_STAGES = {"train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn"}
-ALL_STAGES = {"fetch-data", "augment", "evaluate", "report", *TRAINING_STAGES}
+ALL_STAGES = {"fetch-data", "augment", "train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate", "report"}
+pytestmark = pytest.mark.slow
 
 
 def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
-def runs(repo):
+def all_runs(repo) -> tuple[MlflowClient, list]:
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("reprovision")
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
+    return client, client.search_runs([exp.experiment_id], max_results=5000)
 
 
-@pytest.mark.slow
-def test_pipeline_end_to_end(repo_copy):
-    repo = repo_copy
+def test_first_run_produces_every_output_and_run(module_repo):
+    repo = module_repo
     first = exp_run(repo)
     assert stages_run(first.stdout) == ALL_STAGES, first.stdout
 
@@ -35,10 +42,11 @@ def test_pipeline_end_to_end(repo_copy):
         "models/judge/model.pt", "models/vit/model.pt", "models/cnn/model.pt", "models/vit/card.md",
         "models/gan/mlp/generator.pt", "models/gan/dcgan/generator.pt", "models/gan/mlp/progression.gif",
         "models/gan/dcgan/samples/epoch_000.png", "models/gan/dcgan/samples/epoch_001.png",
+        "models/gan/mlp/grid_10x10.png", "models/gan/mlp/nearest_neighbours.png",
         "metrics/vit.json", "metrics/cnn.json", "metrics/judge.json", "metrics/gan/mlp.json", "metrics/gan/dcgan.json",
-        "metrics/vit/history.csv", "metrics/gan/mlp/history.csv", "metrics/evaluate.json",
-        "metrics/eval/vit_confusion.json", "reports/figures/confusion_raw.png", "reports/report.md", "reports/report.html",
-        "checkpoints/vit.pt",
+        "metrics/vit/history.csv", "metrics/gan/mlp/history.csv", "metrics/gan/mlp/fid.csv", "metrics/evaluate.json",
+        "metrics/eval/vit_confusion.json", "reports/figures/confusion_raw.png", "reports/figures/gradcam_cnn.png",
+        "reports/figures/rollout_vit.png", "reports/report.md", "reports/report.html", "checkpoints/vit.pt",
     ]:
         assert (repo / path).is_file(), f"missing output {path}"
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
@@ -48,37 +56,104 @@ def test_pipeline_end_to_end(repo_copy):
     assert json.loads((repo / "metrics/cnn.json").read_text())["params"] == 4_823_114
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(evaluation["classifiers"]) == {"vit", "cnn"} and set(evaluation["gans"]) == {"mlp", "dcgan"}
+    html = (repo / "reports/report.html").read_text()
+    assert f"{100 * vit['test_acc']:.1f}" in html
 
-    client, found = runs(repo)
-    by_stage = {}
-    for run in found:
+    client, runs = all_runs(repo)
+    by_stage: dict[str, list] = {}
+    for run in runs:
         by_stage.setdefault(run.data.tags["stage"], []).append(run)
     assert {s: len(r) for s, r in by_stage.items()} == {"train-judge": 1, "train-gan": 2, "train-vit": 1, "train-cnn": 1, "report": 1}
-    for run in found:
+    for run in runs:
         tags = run.data.tags
-        assert len(tags["git_commit"]) == 40 and tags["dvc_exp_name"] and tags["version.torch"]
-        assert len(tags.get("data_sha256", "x" * 64)) == 64
+        assert len(tags["git_commit"]) == 40 and tags["dvc_exp_name"] and tags["version.torch"] and tags["model"]
         assert run.info.status == "FINISHED"
+    for run in runs:
+        if run.data.tags["stage"] != "report":
+            assert len(run.data.tags["data_sha256"]) == 64 and run.data.tags["device"] == "cpu"
     vit_run = by_stage["train-vit"][0]
     assert json.loads((repo / "models/vit/run.json").read_text())["run_id"] == vit_run.info.run_id
     assert vit_run.data.params["lr"] == "0.001" and vit_run.data.params["epochs"] == "1"
-    history = client.get_metric_history(vit_run.info.run_id, "test_acc")
-    assert [m.step for m in history] == [1]
+    assert [m.step for m in client.get_metric_history(vit_run.info.run_id, "test_acc")] == [1]
     assert "eval_accuracy" in vit_run.data.metrics  # added by the evaluate stage
-    artifacts = {a.path for a in client.list_artifacts(vit_run.info.run_id, "figures")}
-    assert "figures/misclassified_vit.png" in artifacts
+    assert "figures/misclassified_vit.png" in {a.path for a in client.list_artifacts(vit_run.info.run_id, "figures")}
+    assert client.search_logged_models([vit_run.info.experiment_id], filter_string=f"source_run_id = '{vit_run.info.run_id}'")
     gan_run = next(r for r in by_stage["train-gan"] if r.data.tags["model"] == "gan-dcgan")
-    assert {"fid", "inception_score", "kl_uniform", "d_loss", "g_loss"} <= set(gan_run.data.metrics)
+    assert {"fid", "fid_floor", "inception_score", "kl_uniform", "d_loss", "g_loss", "fid_during"} <= set(gan_run.data.metrics)
 
-    # Same params, data and code: DVC runs nothing and MLflow gets no new run.
-    second = exp_run(repo)
+
+def test_rerun_with_same_params_runs_nothing(module_repo):
+    before = len(all_runs(module_repo)[1])
+    second = exp_run(module_repo)
     assert stages_run(second.stdout) == set(), second.stdout
-    assert len(runs(repo)[1]) == len(found)
+    assert len(all_runs(module_repo)[1]) == before
 
-    # The documented study entry point re-runs only the classifiers and what depends on them.
-    third = exp_run(repo, "lr=4e-4")
+
+def test_lr_override_reruns_only_classifiers(module_repo):
+    _, before = all_runs(module_repo)
+    third = exp_run(module_repo, "lr=4e-4")
     assert stages_run(third.stdout) == {"train-vit", "train-cnn", "evaluate", "report"}, third.stdout
-    client, after = runs(repo)
-    new = [r for r in after if r.info.run_id not in {f.info.run_id for f in found}]
+    _, after = all_runs(module_repo)
+    new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
     assert sorted(r.data.tags["stage"] for r in new) == ["report", "train-cnn", "train-vit"]
     assert all(r.data.params["lr"] == "0.0004" for r in new if r.data.tags["stage"] != "report")
+
+
+def test_parallel_queue_logs_every_run_to_the_server(module_repo):
+    """8 queued experiments, 2 at a time, all logging over HTTP to one `reprovision mlflow-server`."""
+    repo = module_repo
+    env = pipeline_env()
+    reprovision = str(Path(sys.executable).parent / "reprovision")
+    uri = sh([reprovision, "mlflow-server", "start"], repo, env).stdout.strip()
+    try:
+        assert uri.startswith("http://127.0.0.1:")
+        _, before = all_runs(repo)
+        # Small classifiers: this test is about the queue, not the models. Two epochs: histories must be complete.
+        small = ["vit.depth=1", "vit.embed_dim=32", "vit.heads=2", "cnn.widths=[8,16]", "cnn.hidden=16", "vit.epochs=2", "cnn.epochs=2"]
+        lrs = ["1e-3", "4e-4", "1e-4", "2e-3", "3e-4", "5e-4", "7e-4", "8e-4"]
+        # Only the classifier stages (and what they need, restored from the run cache): the queue is under test.
+        queue_args = ["exp", "run", "--queue", "train-vit", "train-cnn"]
+        for s in [*TINY, *small]:
+            queue_args += ["-S", s]
+        dvc(repo, *queue_args, "-S", "lr=" + ",".join(lrs), env=env)
+        dvc(repo, "queue", "start", "-j", "2", env=env)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            status = dvc(repo, "queue", "status", env=env).stdout
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+            time.sleep(5)
+        assert "Failed" not in status, status + dvc(repo, "queue", "logs", status.split()[0], env=env, check=False).stdout
+        assert status.count("Success") >= len(lrs), status
+
+        shown = json.loads(dvc(repo, "exp", "show", "--json", env=env).stdout)
+        text = json.dumps(shown)
+        for lr in ["0.001", "0.0004", "0.0001", "0.002", "0.0003", "0.0005", "0.0007", "0.0008"]:
+            assert f'"lr": {lr}' in text or f'"lr": "{lr}"' in text or lr in text
+
+        # The REST API of the server: every queued classifier run is there with complete histories and artifacts.
+        exp = requests.get(f"{uri}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": "reprovision"}).json()
+        search = requests.post(
+            f"{uri}/api/2.0/mlflow/runs/search",
+            json={"experiment_ids": [exp["experiment"]["experiment_id"]], "max_results": 1000},
+        ).json()
+        known = {r.info.run_id for r in before}
+        new = [r for r in search["runs"] if r["info"]["run_id"] not in known]
+        tags = lambda r: {t["key"]: t["value"] for t in r["data"].get("tags", [])}
+        stages = sorted(tags(r)["stage"] for r in new)
+        assert stages == sorted(["train-vit", "train-cnn"] * len(lrs)), stages
+        assert all(r["info"]["status"] == "FINISHED" for r in new)
+        for run in new:
+            if tags(run)["stage"] not in ("train-vit", "train-cnn"):
+                continue
+            history = requests.get(
+                f"{uri}/api/2.0/mlflow/metrics/get-history", params={"run_id": run["info"]["run_id"], "metric_key": "test_acc"}
+            ).json()["metrics"]
+            assert sorted(m["step"] for m in history) == [1, 2]
+            artifacts = requests.get(f"{uri}/api/2.0/mlflow/artifacts/list", params={"run_id": run["info"]["run_id"]}).json()
+            assert {"card.md", "history.csv"} <= {f["path"] for f in artifacts.get("files", [])}, artifacts
+        lrs_logged = sorted(float({p["key"]: p["value"] for p in r["data"]["params"]}["lr"]) for r in new if tags(r)["stage"] == "train-vit")
+        assert lrs_logged == sorted(float(x) for x in lrs)
+        assert "database is locked" not in (repo / ".mlflow-server/server.log").read_text()
+    finally:
+        sh([reprovision, "mlflow-server", "stop"], repo, env, check=False)

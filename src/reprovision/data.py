@@ -35,9 +35,19 @@ from sklearn.model_selection import train_test_split
 from .compat import import_torchvision
 from .config import DATASET_SHAPES
 
-import_torchvision()
-import torchvision.datasets as tv_datasets  # noqa: E402  (needs the compat shim first)
-from torchvision.datasets.utils import calculate_md5  # noqa: E402
+# torchvision is imported only when downloading (it costs seconds at every stage start otherwise);
+# test_data.py checks that the md5 tables below equal torchvision's published ones.
+tv_datasets = None
+
+
+def _torchvision_datasets():
+    global tv_datasets
+    if tv_datasets is None:
+        import_torchvision()
+        import torchvision.datasets as tv_datasets_module
+
+        tv_datasets = tv_datasets_module
+    return tv_datasets
 
 MIRROR_ENV = "REPROVISION_DATA_MIRROR"
 SPLITS = ("train", "test")
@@ -53,7 +63,12 @@ MIRROR_LAYOUT = {
 
 # Checksum tables (module level so tests can swap in the md5s of small generated files).
 # MNIST: md5 of the official .gz files, as torchvision publishes them.
-MNIST_MD5: dict[str, str] = dict(tv_datasets.MNIST.resources)
+MNIST_MD5: dict[str, str] = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
 # CIFAR-10 binary version: md5 of the *decompressed* files extracted from cifar-10-binary.tar.gz.
 CIFAR10_BINARY_MD5: dict[str, str] = {
     "data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25",
@@ -65,8 +80,9 @@ CIFAR10_BINARY_MD5: dict[str, str] = {
 }
 # CIFAR-100 python version: torchvision's md5s of the extracted pickles.
 CIFAR100_PYTHON_MD5: dict[str, str] = {
-    **dict(tv_datasets.CIFAR100.train_list + tv_datasets.CIFAR100.test_list),
-    tv_datasets.CIFAR100.meta["filename"]: tv_datasets.CIFAR100.meta["md5"],
+    "train": "16019d7e3df5f24257cddd939b257f8d",
+    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    "meta": "7973b15100ade9c7d40fb424638fde48",
 }
 # CIFAR-100 binary version: no published md5 of the extracted train.bin/test.bin is known to us (only
 # the archive's, 03b5dce01913d631647c71ecec9e9cb8), so by default only the structure is checked (record
@@ -121,6 +137,14 @@ def _require(path: Path, mirror: Path, name: str) -> Path:
     return path
 
 
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _md5_mismatch(path: Path, expected: str, actual: str, what: str = "") -> DataError:
     return DataError(
         f"{path}: md5{what} is {actual}, expected {expected}: the file is corrupt or truncated; re-download it"
@@ -128,7 +152,7 @@ def _md5_mismatch(path: Path, expected: str, actual: str, what: str = "") -> Dat
 
 
 def _check_md5(path: Path, expected: str) -> None:
-    actual = calculate_md5(str(path))
+    actual = _md5(path)
     if actual != expected:
         raise _md5_mismatch(path, expected, actual)
 
@@ -272,7 +296,7 @@ _TORCHVISION_CLASS = {"mnist": "MNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR
 
 def _download(name: str) -> tuple[Arrays, list[str]]:
     """torchvision's official download (md5-verified), converted to the mirror's exact arrays."""
-    dataset_class = getattr(tv_datasets, _TORCHVISION_CLASS[name])  # looked up per call: tests swap it
+    dataset_class = getattr(_torchvision_datasets(), _TORCHVISION_CLASS[name])  # looked up per call: tests swap it
     arrays: Arrays = {}
     with tempfile.TemporaryDirectory(prefix=f"reprovision-{name}-") as root:
         for split in SPLITS:

@@ -351,6 +351,8 @@ def train_classifier(name: str) -> None:
         torch.save(model.state_dict(), out / "model.pt")
         card = cards.classifier_card(name, params, metrics, classes)
         (out / "card.md").write_text(card)
+        mlflow.log_artifact(str(out / "card.md"))
+        mlflow.log_artifact(str(history_path))
         example = augmenter(test_x[:2], test_y[:2], train=False)[0].float()
         track.log_torch_model(model, "model", example.contiguous(), card)
         track.write_run_ref(out / "run.json", run)
