@@ -6,6 +6,8 @@ The tests run in order on one copy of the repository and build on each other's r
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import sys
@@ -16,10 +18,11 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from conftest import TINY, dvc, exp_run, pipeline_env, sh
+from conftest import TINY, _new_copy, dvc, exp_run, pipeline_env, sh
 
 ALL_STAGES = {"fetch-data", "augment", "train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate", "report"}
 pytestmark = pytest.mark.slow
+FIRST_RUN: dict[str, str] = {}  # result fingerprints of the first run, for the second clone to match
 
 
 def stages_run(output: str) -> set[str]:
@@ -80,6 +83,41 @@ def test_first_run_produces_every_output_and_run(module_repo):
     assert client.search_logged_models([vit_run.info.experiment_id], filter_string=f"source_run_id = '{vit_run.info.run_id}'")
     gan_run = next(r for r in by_stage["train-gan"] if r.data.tags["model"] == "gan-dcgan")
     assert {"fid", "fid_floor", "inception_score", "kl_uniform", "d_loss", "g_loss", "fid_during"} <= set(gan_run.data.metrics)
+    FIRST_RUN.update(fingerprints(repo))
+
+
+OUTPUTS_TO_COMPARE = [
+    "metrics/vit.json", "metrics/cnn.json", "metrics/judge.json", "metrics/gan/mlp.json", "metrics/gan/dcgan.json",
+    "metrics/vit/history.csv", "metrics/evaluate.json", "metrics/eval/cnn_confusion.json",
+    "models/vit/model.pt", "models/cnn/model.pt", "models/judge/model.pt", "models/gan/mlp/generator.pt",
+    "models/gan/dcgan/generator.pt", "data/prepared/manifest.json",
+]
+
+
+def fingerprints(repo) -> dict[str, str]:
+    """sha256 of results; timing figures are masked, they are the only thing allowed to differ."""
+    import hashlib
+
+    out = {}
+    for name in OUTPUTS_TO_COMPARE:
+        data = (repo / name).read_bytes()
+        if name.endswith(".json"):
+            obj = json.loads(data)
+            for section in [obj, *[v for v in obj.values() if isinstance(v, dict)]] if isinstance(obj, dict) else []:
+                for key in ("train_seconds", "s_per_epoch", "total_seconds"):
+                    section.pop(key, None)
+            data = json.dumps(obj, sort_keys=True).encode()
+        elif name.endswith(".csv"):
+            rows = list(csv.DictReader(io.StringIO(data.decode())))
+            data = json.dumps([{k: v for k, v in row.items() if k != "epoch_seconds"} for row in rows]).encode()
+        out[name] = hashlib.sha256(data).hexdigest()
+    return out
+
+def test_second_clone_reproduces_bit_for_bit(tmp_path):
+    """Same params, data and code in a separate clone: identical metrics files and model weights."""
+    other = _new_copy(tmp_path / "clone")
+    exp_run(other)
+    assert fingerprints(other) == FIRST_RUN
 
 
 def test_rerun_with_same_params_runs_nothing(module_repo):
@@ -157,3 +195,31 @@ def test_parallel_queue_logs_every_run_to_the_server(module_repo):
         assert "database is locked" not in (repo / ".mlflow-server/server.log").read_text()
     finally:
         sh([reprovision, "mlflow-server", "stop"], repo, env, check=False)
+
+
+
+def test_reproduce_replays_a_recorded_run(module_repo):
+    """`reprovision reproduce <run-id>` re-trains the first ViT run (lr 1e-3, the workspace now has 4e-4)."""
+    client, found = all_runs(module_repo)
+    first_vit = min((r for r in found if r.data.tags["stage"] == "train-vit"), key=lambda r: r.info.start_time)
+    result = sh([str(Path(sys.executable).parent / "reprovision"), "reproduce", first_vit.info.run_id], module_repo, pipeline_env())
+    assert "-S lr=0.001" in result.stdout and "dvc exp run -f -s train-vit" in result.stdout
+    assert f"identical: {first_vit.info.run_id}" in result.stdout, result.stdout
+
+
+def test_unreachable_tracking_server_fails_fast(module_repo):
+    """No server at MLFLOW_TRACKING_URI: a clear error before any training, no run, cached outputs intact."""
+    _, before = all_runs(module_repo)
+    params_before = (module_repo / "params.yaml").read_text()
+    weights = {p: (module_repo / p).read_bytes() for p in ("models/vit/model.pt", "models/cnn/model.pt", "metrics/vit.json")}
+    env = pipeline_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    failed = exp_run(module_repo, "lr=2e-4", env=env, check=False)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0
+    assert "MLflow server http://127.0.0.1:9 is not reachable" in output and "Nothing was trained" in output
+    assert "| train loss" not in output  # not one epoch ran
+    assert len(all_runs(module_repo)[1]) == len(before)
+    # Everything computed before is still in DVC's cache: restoring the last params brings it all back.
+    (module_repo / "params.yaml").write_text(params_before)
+    dvc(module_repo, "checkout", "--force")
+    assert all((module_repo / p).read_bytes() == content for p, content in weights.items())

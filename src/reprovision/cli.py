@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -21,6 +22,48 @@ def _server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    return reproduce(args.run_id, args.dry_run)
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(item) for item in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers in (0, 1], e.g. 0.1,0.25,0.5,1.0") from None
+
+
+def _study(args: argparse.Namespace) -> int:
+    from . import study
+
+    try:
+        if args.queue_data_size:
+            study.queue_data_size(args.fractions, args.set, dry_run=args.dry_run)
+        else:
+            print(f"study: {study.run_study(Path(args.out), args.name, _csv(args.x), _csv(args.exp_names), args.since)}")
+    except study.StudyError as err:
+        print(f"reprovision study: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from . import tune
+
+    try:
+        tune.tune(args.model, args.trials, args.epochs, args.set, args.timeout, args.name, args.seed)
+    except tune.TuneError as err:
+        print(f"reprovision tune: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reprovision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +72,35 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("action", choices=["start", "stop", "status"])
     srv.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     srv.set_defaults(func=_server)
+
+    rep = sub.add_parser("reproduce", help="re-run a recorded MLflow run as a DVC experiment and compare its metrics")
+    rep.add_argument("run_id")
+    rep.add_argument("--dry-run", action="store_true", help="print the dvc command only")
+    rep.set_defaults(func=_reproduce)
+
+    std = sub.add_parser("study", help="tabulate and plot the classifier runs of a study (reads MLflow)",
+                         description="Examples: reprovision study --since 2025-06-01T14:30 | "
+                         "reprovision study --exp-names 'tune-vit-*' | reprovision study --queue-data-size --dry-run")
+    std.add_argument("--name", default="study", help="title of the report")
+    std.add_argument("--out", default="reports/study", help="folder for study.md, study.csv and the plots")
+    std.add_argument("--x", default="lr,weight_decay,train_fraction", help="run params to plot accuracy against, comma-separated")
+    std.add_argument("--exp-names", default="", help="only these DVC experiments, comma-separated; shell patterns allowed ('tune-vit-*')")
+    std.add_argument("--since", help="only runs started at or after this ISO time (2025-06-01T14:30) or this MLflow run id's start")
+    std.add_argument("--queue-data-size", action="store_true", help="instead: queue the data-size study (R4) with `dvc exp run --queue`")
+    std.add_argument("--fractions", type=_fractions, default="0.1,0.25,0.5,1.0", help="training-set fractions for --queue-data-size")
+    std.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every queued experiment (repeatable)")
+    std.add_argument("--dry-run", action="store_true", help="with --queue-data-size: print the commands, queue nothing")
+    std.set_defaults(func=_study)
+
+    tun = sub.add_parser("tune", help="Optuna search of lr, weight decay, label smoothing; one DVC experiment per trial")
+    tun.add_argument("--model", required=True, choices=["vit", "cnn"])
+    tun.add_argument("--trials", type=int, required=True, help="number of trials (each a `dvc exp run`)")
+    tun.add_argument("--epochs", type=int, help="epochs per trial (default: params.yaml)")
+    tun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra `-S` override for every trial (repeatable)")
+    tun.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
+    tun.add_argument("--name", help="study name; trials are DVC experiments tune-<name>-<k> (default: <model>-<MMDD-HHMM>)")
+    tun.add_argument("--seed", type=int, default=0, help="seed of Optuna's TPE sampler")
+    tun.set_defaults(func=_tune)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -24,7 +24,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from .config import load_params
+
 EXPERIMENT = "reprovision"
+RESOLVED_PARAMS = "resolved_params.json"
 SERVER_STATE = Path(".mlflow-server")
 LIBRARIES = ("torch", "torchvision", "numpy", "mlflow", "dvc", "scikit-learn", "torchmetrics", "pydantic")
 
@@ -155,6 +158,8 @@ def stage_run(stage: str, model: str, params: dict[str, Any], tags: dict[str, st
         items = sorted((k, str(v)) for k, v in params.items())
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             mlflow.log_params(dict(items[i : i + 100]))
+        # The full resolved params: what `reprovision reproduce <run-id>` replays.
+        mlflow.log_dict(load_params().model_dump(), RESOLVED_PARAMS)
         yield run
 
 

@@ -1,0 +1,307 @@
+"""`reprovision study`: what a set of experiments says, read back from the classifier runs in MLflow.
+
+Every executed train-vit / train-cnn stage logs one MLflow run (see track.py). A study is a set of
+those runs: all of them, those of named DVC experiments (`--exp-names`, shell patterns allowed), or
+those started after a moment (`--since`). This module tabulates the FINISHED ones and plots final
+test accuracy against each setting that varies, ViT and CNN on the same axes, with the best setting
+of each model starred. It only reads MLflow; it never logs to it.
+
+A learning-rate study, queued and run two at a time (SQLite takes one writer, hence the server):
+
+    reprovision mlflow-server start
+    dvc exp run --queue -S 'lr=1e-3,4e-4,1e-4'
+    dvc queue start -j 2                  # `dvc queue status` until every one is done
+    reprovision study --name "learning rate" --since <the time you queued them>
+
+Weight decay is per model: `dvc exp run --queue -S 'vit.weight_decay=0,1e-5,1e-3,0.05'`.
+
+The data-size study (R4's accuracy versus training-set size; the GANs are not retrained):
+
+    reprovision study --queue-data-size   # runs: dvc exp run --queue -S 'data.train_fraction=0.1,0.25,0.5,1.0'
+    dvc queue start -j 2
+    reprovision study --name "data size" --x train_fraction --since <the time the first command printed>
+
+`--queue-data-size --dry-run` prints the commands without queueing; `--set key=value` adds an
+override to every queued experiment (e.g. `--set vit.epochs=3 --set cnn.epochs=3` on a CPU).
+
+Writes to --out (default reports/study): study.md, study.csv (one row per run) and
+test_acc_vs_<setting>.png for each setting that varies.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from . import track
+from .report import COLOURS, LABELS
+
+OUT = Path("reports/study")
+CLASSIFIER_STAGES = ("train-vit", "train-cnn")
+DEFAULT_X = ("lr", "weight_decay", "train_fraction")
+DATA_SIZE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+METRICS = ("test_acc", "best_test_acc", "s_per_epoch")
+CONTEXT = ("dataset", "epochs")  # runs that differ in these are not comparable: the report warns
+
+
+@dataclass(frozen=True)
+class Axis:
+    label: str
+    log: bool
+
+
+# How each known setting is drawn; any other numeric run param can be studied on a linear axis.
+AXES = {
+    "lr": Axis("learning rate (lr × lr_mult)", log=True),
+    "weight_decay": Axis("weight decay", log=True),
+    "train_fraction": Axis("training-set fraction", log=False),
+    "label_smoothing": Axis("label smoothing", log=False),
+}
+
+
+class StudyError(ValueError):
+    """The study can't be made from what is in MLflow; the message says what to run first."""
+
+
+def executable(name: str) -> str:
+    """`dvc` from this Python's environment, so that it works without activating the venv."""
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or name
+
+
+# ---------------------------------------------------------------------------- gather
+def since_millis(since: str, client) -> int:
+    """`--since`: an ISO time (local when it has no zone) or an MLflow run id (that run's start)."""
+    if re.fullmatch(r"[0-9a-f]{32}", since):
+        return client.get_run(since).info.start_time
+    try:
+        return int(datetime.fromisoformat(since).timestamp() * 1000)
+    except ValueError:
+        raise StudyError(f"--since {since!r} is neither an ISO time (e.g. 2025-06-01T14:30) nor an MLflow run id") from None
+
+
+def collect_runs(
+    x: Sequence[str] = DEFAULT_X,
+    exp_names: Sequence[str] = (),
+    since: str | None = None,
+    tracking_uri: str | None = None,
+) -> pd.DataFrame:
+    """One row per FINISHED classifier run: model, dvc_exp_name, run_id, context, the x settings, METRICS."""
+    import mlflow
+
+    uri = tracking_uri or track.tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(track.EXPERIMENT)
+    if experiment is None:
+        raise StudyError(f"no MLflow experiment {track.EXPERIMENT!r} in {uri}: train something first (`dvc exp run`)")
+    # MLflow's filter has no IN for tags: take train-* and keep the classifiers below.
+    query = ["attributes.status = 'FINISHED'", "tags.stage LIKE 'train-%'"]
+    if since:
+        query.append(f"attributes.start_time >= {since_millis(since, client)}")
+    runs = mlflow.search_runs([experiment.experiment_id], filter_string=" and ".join(query))
+    if not runs.empty:
+        runs = runs[runs["tags.stage"].isin(CLASSIFIER_STAGES)]
+    if exp_names and not runs.empty:
+        names = runs["tags.dvc_exp_name"].fillna("")
+        runs = runs[names.map(lambda name: any(fnmatch.fnmatchcase(name, p) for p in exp_names))]
+    if runs.empty:
+        filters = "".join([f", dvc_exp_name in {list(exp_names)}" if exp_names else "", f", started since {since}" if since else ""])
+        raise StudyError(
+            f"no FINISHED train-vit/train-cnn runs in {uri} (experiment {track.EXPERIMENT!r}{filters}): "
+            "run experiments first (see `reprovision study --help`), or widen --exp-names/--since"
+        )
+
+    def column(prefix: str, name: str, numeric: bool = True) -> pd.Series:
+        values = runs.get(f"{prefix}.{name}", pd.Series(index=runs.index, dtype=object))
+        return pd.to_numeric(values, errors="coerce") if numeric else values
+
+    table = pd.DataFrame(
+        {
+            "model": runs["tags.model"],
+            "dvc_exp_name": runs["tags.dvc_exp_name"].fillna(""),
+            "run_id": runs["run_id"],
+            "start_time": runs["start_time"].dt.tz_convert(datetime.now().astimezone().tzinfo).dt.strftime("%Y-%m-%d %H:%M:%S"),
+            "dataset": column("params", "dataset", numeric=False),
+            "epochs": column("params", "epochs"),
+            **{name: column("params", name) for name in x},
+            # search_runs gives each metric's value at its last step: test_acc is the final epoch's.
+            **{name: column("metrics", name) for name in METRICS},
+        }
+    )
+    return table.sort_values(["model", *x, "start_time"], ignore_index=True)
+
+
+# ---------------------------------------------------------------------------- analyse
+def varying(table: pd.DataFrame, x: Sequence[str]) -> list[str]:
+    """The settings among x that take more than one value for some model (one value per model is no curve)."""
+    return [name for name in x if table.groupby("model")[name].nunique(dropna=True).max() > 1]
+
+
+def best_settings(table: pd.DataFrame, x: Sequence[str]) -> pd.DataFrame:
+    """Per model, the settings (a combination of x) with the highest mean final test accuracy."""
+    groups = table.groupby(["model", *x], dropna=False)
+    means = groups[list(METRICS)].mean().join(groups.size().rename("runs")).reset_index()
+    return means.loc[means.groupby("model")["test_acc"].idxmax()].reset_index(drop=True)
+
+
+def slice_through_best(table: pd.DataFrame, best: pd.DataFrame, others: Sequence[str]) -> pd.DataFrame:
+    """Per model, the runs whose `others` settings equal that model's best ones.
+
+    Plotting accuracy against one setting along this slice shows that setting alone; a mean over
+    every run at each x would mix in the other settings (e.g. small training sets at a good lr)."""
+    keep = pd.Series(False, index=table.index)
+    for _, top in best.iterrows():
+        match = table["model"] == top["model"]
+        for other in others:
+            match &= table[other].isna() if pd.isna(top[other]) else table[other] == top[other]
+        keep |= match
+    return table[keep]
+
+
+# ---------------------------------------------------------------------------- plot
+def plot_accuracy_vs(table: pd.DataFrame, x: str, path: Path) -> pd.DataFrame:
+    """Every run as a faint point, the mean per setting as a line, each model's best mean starred.
+
+    Returns the starred rows (model, x, test_acc)."""
+    axis = AXES.get(x, Axis(x, log=False))
+    runs = table.dropna(subset=[x, "test_acc"]).assign(label=lambda t: t["model"].map(LABELS), acc=lambda t: 100 * t["test_acc"])
+    means = runs.groupby(["label", x], as_index=False)["acc"].mean()
+    best = means.loc[means.groupby("label")["acc"].idxmax()]
+    palette = {label: COLOURS[label] for label in means["label"].unique()}
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85, rc={"legend.fontsize": 8}):
+        fig = Figure(figsize=(5.2, 3.6), layout="constrained")
+        ax = fig.add_subplot()
+        sns.scatterplot(runs, x=x, y="acc", hue="label", palette=palette, alpha=0.35, legend=False, ax=ax)
+        sns.lineplot(means, x=x, y="acc", hue="label", palette=palette, marker="o", ax=ax)
+        for _, row in best.iterrows():
+            ax.scatter(row[x], row["acc"], marker="*", s=260, color=palette[row["label"]], edgecolor="black", zorder=5)
+            ax.annotate(f"best {row['label']}: {row[x]:g}", (row[x], row["acc"]), xytext=(6, 6), textcoords="offset points", fontsize=8)
+        if axis.log:
+            positive = runs.loc[runs[x] > 0, x]
+            if len(positive) < len(runs):  # a 0 (e.g. no weight decay) has no place on a log axis
+                ax.set_xscale("symlog", linthresh=positive.min() if len(positive) else 1.0)
+            else:
+                ax.set_xscale("log")
+        ax.set(title=f"Final test accuracy vs {axis.label}", xlabel=axis.label, ylabel="test accuracy (%)")
+        ax.legend(title=None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return best.assign(model=best["label"], test_acc=best["acc"] / 100)[["model", x, "test_acc"]]
+
+
+# ---------------------------------------------------------------------------- report
+def _markdown_table(frame: pd.DataFrame) -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "—" if math.isnan(value) else f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_study(table: pd.DataFrame, out: Path = OUT, x: Sequence[str] = DEFAULT_X, name: str = "study", source: str = "") -> Path:
+    """study.csv, one PNG per varying setting, and study.md tying them together; returns the md path."""
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "study.csv", index=False)
+    counts = ", ".join(f"{LABELS.get(m, m)} {n}" for m, n in table["model"].value_counts().sort_index().items())
+    lines = [f"# Study: {name}", "", f"{len(table)} finished classifier runs ({counts}){source}. Table: [study.csv](study.csv).", ""]
+    for context in CONTEXT:
+        values = sorted(table[context].dropna().unique())
+        if len(values) > 1:
+            lines += [f"> **Warning:** the runs differ in `{context}` ({', '.join(map(str, values))}): accuracies are not directly comparable.", ""]
+
+    moving = varying(table, x)
+    best = best_settings(table, moving or list(x))
+    shown = best.assign(model=best["model"].map(lambda m: LABELS.get(m, m)))
+    lines += ["## Best settings", "", "Highest mean final test accuracy per model (mean over runs with the same settings):", ""]
+    lines += [_markdown_table(shown[["model", *(moving or x), "runs", *METRICS]]), ""]
+
+    for setting in x:
+        label = AXES.get(setting, Axis(setting, log=False)).label
+        lines += [f"## Test accuracy vs {label}", ""]
+        if setting not in moving:
+            values = table.groupby("model")[setting].first().dropna()
+            kept = (
+                "one value per model (" + ", ".join(f"{LABELS.get(m, m)} {v:g}" for m, v in values.items()) + ")"
+                if len(values)
+                else "not recorded in these runs"
+            )
+            lines += [f"Not plotted: `{setting}` is {kept}.", ""]
+            continue
+        others = [o for o in moving if o != setting]
+        runs = slice_through_best(table, best, others)
+        figure = out / f"test_acc_vs_{setting}.png"
+        starred = plot_accuracy_vs(runs, setting, figure)
+        lines += [f"![Final test accuracy vs {label}]({figure.name})", ""]
+        lines += [", ".join(f"best {r['model']}: `{setting}` = {r[setting]:g} ({100 * r['test_acc']:.2f} %)" for _, r in starred.iterrows()) + "."]
+        if others:
+            held = "; ".join(
+                f"{LABELS.get(top['model'], top['model'])} " + ", ".join(f"{o} = {top[o]:g}" for o in others) for _, top in best.iterrows()
+            )
+            lines.append(f"Other settings held at each model's best ({held}); {len(table) - len(runs)} runs off that slice are in the table only.")
+        if AXES.get(setting, Axis("", False)).log and (runs[setting] == 0).any():
+            lines.append(f"`{setting}` = 0 is drawn on a symlog axis (linear near 0, logarithmic beyond).")
+        lines.append("")
+
+    lines += ["## All runs", "", _markdown_table(table.assign(model=table["model"].map(lambda m: LABELS.get(m, m)))), ""]
+    path = out / "study.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run_study(
+    out: Path = OUT,
+    name: str = "study",
+    x: Sequence[str] = DEFAULT_X,
+    exp_names: Sequence[str] = (),
+    since: str | None = None,
+    tracking_uri: str | None = None,
+) -> Path:
+    """Gather the runs and write the study; returns the path of study.md."""
+    table = collect_runs(x, exp_names, since, tracking_uri)
+    filters = [f"dvc experiments {', '.join(exp_names)}" if exp_names else "", f"started since {since}" if since else ""]
+    source = f" from {tracking_uri or track.tracking_uri()}" + "".join(f"; {f}" for f in filters if f)
+    return write_study(table, out, x, name, source)
+
+
+# ---------------------------------------------------------------------------- queue the data-size study
+def data_size_commands(fractions: Sequence[float] = DATA_SIZE_FRACTIONS, sets: Sequence[str] = ()) -> list[list[str]]:
+    """The commands of R4's accuracy-vs-training-set-size study: queue, then run two at a time."""
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise StudyError(f"training-set fractions must be in (0, 1], got {list(fractions)}")
+    queue = ["dvc", "exp", "run", "--queue", "-S", "data.train_fraction=" + ",".join(f"{f:g}" for f in fractions)]
+    for override in sets:
+        queue += ["-S", override]
+    return [queue, ["reprovision", "mlflow-server", "start"], ["dvc", "queue", "start", "-j", "2"]]
+
+
+def queue_data_size(fractions: Sequence[float] = DATA_SIZE_FRACTIONS, sets: Sequence[str] = (), dry_run: bool = False) -> list[list[str]]:
+    """Queue the study (unless dry_run) and print what to run next; returns the commands."""
+    commands = data_size_commands(fractions, sets)
+    queued_at = datetime.now().isoformat(timespec="seconds")
+    print(f"{'would run' if dry_run else 'running'}: {shlex.join(commands[0])}")
+    if not dry_run:
+        done = subprocess.run([executable(commands[0][0]), *commands[0][1:]])
+        if done.returncode:
+            raise StudyError(f"queueing failed (exit {done.returncode}); DVC's message is above")
+    print("then:")
+    for command in commands[1:]:
+        print(f"  {shlex.join(command)}")
+    print(f"  dvc queue status                    # until all {len(fractions)} are done")
+    print(f"  reprovision study --name 'data size' --x train_fraction --since {queued_at}")
+    return commands

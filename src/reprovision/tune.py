@@ -1,0 +1,284 @@
+"""`reprovision tune`: an Optuna search over one classifier's learning rate, weight decay and label smoothing.
+
+Each trial is one named DVC experiment, run in the workspace, one after the other:
+
+    dvc exp run -n tune-<study>-<k> -S lr=... -S vit.weight_decay=... -S vit.label_smoothing=... train-vit
+
+so every trial is cached, reproducible, and has its own MLflow training run. The target
+`train-<model>` keeps a trial from re-running the other classifier, evaluate and report.
+While a trial trains, its per-epoch test accuracy (metrics/<model>/history.csv, rewritten after
+every epoch) goes to Optuna; a trial below the median of the earlier ones at the same epoch is
+stopped there (MedianPruner), its whole process group terminated.
+
+    reprovision tune --model vit --trials 20 --epochs 10
+    reprovision tune --model cnn --trials 8 --epochs 3 --set data.train_fraction=0.1 --timeout 3600
+    reprovision study --name "tune vit" --exp-names 'tune-<study>-*'    # the trials' runs, plotted
+
+`--timeout S` stops starting new trials after S seconds (the running one finishes).
+At the end it prints the best settings and the `dvc exp run` that reproduces the best trial, and
+logs one MLflow run "tune" (tags stage=tune, model, study): `trial_value` per finished trial
+(step = trial number), `trials.csv`, the best settings as params `best.<name>`, `best_value`.
+
+Like any `dvc exp run` in the workspace, the trials leave params.yaml with the last trial's values:
+`dvc exp apply tune-<study>-<best>` brings back the best trial's params and results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Sequence
+
+import optuna
+import yaml
+
+from . import track
+from .config import PARAMS_FILE, ConfigError, parse_params
+from .study import executable
+
+CLASSIFIERS = ("vit", "cnn")
+# Written by pipeline.train_classifier: the per-epoch history, rewritten after every epoch, and the final metrics.
+METRICS = Path("metrics")
+POLL_SECONDS = 2.0
+# name: (low, high, log scale). `lr` is the top-level lr (each model uses lr x lr_mult);
+# the others are set in the tuned model's section.
+SEARCH_SPACE: dict[str, tuple[float, float, bool]] = {
+    "lr": (1e-4, 3e-3, True),
+    "weight_decay": (1e-6, 1e-1, True),
+    "label_smoothing": (0.0, 0.2, False),
+}
+
+# (experiment name, `-S` overrides) -> the command that runs one trial; tests swap in a fake.
+CommandBuilder = Callable[[str, list[str]], list[str]]
+
+
+class TuneError(ValueError):
+    """A bad argument to `reprovision tune`; the message names it and the fix."""
+
+
+class TrialFailed(RuntimeError):
+    """A trial's command exited with an error (its output is above)."""
+
+
+# ---------------------------------------------------------------------------- commands
+def param_key(name: str, model: str) -> str:
+    return name if name == "lr" else f"{model}.{name}"
+
+
+def yaml_number(value: float) -> str:
+    """Exact (repr), and read back as a number: YAML 1.1 (PyYAML) takes '1e-06' for a string, '1.0e-06' for a float."""
+    text = repr(float(value))
+    mantissa, e, exponent = text.partition("e")
+    return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
+
+
+def overrides(values: dict[str, float], model: str) -> list[str]:
+    return [f"{param_key(name, model)}={yaml_number(value)}" for name, value in values.items()]
+
+
+def dvc_command(exp_name: str | None, sets: Sequence[str], target: str) -> list[str]:
+    command = ["dvc", "exp", "run", *(["-n", exp_name] if exp_name else [])]
+    for override in sets:
+        command += ["-S", override]
+    return [*command, target]
+
+
+def check_overrides(sets: Sequence[str], model: str, path: Path = PARAMS_FILE) -> None:
+    """Fail before the first trial if `--set`s would make params.yaml invalid or fight the search."""
+    searched = {param_key(name, model) for name in SEARCH_SPACE}
+    path = Path(path)
+    if not path.exists():
+        raise TuneError(f"{path} not found: run `reprovision tune` from the repository root (where dvc.yaml is)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TuneError(f"--set {item!r}: expected key=value, e.g. --set data.train_fraction=0.1")
+        if key in searched:
+            raise TuneError(f"--set {key}: tune searches {key} itself; drop it from --set (searched: {', '.join(sorted(searched))})")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise TuneError(f"--set {key}: {'.'.join(parents)} is not a section of {path}")
+        node[leaf] = yaml.safe_load(value)
+    try:
+        parse_params(raw, f"{path} with --set {' '.join(sets)}" if sets else str(path))
+    except ConfigError as err:
+        raise TuneError(str(err)) from None
+
+
+# ---------------------------------------------------------------------------- one trial
+def read_history(path: Path, since: float) -> list[tuple[int, float]]:
+    """(epoch, test_acc) of the rows written since `since` (an older file is the previous trial's).
+
+    The file is rewritten while we read it: a row cut short has empty or missing fields, and is skipped."""
+    try:
+        if path.stat().st_mtime < since:
+            return []
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        return []
+    epochs = []
+    for row in rows:
+        if None in row or None in row.values() or "" in row.values():
+            continue
+        with contextlib.suppress(KeyError, ValueError):  # a header cut short
+            epochs.append((int(row["epoch"]), float(row["test_acc"])))
+    return epochs
+
+
+def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Terminate the trial's whole process group (dvc and the training under it)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_trial(command: list[str], model: str, trial: optuna.Trial, poll: float = POLL_SECONDS) -> float:
+    """Run one trial's command, reporting each epoch's test accuracy to Optuna; returns the final test_acc."""
+    history, result = METRICS / model / "history.csv", METRICS / f"{model}.json"
+    started = time.time()
+    # Its own process group, so that a prune (or Ctrl-C here) stops dvc and the training it started.
+    proc = subprocess.Popen(command, start_new_session=True)
+    try:
+        reported = 0
+        while True:
+            finished = proc.poll() is not None
+            for epoch, test_acc in read_history(history, started):
+                if epoch <= reported:
+                    continue
+                trial.report(test_acc, epoch)
+                reported = epoch
+                if not finished and trial.should_prune():
+                    stop(proc)
+                    raise optuna.TrialPruned(f"test_acc {test_acc:.4f} at epoch {epoch}: below the median of earlier trials")
+            if finished:
+                break
+            time.sleep(poll)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+    if proc.returncode:
+        raise TrialFailed(f"trial {trial.number}: `{shlex.join(command)}` exited with {proc.returncode}; its output is above")
+    if not result.exists():
+        raise TrialFailed(f"trial {trial.number}: `{shlex.join(command)}` succeeded but wrote no {result}")
+    return float(json.loads(result.read_text())["test_acc"])
+
+
+# ---------------------------------------------------------------------------- the search
+def trial_rows(study: optuna.Study, model: str) -> list[dict]:
+    """One row per trial for trials.csv: what ran, how it ended, how far it got."""
+    rows = []
+    for t in study.trials:
+        last_epoch = max(t.intermediate_values, default=None)
+        rows.append(
+            {
+                "number": t.number,
+                "exp_name": t.user_attrs.get("exp_name", ""),
+                "state": t.state.name,
+                "value": t.value if t.value is not None else "",
+                "last_epoch": last_epoch if last_epoch is not None else "",
+                "last_test_acc": t.intermediate_values[last_epoch] if last_epoch is not None else "",
+                **{param_key(name, model): value for name, value in t.params.items()},
+                "seconds": t.duration.total_seconds() if t.duration else "",
+            }
+        )
+    return rows
+
+
+def tune(
+    model: str,
+    trials: int,
+    epochs: int | None = None,
+    sets: Sequence[str] = (),
+    timeout: float | None = None,
+    name: str | None = None,
+    seed: int = 0,
+    command: CommandBuilder | None = None,
+    poll: float = POLL_SECONDS,
+) -> optuna.Study:
+    """Search SEARCH_SPACE for `model` with `trials` DVC experiments; logs the "tune" MLflow run and prints the best."""
+    import mlflow
+
+    if model not in CLASSIFIERS:
+        raise TuneError(f"--model {model!r}: allowed: {', '.join(CLASSIFIERS)}")
+    if trials < 1:
+        raise TuneError(f"--trials {trials}: need at least 1")
+    if epochs is not None and epochs < 1:
+        raise TuneError(f"--epochs {epochs}: need at least 1 (and 2 or more for pruning to act)")
+    fixed = [*sets, *([f"{model}.epochs={epochs}"] if epochs else [])]
+    check_overrides(fixed, model)
+    name = name or f"{model}-{datetime.now():%m%d-%H%M}"
+    build = command or (lambda exp_name, overrides_: dvc_command(exp_name, overrides_, f"train-{model}"))
+    study = optuna.create_study(
+        study_name=name,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    )
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {n: trial.suggest_float(n, low, high, log=log) for n, (low, high, log) in SEARCH_SPACE.items()}
+        exp_name = f"tune-{name}-{trial.number}"
+        trial.set_user_attr("exp_name", exp_name)
+        cmd = build(exp_name, [*overrides(values, model), *fixed])
+        cmd = [executable(cmd[0]), *cmd[1:]]
+        print(f"[tune {name}] trial {trial.number}: {shlex.join(cmd)}", flush=True)
+        return run_trial(cmd, model, trial, poll)
+
+    def log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            mlflow.log_metric("trial_value", trial.value, step=trial.number)
+
+    run_params = {"model": model, "trials": trials, "epochs": epochs or "params.yaml", "sets": " ".join(sets),
+                  "timeout": timeout or "none", "seed": seed, "sampler": "TPE", "pruner": "median(2 startup, 1 warmup)"}
+    tags = {"study": name, "search_space": json.dumps(SEARCH_SPACE)}
+    with track.stage_run("tune", model, run_params, tags):
+        try:
+            study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[log_trial])
+        finally:  # a failed or interrupted search still leaves its trials on record
+            with tempfile.TemporaryDirectory() as tmp:
+                table = Path(tmp) / "trials.csv"
+                rows = trial_rows(study, model)
+                if rows:
+                    fields = list(dict.fromkeys(k for row in rows for k in row))  # a failed first trial may lack later params
+                    with table.open("w", newline="") as fh:
+                        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+                        writer.writeheader()
+                        writer.writerows(rows)
+                    mlflow.log_artifact(str(table))
+        complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        if not complete:
+            raise TuneError(f"no trial of study {name} finished (all pruned or stopped by --timeout {timeout}); raise --timeout")
+        best = study.best_trial
+        reproduce = dvc_command(None, [*overrides(best.params, model), *fixed], f"train-{model}")
+        mlflow.log_params({f"best.{param_key(k, model)}": v for k, v in best.params.items()})
+        mlflow.log_metric("best_value", best.value)
+        mlflow.set_tags({"best_exp_name": best.user_attrs["exp_name"], "best_command": shlex.join(reproduce)})
+
+    pruned = len(study.get_trials(states=(optuna.trial.TrialState.PRUNED,)))
+    print(f"\n[tune {name}] {len(study.trials)} trials ({len(complete)} finished, {pruned} pruned); "
+          f"best: trial {best.number} ({best.user_attrs['exp_name']}), test_acc {best.value:.4f}")
+    for key, value in best.params.items():
+        print(f"  {param_key(key, model)} = {value:.6g}")
+    print(f"reproduce:  {shlex.join(reproduce)}")
+    print(f"its results: dvc exp apply {best.user_attrs['exp_name']}")
+    print(f"all trials:  reprovision study --name 'tune {name}' --exp-names 'tune-{name}-*'")
+    return study

@@ -1,0 +1,133 @@
+"""`reprovision study` over a fabricated MLflow store: the table, the best settings, the plots, the report."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from reprovision import cli, track
+from reprovision.study import StudyError, best_settings, data_size_commands, run_study
+
+# Final test accuracy of each fabricated run: (model, lr, train_fraction) -> one value per seed.
+# ViT is best at lr 4e-4 (mean of two seeds, 0.60), CNN at 1e-3; both grow with the training set.
+RESULTS = {
+    ("vit", 1e-4, 1.0): [0.50],
+    ("vit", 4e-4, 1.0): [0.59, 0.61],
+    ("vit", 1e-3, 1.0): [0.55],
+    ("vit", 4e-4, 0.1): [0.30],
+    ("vit", 4e-4, 0.5): [0.45],
+    ("cnn", 1e-4, 1.0): [0.58],
+    ("cnn", 4e-4, 1.0): [0.63],
+    ("cnn", 1e-3, 1.0): [0.68],
+    ("cnn", 1e-3, 0.1): [0.40],
+    ("cnn", 1e-3, 0.5): [0.52],
+}
+WEIGHT_DECAY = {"vit": 0.05, "cnn": 1e-4}
+EPOCHS = 3
+
+
+def _log_classifier_run(client, experiment_id: str, model: str, lr: float, fraction: float, final: float, exp_name: str) -> str:
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(experiment_id, tags={"stage": f"train-{model}", "model": model, "dvc_exp_name": exp_name})
+    params = {"lr": lr, "lr_base": lr, "weight_decay": WEIGHT_DECAY[model], "train_fraction": fraction,
+              "optimizer": "adamw", "epochs": EPOCHS, "dataset": "cifar10", "model": model}
+    # The epoch before last is the best: "final" must be the last step, not the maximum.
+    curve = [final - 0.1, final + 0.02, final]
+    metrics = [Metric("test_acc", acc, 0, epoch) for epoch, acc in enumerate(curve, start=1)]
+    metrics += [Metric("best_test_acc", max(curve), 0, EPOCHS), Metric("s_per_epoch", 10.0 if model == "vit" else 5.0, 0, EPOCHS)]
+    client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    """A SQLite MLflow store with the runs of RESULTS, plus runs the study must leave out."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment(track.EXPERIMENT)
+    first = None
+    for i, ((model, lr, fraction), finals) in enumerate(RESULTS.items()):
+        for seed, final in enumerate(finals):
+            run_id = _log_classifier_run(client, experiment_id, model, lr, fraction, final, f"exp-{i}-{seed}")
+            first = first or run_id
+    # Left out: a GAN run, a classifier run that never finished, and one that failed.
+    gan = client.create_run(experiment_id, tags={"stage": "train-gan", "model": "gan-mlp"})
+    client.set_terminated(gan.info.run_id)
+    client.create_run(experiment_id, tags={"stage": "train-vit", "model": "vit"})
+    failed = client.create_run(experiment_id, tags={"stage": "train-cnn", "model": "cnn"})
+    client.log_metric(failed.info.run_id, "test_acc", 0.99, step=1)
+    client.set_terminated(failed.info.run_id, status="FAILED")
+    return {"uri": uri, "client": client, "first_run": first}
+
+
+def test_study_table_best_settings_plots_and_report(store, tmp_path):
+    out = tmp_path / "study"
+    md_path = run_study(out, name="lr and data size", tracking_uri=store["uri"])
+
+    table = pd.read_csv(out / "study.csv")
+    assert len(table) == sum(len(finals) for finals in RESULTS.values())
+    assert set(table["model"]) == {"vit", "cnn"}
+    expected_cols = ["model", "dvc_exp_name", "run_id", "lr", "weight_decay", "train_fraction", "epochs", "test_acc", "best_test_acc", "s_per_epoch"]
+    assert set(expected_cols) <= set(table.columns)
+    row = table[(table["model"] == "cnn") & (table["lr"] == 1e-4)].iloc[0]
+    assert row["test_acc"] == pytest.approx(0.58)  # the last epoch's value
+    assert row["best_test_acc"] == pytest.approx(0.60)
+    assert row["weight_decay"] == pytest.approx(1e-4) and row["epochs"] == EPOCHS
+
+    best = best_settings(table, ["lr", "train_fraction"]).set_index("model")
+    assert best.loc["vit", "lr"] == pytest.approx(4e-4) and best.loc["vit", "test_acc"] == pytest.approx(0.60)
+    assert best.loc["vit", "runs"] == 2
+    assert best.loc["cnn", "lr"] == pytest.approx(1e-3) and best.loc["cnn", "train_fraction"] == 1.0
+
+    for setting in ("lr", "train_fraction"):
+        with Image.open(out / f"test_acc_vs_{setting}.png") as image:
+            assert image.size[0] > 300 and image.size[1] > 200
+    # Each model has a single weight decay: there is no curve to draw.
+    assert not (out / "test_acc_vs_weight_decay.png").exists()
+
+    md = md_path.read_text()
+    assert "best ViT: `lr` = 0.0004 (60.00 %)" in md
+    assert "best CNN: `lr` = 0.001 (68.00 %)" in md
+    assert "Not plotted: `weight_decay` is one value per model (CNN 0.0001, ViT 0.05)" in md
+    assert "![Final test accuracy vs learning rate (lr × lr_mult)](test_acc_vs_lr.png)" in md
+
+
+def test_study_filters_by_experiment_name_and_start(store, tmp_path):
+    run_study(tmp_path / "named", exp_names=["exp-1-*", "exp-5-0"], tracking_uri=store["uri"])
+    named = pd.read_csv(tmp_path / "named" / "study.csv")
+    assert sorted(named["dvc_exp_name"]) == ["exp-1-0", "exp-1-1", "exp-5-0"]
+    assert set(named["model"]) == {"vit", "cnn"}
+
+    first_start = store["client"].get_run(store["first_run"]).info.start_time
+    later = [r for r in store["client"].search_runs([store["client"].get_experiment_by_name(track.EXPERIMENT).experiment_id])
+             if r.info.status == "FINISHED" and r.data.tags.get("stage") in ("train-vit", "train-cnn") and r.info.start_time >= first_start]
+    run_study(tmp_path / "since", since=store["first_run"], tracking_uri=store["uri"])
+    assert len(pd.read_csv(tmp_path / "since" / "study.csv")) == len(later)
+
+    with pytest.raises(StudyError, match="no FINISHED train-vit/train-cnn runs"):
+        run_study(tmp_path / "none", exp_names=["no-such-exp"], tracking_uri=store["uri"])
+    with pytest.raises(StudyError, match="neither an ISO time"):
+        run_study(tmp_path / "bad", since="yesterday", tracking_uri=store["uri"])
+
+
+def test_study_cli_reads_the_tracking_uri(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    assert cli.main(["study", "--out", str(tmp_path / "cli"), "--x", "train_fraction"]) == 0
+    assert "study.md" in capsys.readouterr().out
+    md = (tmp_path / "cli" / "study.md").read_text()
+    assert "best ViT: `train_fraction` = 1" in md and (tmp_path / "cli" / "test_acc_vs_train_fraction.png").exists()
+
+
+def test_queue_data_size_dry_run_prints_the_commands(capsys):
+    assert cli.main(["study", "--queue-data-size", "--dry-run", "--set", "vit.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "would run: dvc exp run --queue -S data.train_fraction=0.1,0.25,0.5,1 -S vit.epochs=3" in out
+    assert "dvc queue start -j 2" in out and "--x train_fraction --since" in out
+    assert data_size_commands([0.2, 1.0])[0] == ["dvc", "exp", "run", "--queue", "-S", "data.train_fraction=0.2,1"]
+    with pytest.raises(StudyError, match=r"in \(0, 1\]"):
+        data_size_commands([0.0, 1.5])

@@ -1,0 +1,149 @@
+"""`reprovision tune` plumbing with a fake `dvc exp run`: values read back, pruning kills, MLflow record, printed command."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+import yaml
+
+from reprovision import track
+from reprovision.tune import TrialFailed, TuneError, check_overrides, read_history, tune, yaml_number
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Stands in for `dvc exp run -n NAME -S k=v ... train-vit`: like dvc, it starts the training as a
+# child process and waits. The training rewrites metrics/vit/history.csv after every epoch and
+# writes metrics/vit.json at the end. Trial 2 is hopeless: 1% accuracy, for a thousand epochs.
+FAKE_DVC = '''
+import json, os, subprocess, sys, time
+from pathlib import Path
+import yaml
+
+name, sets = sys.argv[2], dict(s.split("=", 1) for s in sys.argv[3:])
+Path("pids").mkdir(exist_ok=True)
+if sys.argv[1] == "dvc":
+    Path("pids", name + ".dvc").write_text(str(os.getpid()))
+    sys.exit(subprocess.call([sys.executable, __file__, "train", *sys.argv[2:]]))
+Path("pids", name + ".train").write_text(str(os.getpid()))
+hopeless = name.endswith("-2")
+epochs = 1000 if hopeless else int(sets["vit.epochs"])
+history = Path("metrics/vit/history.csv")
+history.parent.mkdir(parents=True, exist_ok=True)
+rows = []
+for epoch in range(1, epochs + 1):
+    time.sleep(0.1)
+    # Every good trial reports the same curve, so that none of them is pruned.
+    rows.append(f"{epoch},1.0,0.5,1.0,{0.01 if hopeless else 0.5},0.1,0.001")
+    history.write_text("epoch,train_loss,train_acc,test_loss,test_acc,epoch_seconds,lr\\n" + "\\n".join(rows) + "\\n")
+lr = yaml.safe_load(sets["lr"])
+Path("metrics/vit.json").write_text(json.dumps({"test_acc": 0.5 + 100 * lr}))
+'''
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch) -> Path:
+    """A scratch cwd with the real params.yaml (tune checks overrides against it) and its own MLflow store."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "fake_dvc.py").write_text(FAKE_DVC)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    return tmp_path
+
+
+def fake_dvc(exp_name: str, sets: list[str]) -> list[str]:
+    return [sys.executable, "fake_dvc.py", "dvc", exp_name, *sets]
+
+
+def gone(pid: int) -> bool:
+    return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_tune_reads_values_prunes_hopeless_trial_and_records_best(workspace, capsys):
+    import mlflow
+
+    study = tune("vit", trials=4, epochs=3, name="t", command=fake_dvc, poll=0.05)
+
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+    for t in study.trials:
+        assert t.user_attrs["exp_name"] == f"tune-t-{t.number}"
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert t.value == pytest.approx(0.5 + 100 * t.params["lr"])  # read back from metrics/vit.json
+            assert sorted(t.intermediate_values) == [1, 2, 3]  # every epoch reported
+
+    # The hopeless trial was stopped early, dvc and the training under it alike.
+    pruned = study.trials[2]
+    assert max(pruned.intermediate_values) < 10
+    rows = len(read_history(workspace / "metrics/vit/history.csv", 0))
+    time.sleep(0.4)
+    assert len(read_history(workspace / "metrics/vit/history.csv", 0)) == rows  # nothing writes any more
+    for role in ("dvc", "train"):
+        assert gone(int((workspace / "pids" / f"tune-t-2.{role}").read_text()))
+
+    # MLflow: one "tune" run with each finished trial's value, the table of trials and the best settings.
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(track.EXPERIMENT)
+    (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'tune'")
+    best = study.best_trial
+    assert run.info.status == "FINISHED" and run.data.tags["model"] == "vit" and run.data.tags["best_exp_name"] == f"tune-t-{best.number}"
+    assert float(run.data.params["best.lr"]) == best.params["lr"]
+    assert float(run.data.params["best.vit.weight_decay"]) == best.params["weight_decay"]
+    assert run.data.metrics["best_value"] == pytest.approx(best.value)
+    history = client.get_metric_history(run.info.run_id, "trial_value")
+    assert {m.step: m.value for m in history} == {t.number: t.value for t in study.trials if t.value is not None}
+    table_path = client.download_artifacts(run.info.run_id, "trials.csv", str(workspace))
+    table = list(csv.DictReader(io.StringIO(Path(table_path).read_text())))
+    assert [r["state"] for r in table] == [s.name for s in states] and table[2]["exp_name"] == "tune-t-2"
+
+    # The printed command reproduces the best trial: its -S values read back to the exact floats.
+    out = capsys.readouterr().out
+    sets = [f"lr={yaml_number(best.params['lr'])}", f"vit.weight_decay={yaml_number(best.params['weight_decay'])}",
+            f"vit.label_smoothing={yaml_number(best.params['label_smoothing'])}", "vit.epochs=3"]
+    expected = "dvc exp run " + " ".join(f"-S {s}" for s in sets) + " train-vit"
+    assert f"reproduce:  {expected}\n" in out
+    assert [yaml.safe_load(s.split("=", 1)[1]) for s in sets[:3]] == [best.params[k] for k in ("lr", "weight_decay", "label_smoothing")]
+    assert f"dvc exp apply tune-t-{best.number}" in out
+
+
+def test_a_failing_trial_stops_the_search(workspace):
+    import mlflow
+
+    def failing(exp_name: str, sets: list[str]) -> list[str]:
+        return [sys.executable, "-c", "import sys; sys.exit(3)"]
+
+    with pytest.raises(TrialFailed, match="exited with 3"):
+        tune("cnn", trials=3, name="f", command=failing, poll=0.05)
+    (run,) = mlflow.MlflowClient().search_runs([mlflow.MlflowClient().get_experiment_by_name(track.EXPERIMENT).experiment_id])
+    assert run.info.status == "FAILED"
+
+
+def test_read_history_skips_stale_files_and_rows_cut_short(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,train_loss,train_acc,test_loss,test_acc,epoch_seconds,lr\n1,1.0,0.3,1.1,0.25,2.0,0.001\n2,0.9,0.4,1.0,0.3")
+    assert read_history(path, since=0) == [(1, 0.25)]  # row 2 is still being written
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    assert read_history(path, since=time.time() - 1) == []  # the previous trial's file
+    assert read_history(tmp_path / "missing.csv", since=0) == []
+
+
+def test_numbers_and_overrides_are_checked_before_any_trial(workspace):
+    assert yaml_number(1e-06) == "1.0e-06" and yaml.safe_load(yaml_number(1e-06)) == 1e-06
+    assert yaml_number(0.00041) == "0.00041" and yaml_number(2.5e-05) == "2.5e-05"
+    check_overrides(["data.train_fraction=0.1", "vit.epochs=3"], "vit")
+    with pytest.raises(TuneError, match="did you mean 'vit.epochs'"):
+        check_overrides(["vit.epoch=3"], "vit")
+    with pytest.raises(TuneError, match="tune searches cnn.weight_decay itself"):
+        check_overrides(["cnn.weight_decay=0.1"], "cnn")
+    with pytest.raises(TuneError, match="expected key=value"):
+        check_overrides(["vit.epochs"], "vit")
+    with pytest.raises(TuneError, match="--model 'resnet'"):
+        tune("resnet", trials=1)
