@@ -203,7 +203,7 @@ def test_reproduce_replays_a_recorded_run(module_repo):
     client, found = all_runs(module_repo)
     first_vit = min((r for r in found if r.data.tags["stage"] == "train-vit"), key=lambda r: r.info.start_time)
     result = sh([str(Path(sys.executable).parent / "reprovision"), "reproduce", first_vit.info.run_id], module_repo, pipeline_env())
-    assert "-S lr=0.001" in result.stdout and "dvc exp run -f -s train-vit" in result.stdout
+    assert "-S lr=0.001" in result.stdout and "dvc exp run --temp -f -s train-vit" in result.stdout
     assert f"identical: {first_vit.info.run_id}" in result.stdout, result.stdout
 
 

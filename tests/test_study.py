@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from reprovision import cli, track
-from reprovision.study import StudyError, best_settings, data_size_commands, run_study
+from reprovision.study import StudyError, best_settings, data_size_commands, run_study, write_study
 
 # Final test accuracy of each fabricated run: (model, lr, train_fraction) -> one value per seed.
 # ViT is best at lr 4e-4 (mean of two seeds, 0.60), CNN at 1e-3; both grow with the training set.
@@ -111,6 +111,9 @@ def test_study_filters_by_experiment_name_and_start(store, tmp_path):
 
     with pytest.raises(StudyError, match="no FINISHED train-vit/train-cnn runs"):
         run_study(tmp_path / "none", exp_names=["no-such-exp"], tracking_uri=store["uri"])
+    with pytest.raises(StudyError, match="no MLflow store at"):
+        run_study(tmp_path / "empty", tracking_uri=f"sqlite:///{tmp_path / 'missing.db'}")
+    assert not (tmp_path / "missing.db").exists()  # reading never creates a store
     with pytest.raises(StudyError, match="neither an ISO time"):
         run_study(tmp_path / "bad", since="yesterday", tracking_uri=store["uri"])
 
@@ -131,3 +134,27 @@ def test_queue_data_size_dry_run_prints_the_commands(capsys):
     assert data_size_commands([0.2, 1.0])[0] == ["dvc", "exp", "run", "--queue", "-S", "data.train_fraction=0.2,1"]
     with pytest.raises(StudyError, match=r"in \(0, 1\]"):
         data_size_commands([0.0, 1.5])
+
+
+def test_weight_decay_with_zero_is_plotted_on_a_symlog_axis(tmp_path):
+    # write_study needs only the table: a weight-decay sweep that includes "no weight decay".
+    table = pd.DataFrame(
+        {
+            "model": ["vit"] * 4 + ["cnn"] * 2,
+            "dvc_exp_name": [f"wd-{i}" for i in range(6)],
+            "run_id": [f"{i:032x}" for i in range(6)],
+            "dataset": "cifar10",
+            "epochs": 3,
+            "lr": 1e-3,
+            "weight_decay": [0.0, 1e-5, 1e-3, 0.05, 0.0, 1e-4],
+            "test_acc": [0.50, 0.56, 0.53, 0.51, 0.60, 0.62],
+            "best_test_acc": [0.51, 0.57, 0.54, 0.52, 0.61, 0.63],
+            "s_per_epoch": 1.0,
+        }
+    )
+    md = write_study(table, tmp_path, x=["lr", "weight_decay"], name="weight decay").read_text()
+    with Image.open(tmp_path / "test_acc_vs_weight_decay.png"):
+        pass
+    assert "best ViT: `weight_decay` = 1e-05 (56.00 %)" in md and "best CNN: `weight_decay` = 0.0001 (62.00 %)" in md
+    assert "`weight_decay` = 0 is drawn on a symlog axis" in md
+    assert "Not plotted: `lr` is one value per model (CNN 0.001, ViT 0.001)" in md

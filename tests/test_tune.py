@@ -99,10 +99,11 @@ def test_tune_reads_values_prunes_hopeless_trial_and_records_best(workspace, cap
     assert float(run.data.params["best.vit.weight_decay"]) == best.params["weight_decay"]
     assert run.data.metrics["best_value"] == pytest.approx(best.value)
     history = client.get_metric_history(run.info.run_id, "trial_value")
-    assert {m.step: m.value for m in history} == {t.number: t.value for t in study.trials if t.value is not None}
+    assert {m.step: m.value for m in history} == {t.number: t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
     table_path = client.download_artifacts(run.info.run_id, "trials.csv", str(workspace))
     table = list(csv.DictReader(io.StringIO(Path(table_path).read_text())))
     assert [r["state"] for r in table] == [s.name for s in states] and table[2]["exp_name"] == "tune-t-2"
+    assert table[2]["value"] == "" and float(table[2]["last_test_acc"]) == 0.01 and float(table[0]["lr"]) == study.trials[0].params["lr"]
 
     # The printed command reproduces the best trial: its -S values read back to the exact floats.
     out = capsys.readouterr().out

@@ -1,7 +1,7 @@
 """`reprovision reproduce <run-id>`: re-run a recorded MLflow run as a DVC experiment and compare.
 
 Every training run stores its full resolved params (`resolved_params.json`), git commit and data
-sha256. This replays the params as `dvc exp run -f -s <stage> -S key=value ...` (forced, so the
+sha256. This replays the params as `dvc exp run --temp -f -s <stage> -S key=value ...` (forced, so the
 stage really trains again rather than being restored from cache), then compares the new run's
 per-epoch metrics with the recorded ones, value by value. On CPU they must be identical.
 """
@@ -46,7 +46,8 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
     current = load_params().flat()
     overrides = {k: v for k, v in flatten(recorded).items() if current.get(k) != v}
     stage = stage_of(run)
-    cmd = ["dvc", "exp", "run", "-f", "-s", stage]
+    # --temp: in a temporary copy (like a queued experiment), leaving the workspace as it is.
+    cmd = ["dvc", "exp", "run", "--temp", "-f", "-s", stage]
     for key, value in sorted(overrides.items()):
         cmd += ["-S", f"{key}={dvc_value(value)}"]
     commit, dirty = git_state(project_root())

@@ -102,6 +102,8 @@ def collect_runs(
     import mlflow
 
     uri = tracking_uri or track.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():  # don't create an empty store
+        raise StudyError(f"no MLflow store at {uri}: train something first (`dvc exp run`), or set MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(track.EXPERIMENT)
@@ -115,7 +117,7 @@ def collect_runs(
     if not runs.empty:
         runs = runs[runs["tags.stage"].isin(CLASSIFIER_STAGES)]
     if exp_names and not runs.empty:
-        names = runs["tags.dvc_exp_name"].fillna("")
+        names = runs.get("tags.dvc_exp_name", pd.Series("", index=runs.index)).fillna("")
         runs = runs[names.map(lambda name: any(fnmatch.fnmatchcase(name, p) for p in exp_names))]
     if runs.empty:
         filters = "".join([f", dvc_exp_name in {list(exp_names)}" if exp_names else "", f", started since {since}" if since else ""])
@@ -131,7 +133,7 @@ def collect_runs(
     table = pd.DataFrame(
         {
             "model": runs["tags.model"],
-            "dvc_exp_name": runs["tags.dvc_exp_name"].fillna(""),
+            "dvc_exp_name": column("tags", "dvc_exp_name", numeric=False).fillna(""),
             "run_id": runs["run_id"],
             "start_time": runs["start_time"].dt.tz_convert(datetime.now().astimezone().tzinfo).dt.strftime("%Y-%m-%d %H:%M:%S"),
             "dataset": column("params", "dataset", numeric=False),
@@ -141,7 +143,8 @@ def collect_runs(
             **{name: column("metrics", name) for name in METRICS},
         }
     )
-    return table.sort_values(["model", *x, "start_time"], ignore_index=True)
+    # A run without test_acc has nothing to say about accuracy (it can only be a run from older code).
+    return table.dropna(subset=["test_acc"]).sort_values(["model", *x, "start_time"], ignore_index=True)
 
 
 # ---------------------------------------------------------------------------- analyse

@@ -193,7 +193,7 @@ def trial_rows(study: optuna.Study, model: str) -> list[dict]:
                 "number": t.number,
                 "exp_name": t.user_attrs.get("exp_name", ""),
                 "state": t.state.name,
-                "value": t.value if t.value is not None else "",
+                "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else "",  # Optuna gives pruned ones their last report
                 "last_epoch": last_epoch if last_epoch is not None else "",
                 "last_test_acc": t.intermediate_values[last_epoch] if last_epoch is not None else "",
                 **{param_key(name, model): value for name, value in t.params.items()},
