@@ -12,18 +12,17 @@ ifeq ($(origin REPROVISION_DATA_MIRROR), undefined)
 endif
 
 # The whole DAG at CPU size (every override visible here, in params and in MLflow).
-CPU_SIZED := -S data.train_fraction=0.1 -S data.test_fraction=0.2 \
-  -S judge.epochs=2 -S judge.train_fraction=0.5 \
-  -S gan.epochs=3 -S gan.train_fraction=0.1 -S gan.sample_every=1 -S gan.fid_every=1 \
+CPU_SIZED := -S data.train_fraction=0.02 -S data.test_fraction=0.05 \
+  -S judge.epochs=1 -S judge.train_fraction=0.5 \
+  -S gan.epochs=3 -S gan.train_fraction=0.05 -S gan.sample_every=1 -S gan.fid_every=1 \
   -S gan.fid_samples_during=1000 -S gan.fid_samples=2000 \
-  -S vit.epochs=3 -S cnn.epochs=3
+  -S vit.epochs=2 -S cnn.epochs=2
 
 .PHONY: install run test
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 

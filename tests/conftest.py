@@ -16,7 +16,7 @@ MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared
 # A run small enough for a test, with the reference architectures unchanged.
 TINY = [
     "data.train_fraction=0.005", "data.test_fraction=0.01",
-    "judge.epochs=1", "judge.train_fraction=0.05",
+    "judge.epochs=1", "judge.train_fraction=0.02",
     "gan.epochs=1", "gan.train_fraction=0.01", "gan.sample_every=1", "gan.fid_every=1",
     "gan.fid_samples_during=200", "gan.fid_samples=200",
     "vit.epochs=1", "cnn.epochs=1",

@@ -200,11 +200,15 @@ def test_parallel_queue_logs_every_run_to_the_server(module_repo):
 
 def test_reproduce_replays_a_recorded_run(module_repo):
     """`reprovision reproduce <run-id>` re-trains the first ViT run (lr 1e-3, the workspace now has 4e-4)."""
+    # As a user would: the results are committed, so the temporary copy starts from this dvc.lock.
+    sh(["git", "add", "-A"], module_repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "results"], module_repo)
     client, found = all_runs(module_repo)
     first_vit = min((r for r in found if r.data.tags["stage"] == "train-vit"), key=lambda r: r.info.start_time)
     result = sh([str(Path(sys.executable).parent / "reprovision"), "reproduce", first_vit.info.run_id], module_repo, pipeline_env())
     assert "-S lr=0.001" in result.stdout and "dvc exp run --temp -f -s train-vit" in result.stdout
     assert f"identical: {first_vit.info.run_id}" in result.stdout, result.stdout
+    assert sh(["git", "status", "--porcelain"], module_repo).stdout == "", "reproduce changed the workspace"
 
 
 def test_unreachable_tracking_server_fails_fast(module_repo):
@@ -219,7 +223,7 @@ def test_unreachable_tracking_server_fails_fast(module_repo):
     assert "MLflow server http://127.0.0.1:9 is not reachable" in output and "Nothing was trained" in output
     assert "| train loss" not in output  # not one epoch ran
     assert len(all_runs(module_repo)[1]) == len(before)
-    # Everything computed before is still in DVC's cache: restoring the last params brings it all back.
+    # DVC removed the stage's outputs before the command failed; they are all in its cache.
     (module_repo / "params.yaml").write_text(params_before)
     dvc(module_repo, "checkout", "--force")
     assert all((module_repo / p).read_bytes() == content for p, content in weights.items())

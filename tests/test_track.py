@@ -1,0 +1,54 @@
+"""Where runs go, and failing fast when they can't be recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from reprovision import track
+
+
+def test_project_root_sees_through_dvc_temporary_copies(tmp_path):
+    temp_copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    temp_copy.mkdir(parents=True)
+    assert track.project_root(temp_copy) == tmp_path / "repo"
+    assert track.project_root(tmp_path / "repo") == tmp_path / "repo"
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert track.tracking_uri(tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A running server (this process stands in for it) wins over the SQLite default...
+    state = tmp_path / track.SERVER_STATE
+    state.mkdir()
+    (state / "server.json").write_text(json.dumps({"pid": os.getpid(), "uri": "http://127.0.0.1:5999"}))
+    assert track.tracking_uri(tmp_path) == "http://127.0.0.1:5999"
+    # ...a dead one does not...
+    (state / "server.json").write_text(json.dumps({"pid": 2**22 + 12345, "uri": "http://127.0.0.1:5999"}))
+    assert track.tracking_uri(tmp_path).startswith("sqlite:///")
+    # ...and MLFLOW_TRACKING_URI wins over everything.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:1")
+    assert track.tracking_uri(tmp_path) == "http://example.invalid:1"
+
+
+def test_unwritable_sqlite_store_is_refused_before_training(tmp_path):
+    missing = tmp_path / "no-such-folder" / "mlflow.db"
+    with pytest.raises(track.TrackingError, match="not writable.*Nothing was trained"):
+        track.check_store(f"sqlite:///{missing}")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "mlflow.db").write_bytes(b"")
+    (locked / "mlflow.db").chmod(0o444)
+    if os.access(locked / "mlflow.db", os.W_OK):  # root ignores file modes: make the folder itself unusable
+        (locked / "mlflow.db").unlink()
+        locked.rmdir()
+        locked.write_text("a file, not a folder")
+    with pytest.raises(track.TrackingError, match="not writable"):
+        track.check_store(f"sqlite:///{locked / 'mlflow.db'}")
+
+
+def test_unreachable_server_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(track.TrackingError, match="not reachable.*reprovision mlflow-server start"):
+        track.check_store("http://127.0.0.1:9")
