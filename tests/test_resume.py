@@ -19,7 +19,7 @@ from conftest import dvc, pipeline_env
 
 SMALL_CNN = {
     "data": {"train_fraction": 0.02, "test_fraction": 0.02},
-    "cnn": {"epochs": 8, "widths": [8, 16], "hidden": 16, "batch_size": 64},
+    "cnn": {"epochs": 12, "widths": [8, 16], "hidden": 16, "batch_size": 64},
 }
 
 
