@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from .compat import import_torchvision
 from .config import JudgeConfig
+from .gan_train import to_pm1  # one definition, shared with the training loop
 from .models.judge import LeNet
 
 import_torchvision()  # before torchmetrics too: its image package imports torchvision
@@ -43,13 +44,6 @@ from torchvision.utils import make_grid  # noqa: E402
 
 IMAGE_SHAPE = (1, 28, 28)
 EVAL_BATCH = 1000
-
-
-def to_pm1(x_uint8: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    if x_uint8.dtype != torch.uint8:
-        raise TypeError(f"to_pm1 expects uint8 pixels in [0, 255], got dtype {x_uint8.dtype}")
-    return x_uint8.float().div_(127.5).sub_(1.0)
 
 
 def _check_images(x: Tensor, name: str) -> None:

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
-def scale_pm1(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1], the range of the generators' Tanh."""
+def to_pm1(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1], the range of the generators' Tanh."""
+    if x_uint8.dtype != torch.uint8:
+        raise TypeError(f"to_pm1 expects uint8 pixels in [0, 255], got dtype {x_uint8.dtype}")
     return x_uint8.float().div_(127.5).sub_(1.0)
 
 
@@ -49,7 +51,7 @@ def train_gan(
         sums = torch.zeros(4, device=device)  # d_loss, g_loss, D(x), D(G(z))
         perm = torch.randperm(n, device=device, generator=rng)
         for step in tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress):
-            real = scale_pm1(images[perm[step * batch_size : (step + 1) * batch_size]])
+            real = to_pm1(images[perm[step * batch_size : (step + 1) * batch_size]])
             z = torch.randn(batch_size, latent_dim, device=device, generator=rng)
             fake = generator_net(z)
 
