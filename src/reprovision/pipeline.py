@@ -219,7 +219,8 @@ def train_gan(name: str) -> None:
 
         n = min(gcfg.fid_samples, len(real_test))
         fakes = sample(n, params.seed + 3)
-        quality = gm.gan_quality(judge, fakes, real_test, gm.to_pm1(train_x), n, torch.Generator(device=device).manual_seed(params.seed + 4))
+        real_train = gm.to_pm1(train_x)  # only now: no float copy of the train set held during training
+        quality = gm.gan_quality(judge, fakes, real_test, real_train, n, torch.Generator(device=device).manual_seed(params.seed + 4))
         last = history_rows[-1]
         metrics = {
             **{k: v for k, v in quality.items() if k != "class_histogram"},
@@ -244,8 +245,8 @@ def train_gan(name: str) -> None:
         gm.save_grid(sample(100, params.seed + 5), out / "grid_10x10.png", nrow=10)
         gm.save_progression_gif(frames, out / "progression.gif")
         neighbours_of = sample(16, params.seed + 6)
-        idx = gm.nearest_neighbours(neighbours_of, gm.to_pm1(train_x))
-        gm.save_neighbour_grid(neighbours_of, gm.to_pm1(train_x), idx, out / "nearest_neighbours.png")
+        idx = gm.nearest_neighbours(neighbours_of, real_train)
+        gm.save_neighbour_grid(neighbours_of, real_train, idx, out / "nearest_neighbours.png")
         torch.save(gen.state_dict(), out / "generator.pt")
         torch.save(disc.state_dict(), out / "discriminator.pt")
         card = cards.gan_card(name, params, metrics)
