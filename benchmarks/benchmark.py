@@ -44,12 +44,13 @@ from reprovision.config import DATASET_SHAPES, ConfigError, Params, parse_params
 from reprovision.data import stratified_subset
 from reprovision.gan_train import train_gan
 from reprovision.models import build_classifier, build_gan, count_parameters
+from reprovision.references import REFERENCE, midpoint
 from reprovision.runtime import autocast_dtype, resolve_device, seed_everything
 from reprovision.train import DeviceData, fit
 
-# Seconds per epoch the references reported on their own hardware (../shared/SEEDS.md): R3 ViT
-# ~14 s, R3 CNN 8-10 s (9 taken), R2 DCGAN ~63 s; R1's MLP GAN reported none.
-REFERENCE_S_PER_EPOCH: dict[str, float | None] = {"vit": 14.0, "cnn": 9.0, "dcgan": 63.0, "mlp": None}
+# Seconds per epoch the references reported on their own hardware (reprovision/references.py), a
+# range taken as its middle; None where the source reported none (R1's MLP GAN).
+REFERENCE_S_PER_EPOCH: dict[str, float | None] = {m: midpoint(ref.get("s_per_epoch")) for m, ref in REFERENCE.items()}
 # The issue's back-of-envelope training cost, GFLOP per image (forward + backward).
 ISSUE_GFLOP_PER_IMAGE: dict[str, float | None] = {"vit": 2.1, "cnn": 1.25, "dcgan": None, "mlp": None}
 CLASSIFIERS = ("vit", "cnn")

@@ -1,12 +1,14 @@
-"""DVC stage `train-cnn`: the R3 CNN (or ResNet-18), through the shared classifier loop."""
+"""DVC stage `train-cnn`: R3's reference CNN (or R4's ResNet-18, `cnn.arch`), trained by the shared classifier loop."""
 
 import sys
 from pathlib import Path
 
-# Use this checkout's library, also inside DVC's temporary experiment copies.
+# This checkout's library, also inside DVC's temporary experiment copies.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reprovision.pipeline import train_classifier, run_stage
+from reprovision.models.cnn import build_cnn  # noqa: E402
+from reprovision.stage import main  # noqa: E402
+from train_classifier import train  # noqa: E402  (stages/train_classifier.py, beside this script)
 
 if __name__ == "__main__":
-    run_stage(train_classifier, "cnn")
+    main(train, "cnn", build_cnn)

@@ -1,12 +1,146 @@
-"""DVC stage `train-gan@<model>`: one reference GAN (mlp = R1, dcgan = R2) with its quality metrics."""
+"""DVC stage `train-gan@<mlp|dcgan>`: one reference GAN on MNIST (R1 MLP GAN, R2 DCGAN), then its
+quality measured by the judge: FID against the real-vs-real floor, Inception Score, class coverage,
+sample grids from fixed noise, the progression GIF, nearest training neighbours.
+"""
 
 import sys
 from pathlib import Path
 
-# Use this checkout's library, also inside DVC's temporary experiment copies.
+# This checkout's library, also inside DVC's temporary experiment copies.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reprovision.pipeline import run_stage, train_gan
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from reprovision import cards, track  # noqa: E402
+from reprovision import gan_metrics as gm  # noqa: E402
+from reprovision.config import DATASET_SHAPES  # noqa: E402
+from reprovision.gan_train import train_gan as fit_gan  # noqa: E402
+from reprovision.layout import GANS, METRICS, MODELS  # noqa: E402
+from reprovision.models import count_parameters  # noqa: E402
+from reprovision.models.gan import build_gan  # noqa: E402
+from reprovision.models.judge import LeNet  # noqa: E402
+from reprovision.pixels import to_pm1  # noqa: E402
+from reprovision.runtime import seed_everything  # noqa: E402
+from reprovision.stage import load_subset, main, run_tags, start, write_csv, write_json  # noqa: E402
+
+
+def load_judge(device: torch.device) -> LeNet:
+    judge = LeNet()
+    judge.load_state_dict(torch.load(MODELS / "judge" / "model.pt", map_location="cpu", weights_only=True))
+    return judge.to(device).eval()
+
+
+def train_gan(name: str) -> None:
+    if name not in GANS:
+        raise SystemExit(f"unknown GAN {name!r}; allowed: {', '.join(GANS)}")
+    ctx = start(f"train-gan {name}")
+    params, device = ctx.params, ctx.device
+    rng = seed_everything(params.seed, device)
+    gcfg = params.gan
+    mcfg = getattr(gcfg, name)
+    train_x, train_y, _ = load_subset("mnist", "train", gcfg.train_fraction, params.seed, device)
+    test_x, _, _ = load_subset("mnist", "test", 1.0, params.seed, device)
+    judge = load_judge(device)
+    gen, disc = build_gan(name, mcfg, DATASET_SHAPES[params.data.gan_dataset][:3])
+    gen, disc = gen.to(device), disc.to(device)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=mcfg.lr_g, betas=(mcfg.beta1, mcfg.beta2))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=mcfg.lr_d, betas=(mcfg.beta1, mcfg.beta2))
+
+    out = MODELS / "gan" / name
+    samples = out / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    # A fixed noise batch, drawn from its own seeded generator, shows the same 100 digits evolving.
+    noise_rng = torch.Generator(device=device).manual_seed(params.seed + 1)
+    fixed_noise = torch.randn(100, mcfg.latent_dim, device=device, generator=noise_rng)
+    real_test = to_pm1(test_x)
+    frames: list[Path] = []
+    fid_curve: list[dict] = []
+
+    def generate(noise_batches) -> torch.Tensor:
+        """The generator's images for the given noise, in eval mode (BatchNorm running stats, no dropout)."""
+        gen.eval()
+        with torch.no_grad():
+            fakes = torch.cat([gen(z) for z in noise_batches])
+        gen.train()
+        return fakes
+
+    def sample(n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator(device=device).manual_seed(seed)
+        return generate(torch.randn(min(1000, n - i), mcfg.latent_dim, device=device, generator=g) for i in range(0, n, 1000))
+
+    def snapshot(epoch: int) -> None:
+        path = samples / f"epoch_{epoch:03d}.png"
+        gm.save_grid(generate([fixed_noise]), path, nrow=10)
+        frames.append(path)
+
+    history_rows: list[dict] = []
+
+    def on_epoch(epoch: int, row: dict) -> None:
+        if gcfg.fid_every and (epoch % gcfg.fid_every == 0 or epoch == gcfg.epochs):
+            n = min(gcfg.fid_samples_during, len(real_test))
+            # Its own name: the final "fid" uses gan.fid_samples images, and FID depends on N.
+            row["fid_during"] = gm.frechet_distance(judge, real_test[:n], sample(n, params.seed + 2))
+            fid_curve.append({"epoch": epoch, "fid": row["fid_during"]})
+            print(f"          FID({n}) {row['fid_during']:.3f}", flush=True)
+        if epoch % gcfg.sample_every == 0 or epoch == gcfg.epochs:
+            snapshot(epoch)
+        history_rows.append({k: row[k] for k in ("epoch", "d_loss", "g_loss", "d_real", "d_fake", "epoch_seconds")})
+        track.log_epoch(row, epoch)
+
+    run_params = {
+        **mcfg.model_dump(),
+        **{k: v for k, v in gcfg.model_dump().items() if k not in GANS},
+        "seed": params.seed,
+        "threads": ctx.threads,
+        "dataset": "mnist",
+        "model": name,
+        "g_params": count_parameters(gen),
+        "d_params": count_parameters(disc),
+    }
+    with track.stage_run("train-gan", f"gan-{name}", run_params, run_tags(ctx, "mnist"), params) as run:
+        snapshot(0)
+        started = time.perf_counter()
+        fit_gan(gen, disc, opt_g, opt_d, train_x, mcfg.latent_dim, mcfg.batch_size, gcfg.epochs, rng, on_epoch, gcfg.steps_per_epoch_max)
+        total = time.perf_counter() - started
+
+        n = min(gcfg.fid_samples, len(real_test))
+        fakes = sample(n, params.seed + 3)
+        real_train = to_pm1(train_x)  # only now: no float copy of the train set held during training
+        quality = gm.gan_quality(judge, fakes, real_test, real_train, n, torch.Generator(device=device).manual_seed(params.seed + 4))
+        last = history_rows[-1]
+        metrics = {
+            **quality,
+            "d_loss": last["d_loss"],
+            "g_loss": last["g_loss"],
+            "epochs": gcfg.epochs,
+            "total_seconds": total,
+            "s_per_epoch": total / gcfg.epochs,
+            "g_params": run_params["g_params"],
+            "d_params": run_params["d_params"],
+            "device": str(device),
+        }
+        write_json(METRICS / "gan" / f"{name}.json", metrics)
+        write_csv(METRICS / "gan" / name / "history.csv", history_rows)
+        write_csv(METRICS / "gan" / name / "fid.csv", fid_curve or [{"epoch": 0, "fid": float("nan")}])
+        per_epoch = {"d_loss", "g_loss"}  # logged with their step already
+        track.log_metrics({k: v for k, v in metrics.items() if k not in per_epoch}, step=gcfg.epochs)
+
+        gm.save_grid(sample(100, params.seed + 5), out / "grid_10x10.png", nrow=10)
+        gm.save_progression_gif(frames, out / "progression.gif")
+        neighbours_of = sample(16, params.seed + 6)
+        idx = gm.nearest_neighbours(neighbours_of, real_train)
+        gm.save_neighbour_grid(neighbours_of, real_train, idx, out / "nearest_neighbours.png")
+        torch.save(gen.state_dict(), out / "generator.pt")
+        torch.save(disc.state_dict(), out / "discriminator.pt")
+        card = cards.gan_card(name, params, metrics)
+        (out / "card.md").write_text(card)
+        track.log_artifacts(out / "grid_10x10.png", out / "progression.gif", out / "nearest_neighbours.png", *frames, folder="figures")
+        track.log_torch_model(gen, "generator", fixed_noise[:4].cpu(), card)
+        track.write_run_ref(out / "run.json", run)
+    print(f"[train-gan {name}] FID {metrics['fid']:.3f} (floor {metrics['fid_floor']:.3f}), IS {metrics['inception_score']:.3f}")
+
 
 if __name__ == "__main__":
-    run_stage(train_gan, sys.argv[1] if len(sys.argv) > 1 else "")
+    main(train_gan, *sys.argv[1:2])

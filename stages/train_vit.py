@@ -1,12 +1,14 @@
-"""DVC stage `train-vit`: the R3 Vision Transformer, through the shared classifier loop."""
+"""DVC stage `train-vit`: the R3 Vision Transformer, trained by the shared classifier loop."""
 
 import sys
 from pathlib import Path
 
-# Use this checkout's library, also inside DVC's temporary experiment copies.
+# This checkout's library, also inside DVC's temporary experiment copies.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reprovision.pipeline import train_classifier, run_stage
+from reprovision.models.vit import build_vit  # noqa: E402
+from reprovision.stage import main  # noqa: E402
+from train_classifier import train  # noqa: E402  (stages/train_classifier.py, beside this script)
 
 if __name__ == "__main__":
-    run_stage(train_classifier, "vit")
+    main(train, "vit", build_vit)

@@ -31,18 +31,32 @@ def sh(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -
     return proc
 
 
+# What a run leaves in the checkout and a test must not inherit: `dvc exp run` (e.g. `make run`)
+# rewrites params.yaml with its -S overrides and writes dvc.lock and .gitignore files of outputs.
+RUN_PRODUCTS = {"params.yaml", "dvc.lock"}
+
+
 def copy_repo(dest: Path) -> Path:
-    """Copy what git would commit (tracked + untracked, not ignored) and commit it in a fresh repo."""
+    """This checkout's code as it is (tracked + untracked, not ignored), with the committed params.yaml
+    and no run products, committed in a fresh repo: the same starting point whatever ran here before."""
+    tracked = set(sh(["git", "ls-files", "--cached", "-z"], ROOT).stdout.split("\0"))
     files = sh(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], ROOT).stdout.split("\0")
     for name in filter(None, files):
         src = ROOT / name
-        if src.is_file():
+        made_by_a_run = name in RUN_PRODUCTS or (name.endswith(".gitignore") and name not in tracked)
+        if src.is_file() and not made_by_a_run:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+    (dest / "params.yaml").write_text(committed_params())
     sh(["git", "init", "-q", "-b", "main"], dest)
     sh(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "add", "-A"], dest)
     sh(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-q", "-m", "copy"], dest)
     return dest
+
+
+def committed_params() -> str:
+    """params.yaml as committed (the schema defaults), not as the last `dvc exp run` left it."""
+    return sh(["git", "show", "HEAD:params.yaml"], ROOT).stdout
 
 
 def pipeline_env(**extra: str) -> dict:

@@ -18,12 +18,13 @@ from reprovision.config import ConfigError, Params, flatten, load_params, parse_
 from reprovision.data import DataError, mirror_from_env
 from reprovision.runtime import resolve_device
 
+from conftest import committed_params
+
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = ROOT / "params.yaml"
 
 
 def real_params() -> dict[str, Any]:
-    return yaml.safe_load(PARAMS.read_text())
+    return yaml.safe_load(committed_params())
 
 
 def set_key(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
@@ -84,7 +85,30 @@ BAD_VALUES = [
     ),
     pytest.param("vit", [1, 2], "vit", "[1, 2]", "a mapping with the keys epochs, batch_size", id="section-not-a-mapping"),
     pytest.param("augment", None, "augment", "null", "a mapping with the keys crop_padding", id="section-emptied"),
+    # Values that used to pass here and fail later with a traceback (after the GAN had trained).
+    pytest.param("gan.fid_samples", 1, "gan.fid_samples", "1", "greater than or equal to 2", id="fid-of-one-image"),
+    pytest.param("gan.fid_samples_during", 0, "gan.fid_samples_during", "0", "greater than or equal to 2", id="fid-during-of-none"),
+    pytest.param("cnn.widths", [], "cnn.widths", "[]", "at least 1 item", id="cnn-without-blocks"),
+    pytest.param("gan.mlp.g_hidden", [], "gan.mlp.g_hidden", "[]", "at least 1 item", id="generator-without-layers"),
+    pytest.param("threads", 0, "threads", "0", "greater than 0, or 'auto'", id="zero-threads"),
+    pytest.param("threads", "many", "threads", '"many"', "'auto'", id="threads-not-a-number"),
+    pytest.param("data.val_fraction", 1.0, "data.val_fraction", "1.0", "less than 1", id="validation-takes-everything"),
 ]
+
+# Values that are fine alone but not together with the data sizes: the message names the fix.
+CROSS_CHECKS = [
+    pytest.param({"data.train_fraction": 0.001, "data.val_fraction": 0.1}, "data.val_fraction = 0.1 of 50 training images holds out 5", id="val-smaller-than-classes"),
+    pytest.param({"gan.train_fraction": 0.0001}, "fewer than one batch of gan.mlp.batch_size = 64", id="gan-data-below-one-batch"),
+    pytest.param({"cnn.widths": [8, 8, 8, 8, 8, 8]}, "use at most 5 widths", id="cnn-deeper-than-the-image"),
+]
+
+
+@pytest.mark.parametrize("values, expected", CROSS_CHECKS)
+def test_values_checked_against_the_data_sizes(values, expected):
+    raw = real_params()
+    for key, value in values.items():
+        set_key(raw, key, value)
+    assert expected in config_error(raw)
 
 
 @pytest.mark.parametrize("key, value, named_key, shown_value, allowed", BAD_VALUES)
@@ -120,7 +144,7 @@ def test_every_mistake_is_reported_at_once():
 
 
 def test_top_level_not_a_mapping():
-    with pytest.raises(ConfigError, match=r"expected a mapping of the sections seed, device, lr, data.*got list \[1, 2\]"):
+    with pytest.raises(ConfigError, match=r"expected a mapping of the sections seed, device, threads, lr, data.*got list \[1, 2\]"):
         parse_params([1, 2])
 
 
@@ -141,8 +165,10 @@ def test_missing_params_yaml_says_where_to_run(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
-def test_params_yaml_is_exactly_the_schema_defaults():
-    assert load_params(PARAMS) == Params()
+def test_params_yaml_is_exactly_the_schema_defaults(tmp_path):
+    # As committed: `make run` / `dvc exp run -S` leave their overrides in the working copy.
+    (tmp_path / "params.yaml").write_text(committed_params())
+    assert load_params(tmp_path / "params.yaml") == Params()
 
 
 def test_params_yaml_writes_out_every_key():

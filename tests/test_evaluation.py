@@ -23,7 +23,9 @@ from reprovision.evaluation import (
     predict,
 )
 from reprovision.heatmaps import attention_rollout, grad_cam, rollout, save_heatmap_grid
-from reprovision.models import RefCNN, ViT, resnet18_cifar
+from reprovision.models.cnn import RefCNN
+from reprovision.models.resnet import resnet18_cifar
+from reprovision.models.vit import ViT
 
 CLASSES = ["cat", "dog", "bird", "fish"]
 # "fish" is never a true label nor predicted: its scores must be 0, not a warning or NaN.

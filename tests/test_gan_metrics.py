@@ -17,9 +17,9 @@ from reprovision.gan_metrics import (
     save_grid,
     save_neighbour_grid,
     save_progression_gif,
-    to_pm1,
-    train_judge,
 )
+from reprovision.judge import train_judge
+from reprovision.pixels import to_pm1
 from reprovision.models.judge import LeNet
 
 CPU = torch.device("cpu")

@@ -6,20 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from reprovision.config import Params
-from reprovision.models import (
-    DCGANDiscriminator,
-    DCGANGenerator,
-    LeNet,
-    MLPDiscriminator,
-    MLPGenerator,
-    RefCNN,
-    ViT,
-    build_classifier,
-    build_gan,
-    count_parameters,
-    resnet18_cifar,
-)
+from reprovision.config import ConfigError, Params, parse_params
+from reprovision.models import count_parameters
+from reprovision.models.cnn import RefCNN, build_cnn
+from reprovision.models.gan import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator, build_gan
+from reprovision.models.judge import LeNet
+from reprovision.models.resnet import resnet18_cifar
+from reprovision.models.vit import ViT, build_vit
+
+MNIST_SHAPE = (1, 28, 28)
 
 
 @pytest.fixture(autouse=True)
@@ -122,34 +117,33 @@ def test_channels_last_gives_the_same_outputs(make) -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
-def test_build_classifier_follows_params() -> None:
-    default = build_classifier("vit", Params(), num_classes=10, channels=3, image_size=32)
+def test_builders_follow_params() -> None:
+    default = build_vit(Params().vit, num_classes=10, channels=3, image_size=32)
     assert count_parameters(default) == 5_362_762
-    small = build_classifier("vit", Params.model_validate({"vit": {"depth": 2}}), 100, 3, 32)
+    small = build_vit(Params.model_validate({"vit": {"depth": 2}}).vit, num_classes=100, channels=3, image_size=32)
     assert len(small.blocks) == 2
     assert small(images()).shape == (2, 100)
-    cnn = build_classifier("cnn", Params.model_validate({"cnn": {"widths": [8, 16], "hidden": 32}}), 10, 3, 32)
+    cnn = build_cnn(Params.model_validate({"cnn": {"widths": [8, 16], "hidden": 32}}).cnn, num_classes=10, channels=3, image_size=32)
     assert isinstance(cnn, RefCNN) and len(cnn.blocks) == 2
-    resnet = build_classifier("cnn", Params.model_validate({"cnn": {"arch": "resnet18"}}), 100, 3, 32)
+    resnet = build_cnn(Params.model_validate({"cnn": {"arch": "resnet18"}}).cnn, num_classes=100, channels=3, image_size=32)
     assert resnet.fc.out_features == 100
-    with pytest.raises(ValueError, match="allowed: 'vit', 'cnn'"):
-        build_classifier("vgg", Params(), 10, 3, 32)
-    with pytest.raises(ValueError, match="at most 3 widths"):
-        build_classifier("cnn", Params.model_validate({"cnn": {"widths": [4, 4, 4, 4]}}), 10, 3, 8)
+    # Five halving blocks do not fit a 32x32 image: params.yaml's check says so before any model is built.
+    with pytest.raises(ConfigError, match="at most 5 widths"):
+        parse_params({"cnn": {"widths": [4, 4, 4, 4, 4, 4]}})
 
 
 def test_build_gan_follows_params_and_applies_dcgan_init() -> None:
-    generator, discriminator = build_gan("mlp", Params.model_validate({"gan": {"mlp": {"g_dropout": 0.3}}}))
+    generator, discriminator = build_gan("mlp", Params.model_validate({"gan": {"mlp": {"g_dropout": 0.3}}}).gan.mlp, MNIST_SHAPE)
     assert any(isinstance(m, nn.Dropout) and m.p == 0.3 for m in generator.modules())
     assert count_parameters(discriminator) == 533_505
-    generator, discriminator = build_gan("dcgan", Params.model_validate({"gan": {"dcgan": {"init_std": 0.05}}}))
+    generator, discriminator = build_gan("dcgan", Params.model_validate({"gan": {"dcgan": {"init_std": 0.05}}}).gan.dcgan, MNIST_SHAPE)
     dense = generator.project[0]
     assert dense.weight.std().item() == pytest.approx(0.05, rel=0.02)
     assert torch.all(dense.bias == 0)
     bn = discriminator.net[1]
     assert bn.weight.mean().item() == pytest.approx(1.0, abs=0.02) and torch.all(bn.bias == 0)
     with pytest.raises(ValueError, match="allowed: 'mlp', 'dcgan'"):
-        build_gan("wgan", Params())
+        build_gan("wgan", Params().gan.mlp, MNIST_SHAPE)
 
 
 def test_bad_inputs_name_the_problem() -> None:

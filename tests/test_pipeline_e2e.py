@@ -1,5 +1,6 @@
 """The whole DAG for real: `dvc exp run` on the real mirror, MLflow runs, caching, `-S lr=4e-4`,
-and a parallel queue of experiments logging to one MLflow server.
+the run-cache, narrow deps, rejected params, and a parallel queue of experiments logging to one
+MLflow server.
 
 The tests run in order on one copy of the repository and build on each other's results.
 """
@@ -19,14 +20,35 @@ import requests
 from mlflow import MlflowClient
 
 from conftest import TINY, _new_copy, dvc, exp_run, pipeline_env, sh
+from imports import ROOT, closure
 
-ALL_STAGES = {"fetch-data", "augment", "train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate", "report"}
+ALL_STAGES = {"check-params", "fetch-data", "augment", "train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate", "report"}
 pytestmark = pytest.mark.slow
 FIRST_RUN: dict[str, str] = {}  # result fingerprints of the first run, for the second clone to match
 
 
 def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def stages_cached(output: str) -> set[str]:
+    return set(re.findall(r"Stage '([^']+)' is cached - skipping run", output))
+
+
+def training_runs(repo) -> list:
+    return [r for r in all_runs(repo)[1] if r.data.tags["stage"] != "report"]
+
+
+def outputs_sha256(repo) -> dict[str, str]:
+    """Every file DVC produced, by content: what a rejected or cached run must leave as it was."""
+    import hashlib
+
+    return {
+        str(path.relative_to(repo)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for folder in ("data", "models", "metrics", "reports")
+        for path in sorted((repo / folder).rglob("*"))
+        if path.is_file()
+    }
 
 
 def all_runs(repo) -> tuple[MlflowClient, list]:
@@ -130,11 +152,97 @@ def test_rerun_with_same_params_runs_nothing(module_repo):
 def test_lr_override_reruns_only_classifiers(module_repo):
     _, before = all_runs(module_repo)
     third = exp_run(module_repo, "lr=4e-4")
-    assert stages_run(third.stdout) == {"train-vit", "train-cnn", "evaluate", "report"}, third.stdout
+    assert stages_run(third.stdout) == {"check-params", "train-vit", "train-cnn", "evaluate", "report"}, third.stdout
     _, after = all_runs(module_repo)
     new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
     assert sorted(r.data.tags["stage"] for r in new) == ["report", "train-cnn", "train-vit"]
     assert all(r.data.params["lr"] == "0.0004" for r in new if r.data.tags["stage"] != "report")
+
+
+def test_returning_to_earlier_params_restores_from_the_run_cache(module_repo):
+    """lr=1e-3, then 4e-4, then 1e-3 again: the third run trains nothing, byte-identical results."""
+    before = len(training_runs(module_repo))
+    again = exp_run(module_repo, "lr=0.001")  # back to the first run's params
+    assert {"train-vit", "train-cnn", "evaluate", "report"} <= stages_cached(again.stdout), again.stdout
+    assert stages_run(again.stdout) == {"check-params"}, again.stdout  # the params check always runs (persist output)
+    assert "| train loss" not in again.stdout
+    assert len(training_runs(module_repo)) == before
+    assert fingerprints(module_repo) == FIRST_RUN
+
+
+def test_gan_params_rerun_only_that_gan(module_repo):
+    changed = exp_run(module_repo, "gan.mlp.lr_g=0.0002")
+    assert stages_run(changed.stdout) == {"check-params", "train-gan@mlp", "evaluate", "report"}, changed.stdout
+    back = exp_run(module_repo, "gan.mlp.lr_g=0.0001")
+    assert stages_run(back.stdout) == {"check-params"} and fingerprints(module_repo) == FIRST_RUN
+
+
+def test_threads_are_part_of_the_configuration(module_repo):
+    """Another thread count is another configuration: DVC re-runs what computes, MLflow records it."""
+    params = module_repo / "params.yaml"
+    text = params.read_text()
+    params.write_text(text.replace("\nthreads: 2\n", "\nthreads: 1\n"))
+    status = json.loads(dvc(module_repo, "status", "--json").stdout)
+    computing = {"train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate"}
+    assert set(status) == computing | {"check-params", "report"}  # the last two read all of params.yaml
+    params.write_text(text)
+    one = exp_run(module_repo, "threads=1", env=pipeline_env(OMP_NUM_THREADS="2"))
+    assert "[train-cnn] device cpu, 1 thread(s)" in one.stdout  # params win over the environment
+    newest = max((r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-cnn"), key=lambda r: r.info.start_time)
+    assert newest.data.params["threads"] == "1" and newest.data.tags["threads"] == "1"
+    back = exp_run(module_repo, "threads=2")
+    assert stages_run(back.stdout) == {"check-params"} and fingerprints(module_repo) == FIRST_RUN
+
+
+def test_editing_any_library_file_marks_exactly_its_stages(module_repo):
+    """Append a comment to one code file at a time: `dvc status` names exactly the stages that import it."""
+    import yaml
+
+    stages = yaml.safe_load((module_repo / "dvc.yaml").read_text())["stages"]
+    script = lambda stage: next(w for w in stage["cmd"].split() if w.endswith(".py"))
+    expected: dict[str, set[str]] = {}
+    for name, stage in stages.items():
+        addresses = [f"{name}@{m}" for m in stage["matrix"]["model"]] if "matrix" in stage else [name]
+        for path in closure(ROOT / script(stage)):
+            expected.setdefault(str(path.relative_to(ROOT)), set()).update(addresses)
+    code = sorted(str(p.relative_to(module_repo)) for folder in ("src", "stages") for p in (module_repo / folder).rglob("*.py"))
+    assert set(expected) <= set(code)
+    # One process for all the files: `dvc status` through DVC's API, each file touched and restored.
+    probe = f"""
+import json, os
+from pathlib import Path
+from dvc.repo import Repo
+found = {{}}
+for name in {code!r}:
+    path = Path(name)
+    text, times = path.read_bytes(), (path.stat().st_atime_ns, path.stat().st_mtime_ns)
+    path.write_bytes(text + b"\\n# touched\\n")
+    with Repo() as repo:
+        found[name] = sorted(repo.status())
+    path.write_bytes(text)
+    os.utime(path, ns=times)
+print(json.dumps(found))
+"""
+    found = json.loads(sh([sys.executable, "-c", probe], module_repo, pipeline_env()).stdout.splitlines()[-1])
+    for name in code:
+        assert set(found[name]) == expected.get(name, set()), f"editing {name} marks {found[name]}, expected {sorted(expected.get(name, ()))}"
+    assert dvc(module_repo, "status", "--json").stdout.strip() in ("{}", "")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("vit.heads=0", "vit.heads = 0: Input should be greater than 0"),
+    ("cnn.widths=[]", "cnn.widths = []: List should have at least 1 item"),
+    ("gan.fid_samples=1", "gan.fid_samples = 1: Input should be greater than or equal to 2"),
+    ("device=cuda", "device = 'cuda', but no cuda device is available"),
+])
+def test_a_rejected_param_leaves_the_workspace_whole(module_repo, override, message):
+    outputs, text = outputs_sha256(module_repo), (module_repo / "params.yaml").read_text()
+    failed = exp_run(module_repo, override, env=pipeline_env(CUDA_VISIBLE_DEVICES=""), check=False)
+    assert failed.returncode != 0 and message in failed.stderr + failed.stdout
+    assert stages_run(failed.stdout) == {"check-params"}, failed.stdout  # stopped before any other stage
+    assert "Traceback" not in failed.stderr + failed.stdout
+    assert outputs_sha256(module_repo) == outputs  # nothing deleted, nothing rewritten
+    (module_repo / "params.yaml").write_text(text)  # DVC leaves the value the user set; put ours back
 
 
 def test_parallel_queue_logs_every_run_to_the_server(module_repo):
@@ -147,7 +255,9 @@ def test_parallel_queue_logs_every_run_to_the_server(module_repo):
         assert uri.startswith("http://127.0.0.1:")
         _, before = all_runs(repo)
         # Small classifiers: this test is about the queue, not the models. Two epochs: histories must be complete.
-        small = ["vit.depth=1", "vit.embed_dim=32", "vit.heads=2", "cnn.widths=[8,16]", "cnn.hidden=16", "vit.epochs=2", "cnn.epochs=2"]
+        # With a validation split, which every history then carries.
+        small = ["vit.depth=1", "vit.embed_dim=32", "vit.heads=2", "cnn.widths=[8,16]", "cnn.hidden=16", "vit.epochs=2", "cnn.epochs=2",
+                 "data.val_fraction=0.2"]
         lrs = ["1e-3", "4e-4", "1e-4", "2e-3", "3e-4", "5e-4", "7e-4", "8e-4"]
         # Only the classifier stages (and what they need, restored from the run cache): the queue is under test.
         queue_args = ["exp", "run", "--queue", "train-vit", "train-cnn"]
@@ -188,6 +298,10 @@ def test_parallel_queue_logs_every_run_to_the_server(module_repo):
                 f"{uri}/api/2.0/mlflow/metrics/get-history", params={"run_id": run["info"]["run_id"], "metric_key": "test_acc"}
             ).json()["metrics"]
             assert sorted(m["step"] for m in history) == [1, 2]
+            val = requests.get(
+                f"{uri}/api/2.0/mlflow/metrics/get-history", params={"run_id": run["info"]["run_id"], "metric_key": "val_acc"}
+            ).json()["metrics"]
+            assert sorted(m["step"] for m in val) == [1, 2]
             artifacts = requests.get(f"{uri}/api/2.0/mlflow/artifacts/list", params={"run_id": run["info"]["run_id"]}).json()
             assert {"card.md", "history.csv"} <= {f["path"] for f in artifacts.get("files", [])}, artifacts
         lrs_logged = sorted(float({p["key"]: p["value"] for p in r["data"]["params"]}["lr"]) for r in new if tags(r)["stage"] == "train-vit")
@@ -199,16 +313,20 @@ def test_parallel_queue_logs_every_run_to_the_server(module_repo):
 
 
 def test_reproduce_replays_a_recorded_run(module_repo):
-    """`reprovision reproduce <run-id>` re-trains the first ViT run (lr 1e-3, the workspace now has 4e-4)."""
-    # As a user would: the results are committed, so the temporary copy starts from this dvc.lock.
-    sh(["git", "add", "-A"], module_repo)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "results"], module_repo)
+    """`reprovision reproduce <run-id>` where a user stands after `make run`: nothing committed since the
+    clone, the workspace at other params (4e-4 was run since). It trains the first ViT run again from
+    its commit and recorded params, in a temporary clone, and finds the same metrics."""
     client, found = all_runs(module_repo)
     first_vit = min((r for r in found if r.data.tags["stage"] == "train-vit"), key=lambda r: r.info.start_time)
+    status, outputs = sh(["git", "status", "--porcelain"], module_repo).stdout, outputs_sha256(module_repo)
     result = sh([str(Path(sys.executable).parent / "reprovision"), "reproduce", first_vit.info.run_id], module_repo, pipeline_env())
-    assert "-S lr=0.001" in result.stdout and "dvc exp run --temp -f -s train-vit" in result.stdout
+    assert "dvc repro --force --single-item train-vit" in result.stdout
+    assert "Stage 'fetch-data' is cached - skipping run" in result.stdout  # inputs from this repository's run-cache
     assert f"identical: {first_vit.info.run_id}" in result.stdout, result.stdout
-    assert sh(["git", "status", "--porcelain"], module_repo).stdout == "", "reproduce changed the workspace"
+    replay = client.search_runs([first_vit.info.experiment_id], f"tags.reproduces = '{first_vit.info.run_id}'")
+    assert len(replay) == 1 and replay[0].data.params["lr"] == "0.001"
+    assert sh(["git", "status", "--porcelain"], module_repo).stdout == status, "reproduce changed the workspace"
+    assert outputs_sha256(module_repo) == outputs
 
 
 def test_unreachable_tracking_server_fails_fast(module_repo):

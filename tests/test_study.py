@@ -9,8 +9,10 @@ from PIL import Image
 from reprovision import cli, track
 from reprovision.study import StudyError, best_settings, data_size_commands, run_study, write_study
 
-# Final test accuracy of each fabricated run: (model, lr, train_fraction) -> one value per seed.
+# Final validation accuracy of each fabricated run: (model, lr, train_fraction) -> one value per seed.
 # ViT is best at lr 4e-4 (mean of two seeds, 0.60), CNN at 1e-3; both grow with the training set.
+# Each run's test accuracy is 1 - its validation accuracy: a "best" read off the test split would be
+# the worst setting, so these tests also show the study never chooses on it.
 RESULTS = {
     ("vit", 1e-4, 1.0): [0.50],
     ("vit", 4e-4, 1.0): [0.59, 0.61],
@@ -35,8 +37,9 @@ def _log_classifier_run(client, experiment_id: str, model: str, lr: float, fract
               "optimizer": "adamw", "epochs": EPOCHS, "dataset": "cifar10", "model": model}
     # The epoch before last is the best: "final" must be the last step, not the maximum.
     curve = [final - 0.1, final + 0.02, final]
-    metrics = [Metric("test_acc", acc, 0, epoch) for epoch, acc in enumerate(curve, start=1)]
-    metrics += [Metric("best_test_acc", max(curve), 0, EPOCHS), Metric("s_per_epoch", 10.0 if model == "vit" else 5.0, 0, EPOCHS)]
+    metrics = [Metric("val_acc", acc, 0, epoch) for epoch, acc in enumerate(curve, start=1)]
+    metrics += [Metric("test_acc", 1 - acc, 0, epoch) for epoch, acc in enumerate(curve, start=1)]
+    metrics += [Metric("best_val_acc", max(curve), 0, EPOCHS), Metric("s_per_epoch", 10.0 if model == "vit" else 5.0, 0, EPOCHS)]
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
     client.set_terminated(run.info.run_id)
     return run.info.run_id
@@ -72,29 +75,30 @@ def test_study_table_best_settings_plots_and_report(store, tmp_path):
     table = pd.read_csv(out / "study.csv")
     assert len(table) == sum(len(finals) for finals in RESULTS.values())
     assert set(table["model"]) == {"vit", "cnn"}
-    expected_cols = ["model", "dvc_exp_name", "run_id", "lr", "weight_decay", "train_fraction", "epochs", "test_acc", "best_test_acc", "s_per_epoch"]
+    expected_cols = ["model", "dvc_exp_name", "run_id", "lr", "weight_decay", "train_fraction", "epochs", "val_acc", "test_acc", "best_val_acc", "s_per_epoch"]
     assert set(expected_cols) <= set(table.columns)
     row = table[(table["model"] == "cnn") & (table["lr"] == 1e-4)].iloc[0]
-    assert row["test_acc"] == pytest.approx(0.58)  # the last epoch's value
-    assert row["best_test_acc"] == pytest.approx(0.60)
+    assert row["val_acc"] == pytest.approx(0.58)  # the last epoch's value
+    assert row["test_acc"] == pytest.approx(0.42)
+    assert row["best_val_acc"] == pytest.approx(0.60)
     assert row["weight_decay"] == pytest.approx(1e-4) and row["epochs"] == EPOCHS
 
     best = best_settings(table, ["lr", "train_fraction"]).set_index("model")
-    assert best.loc["vit", "lr"] == pytest.approx(4e-4) and best.loc["vit", "test_acc"] == pytest.approx(0.60)
+    assert best.loc["vit", "lr"] == pytest.approx(4e-4) and best.loc["vit", "val_acc"] == pytest.approx(0.60)
     assert best.loc["vit", "runs"] == 2
     assert best.loc["cnn", "lr"] == pytest.approx(1e-3) and best.loc["cnn", "train_fraction"] == 1.0
 
     for setting in ("lr", "train_fraction"):
-        with Image.open(out / f"test_acc_vs_{setting}.png") as image:
+        with Image.open(out / f"val_acc_vs_{setting}.png") as image:
             assert image.size[0] > 300 and image.size[1] > 200
     # Each model has a single weight decay: there is no curve to draw.
-    assert not (out / "test_acc_vs_weight_decay.png").exists()
+    assert not (out / "val_acc_vs_weight_decay.png").exists()
 
     md = md_path.read_text()
-    assert "best ViT: `lr` = 0.0004 (60.00 %)" in md
-    assert "best CNN: `lr` = 0.001 (68.00 %)" in md
+    assert "best ViT: `lr` = 0.0004 (validation 60.00 %)" in md
+    assert "best CNN: `lr` = 0.001 (validation 68.00 %)" in md
     assert "Not plotted: `weight_decay` is one value per model (CNN 0.0001, ViT 0.05)" in md
-    assert "![Final test accuracy vs learning rate (lr × lr_mult)](test_acc_vs_lr.png)" in md
+    assert "![Final val accuracy vs learning rate (lr × lr_mult)](val_acc_vs_lr.png)" in md
 
 
 def test_study_filters_by_experiment_name_and_start(store, tmp_path):
@@ -123,7 +127,7 @@ def test_study_cli_reads_the_tracking_uri(store, tmp_path, monkeypatch, capsys):
     assert cli.main(["study", "--out", str(tmp_path / "cli"), "--x", "train_fraction"]) == 0
     assert "study.md" in capsys.readouterr().out
     md = (tmp_path / "cli" / "study.md").read_text()
-    assert "best ViT: `train_fraction` = 1" in md and (tmp_path / "cli" / "test_acc_vs_train_fraction.png").exists()
+    assert "best ViT: `train_fraction` = 1" in md and (tmp_path / "cli" / "val_acc_vs_train_fraction.png").exists()
 
 
 def test_queue_data_size_dry_run_prints_the_commands(capsys):
@@ -138,6 +142,7 @@ def test_queue_data_size_dry_run_prints_the_commands(capsys):
 
 def test_weight_decay_with_zero_is_plotted_on_a_symlog_axis(tmp_path):
     # write_study needs only the table: a weight-decay sweep that includes "no weight decay".
+    # No validation split was held out: the study plots test accuracy and chooses nothing.
     table = pd.DataFrame(
         {
             "model": ["vit"] * 4 + ["cnn"] * 2,
@@ -147,14 +152,16 @@ def test_weight_decay_with_zero_is_plotted_on_a_symlog_axis(tmp_path):
             "epochs": 3,
             "lr": 1e-3,
             "weight_decay": [0.0, 1e-5, 1e-3, 0.05, 0.0, 1e-4],
+            "val_acc": float("nan"),
             "test_acc": [0.50, 0.56, 0.53, 0.51, 0.60, 0.62],
-            "best_test_acc": [0.51, 0.57, 0.54, 0.52, 0.61, 0.63],
+            "best_val_acc": float("nan"),
             "s_per_epoch": 1.0,
         }
     )
     md = write_study(table, tmp_path, x=["lr", "weight_decay"], name="weight decay").read_text()
     with Image.open(tmp_path / "test_acc_vs_weight_decay.png"):
         pass
-    assert "best ViT: `weight_decay` = 1e-05 (56.00 %)" in md and "best CNN: `weight_decay` = 0.0001 (62.00 %)" in md
+    assert "best ViT" not in md and "best CNN" not in md
+    assert "None chosen: not every run held out a validation split" in md
     assert "`weight_decay` = 0 is drawn on a symlog axis" in md
     assert "Not plotted: `lr` is one value per model (CNN 0.001, ViT 0.001)" in md

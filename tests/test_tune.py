@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Stands in for `dvc exp run -n NAME -S k=v ... train-vit`: like dvc, it starts the training as a
 # child process and waits. The training rewrites metrics/vit/history.csv after every epoch and
-# writes metrics/vit.json at the end. Trial 2 is hopeless: 1% accuracy, for a thousand epochs.
+# writes metrics/vit.json at the end. Trial 2 is hopeless: 1% validation accuracy, for a thousand
+# epochs. The test accuracy column is the opposite of the validation one: tune must never read it.
 FAKE_DVC = '''
 import json, os, subprocess, sys, time
 from pathlib import Path
@@ -42,10 +43,11 @@ rows = []
 for epoch in range(1, epochs + 1):
     time.sleep(0.1)
     # Every good trial reports the same curve, so that none of them is pruned.
-    rows.append(f"{epoch},1.0,0.5,1.0,{0.01 if hopeless else 0.5},0.1,0.001")
-    history.write_text("epoch,train_loss,train_acc,test_loss,test_acc,epoch_seconds,lr\\n" + "\\n".join(rows) + "\\n")
+    val = 0.01 if hopeless else 0.5
+    rows.append(f"{epoch},1.0,0.5,1.0,{val},1.0,{1 - val},0.1,0.001")
+    history.write_text("epoch,train_loss,train_acc,val_loss,val_acc,test_loss,test_acc,epoch_seconds,lr\\n" + "\\n".join(rows) + "\\n")
 lr = yaml.safe_load(sets["lr"])
-Path("metrics/vit.json").write_text(json.dumps({"test_acc": 0.5 + 100 * lr}))
+Path("metrics/vit.json").write_text(json.dumps({"val_acc": 0.5 + 100 * lr, "test_acc": 0.5 - 100 * lr}))
 '''
 
 
@@ -70,7 +72,7 @@ def gone(pid: int) -> bool:
 def test_tune_reads_values_prunes_hopeless_trial_and_records_best(workspace, capsys):
     import mlflow
 
-    study = tune("vit", trials=4, epochs=3, name="t", command=fake_dvc, poll=0.05)
+    study = tune("vit", trials=4, epochs=3, sets=["data.val_fraction=0.1"], name="t", command=fake_dvc, poll=0.05)
 
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
@@ -103,12 +105,12 @@ def test_tune_reads_values_prunes_hopeless_trial_and_records_best(workspace, cap
     table_path = client.download_artifacts(run.info.run_id, "trials.csv", str(workspace))
     table = list(csv.DictReader(io.StringIO(Path(table_path).read_text())))
     assert [r["state"] for r in table] == [s.name for s in states] and table[2]["exp_name"] == "tune-t-2"
-    assert table[2]["value"] == "" and float(table[2]["last_test_acc"]) == 0.01 and float(table[0]["lr"]) == study.trials[0].params["lr"]
+    assert table[2]["value"] == "" and float(table[2]["last_val_acc"]) == 0.01 and float(table[0]["lr"]) == study.trials[0].params["lr"]
 
     # The printed command reproduces the best trial: its -S values read back to the exact floats.
     out = capsys.readouterr().out
     sets = [f"lr={yaml_number(best.params['lr'])}", f"vit.weight_decay={yaml_number(best.params['weight_decay'])}",
-            f"vit.label_smoothing={yaml_number(best.params['label_smoothing'])}", "vit.epochs=3"]
+            f"vit.label_smoothing={yaml_number(best.params['label_smoothing'])}", "data.val_fraction=0.1", "vit.epochs=3"]
     expected = "dvc exp run " + " ".join(f"-S {s}" for s in sets) + " train-vit"
     assert f"reproduce:  {expected}\n" in out
     assert [yaml.safe_load(s.split("=", 1)[1]) for s in sets[:3]] == [best.params[k] for k in ("lr", "weight_decay", "label_smoothing")]
@@ -122,14 +124,15 @@ def test_a_failing_trial_stops_the_search(workspace):
         return [sys.executable, "-c", "import sys; sys.exit(3)"]
 
     with pytest.raises(TrialFailed, match="exited with 3"):
-        tune("cnn", trials=3, name="f", command=failing, poll=0.05)
+        tune("cnn", trials=3, sets=["data.val_fraction=0.1"], name="f", command=failing, poll=0.05)
     (run,) = mlflow.MlflowClient().search_runs([mlflow.MlflowClient().get_experiment_by_name(track.EXPERIMENT).experiment_id])
     assert run.info.status == "FAILED"
 
 
 def test_read_history_skips_stale_files_and_rows_cut_short(tmp_path):
     path = tmp_path / "history.csv"
-    path.write_text("epoch,train_loss,train_acc,test_loss,test_acc,epoch_seconds,lr\n1,1.0,0.3,1.1,0.25,2.0,0.001\n2,0.9,0.4,1.0,0.3")
+    path.write_text("epoch,train_loss,train_acc,val_loss,val_acc,test_loss,test_acc,epoch_seconds,lr\n"
+                    "1,1.0,0.3,1.1,0.25,1.0,0.9,2.0,0.001\n2,0.9,0.4,1.0,0.3")
     assert read_history(path, since=0) == [(1, 0.25)]  # row 2 is still being written
     os.utime(path, (time.time() - 60, time.time() - 60))
     assert read_history(path, since=time.time() - 1) == []  # the previous trial's file
@@ -139,11 +142,13 @@ def test_read_history_skips_stale_files_and_rows_cut_short(tmp_path):
 def test_numbers_and_overrides_are_checked_before_any_trial(workspace):
     assert yaml_number(1e-06) == "1.0e-06" and yaml.safe_load(yaml_number(1e-06)) == 1e-06
     assert yaml_number(0.00041) == "0.00041" and yaml_number(2.5e-05) == "2.5e-05"
-    check_overrides(["data.train_fraction=0.1", "vit.epochs=3"], "vit")
+    check_overrides(["data.train_fraction=0.1", "data.val_fraction=0.2", "vit.epochs=3"], "vit")
+    with pytest.raises(TuneError, match="data.val_fraction is 0 .*--set data.val_fraction=0.1"):
+        check_overrides(["vit.epochs=3"], "vit")  # no validation split: nothing to choose on but the test set
     with pytest.raises(TuneError, match="did you mean 'vit.epochs'"):
-        check_overrides(["vit.epoch=3"], "vit")
+        check_overrides(["vit.epoch=3", "data.val_fraction=0.1"], "vit")
     with pytest.raises(TuneError, match="tune searches cnn.weight_decay itself"):
-        check_overrides(["cnn.weight_decay=0.1"], "cnn")
+        check_overrides(["cnn.weight_decay=0.1", "data.val_fraction=0.1"], "cnn")
     with pytest.raises(TuneError, match="expected key=value"):
         check_overrides(["vit.epochs"], "vit")
     with pytest.raises(TuneError, match="--model 'resnet'"):

@@ -55,6 +55,10 @@ class Policy:
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
+    def without_augmentation(self) -> "Policy":
+        """The same normalisation, no random transform (a classifier's `augment: false`)."""
+        return dataclasses.replace(self, crop_padding=0, hflip=False, cutmix_prob=0.0, mixup_prob=0.0, cutout_prob=0.0)
+
     @classmethod
     def from_json(cls, d: dict) -> "Policy":
         expected = {f.name for f in dataclasses.fields(cls)}

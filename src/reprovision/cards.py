@@ -29,8 +29,9 @@ def classifier_card(name: str, params: Params, metrics: dict, classes: list[str]
 
 **Architecture.** {arch}; {metrics['params']:,} parameters.
 
-**Data.** {data.classifier_dataset} ({len(classes)} classes), train fraction {data.train_fraction},
-test fraction {data.test_fraction} (deterministic class-stratified subsets, seed {params.seed}).
+**Data.** {data.classifier_dataset} ({len(classes)} classes), train fraction {data.train_fraction}
+(validation {data.val_fraction} of it held out), test fraction {data.test_fraction} (deterministic
+class-stratified subsets, seed {params.seed}). Decisions read the validation split; the test split only reports.
 
 **Training recipe.** {cfg.epochs} epochs, batch {cfg.batch_size}, optimiser {cfg.optimizer}
 (lr {params.learning_rate(name):g} = lr {params.lr:g} x lr_mult {cfg.lr_mult:g}, weight decay {cfg.weight_decay:g}),

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .layout import STUDY
+
 
 def _server(args: argparse.Namespace) -> int:
     from . import server
@@ -23,9 +25,13 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    from .reproduce import ReproduceError, reproduce
 
-    return reproduce(args.run_id, args.dry_run)
+    try:
+        return reproduce(args.run_id, args.dry_run)
+    except ReproduceError as err:
+        print(f"reprovision reproduce: {err}", file=sys.stderr)
+        return 2
 
 
 def _csv(text: str) -> list[str]:
@@ -73,16 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     srv.set_defaults(func=_server)
 
-    rep = sub.add_parser("reproduce", help="re-run a recorded MLflow run as a DVC experiment and compare its metrics")
+    rep = sub.add_parser("reproduce", help="train a recorded MLflow run again from its commit and params (in a temp clone) and compare")
     rep.add_argument("run_id")
-    rep.add_argument("--dry-run", action="store_true", help="print the dvc command only")
+    rep.add_argument("--dry-run", action="store_true", help="print what would be replayed only")
     rep.set_defaults(func=_reproduce)
 
     std = sub.add_parser("study", help="tabulate and plot the classifier runs of a study (reads MLflow)",
                          description="Examples: reprovision study --since 2025-06-01T14:30 | "
                          "reprovision study --exp-names 'tune-vit-*' | reprovision study --queue-data-size --dry-run")
     std.add_argument("--name", default="study", help="title of the report")
-    std.add_argument("--out", default="reports/study", help="folder for study.md, study.csv and the plots")
+    std.add_argument("--out", default=str(STUDY), help="folder for study.md, study.csv and the plots")
     std.add_argument("--x", default="lr,weight_decay,train_fraction", help="run params to plot accuracy against, comma-separated")
     std.add_argument("--exp-names", default="", help="only these DVC experiments, comma-separated; shell patterns allowed ('tune-vit-*')")
     std.add_argument("--since", help="only runs started at or after this ISO time (2025-06-01T14:30) or this MLflow run id's start")

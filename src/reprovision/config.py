@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 PARAMS_FILE = Path("params.yaml")
@@ -27,6 +27,8 @@ DATASET_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "cifar10": (3, 32, 32, 10),
     "cifar100": (3, 32, 32, 100),
 }
+# Images in the official (train, test) splits: what params can be checked against before any data is read.
+DATASET_SIZES: dict[str, tuple[int, int]] = {"mnist": (60_000, 10_000), "cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}
 
 
 class ConfigError(ValueError):
@@ -41,12 +43,22 @@ def _not_a_bool(value: Any) -> Any:
 
 
 NotBool = BeforeValidator(_not_a_bool)
+
+
+def _thread_count(value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise PydanticCustomError("threads", "Input should be a whole number greater than 0, or 'auto'")
+
+
+Threads = Annotated[int | Literal["auto"], PlainValidator(_thread_count)]
 Fraction = Annotated[float, Field(gt=0, le=1), NotBool]
 Probability = Annotated[float, Field(ge=0, le=1), NotBool]
 BelowOne = Annotated[float, Field(ge=0, lt=1), NotBool]  # Adam betas, SGD momentum, label smoothing
 PositiveFloat = Annotated[float, Field(gt=0), NotBool]
 NonNegativeFloat = Annotated[float, Field(ge=0), NotBool]
 PositiveInt = Annotated[int, Field(gt=0), NotBool]
+Widths = Annotated[list[PositiveInt], Field(min_length=1)]  # layer widths: a network needs at least one
 NonNegativeInt = Annotated[int, Field(ge=0), NotBool]
 
 
@@ -59,6 +71,9 @@ class DataConfig(Section):
     classifier_dataset: Literal["cifar10", "cifar100"] = "cifar10"
     gan_dataset: Literal["mnist"] = "mnist"
     train_fraction: Fraction = 1.0  # deterministic, class-stratified subset of the train split
+    # Held out of that subset (class-stratified) for every decision: model selection, tuning, "best".
+    # 0 keeps the references' full training set; the test split then only reports.
+    val_fraction: BelowOne = 0.0
     test_fraction: Fraction = 1.0  # the same for the test split
 
 
@@ -80,8 +95,8 @@ class MLPGANConfig(Section):
     """R1: the MLP GAN, TTUR Adam."""
 
     latent_dim: PositiveInt = 128
-    g_hidden: list[PositiveInt] = [128, 256, 512, 1024]
-    d_hidden: list[PositiveInt] = [512, 256]
+    g_hidden: Widths = [128, 256, 512, 1024]
+    d_hidden: Widths = [512, 256]
     g_dropout: Probability = 0.0  # R1's variant used 0.3
     d_dropout: Probability = 0.6
     lr_g: PositiveFloat = 1e-4
@@ -107,8 +122,9 @@ class GANConfig(Section):
     epochs: PositiveInt = 50
     sample_every: PositiveInt = 10  # sample grids at epochs 0, k, 2k, ..., last
     fid_every: NonNegativeInt = 5  # FID curve during training every k epochs (0: off)
-    fid_samples_during: PositiveInt = 2000  # N for the cheap in-training FID
-    fid_samples: PositiveInt = 10000  # N generated vs N test images for the final FID/IS (FID is biased by N)
+    # FID needs a covariance, so at least 2 images (and far more for a stable figure).
+    fid_samples_during: Annotated[int, Field(ge=2), NotBool] = 2000  # N for the cheap in-training FID
+    fid_samples: Annotated[int, Field(ge=2), NotBool] = 10000  # N generated vs N test images for the final FID/IS (FID is biased by N)
     train_fraction: Fraction = 1.0  # of MNIST train; separate from data.train_fraction so data-size studies don't retrain GANs
     steps_per_epoch_max: NonNegativeInt = 0  # 0: full epochs; >0 caps steps per epoch (benchmarks only)
     mlp: MLPGANConfig = MLPGANConfig()
@@ -145,7 +161,7 @@ class TrainConfig(Section):
     grad_clip: NonNegativeFloat = 0.0  # max global grad norm; 0 disables
     sam: Literal["none", "sam", "asam"] = "none"
     sam_rho: PositiveFloat = 0.05
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device computes it natively (runtime.py)
     compile: bool = False
     augment: bool = True  # apply the augment-stage policy to training batches
 
@@ -166,7 +182,7 @@ class CNNConfig(TrainConfig):
     arch: Literal["refcnn", "resnet18"] = "refcnn"
     weight_decay: NonNegativeFloat = 1e-4
     scheduler: Literal["none", "cosine", "step", "warmup_cosine"] = "step"
-    widths: list[PositiveInt] = [64, 128, 256, 512]  # refcnn
+    widths: Widths = [64, 128, 256, 512]  # refcnn
     convs_per_block: PositiveInt = 2  # refcnn
     hidden: PositiveInt = 256  # refcnn
     dropout: Probability = 0.5  # refcnn
@@ -180,6 +196,9 @@ class EvaluateConfig(Section):
 class Params(Section):
     seed: NonNegativeInt = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    # CPU threads of every computing stage. Float sums depend on it, so it is a param (DVC re-runs on a
+    # change) rather than whatever the machine offers; "auto" takes torch's default, recorded per run.
+    threads: Threads = 2
     lr: PositiveFloat = 1e-3
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -204,7 +223,36 @@ class Params(Section):
                 f"vit.heads = {v.heads} does not divide vit.embed_dim = {v.embed_dim}; "
                 f"allowed: a divisor of {v.embed_dim}, e.g. {_divisors(v.embed_dim)}"
             )
+        if self.cnn.arch == "refcnn" and min(height, width) < 2 ** len(self.cnn.widths):
+            raise ValueError(
+                f"cnn.widths has {len(self.cnn.widths)} blocks, each halving the {height}x{width} images of "
+                f"{self.data.classifier_dataset}; use at most {min(height, width).bit_length() - 1} widths"
+            )
+        self._check_sizes()
         return self
+
+    def _check_sizes(self) -> None:
+        """Every class has a validation image, and every GAN a batch of MNIST to train with.
+
+        (The classifiers always have one: the stratified training subset keeps an image per class.)"""
+        d = self.data
+        train_n, test_n = DATASET_SIZES[d.classifier_dataset]
+        classes = DATASET_SHAPES[d.classifier_dataset][3]
+        subset = max(int(d.train_fraction * train_n), classes)
+        val = int(round(d.val_fraction * subset))
+        if d.val_fraction and val < classes:
+            raise ValueError(
+                f"data.val_fraction = {d.val_fraction} of {subset} training images holds out {val}, fewer than the "
+                f"{classes} classes of {d.classifier_dataset}; raise data.val_fraction or data.train_fraction, or set it to 0"
+            )
+        mnist_train, _ = DATASET_SIZES[self.data.gan_dataset]
+        for key, batch in (("mlp", self.gan.mlp.batch_size), ("dcgan", self.gan.dcgan.batch_size)):
+            images = max(int(self.gan.train_fraction * mnist_train), 10)
+            if images < batch:
+                raise ValueError(
+                    f"gan.train_fraction = {self.gan.train_fraction} gives {images} MNIST images, fewer than one "
+                    f"batch of gan.{key}.batch_size = {batch}; raise gan.train_fraction or lower the batch size"
+                )
 
     def classifier(self, name: str) -> ViTConfig | CNNConfig:
         return {"vit": self.vit, "cnn": self.cnn}[name]

@@ -450,3 +450,20 @@ def data_sha256(data_dir: Path, name: str) -> str:
     if name not in manifest:
         raise DataError(f"{path} has no entry for {name!r} (has: {', '.join(manifest)}): fetch {name} first")
     return manifest[name]["sha256"]
+
+
+def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) sorted positions in `y`: a deterministic class-stratified `fraction` held out.
+
+    fraction 0 holds nothing out (the references' setting). The validation images are for every
+    decision (model selection, tuning, "best"); the test split only reports.
+    """
+    everything = np.arange(len(y), dtype=np.int64)
+    if fraction == 0:
+        return everything, everything[:0]
+    try:
+        train, val = train_test_split(everything, test_size=fraction, stratify=y, random_state=seed)
+    except ValueError as err:  # fewer held-out images than classes
+        raise DataError(f"cannot hold out a stratified {fraction} of {len(y)} labels for validation: {err}; "
+                        f"raise data.val_fraction or data.train_fraction") from None
+    return np.sort(train), np.sort(val)

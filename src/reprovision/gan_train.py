@@ -15,12 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-
-def to_pm1(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], the range of the generators' Tanh."""
-    if x_uint8.dtype != torch.uint8:
-        raise TypeError(f"to_pm1 expects uint8 pixels in [0, 255], got dtype {x_uint8.dtype}")
-    return x_uint8.float().div_(127.5).sub_(1.0)
+from .pixels import to_pm1
 
 
 def train_gan(

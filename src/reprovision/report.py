@@ -2,9 +2,11 @@
 
 Writes `reports/report.md` (terminal, pull request) and `reports/report.html`, one self-contained
 file (images as base64 data URIs, CSS inline, no network) that opens from disk on a laptop. Both
-are rendered from the same context by two Jinja templates, so a number reads the same in both.
-Curves are drawn here into `reports/curves/`; the other pictures come from earlier stages.
-Any input may be missing (a GAN-less or classifier-less run): its section says so and moves on.
+are rendered from the same context by two Jinja templates (templates/report.md.j2 and
+report.html.j2, shipped as package data), so a number reads the same in both. This module builds
+that context; the templates only lay it out. Curves are drawn here into `reports/curves/`; the
+other pictures come from earlier stages. Any input may be missing (a GAN-less or classifier-less
+run): its section says so and moves on.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import math
 import mimetypes
 import os
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import seaborn as sns
-from jinja2 import Environment, StrictUndefined
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markdown_it import MarkdownIt
 from markupsafe import Markup, escape
 from matplotlib.figure import Figure
@@ -27,30 +28,17 @@ from matplotlib.ticker import MaxNLocator
 
 from . import track
 from .config import Params, load_params
+from .layout import (
+    CLASSIFIERS, CURVES, FIGURES, GAN_METRICS, GAN_MODELS, GANS, LABELS, MANIFEST, METRICS, MODELS, PARAMS, REPORTS, RUN_REF,
+)
+from .palette import COLOURS
+from .references import REFERENCE, midpoint
 
-REPORTS = Path("reports")
-CURVES = REPORTS / "curves"
-FIGURES = REPORTS / "figures"
-
-# What the source documents reported (../shared/SEEDS.md), shown beside our numbers.
-# Ranges are (low, high); R1 and R2 reported no quality metric, only losses.
-REFERENCE: dict[str, dict[str, Any]] = {
-    "vit": {"source": "R3", "params": 5_362_762, "test_acc": (0.52, 0.55), "s_per_epoch": 14, "train_seconds": 420},
-    "cnn": {"source": "R3", "params": 4_823_114, "test_acc": (0.65, 0.70), "s_per_epoch": (8, 10), "train_seconds": (240, 300)},
-    "mlp": {"source": "R1", "g_params": 1_496_592, "d_params": 533_505, "d_loss": 0.347, "g_loss": 0.697, "at": "final"},
-    "dcgan": {"source": "R2", "d_loss": 0.695, "g_loss": 0.728, "at": "epoch 35", "s_per_epoch": 63},
-}
-
-LABELS = {"vit": "ViT", "cnn": "CNN", "mlp": "MLP GAN", "dcgan": "DCGAN", "judge": "LeNet judge"}
-CLASSIFIERS = ("vit", "cnn")
-GANS = ("mlp", "dcgan")
-RUN_REFS = {
-    "vit": "models/vit/run.json",
-    "cnn": "models/cnn/run.json",
-    "mlp": "models/gan/mlp/run.json",
-    "dcgan": "models/gan/dcgan/run.json",
-    "judge": "models/judge/run.json",
-}
+# report.md.j2, report.html.j2 and the CSS the HTML inlines; package data in a wheel (pyproject.toml).
+# Found beside this module, which works in a checkout and any install (PackageLoader trips on some
+# editable installs).
+TEMPLATES = Path(__file__).parent / "templates"
+TRAINED = (*CLASSIFIERS, *GANS, "judge")  # every trained model, in the page's order
 # The evaluate stage's pictures, one list per row of the page.
 EVALUATION_FIGURES = [
     [("confusion_raw.png", "Confusion matrices (counts)")],
@@ -60,7 +48,6 @@ EVALUATION_FIGURES = [
     [("gradcam_cnn.png", "CNN: Grad-CAM heat maps"), ("rollout_vit.png", "ViT: attention rollout")],
 ]
 MAX_FRAMES = 6  # sample-progression frames shown per GAN, evenly spaced, first and last included
-COLOURS = dict(zip(("ViT", "CNN", "MLP GAN", "DCGAN"), sns.color_palette("deep")))
 DASH = "—"
 
 
@@ -69,6 +56,16 @@ class ReportError(ValueError):
 
 
 # ---------------------------------------------------------------------------- reading inputs
+def model_dir(model: str) -> Path:
+    """The folder of a model's weights, pictures, card and run reference; the GANs' are one deeper."""
+    return (GAN_MODELS if model in GANS else MODELS) / model
+
+
+def metrics_dir(model: str) -> Path:
+    """metrics/<model>/ (per-epoch CSVs); the stage's metrics/<model>.json sits beside it."""
+    return (GAN_METRICS if model in GANS else METRICS) / model
+
+
 def read_json(path: Path) -> dict | None:
     """The JSON object at `path`, or None when the stage that writes it did not run."""
     if not path.exists():
@@ -96,6 +93,11 @@ def read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame | None:
             f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(table.columns)}); re-run the stage that writes it"
         )
     return table
+
+
+def run_refs(root: Path) -> dict[str, dict | None]:
+    """The MLflow run that trained each model (None when its stage did not run)."""
+    return {m: read_json(root / model_dir(m) / RUN_REF) for m in TRAINED}
 
 
 # ---------------------------------------------------------------------------- number formats
@@ -256,7 +258,7 @@ def gan_quality_table(gans: dict[str, dict]) -> dict:
 
 def key_numbers_of(classifiers: dict, gans: dict, judge: dict | None, evaluation: dict) -> dict[str, float]:
     """The headline numbers, flat (`vit.test_acc`): returned, and logged as MLflow metrics."""
-    classifier_keys = ("test_acc", "best_test_acc", "params", "s_per_epoch", "train_seconds")
+    classifier_keys = ("test_acc", "val_acc", "best_val_acc", "params", "s_per_epoch", "train_seconds")
     gan_keys = ("fid", "fid_floor", "inception_score", "inception_score_real", "kl_uniform", "s_per_epoch", "total_seconds")
     numbers = {f"{m}.{k}": metrics[k] for m, metrics in classifiers.items() for k in classifier_keys if k in metrics}
     numbers |= {f"{g}.{k}": metrics[k] for g, metrics in gans.items() for k in gan_keys if k in metrics}
@@ -288,7 +290,9 @@ def classifier_curves(histories: dict[str, pd.DataFrame], out: Path) -> list[tup
     palette = {LABELS[m]: COLOURS[LABELS[m]] for m in histories}
 
     def train_vs_test(metric: str, scale: float):
-        table = long.melt(["epoch", "model"], [f"train_{metric}", f"test_{metric}"], var_name="split")
+        # The validation curve too, when a validation split was held out.
+        splits = [f"{split}_{metric}" for split in ("train", "val", "test") if f"{split}_{metric}" in long]
+        table = long.melt(["epoch", "model"], splits, var_name="split")
         table["split"] = table["split"].str.removesuffix(f"_{metric}")
         table["value"] *= scale
         return table
@@ -310,9 +314,7 @@ def classifier_curves(histories: dict[str, pd.DataFrame], out: Path) -> list[tup
     def epoch_time(ax):
         sns.lineplot(long, x="epoch", y="epoch_seconds", hue="model", palette=palette, marker="o", ax=ax)
         for m in histories:
-            ref = REFERENCE[m]["s_per_epoch"]
-            middle = sum(ref) / 2 if isinstance(ref, tuple) else ref
-            ax.axhline(middle, color=palette[LABELS[m]], ls=":", label=f"R3 {LABELS[m]}")
+            ax.axhline(midpoint(REFERENCE[m]["s_per_epoch"]), color=palette[LABELS[m]], ls=":", label=f"R3 {LABELS[m]}")
         ax.set(title="Seconds per epoch (dotted: R3)", ylabel="seconds", ylim=(0, None))
         ax.legend()
 
@@ -382,24 +384,28 @@ def curves_section(root: Path, classifiers: dict, gans: dict) -> tuple[list[dict
     out, reports = root / CURVES, root / REPORTS
     curves, notes = [], []
     columns = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds")
-    histories = {m: read_csv(root / "metrics" / m / "history.csv", columns) for m in classifiers}
-    histories = {m: h for m, h in histories.items() if h is not None}
-    notes += [f"metrics/{m}/history.csv is missing: no {LABELS[m]} curves." for m in classifiers if m not in histories]
+    histories = {}
+    for m in classifiers:
+        path = metrics_dir(m) / "history.csv"
+        if (history := read_csv(root / path, columns)) is None:
+            notes.append(f"{path.as_posix()} is missing: no {LABELS[m]} curves.")
+        else:
+            histories[m] = history
     if histories:
         curves += [figure(p, c, reports) for p, c in classifier_curves(histories, out)]
     for g in gans:
-        history = read_csv(root / "metrics" / "gan" / g / "history.csv", ("epoch", "d_loss", "g_loss"))
-        if history is None:
-            notes.append(f"metrics/gan/{g}/history.csv is missing: no {LABELS[g]} loss curve.")
+        path = metrics_dir(g) / "history.csv"
+        if (history := read_csv(root / path, ("epoch", "d_loss", "g_loss"))) is None:
+            notes.append(f"{path.as_posix()} is missing: no {LABELS[g]} loss curve.")
         else:
             curves.append(figure(*gan_loss_curve(g, history, out), reports))
     fids = {}
     for g in gans:
-        curve = read_csv(root / "metrics" / "gan" / g / "fid.csv", ("epoch", "fid"))
+        curve = read_csv(root / metrics_dir(g) / "fid.csv", ("epoch", "fid"))
         if curve is not None and not (curve := curve.dropna()).empty:
             fids[g] = curve
     if gans and not fids:
-        notes.append("No FID curve: it was off (gan.fid_every = 0) or metrics/gan/<gan>/fid.csv is missing.")
+        notes.append(f"No FID curve: it was off (gan.fid_every = 0) or {GAN_METRICS.as_posix()}/<gan>/fid.csv is missing.")
     if fids:
         floors = {g: gans[g]["fid_floor"] for g in fids if isinstance(gans[g].get("fid_floor"), (int, float))}
         curves.append(figure(*gan_fid_curve(fids, floors, out), reports))
@@ -418,7 +424,7 @@ def evaluation_rows(root: Path) -> tuple[list[list[dict]], str | None]:
 
 
 def gan_pictures(root: Path, name: str) -> dict:
-    folder, reports = root / "models" / "gan" / name, root / REPORTS
+    folder, reports = root / model_dir(name), root / REPORTS
     label = LABELS[name]
     pictures = [
         (folder / "grid_10x10.png", f"{label}: 100 samples (10×10)"),
@@ -442,21 +448,21 @@ def datasets(manifest: dict) -> list[dict]:
 
 def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
     """Everything both templates show, and the key numbers."""
-    classifiers = {m: j for m in CLASSIFIERS if (j := read_json(root / "metrics" / f"{m}.json"))}
-    gans = {g: j for g in GANS if (j := read_json(root / "metrics" / "gan" / f"{g}.json"))}
-    judge = read_json(root / "metrics" / "judge.json")
-    evaluation = read_json(root / "metrics" / "evaluate.json") or {}
-    runs = {m: read_json(root / path) for m, path in RUN_REFS.items()}
-    absent = [f"metrics/{m}.json" for m in CLASSIFIERS if m not in classifiers]
-    absent += [f"metrics/gan/{g}.json" for g in GANS if g not in gans] + ([] if judge else ["metrics/judge.json"])
+    results_json = {m: metrics_dir(m).with_suffix(".json") for m in TRAINED}
+    results = {m: j for m, path in results_json.items() if (j := read_json(root / path))}
+    absent = [path.as_posix() for m, path in results_json.items() if m not in results]
+    classifiers = {m: results[m] for m in CLASSIFIERS if m in results}
+    gans = {g: results[g] for g in GANS if g in results}
+    judge = results.get("judge")
+    evaluation = read_json(root / METRICS / "evaluate.json") or {}
+    runs = run_refs(root)
 
-    results = {**classifiers, **gans, **({"judge": judge} if judge else {})}
     rows, stores, any_reduced = summary_rows(params, results, runs)
     curves, curve_notes = curves_section(root, classifiers, gans)
     figure_rows, figure_note = evaluation_rows(root) if classifiers else ([], None)
     histograms = {g: m for g, m in gans.items() if len(m.get("class_histogram") or []) == 10}
     commit, dirty = track.git_state(root)
-    cards = {LABELS[m]: path.read_text() for m in CLASSIFIERS if (path := root / "models" / m / "card.md").exists()}
+    cards = {LABELS[m]: path.read_text() for m in CLASSIFIERS if (path := root / model_dir(m) / "card.md").exists()}
     ctx = {
         "commit": commit,
         "dirty": dirty,
@@ -476,8 +482,8 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "gan_quality": gan_quality_table(gans) if gans else None,
         "histogram": figure(*class_histogram_chart(histograms, root / CURVES), root / REPORTS) if histograms else None,
         "gans": [gan_pictures(root, g) for g in gans],
-        "params_yaml": (root / "params.yaml").read_text(),
-        "datasets": datasets(read_json(root / "data" / "prepared" / "manifest.json") or {}),
+        "params_yaml": (root / PARAMS).read_text(),
+        "datasets": datasets(read_json(root / MANIFEST) or {}),
         "versions": track.library_versions(),
         "cards": cards,
         "runs": {LABELS[m]: r for m, r in runs.items() if r},
@@ -520,16 +526,23 @@ def markdown_to_html(text: str) -> Markup:
 
 
 def render(kind: str, ctx: dict) -> str:
+    """The page from templates/report.<kind>.j2 ("md" or "html"); only HTML escapes what it inserts."""
     html = kind == "html"
-    env = Environment(autoescape=html, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=StrictUndefined)
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES), autoescape=html, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+        undefined=StrictUndefined,  # a context key the templates expect but context() forgot fails loudly
+    )
     env.filters.update(cell=html_cell if html else md_cell, data_uri=data_uri, markdown=markdown_to_html)
-    return env.from_string(HTML if html else MARKDOWN).render(**ctx)
+    return env.get_template(f"report.{kind}.j2").render(**ctx)
 
 
-def build_report(root: Path = Path(".")) -> dict:
-    """Write reports/report.md, reports/report.html and reports/curves/*.png; the key numbers shown."""
+def build_report(root: Path = Path("."), params: Params | None = None) -> dict:
+    """Write reports/report.md, reports/report.html and reports/curves/*.png; the key numbers shown.
+
+    `params`: as the calling stage read them; by default root's params.yaml.
+    """
     root = Path(root)
-    params = load_params(root / "params.yaml")
+    params = load_params(root / PARAMS) if params is None else params
     ctx, key_numbers = context(root, params)
     (root / REPORTS).mkdir(parents=True, exist_ok=True)
     (root / REPORTS / "report.md").write_text(render("md", ctx))
@@ -537,276 +550,28 @@ def build_report(root: Path = Path(".")) -> dict:
     return key_numbers
 
 
-def log_summary_run(root: Path, key_numbers: dict[str, float]) -> str:
-    """One MLflow `report` run: the key numbers as metrics, the report as artifacts, links to the model runs."""
+def log_summary_run(root: Path, key_numbers: dict[str, float], params: Params | None = None) -> str:
+    """One MLflow `report` run: the key numbers as metrics, the report as artifacts, links to the model runs.
+
+    `params`: as for build_report().
+    """
     import mlflow
 
     root = Path(root)
     pages = [root / REPORTS / "report.html", root / REPORTS / "report.md"]
     if missing := [str(p) for p in pages if not p.exists()]:
         raise ReportError(f"{', '.join(missing)} not found: call build_report() first")
-    params = load_params(root / "params.yaml")
-    linked = {m: ref["run_id"] for m, path in RUN_REFS.items() if (ref := read_json(root / path))}
+    params = load_params(root / PARAMS) if params is None else params
+    linked = {m: ref["run_id"] for m, ref in run_refs(root).items() if ref}
     tags = {
         "linked_runs": ",".join(linked.values()),
         **{f"linked_run.{m}": run_id for m, run_id in linked.items()},
         "params_sha256": params.digest(),
     }
-    with track.stage_run("report", "summary", params.flat(), tags, root=track.project_root(root)) as run:
+    with track.stage_run("report", "summary", params.flat(), tags, params, root=track.project_root(root)) as run:
         mlflow.log_metrics({k: float(v) for k, v in key_numbers.items()})
         for page in pages:
             mlflow.log_artifact(str(page))
         if (root / CURVES).is_dir():
             mlflow.log_artifacts(str(root / CURVES), artifact_path="curves")
     return run.info.run_id
-
-
-def main() -> None:
-    key_numbers = build_report()
-    run_id = log_summary_run(Path("."), key_numbers)
-    print(f"[report] reports/report.html and reports/report.md; MLflow run {run_id}")
-
-
-# ---------------------------------------------------------------------------- templates
-MARKDOWN = """\
-{% macro md_table(t) %}
-| {{ t.header|join(" | ") }} |
-|{% for _ in t.header %}---|{% endfor %}
-
-{% for row in t.rows %}
-| {% for c in row %}{{ c|cell }}{{ " | " if not loop.last }}{% endfor %} |
-{% endfor %}
-{% endmacro %}
-# reprovision: results
-
-Commit `{{ commit }}`{{ " (uncommitted changes)" if dirty }} · params sha256 `{{ params_sha }}` · classifier dataset {{ dataset }}.
-The HTML version (`reports/report.html`) shows every figure.
-{% if any_reduced %}
-
-> **Reduced configuration**: some runs used less data or fewer epochs than the reference (see *Configuration*); their numbers are not one-to-one comparable with the reference figures.
-{% endif %}
-{% for path in absent %}
-> Not run: `{{ path }}` is missing, its section is skipped.
-{% endfor %}
-
-## Summary
-
-{{ md_table(summary) }}
-{% for store in stores %}
-Open local runs with `{{ store }}`.
-{% endfor %}
-{% if comparison %}
-
-## ViT vs CNN, as in R3
-
-{{ md_table(comparison) -}}
-{% if r3_mismatch %}
-> The reference is R3 (CIFAR-10, reference CNN); this run's dataset or CNN differs.
-{% endif %}
-{% endif %}
-
-## Curves
-
-{% for note in curve_notes %}
-> {{ note }}
-{% endfor %}
-{% for f in curves %}
-![{{ f.caption }}]({{ f.rel }})
-{% endfor %}
-{% if evaluation_table or evaluation_rows %}
-
-## Evaluation
-
-{% if evaluation_table %}
-{{ md_table(evaluation_table) }}
-{% endif %}
-{% for row in evaluation_rows %}{% for f in row %}
-![{{ f.caption }}]({{ f.rel }})
-{% endfor %}{% endfor %}
-{% if evaluation_note %}
-> {{ evaluation_note }}
-{% endif %}
-{% endif %}
-{% if gan_quality %}
-
-## GANs
-
-{{ md_table(gan_quality) }}
-FID and IS use the LeNet judge's features on MNIST: lower FID is better, the floor is real-vs-real at the same n; a higher IS is better, the real-image IS is the ceiling.
-
-{% if histogram %}
-![{{ histogram.caption }}]({{ histogram.rel }})
-{% endif %}
-{% for g in gans %}
-{% for f in g.pictures %}
-![{{ f.caption }}]({{ f.rel }})
-{% endfor %}
-{% endfor %}
-{% endif %}
-
-## Provenance
-
-- Git commit: `{{ commit }}`{{ " (uncommitted changes)" if dirty }}
-{% for d in datasets %}
-- Data `{{ d.name }}`: {{ d.train }} train / {{ d.test }} test, sha256 `{{ d.sha256 }}`
-{% endfor %}
-- Libraries: {% for name, version in versions.items() %}{{ name }} {{ version }}{{ ", " if not loop.last }}{% endfor %}
-
-
-<details><summary>params.yaml</summary>
-
-```yaml
-{{ params_yaml }}
-```
-</details>
-"""
-
-HTML = """\
-<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>reprovision: results</title>
-<style>
-:root { --fg: #1f2328; --muted: #59636e; --line: #d1d9e0; --soft: #f6f8fa; --accent: #0969da; }
-* { box-sizing: border-box; }
-body { margin: 0; color: var(--fg); background: #fff; font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-header { background: var(--soft); border-bottom: 1px solid var(--line); }
-header .wrap { padding-top: 20px; padding-bottom: 14px; }
-.wrap { max-width: 1280px; margin: 0 auto; padding: 0 24px; }
-h1 { font-size: 24px; margin: 0 0 2px; }
-h2 { font-size: 19px; margin: 36px 0 12px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
-h3 { font-size: 16px; margin: 22px 0 8px; }
-.meta { color: var(--muted); font-size: 14px; }
-nav { position: sticky; top: 0; z-index: 1; background: rgba(255, 255, 255, .94); border-bottom: 1px solid var(--line); }
-nav a { display: inline-block; padding: 8px 14px 8px 0; color: var(--muted); text-decoration: none; font-size: 14px; }
-nav a:hover, a { color: var(--accent); }
-.scroll { overflow-x: auto; }
-table { border-collapse: collapse; width: 100%; font-size: 14px; font-variant-numeric: tabular-nums; }
-th, td { padding: 7px 10px; border-bottom: 1px solid var(--line); text-align: left; vertical-align: top; }
-th { background: var(--soft); font-weight: 600; white-space: nowrap; }
-td:first-child { font-weight: 600; white-space: nowrap; }
-.ref { display: block; color: var(--muted); font-size: 12.5px; }
-.badge { display: inline-block; padding: 0 7px; border-radius: 10px; font-size: 12px; font-weight: 600; color: #7d4e00; background: #fff1c2; border: 1px solid #e8c35a; }
-.note { margin: 10px 0; padding: 8px 12px; border-left: 3px solid #e8c35a; background: #fffbea; color: #4d3a00; font-size: 14px; }
-.grid { display: grid; gap: 14px; margin: 12px 0; align-items: start; grid-template-columns: repeat(var(--cols), minmax(0, 1fr)); }
-figure { margin: 0; padding: 8px; border: 1px solid var(--line); border-radius: 8px; background: #fff; }
-figure img { display: block; max-width: 100%; max-height: 640px; height: auto; margin: 0 auto; }
-figure.pixels img { width: 100%; max-height: none; image-rendering: pixelated; }
-figcaption { margin-top: 4px; color: var(--muted); font-size: 13px; }
-code, pre { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12.5px; }
-td code { font-size: 11.5px; }
-pre { margin: 8px 0; padding: 12px; overflow: auto; background: var(--soft); border-radius: 6px; }
-details { margin: 8px 0; padding: 6px 12px; border: 1px solid var(--line); border-radius: 6px; }
-td details { margin: 2px 0 0; padding: 0; border: 0; } td summary { font-weight: normal; color: var(--muted); }
-summary { cursor: pointer; font-weight: 600; }
-.card h1 { font-size: 17px; } .card table { width: auto; }
-footer { margin: 40px 0 24px; color: var(--muted); font-size: 13px; }
-</style>
-</head>
-<body>
-{% macro html_table(t) %}
-<div class="scroll"><table>
-<thead><tr>{% for h in t.header %}<th>{{ h }}</th>{% endfor %}</tr></thead>
-<tbody>
-{% for row in t.rows %}
-<tr>{% for c in row %}<td>{{ c|cell }}</td>{% endfor %}</tr>
-{% endfor %}
-</tbody>
-</table></div>
-{% endmacro %}
-{% macro figures(items, cols, pixels=false) %}
-<div class="grid" style="--cols: {{ cols }}">
-{% for f in items %}
-<figure{{ ' class="pixels"'|safe if pixels }}><img src="{{ f.path|data_uri }}" alt="{{ f.caption }}"><figcaption>{{ f.caption }}</figcaption></figure>
-{% endfor %}
-</div>
-{% endmacro %}
-<header><div class="wrap">
-<h1>reprovision: results</h1>
-<div class="meta">commit <code>{{ commit[:12] }}</code>{{ " · uncommitted changes" if dirty }} · params sha256 <code>{{ params_sha }}</code> · classifiers on {{ dataset }} · GANs on MNIST</div>
-</div></header>
-<nav><div class="wrap">
-<a href="#summary">Summary</a>{% if comparison %}<a href="#comparison">ViT vs CNN</a>{% endif %}<a href="#curves">Curves</a>{% if evaluation_rows or evaluation_table %}<a href="#evaluation">Evaluation</a>{% endif %}{% if gan_quality %}<a href="#gans">GANs</a>{% endif %}<a href="#provenance">Provenance</a>
-</div></nav>
-<main class="wrap">
-{% if any_reduced %}
-<p class="note"><b>Reduced configuration.</b> Runs marked <span class="badge">reduced</span> used less data or fewer epochs than the reference configuration; their numbers are not one-to-one comparable with the reference figures.</p>
-{% endif %}
-{% for path in absent %}
-<p class="note">Not run: <code>{{ path }}</code> is missing, so its section is skipped.</p>
-{% endfor %}
-
-<h2 id="summary">Summary</h2>
-{{ html_table(summary) }}
-{% for store in stores %}
-<p class="meta">Open local runs with <code>{{ store }}</code></p>
-{% endfor %}
-
-{% if comparison %}
-<h2 id="comparison">ViT vs CNN, as in R3</h2>
-{{ html_table(comparison) }}
-{% if r3_mismatch %}<p class="note">The reference is R3 (CIFAR-10, reference CNN); this run's dataset or CNN differs.</p>{% endif %}
-{% endif %}
-
-<h2 id="curves">Curves</h2>
-{% for note in curve_notes %}<p class="note">{{ note }}</p>{% endfor %}
-{% if curves %}{{ figures(curves, 3) }}{% endif %}
-
-{% if evaluation_rows or evaluation_table %}
-<h2 id="evaluation">Evaluation on the test set</h2>
-{% if evaluation_table %}{{ html_table(evaluation_table) }}{% endif %}
-{% for row in evaluation_rows %}{{ figures(row, row|length) }}{% endfor %}
-{% if evaluation_note %}<p class="note">{{ evaluation_note }}</p>{% endif %}
-{% endif %}
-
-{% if gan_quality %}
-<h2 id="gans">GANs on MNIST</h2>
-<div class="grid" style="--cols: 3">
-<div style="grid-column: span 2">
-{{ html_table(gan_quality) }}
-<p class="meta">FID and IS use the LeNet judge's features. Lower FID is better; the floor is real test vs real train images at the same n, the best reachable. Higher IS is better; the IS of real images is the ceiling. KL from uniform measures how unevenly the generated digits cover the 10 classes (0: perfectly even).</p>
-</div>
-{% if histogram %}{{ figures([histogram], 1) }}{% endif %}
-</div>
-{% for g in gans %}
-<h3>{{ g.label }}</h3>
-{% if g.pictures %}{{ figures(g.pictures, 3, pixels=true) }}{% endif %}
-{% if g.frames %}
-<p class="meta">The same noise vectors at successive epochs:</p>
-{{ figures(g.frames, max_frames) }}
-{% endif %}
-{% endfor %}
-{% endif %}
-
-<h2 id="provenance">Provenance</h2>
-<div class="scroll"><table>
-<tr><td>Git commit</td><td><code>{{ commit }}</code>{{ " (uncommitted changes)" if dirty else " (clean)" }}</td></tr>
-{% for d in datasets %}
-<tr><td>Data: {{ d.name }}</td><td>{{ d.train }} train / {{ d.test }} test · sha256 <code>{{ d.sha256 }}</code>
-{% if d.files %}<details><summary>files</summary>{% for file, sha in d.files.items() %}<code>{{ sha }}  {{ file }}</code><br>{% endfor %}</details>{% endif %}</td></tr>
-{% endfor %}
-<tr><td>Libraries</td><td>{% for name, version in versions.items() %}{{ name }} <code>{{ version }}</code>{{ " · " if not loop.last }}{% endfor %}</td></tr>
-{% for label, ref in runs.items() %}
-<tr><td>MLflow: {{ label }}</td><td>run <code>{{ ref.run_id }}</code> · experiment {{ ref.experiment_id }} · {{ ref.tracking_uri }}</td></tr>
-{% endfor %}
-</table></div>
-<details><summary>params.yaml</summary><pre>{{ params_yaml }}</pre></details>
-{% for label, card in cards.items() %}
-<details class="card"><summary>Model card: {{ label }}</summary>{{ card|markdown }}</details>
-{% endfor %}
-<footer>Generated by <code>dvc repro report</code> (src/reprovision/report.py). Self-contained: opens from disk, no network.</footer>
-</main>
-<script>
-// Lets a headless browser check the page: how many pictures failed to decode.
-window.addEventListener("load", () => {
-  const images = Array.from(document.images);
-  const ok = images.filter((img) => img.complete && img.naturalWidth > 0).length;
-  document.body.dataset.imagesLoaded = ok;
-  document.body.dataset.brokenImages = images.length - ok;
-});
-</script>
-</body>
-</html>
-"""

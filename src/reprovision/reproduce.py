@@ -1,31 +1,41 @@
-"""`reprovision reproduce <run-id>`: re-run a recorded MLflow run as a DVC experiment and compare.
+"""`reprovision reproduce <run-id>`: train a recorded MLflow run again, from what it recorded, and compare.
 
-Every training run stores its full resolved params (`resolved_params.json`), git commit and data
-sha256. This replays the params as `dvc exp run --temp -f -s <stage> -S key=value ...` (forced, so the
-stage really trains again rather than being restored from cache), then compares the new run's
-per-epoch metrics with the recorded ones, value by value. On CPU they must be identical.
+Every training run records its git commit, its full resolved params (`resolved_params.json`), its
+thread count and data sha256. This replays it where the user stands, without touching the
+workspace:
+
+1. a throwaway clone of this repository at the run's commit (`git clone --shared`, in a temp dir),
+   sharing this repository's DVC cache, with params.yaml written from the recorded params;
+2. `dvc repro` of the stages the run's stage depends on: restored from DVC's run-cache (nothing
+   is recomputed when this repository ran them before), or computed when it did not;
+3. `dvc repro --force --single-item <stage>`: the stage really trains again, logging a new run
+   (tagged `reproduces=<run-id>`) to the same tracking store;
+4. the two runs' per-epoch metrics compared value by value. With the same code, params, data,
+   thread count and machine type they must be identical.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-from .config import flatten, load_params
-from .track import RESOLVED_PARAMS, git_state, project_root, tracking_uri
+import yaml
+
+from .track import RESOLVED_PARAMS, project_root, tracking_uri
 
 TIMING = {"epoch_seconds", "wall_seconds", "train_seconds", "s_per_epoch", "total_seconds"}
+REPRODUCES_ENV = "REPROVISION_REPRODUCES"  # track.stage_run tags the new run with the run it replays
 
 
-def dvc_value(value) -> str:
-    """A params value as `dvc exp run -S` parses it (YAML flow style)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return "[" + ",".join(dvc_value(v) for v in value) + "]"
-    return str(value)
+class ReproduceError(RuntimeError):
+    """The run can't be replayed here; the message says why and what to do."""
 
 
 def stage_of(run) -> str:
@@ -37,38 +47,75 @@ def histories(client, run_id: str, keys: list[str]) -> dict[str, list[tuple[int,
     return {k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
 
 
+def run(cmd: list[str], cwd: Path, env: dict) -> None:
+    print(f"$ {' '.join(cmd)}", flush=True)
+    subprocess.run(cmd, cwd=cwd, env=env, check=True)
+
+
+def upstream_stages(workdir: Path, stage: str) -> list[str]:
+    """The stages `stage` depends on, directly or not (DVC's own graph of the replayed commit)."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(workdir), Repo() as repo:
+        return sorted(s.addressing for s in repo.stage.collect(stage, with_deps=True) if s.addressing != stage)
+
+
 def reproduce(run_id: str, dry_run: bool = False) -> int:
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri())
-    run = client.get_run(run_id)
-    recorded = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RESOLVED_PARAMS, tracking_uri=tracking_uri())).read_text())
-    current = load_params().flat()
-    overrides = {k: v for k, v in flatten(recorded).items() if current.get(k) != v}
-    stage = stage_of(run)
-    # --temp: in a temporary copy (like a queued experiment), leaving the workspace as it is.
-    cmd = ["dvc", "exp", "run", "--temp", "-f", "-s", stage]
-    for key, value in sorted(overrides.items()):
-        cmd += ["-S", f"{key}={dvc_value(value)}"]
-    commit, dirty = git_state(project_root())
-    if commit != run.data.tags.get("git_commit"):
-        print(f"warning: the run was made at commit {run.data.tags.get('git_commit')}, this checkout is at {commit}; "
-              f"for an exact replay: git checkout {run.data.tags.get('git_commit')}", file=sys.stderr)
-    print(" ".join(cmd))
+    root, uri = project_root(), tracking_uri()
+    client = mlflow.MlflowClient(uri)
+    recorded_run = client.get_run(run_id)
+    tags = recorded_run.data.tags
+    if tags.get("stage") not in ("train-judge", "train-gan", "train-vit", "train-cnn"):
+        raise ReproduceError(f"run {run_id} is a {tags.get('stage', 'untagged')!r} run; reproduce replays training runs")
+    commit = tags.get("git_commit", "unknown")
+    known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True).returncode == 0
+    if not known:
+        raise ReproduceError(
+            f"run {run_id} was made at commit {commit}, which this repository does not have; "
+            f"`git fetch` the branch that has it, then run this again"
+        )
+    params = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RESOLVED_PARAMS, tracking_uri=uri)).read_text())
+    if params.get("threads") == "auto" and tags.get("threads"):
+        params["threads"] = int(tags["threads"])  # the count "auto" resolved to, on the recorded machine
+    stage = stage_of(recorded_run)
+    if tags.get("git_dirty") == "true":
+        print(f"warning: run {run_id} ran code with uncommitted changes; replaying commit {commit[:12]} as committed", file=sys.stderr)
+    print(f"replaying {stage} of run {run_id}: commit {commit[:12]}, threads {params.get('threads')}, recorded params")
     if dry_run:
+        print(yaml.safe_dump(params, sort_keys=False))
         return 0
-    subprocess.run(cmd, check=True)
 
-    exp = client.get_experiment(run.info.experiment_id)
-    newest = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.stage = '{run.data.tags['stage']}' and tags.model = '{run.data.tags['model']}'",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, REPRODUCES_ENV: run_id}
+    env.pop("DVC_EXP_NAME", None)
+    workdir = Path(tempfile.mkdtemp(prefix="reprovision-reproduce-"))
+    started_ms = int(time.time() * 1000)
+    try:
+        run(["git", "clone", "-q", "--shared", "--no-checkout", str(root), str(workdir)], root, env)
+        run(["git", "checkout", "-q", "--detach", commit], workdir, env)
+        run(["dvc", "cache", "dir", "--local", str(root / ".dvc" / "cache")], workdir, env)
+        (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        if upstream := upstream_stages(workdir, stage):
+            run(["dvc", "repro", *upstream], workdir, env)
+        run(["dvc", "repro", "--force", "--single-item", stage], workdir, env)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    # The replay's run: the stage's newest since the replay started (code at an older commit may
+    # predate the `reproduces` tag).
+    replays = client.search_runs(
+        [recorded_run.info.experiment_id],
+        filter_string=f"attributes.start_time >= {started_ms} and tags.stage = '{tags['stage']}' and tags.model = '{tags['model']}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
-    )[0]
+    )
+    if not replays:
+        raise ReproduceError(f"the replay of {stage} logged no run to {uri}")
+    replay = replays[0]
     # Timings differ run to run; eval_* come from the evaluate stage, which is not replayed here.
-    keys = sorted(k for k in run.data.metrics if k not in TIMING and not k.startswith("eval_"))
-    before, after = histories(client, run_id, keys), histories(client, newest.info.run_id, keys)
+    keys = sorted(k for k in recorded_run.data.metrics if k not in TIMING and not k.startswith("eval_"))
+    before, after = histories(client, run_id, keys), histories(client, replay.info.run_id, keys)
     same = True
     print(f"{'metric':<24} {'recorded':>14} {'reproduced':>14}")
     for key in keys:
@@ -76,5 +123,5 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
         same &= equal
         last = lambda h: f"{h[-1][1]:.6g}" if h else "-"
         print(f"{key:<24} {last(before[key]):>14} {last(after[key]):>14} {'' if equal else '  DIFFERS'}")
-    print(f"{'identical' if same else 'NOT identical'}: {run_id} -> {newest.info.run_id}")
+    print(f"{'identical' if same else 'NOT identical'}: {run_id} -> {replay.info.run_id}")
     return 0 if same else 1

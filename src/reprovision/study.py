@@ -3,8 +3,10 @@
 Every executed train-vit / train-cnn stage logs one MLflow run (see track.py). A study is a set of
 those runs: all of them, those of named DVC experiments (`--exp-names`, shell patterns allowed), or
 those started after a moment (`--since`). This module tabulates the FINISHED ones and plots final
-test accuracy against each setting that varies, ViT and CNN on the same axes, with the best setting
-of each model starred. It only reads MLflow; it never logs to it.
+accuracy against each setting that varies, ViT and CNN on the same axes. "Best" is decided on the
+validation split only: when every run held one out (`data.val_fraction` > 0) the plots show
+validation accuracy with each model's best setting starred; otherwise they show test accuracy and
+star nothing, since choosing on the test split would leak it. It only reads MLflow; it never logs to it.
 
 A learning-rate study, queued and run two at a time (SQLite takes one writer, hence the server):
 
@@ -25,7 +27,7 @@ The data-size study (R4's accuracy versus training-set size; the GANs are not re
 override to every queued experiment (e.g. `--set vit.epochs=3 --set cnn.epochs=3` on a CPU).
 
 Writes to --out (default reports/study): study.md, study.csv (one row per run) and
-test_acc_vs_<setting>.png for each setting that varies.
+<metric>_vs_<setting>.png for each setting that varies.
 """
 
 from __future__ import annotations
@@ -47,13 +49,13 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from . import track
-from .report import COLOURS, LABELS
+from .layout import LABELS, STUDY
+from .palette import COLOURS
 
-OUT = Path("reports/study")
 CLASSIFIER_STAGES = ("train-vit", "train-cnn")
 DEFAULT_X = ("lr", "weight_decay", "train_fraction")
 DATA_SIZE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
-METRICS = ("test_acc", "best_test_acc", "s_per_epoch")
+METRICS = ("val_acc", "test_acc", "best_val_acc", "s_per_epoch")
 CONTEXT = ("dataset", "epochs")  # runs that differ in these are not comparable: the report warns
 
 
@@ -153,11 +155,16 @@ def varying(table: pd.DataFrame, x: Sequence[str]) -> list[str]:
     return [name for name in x if table.groupby("model")[name].nunique(dropna=True).max() > 1]
 
 
+def decision_metric(table: pd.DataFrame) -> str | None:
+    """"val_acc" when every run held out a validation split, else None: no "best" can be chosen honestly."""
+    return "val_acc" if table["val_acc"].notna().all() else None
+
+
 def best_settings(table: pd.DataFrame, x: Sequence[str]) -> pd.DataFrame:
-    """Per model, the settings (a combination of x) with the highest mean final test accuracy."""
+    """Per model, the settings (a combination of x) with the highest mean final validation accuracy."""
     groups = table.groupby(["model", *x], dropna=False)
     means = groups[list(METRICS)].mean().join(groups.size().rename("runs")).reset_index()
-    return means.loc[means.groupby("model")["test_acc"].idxmax()].reset_index(drop=True)
+    return means.loc[means.groupby("model")["val_acc"].idxmax()].reset_index(drop=True)
 
 
 def slice_through_best(table: pd.DataFrame, best: pd.DataFrame, others: Sequence[str]) -> pd.DataFrame:
@@ -175,14 +182,16 @@ def slice_through_best(table: pd.DataFrame, best: pd.DataFrame, others: Sequence
 
 
 # ---------------------------------------------------------------------------- plot
-def plot_accuracy_vs(table: pd.DataFrame, x: str, path: Path) -> pd.DataFrame:
-    """Every run as a faint point, the mean per setting as a line, each model's best mean starred.
+def plot_accuracy_vs(table: pd.DataFrame, x: str, path: Path, metric: str = "val_acc", star: bool = True) -> pd.DataFrame:
+    """Every run as a faint point, the mean `metric` per setting as a line, each model's best mean
+    starred when `star` (only ever on validation accuracy).
 
-    Returns the starred rows (model, x, test_acc)."""
+    Returns the starred rows (model, x, metric); none when not `star`."""
     axis = AXES.get(x, Axis(x, log=False))
-    runs = table.dropna(subset=[x, "test_acc"]).assign(label=lambda t: t["model"].map(LABELS), acc=lambda t: 100 * t["test_acc"])
+    split = metric.removesuffix("_acc")
+    runs = table.dropna(subset=[x, metric]).assign(label=lambda t: t["model"].map(LABELS), acc=lambda t: 100 * t[metric])
     means = runs.groupby(["label", x], as_index=False)["acc"].mean()
-    best = means.loc[means.groupby("label")["acc"].idxmax()]
+    best = means.loc[means.groupby("label")["acc"].idxmax()] if star else means.iloc[:0]
     palette = {label: COLOURS[label] for label in means["label"].unique()}
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85, rc={"legend.fontsize": 8}):
         fig = Figure(figsize=(5.2, 3.6), layout="constrained")
@@ -198,11 +207,11 @@ def plot_accuracy_vs(table: pd.DataFrame, x: str, path: Path) -> pd.DataFrame:
                 ax.set_xscale("symlog", linthresh=positive.min() if len(positive) else 1.0)
             else:
                 ax.set_xscale("log")
-        ax.set(title=f"Final test accuracy vs {axis.label}", xlabel=axis.label, ylabel="test accuracy (%)")
+        ax.set(title=f"Final {split} accuracy vs {axis.label}", xlabel=axis.label, ylabel=f"{split} accuracy (%)")
         ax.legend(title=None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    return best.assign(model=best["label"], test_acc=best["acc"] / 100)[["model", x, "test_acc"]]
+    return best.assign(model=best["label"], **{metric: best["acc"] / 100})[["model", x, metric]]
 
 
 # ---------------------------------------------------------------------------- report
@@ -217,7 +226,7 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_study(table: pd.DataFrame, out: Path = OUT, x: Sequence[str] = DEFAULT_X, name: str = "study", source: str = "") -> Path:
+def write_study(table: pd.DataFrame, out: Path = STUDY, x: Sequence[str] = DEFAULT_X, name: str = "study", source: str = "") -> Path:
     """study.csv, one PNG per varying setting, and study.md tying them together; returns the md path."""
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "study.csv", index=False)
@@ -229,14 +238,22 @@ def write_study(table: pd.DataFrame, out: Path = OUT, x: Sequence[str] = DEFAULT
             lines += [f"> **Warning:** the runs differ in `{context}` ({', '.join(map(str, values))}): accuracies are not directly comparable.", ""]
 
     moving = varying(table, x)
-    best = best_settings(table, moving or list(x))
-    shown = best.assign(model=best["model"].map(lambda m: LABELS.get(m, m)))
-    lines += ["## Best settings", "", "Highest mean final test accuracy per model (mean over runs with the same settings):", ""]
-    lines += [_markdown_table(shown[["model", *(moving or x), "runs", *METRICS]]), ""]
+    decide_on = decision_metric(table)
+    metric = decide_on or "test_acc"
+    if decide_on:
+        best = best_settings(table, moving or list(x))
+        shown = best.assign(model=best["model"].map(lambda m: LABELS.get(m, m)))
+        lines += ["## Best settings", "", "Highest mean final validation accuracy per model (mean over runs with the same "
+                  "settings); test accuracy beside it is reported, never used to choose:", ""]
+        lines += [_markdown_table(shown[["model", *(moving or x), "runs", *METRICS]]), ""]
+    else:
+        lines += ["## Best settings", "", "None chosen: not every run held out a validation split (`data.val_fraction` = 0), "
+                  "and choosing on the test split would leak it. Re-run the study with e.g. `--set data.val_fraction=0.1`. "
+                  "The plots show final test accuracy, without a best.", ""]
 
     for setting in x:
         label = AXES.get(setting, Axis(setting, log=False)).label
-        lines += [f"## Test accuracy vs {label}", ""]
+        lines += [f"## {metric.removesuffix('_acc').capitalize()} accuracy vs {label}", ""]
         if setting not in moving:
             values = table.groupby("model")[setting].first().dropna()
             kept = (
@@ -247,12 +264,15 @@ def write_study(table: pd.DataFrame, out: Path = OUT, x: Sequence[str] = DEFAULT
             lines += [f"Not plotted: `{setting}` is {kept}.", ""]
             continue
         others = [o for o in moving if o != setting]
-        runs = slice_through_best(table, best, others)
-        figure = out / f"test_acc_vs_{setting}.png"
-        starred = plot_accuracy_vs(runs, setting, figure)
-        lines += [f"![Final test accuracy vs {label}]({figure.name})", ""]
-        lines += [", ".join(f"best {r['model']}: `{setting}` = {r[setting]:g} ({100 * r['test_acc']:.2f} %)" for _, r in starred.iterrows()) + "."]
-        if others:
+        runs = slice_through_best(table, best, others) if decide_on else table
+        figure = out / f"{metric}_vs_{setting}.png"
+        starred = plot_accuracy_vs(runs, setting, figure, metric, star=bool(decide_on))
+        lines += [f"![Final {metric.removesuffix('_acc')} accuracy vs {label}]({figure.name})", ""]
+        if decide_on:
+            lines += [", ".join(f"best {r['model']}: `{setting}` = {r[setting]:g} (validation {100 * r[metric]:.2f} %)" for _, r in starred.iterrows()) + "."]
+        elif others:
+            lines.append(f"Each point is a run; the line is the mean over runs at that setting, whatever the other settings ({', '.join(others)}).")
+        if decide_on and others:
             held = "; ".join(
                 f"{LABELS.get(top['model'], top['model'])} " + ", ".join(f"{o} = {top[o]:g}" for o in others) for _, top in best.iterrows()
             )
@@ -268,7 +288,7 @@ def write_study(table: pd.DataFrame, out: Path = OUT, x: Sequence[str] = DEFAULT
 
 
 def run_study(
-    out: Path = OUT,
+    out: Path = STUDY,
     name: str = "study",
     x: Sequence[str] = DEFAULT_X,
     exp_names: Sequence[str] = (),

@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import load_params
+from .config import Params
 
 EXPERIMENT = "reprovision"
 RESOLVED_PARAMS = "resolved_params.json"
@@ -94,13 +94,18 @@ def check_store(uri: str) -> None:
 
 
 def git_state(root: Path) -> tuple[str, bool]:
-    """(commit, dirty) of the code being run; ("unknown", True) outside git."""
+    """(commit, dirty) of the code being run; ("unknown", True) outside git.
+
+    Dirty means changed code: params.yaml and dvc.lock are left out, since `dvc exp run -S` always
+    changes them and every run records its resolved params anyway.
+    """
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!params.yaml", ":!dvc.lock"],
+            cwd=root, capture_output=True, text=True, check=True,
         ).stdout
         return commit, bool(status.strip())
     except (OSError, subprocess.CalledProcessError):
@@ -131,8 +136,14 @@ def _ensure_experiment(client, root: Path) -> str:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, model: str, params: dict[str, Any], tags: dict[str, str], root: Path | None = None) -> Iterator[Any]:
-    """One MLflow run for one executed stage, carrying everything needed to repeat it."""
+def stage_run(
+    stage: str, model: str, params: dict[str, Any], tags: dict[str, str], resolved: Params, root: Path | None = None
+) -> Iterator[Any]:
+    """One MLflow run for one executed stage, carrying everything needed to repeat it.
+
+    `params` are the run's flat MLflow params; `resolved` is the whole params.yaml as the stage
+    read it, logged as resolved_params.json for `reprovision reproduce`.
+    """
     import mlflow
 
     root = root or project_root()
@@ -150,6 +161,8 @@ def stage_run(stage: str, model: str, params: dict[str, Any], tags: dict[str, st
         "git_dirty": str(dirty).lower(),
         "dvc_exp_name": exp_name,
         "command": " ".join(sys.argv),
+        # Set by `reprovision reproduce` for the replay of a recorded run.
+        **({"reproduces": os.environ["REPROVISION_REPRODUCES"]} if os.environ.get("REPROVISION_REPRODUCES") else {}),
         **{f"version.{k}": v for k, v in library_versions().items()},
         **tags,
     }
@@ -159,7 +172,7 @@ def stage_run(stage: str, model: str, params: dict[str, Any], tags: dict[str, st
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             mlflow.log_params(dict(items[i : i + 100]))
         # The full resolved params: what `reprovision reproduce <run-id>` replays.
-        mlflow.log_dict(load_params().model_dump(), RESOLVED_PARAMS)
+        mlflow.log_dict(resolved.model_dump(), RESOLVED_PARAMS)
         yield run
 
 
@@ -167,10 +180,32 @@ def params_hash(flat: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def log_epoch(metrics: dict[str, float], step: int) -> None:
+@contextlib.contextmanager
+def resumed_run(run_id: str) -> Iterator[Any]:
+    """Reopen an earlier run of this store (e.g. the training run a model came from) to add to it."""
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=step)
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def log_epoch(metrics: dict[str, float], step: int) -> None:
+    log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=step)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Numbers to the active run (non-numbers are left out: they are tags or params)."""
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+
+def log_artifacts(*paths: Path, folder: str | None = None) -> None:
+    import mlflow
+
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=folder)
 
 
 def log_torch_model(model, name: str, example_input, description: str) -> None:

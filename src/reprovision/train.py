@@ -1,8 +1,8 @@
 """The one classifier training loop, shared by the ViT and the CNN stages.
 
 Fast path (airbench-style): the dataset lives on the device as uint8, batches are gathered by
-index, augmentation runs as batched tensor ops, bf16 autocast on CUDA, fused optimisers, and
-per-step metrics stay on the device: the host reads them once per epoch.
+index, augmentation runs as batched tensor ops, bf16 autocast where the device has it natively,
+fused optimisers, and per-step metrics stay on the device: the host reads them once per epoch.
 
 Every epoch ends with an atomic checkpoint (model, optimiser, scheduler, RNG states, history).
 A run killed mid-way resumes from the last complete epoch and, on CPU, finishes with exactly
@@ -12,7 +12,6 @@ params, data and code that produced it) matches, and never once it is marked com
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
 from .augment import BatchAugment
 from .config import TrainConfig
 from .optim import SAM, build_optimizer, build_scheduler, clip_gradients
@@ -59,26 +59,10 @@ def evaluate(model, data: DeviceData, augment: BatchAugment, batch_size: int, am
     return {"loss": loss_sum.item() / len(data), "acc": correct.item() / len(data)}
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file, then rename: a kill mid-write never leaves a broken checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path | None, fingerprint: str) -> dict | None:
-    if path is None or not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("complete") or state.get("fingerprint") != fingerprint:
-        return None  # finished, or made by other params/data/code: start afresh
-    return state
-
-
 def fit(
     model: torch.nn.Module,
     train: DeviceData,
+    val: DeviceData | None,
     test: DeviceData,
     augment: BatchAugment,
     cfg: TrainConfig,
@@ -89,7 +73,11 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Train for cfg.epochs; return one dict per epoch (the columns of the per-epoch table)."""
+    """Train for cfg.epochs; return one dict per epoch (the columns of the per-epoch table).
+
+    `val` (None when no validation split is held out) is what decisions read; `test` is evaluated
+    every epoch for R3's learning curve, and only reported.
+    """
     device = train.x.device
     amp = autocast_dtype(cfg.precision, device)
     # A last batch of one image breaks BatchNorm's batch statistics; every other remainder is used.
@@ -100,7 +88,7 @@ def fit(
     history: list[dict] = []
     first_epoch = 1
 
-    state = load_checkpoint(checkpoint, fingerprint)
+    state = ckpt.load(checkpoint, fingerprint)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -157,24 +145,17 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - started
-        test_metrics = evaluate(model, test, augment, cfg.eval_batch_size, amp)
-        row = {
-            "epoch": epoch,
-            "train_loss": loss_sum.item() / seen,
-            "train_acc": correct.item() / seen,
-            "test_loss": test_metrics["loss"],
-            "test_acc": test_metrics["acc"],
-            "epoch_seconds": train_seconds,
-            "lr": lr_now,
-        }
+        row = {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+        splits = {"val": val, "test": test} if val is not None else {"test": test}
+        for split, data in splits.items():
+            measured = evaluate(model, data, augment, cfg.eval_batch_size, amp)
+            row[f"{split}_loss"], row[f"{split}_acc"] = measured["loss"], measured["acc"]
+        row.update(epoch_seconds=train_seconds, lr=lr_now)
         history.append(row)
-        print(
-            f"epoch {epoch:3d} | train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-            f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f} | {train_seconds:6.2f} s | lr {lr_now:.2e}",
-            flush=True,
-        )
+        shown = " | ".join(f"{split} loss {row[f'{split}_loss']:.4f} acc {row[f'{split}_acc']:.4f}" for split in ("train", *splits))
+        print(f"epoch {epoch:3d} | {shown} | {train_seconds:6.2f} s | lr {lr_now:.2e}", flush=True)
         if checkpoint is not None:
-            save_checkpoint(
+            ckpt.save(
                 checkpoint,
                 {
                     "fingerprint": fingerprint,

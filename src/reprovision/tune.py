@@ -6,12 +6,13 @@ Each trial is one named DVC experiment, run in the workspace, one after the othe
 
 so every trial is cached, reproducible, and has its own MLflow training run. The target
 `train-<model>` keeps a trial from re-running the other classifier, evaluate and report.
-While a trial trains, its per-epoch test accuracy (metrics/<model>/history.csv, rewritten after
-every epoch) goes to Optuna; a trial below the median of the earlier ones at the same epoch is
+Trials are judged on the validation split (`data.val_fraction` > 0 is required; the test split
+is never read for a decision). While a trial trains, its per-epoch validation accuracy
+(metrics/<model>/history.csv, rewritten after every epoch) goes to Optuna; a trial below the median of the earlier ones at the same epoch is
 stopped there (MedianPruner), its whole process group terminated.
 
-    reprovision tune --model vit --trials 20 --epochs 10
-    reprovision tune --model cnn --trials 8 --epochs 3 --set data.train_fraction=0.1 --timeout 3600
+    reprovision tune --model vit --trials 20 --epochs 10 --set data.val_fraction=0.1
+    reprovision tune --model cnn --trials 8 --epochs 3 --set data.train_fraction=0.1 --set data.val_fraction=0.2 --timeout 3600
     reprovision study --name "tune vit" --exp-names 'tune-<study>-*'    # the trials' runs, plotted
 
 `--timeout S` stops starting new trials after S seconds (the running one finishes).
@@ -42,12 +43,10 @@ import optuna
 import yaml
 
 from . import track
-from .config import PARAMS_FILE, ConfigError, parse_params
+from .config import PARAMS_FILE, ConfigError, Params, parse_params
+from .layout import CLASSIFIERS, METRICS
 from .study import executable
 
-CLASSIFIERS = ("vit", "cnn")
-# Written by pipeline.train_classifier: the per-epoch history, rewritten after every epoch, and the final metrics.
-METRICS = Path("metrics")
 POLL_SECONDS = 2.0
 # name: (low, high, log scale). `lr` is the top-level lr (each model uses lr x lr_mult);
 # the others are set in the tuned model's section.
@@ -92,8 +91,9 @@ def dvc_command(exp_name: str | None, sets: Sequence[str], target: str) -> list[
     return [*command, target]
 
 
-def check_overrides(sets: Sequence[str], model: str, path: Path = PARAMS_FILE) -> None:
-    """Fail before the first trial if `--set`s would make params.yaml invalid or fight the search."""
+def check_overrides(sets: Sequence[str], model: str, path: Path = PARAMS_FILE) -> Params:
+    """The params every trial starts from; fails before the first trial if `--set`s would make
+    params.yaml invalid, fight the search, or leave no validation split to judge trials on."""
     searched = {param_key(name, model) for name in SEARCH_SPACE}
     path = Path(path)
     if not path.exists():
@@ -113,14 +113,20 @@ def check_overrides(sets: Sequence[str], model: str, path: Path = PARAMS_FILE) -
             raise TuneError(f"--set {key}: {'.'.join(parents)} is not a section of {path}")
         node[leaf] = yaml.safe_load(value)
     try:
-        parse_params(raw, f"{path} with --set {' '.join(sets)}" if sets else str(path))
+        params = parse_params(raw, f"{path} with --set {' '.join(sets)}" if sets else str(path))
     except ConfigError as err:
         raise TuneError(str(err)) from None
+    if params.data.val_fraction == 0:
+        raise TuneError(
+            "tune chooses on the validation split, and data.val_fraction is 0 (no validation split): "
+            "hold one out, e.g. --set data.val_fraction=0.1 (the test split is never used to choose)"
+        )
+    return params
 
 
 # ---------------------------------------------------------------------------- one trial
 def read_history(path: Path, since: float) -> list[tuple[int, float]]:
-    """(epoch, test_acc) of the rows written since `since` (an older file is the previous trial's).
+    """(epoch, val_acc) of the rows written since `since` (an older file is the previous trial's).
 
     The file is rewritten while we read it: a row cut short has empty or missing fields, and is skipped."""
     try:
@@ -135,7 +141,7 @@ def read_history(path: Path, since: float) -> list[tuple[int, float]]:
         if None in row or None in row.values() or "" in row.values():
             continue
         with contextlib.suppress(KeyError, ValueError):  # a header cut short
-            epochs.append((int(row["epoch"]), float(row["test_acc"])))
+            epochs.append((int(row["epoch"]), float(row["val_acc"])))
     return epochs
 
 
@@ -152,7 +158,7 @@ def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
 
 
 def run_trial(command: list[str], model: str, trial: optuna.Trial, poll: float = POLL_SECONDS) -> float:
-    """Run one trial's command, reporting each epoch's test accuracy to Optuna; returns the final test_acc."""
+    """Run one trial's command, reporting each epoch's validation accuracy to Optuna; returns the final val_acc."""
     history, result = METRICS / model / "history.csv", METRICS / f"{model}.json"
     started = time.time()
     # Its own process group, so that a prune (or Ctrl-C here) stops dvc and the training it started.
@@ -161,14 +167,14 @@ def run_trial(command: list[str], model: str, trial: optuna.Trial, poll: float =
         reported = 0
         while True:
             finished = proc.poll() is not None
-            for epoch, test_acc in read_history(history, started):
+            for epoch, val_acc in read_history(history, started):
                 if epoch <= reported:
                     continue
-                trial.report(test_acc, epoch)
+                trial.report(val_acc, epoch)
                 reported = epoch
                 if not finished and trial.should_prune():
                     stop(proc)
-                    raise optuna.TrialPruned(f"test_acc {test_acc:.4f} at epoch {epoch}: below the median of earlier trials")
+                    raise optuna.TrialPruned(f"val_acc {val_acc:.4f} at epoch {epoch}: below the median of earlier trials")
             if finished:
                 break
             time.sleep(poll)
@@ -179,7 +185,7 @@ def run_trial(command: list[str], model: str, trial: optuna.Trial, poll: float =
         raise TrialFailed(f"trial {trial.number}: `{shlex.join(command)}` exited with {proc.returncode}; its output is above")
     if not result.exists():
         raise TrialFailed(f"trial {trial.number}: `{shlex.join(command)}` succeeded but wrote no {result}")
-    return float(json.loads(result.read_text())["test_acc"])
+    return float(json.loads(result.read_text())["val_acc"])
 
 
 # ---------------------------------------------------------------------------- the search
@@ -195,7 +201,7 @@ def trial_rows(study: optuna.Study, model: str) -> list[dict]:
                 "state": t.state.name,
                 "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else "",  # Optuna gives pruned ones their last report
                 "last_epoch": last_epoch if last_epoch is not None else "",
-                "last_test_acc": t.intermediate_values[last_epoch] if last_epoch is not None else "",
+                "last_val_acc": t.intermediate_values[last_epoch] if last_epoch is not None else "",
                 **{param_key(name, model): value for name, value in t.params.items()},
                 "seconds": t.duration.total_seconds() if t.duration else "",
             }
@@ -224,7 +230,7 @@ def tune(
     if epochs is not None and epochs < 1:
         raise TuneError(f"--epochs {epochs}: need at least 1 (and 2 or more for pruning to act)")
     fixed = [*sets, *([f"{model}.epochs={epochs}"] if epochs else [])]
-    check_overrides(fixed, model)
+    params = check_overrides(fixed, model)
     name = name or f"{model}-{datetime.now():%m%d-%H%M}"
     build = command or (lambda exp_name, overrides_: dvc_command(exp_name, overrides_, f"train-{model}"))
     study = optuna.create_study(
@@ -250,7 +256,7 @@ def tune(
     run_params = {"model": model, "trials": trials, "epochs": epochs or "params.yaml", "sets": " ".join(sets),
                   "timeout": timeout or "none", "seed": seed, "sampler": "TPE", "pruner": "median(2 startup, 1 warmup)"}
     tags = {"study": name, "search_space": json.dumps(SEARCH_SPACE)}
-    with track.stage_run("tune", model, run_params, tags):
+    with track.stage_run("tune", model, run_params, tags, params):
         try:
             study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[log_trial])
         finally:  # a failed or interrupted search still leaves its trials on record
@@ -275,7 +281,7 @@ def tune(
 
     pruned = len(study.get_trials(states=(optuna.trial.TrialState.PRUNED,)))
     print(f"\n[tune {name}] {len(study.trials)} trials ({len(complete)} finished, {pruned} pruned); "
-          f"best: trial {best.number} ({best.user_attrs['exp_name']}), test_acc {best.value:.4f}")
+          f"best: trial {best.number} ({best.user_attrs['exp_name']}), val_acc {best.value:.4f}")
     for key, value in best.params.items():
         print(f"  {param_key(key, model)} = {value:.6g}")
     print(f"reproduce:  {shlex.join(reproduce)}")

@@ -1,4 +1,4 @@
-"""The CNN baselines: R3's reference CNN and R4's ResNet-18 with the CIFAR stem.
+"""The CNN baselines: R3's reference CNN here, R4's ResNet-18 with the CIFAR stem in resnet.py.
 
 Both expose `gradcam_layer`, the module whose output is the last convolutional feature map
 (before any pooling), which is where Grad-CAM reads activations and gradients.
@@ -7,11 +7,6 @@ Both expose `gradcam_layer`, the module whose output is the last convolutional f
 from __future__ import annotations
 
 from torch import Tensor, nn
-
-from ..compat import import_torchvision
-
-import_torchvision()
-from torchvision.models.resnet import BasicBlock, ResNet  # noqa: E402
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
@@ -67,23 +62,18 @@ class RefCNN(nn.Module):
         return self.head(x)
 
 
-class CifarResNet(ResNet):
-    """torchvision's ResNet, plus the `gradcam_layer` that heat maps read (its last stage)."""
+def build_cnn(cfg, *, num_classes: int, channels: int, image_size: int) -> nn.Module:
+    """The CNN that the `cnn` section of params.yaml describes: `arch` refcnn (R3) or resnet18 (R4)."""
+    if cfg.arch == "resnet18":
+        from .resnet import resnet18_cifar  # torchvision is imported only when ResNet-18 is asked for
 
-    @property
-    def gradcam_layer(self) -> nn.Module:
-        return self.layer4
-
-
-def resnet18_cifar(num_classes: int = 10, channels: int = 3) -> CifarResNet:
-    """torchvision's ResNet-18 (the same BasicBlock x [2, 2, 2, 2] that `resnet18()` builds) with the CIFAR stem.
-
-    The ImageNet stem (7x7 stride-2 conv + max-pool) would shrink a 32x32 image to 8x8 before
-    the first stage; the CIFAR stem (3x3 stride-1 conv, no max-pool) keeps 32x32, so layer4
-    sees 4x4 maps.
-    """
-    model = CifarResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
-    model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as ResNet inits its convs
-    model.maxpool = nn.Identity()
-    return model
+        return resnet18_cifar(num_classes=num_classes, channels=channels)
+    # params.yaml's check (config.py) already matched len(widths) to image_size.
+    return RefCNN(
+        channels=channels,
+        num_classes=num_classes,
+        widths=tuple(cfg.widths),
+        convs_per_block=cfg.convs_per_block,
+        hidden=cfg.hidden,
+        dropout=cfg.dropout,
+    )

@@ -9,6 +9,7 @@ numerically stable form (log-sum-exp instead of log(sigmoid(x)), which underflow
 from __future__ import annotations
 
 import math
+from functools import partial
 
 from torch import Tensor, nn
 
@@ -131,3 +132,15 @@ def init_dcgan_weights(module: nn.Module, std: float = 0.02) -> None:
     elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         nn.init.normal_(module.weight, 1.0, std)
         nn.init.zeros_(module.bias)
+
+
+def build_gan(name: str, cfg, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
+    """(generator, discriminator) for "mlp" (R1, `cfg` = params.gan.mlp) or "dcgan" (R2, params.gan.dcgan)."""
+    if name == "mlp":
+        generator = MLPGenerator(latent_dim=cfg.latent_dim, hidden=tuple(cfg.g_hidden), out_shape=image_shape, dropout=cfg.g_dropout)
+        return generator, MLPDiscriminator(in_shape=image_shape, hidden=tuple(cfg.d_hidden), dropout=cfg.d_dropout)
+    if name == "dcgan":
+        generator, discriminator = DCGANGenerator(latent_dim=cfg.latent_dim), DCGANDiscriminator()
+        init = partial(init_dcgan_weights, std=cfg.init_std)
+        return generator.apply(init), discriminator.apply(init)
+    raise ValueError(f"unknown GAN {name!r}; allowed: 'mlp', 'dcgan'")

@@ -117,3 +117,18 @@ class ViT(nn.Module):
         cls, attentions = self._encode(x, return_attention)
         logits = self.head(cls)
         return (logits, attentions) if return_attention else logits
+
+
+def build_vit(cfg, *, num_classes: int, channels: int, image_size: int) -> ViT:
+    """The ViT that the `vit` section of params.yaml describes."""
+    return ViT(
+        image_size=image_size,
+        channels=channels,
+        num_classes=num_classes,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio,
+        dropout=cfg.dropout,
+    )

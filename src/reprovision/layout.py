@@ -1,0 +1,31 @@
+"""Where the pipeline's files live and what it trains: each name defined here once.
+
+`dvc.yaml` declares the same paths as the stages' deps and outs (a test checks that every stage's
+outputs exist after a run). Paths are relative to the repository root, where DVC runs the stages.
+"""
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+PARAMS_CHECKED = Path("data/params-checked.txt")  # check-params: every stage depends on it
+PREPARED = Path("data/prepared")  # fetch-data: <dataset>/{train,test}_{x,y}.npy, manifest.json
+MANIFEST = PREPARED / "manifest.json"
+AUGMENT = Path("data/augment")
+POLICY = AUGMENT / "policy.json"  # augment: normalisation stats + augmentation policy
+PREVIEW = AUGMENT / "preview.png"
+MODELS = Path("models")  # models/<name>/: weights, card.md, run.json
+METRICS = Path("metrics")  # metrics/<name>.json (dvc metrics), metrics/<name>/history.csv (dvc plots)
+GAN_MODELS = MODELS / "gan"  # models/gan/<name>/: weights, pictures, card.md, run.json
+GAN_METRICS = METRICS / "gan"  # metrics/gan/<name>.json, metrics/gan/<name>/{history,fid}.csv
+RUN_REF = "run.json"  # in each model's folder: the MLflow run that trained it (track.write_run_ref)
+REPORTS = Path("reports")
+FIGURES = REPORTS / "figures"  # evaluate's pictures
+CURVES = REPORTS / "curves"  # report's charts
+STUDY = REPORTS / "study"  # `reprovision study` (not a stage: git-ignored)
+# Resume checkpoints: git-ignored, not DVC outputs (a persist output would keep the training
+# stages out of DVC's run-cache); a fingerprint decides whether one may be resumed.
+CHECKPOINTS = Path("checkpoints")
+
+CLASSIFIERS = ("vit", "cnn")
+GANS = ("mlp", "dcgan")
+LABELS = {"vit": "ViT", "cnn": "CNN", "mlp": "MLP GAN", "dcgan": "DCGAN", "judge": "LeNet judge"}

@@ -1,0 +1,87 @@
+"""What every computing stage does first, and how it ends: the one shared piece of the stage scripts.
+
+`start()` checks everything a stage could be refused for, before it reads data or computes:
+params (config.py), the device, the thread count, the tracking store. `main()` turns the errors a
+user can fix into one line on stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import track
+from .config import ConfigError, Params, load_params
+from .data import DataError, data_sha256, load_split, stratified_subset
+from .layout import PREPARED
+from .runtime import apply_threads, resolve_device
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a stage knows once its checks pass."""
+
+    params: Params
+    device: torch.device
+    threads: int  # torch's intra-op threads in force (params' `threads`, "auto" resolved)
+
+
+def start(stage: str) -> Context:
+    params = load_params()
+    device = resolve_device(params.device)
+    threads = apply_threads(params.threads)
+    track.check_store(track.tracking_uri())
+    print(f"[{stage}] device {device}, {threads} thread(s), params sha256 {params.digest()[:12]}", flush=True)
+    return Context(params, device, threads)
+
+
+def main(stage: Callable[..., None], *args) -> None:
+    """Run a stage function; errors a user can fix end with their message alone, not a traceback."""
+    try:
+        stage(*args)
+    except (ConfigError, DataError, track.TrackingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def load_subset(name: str, split: str, fraction: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The class-stratified `fraction` of a prepared split, on `device`: uint8 images, int64 labels, class names."""
+    data = load_split(PREPARED, name, split)
+    idx = stratified_subset(data.y, fraction, seed)
+    x = torch.from_numpy(np.ascontiguousarray(data.x[idx])).to(device)
+    y = torch.from_numpy(data.y[idx]).to(device)
+    return x, y, data.classes
+
+
+def run_tags(ctx: Context, dataset: str) -> dict[str, str]:
+    """Tags every training run carries: where it ran and on exactly which data and params."""
+    device = ctx.device
+    return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": str(ctx.threads),
+        "params_sha256": ctx.params.digest(),
+        "data_sha256": data_sha256(PREPARED, dataset),
+        "dataset": dataset,
+        "seed": str(ctx.params.seed),
+    }
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

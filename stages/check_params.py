@@ -1,0 +1,30 @@
+"""DVC stage `check-params`: every param checked before any other stage runs.
+
+DVC deletes a stage's outputs just before running it, so a bad value caught inside that stage
+would already have cost the workspace its results. Every stage depends on this stage's output,
+so a rejected params.yaml stops `dvc repro` / `dvc exp run` here, with everything in place.
+The output's content never changes: passing the check re-runs nothing downstream.
+"""
+
+import sys
+from pathlib import Path
+
+# This checkout's library, also inside DVC's temporary experiment copies.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from reprovision.config import load_params  # noqa: E402
+from reprovision.layout import PARAMS_CHECKED  # noqa: E402
+from reprovision.runtime import resolve_device  # noqa: E402
+from reprovision.stage import main  # noqa: E402
+
+
+def check_params() -> None:
+    params = load_params()
+    resolve_device(params.device)  # `device: cuda` on a machine without one is a params mistake too
+    PARAMS_CHECKED.parent.mkdir(parents=True, exist_ok=True)
+    PARAMS_CHECKED.write_text("params.yaml passed its checks (reprovision/config.py)\n")
+    print("[check-params] params.yaml is valid")
+
+
+if __name__ == "__main__":
+    main(check_params)

@@ -1,0 +1,125 @@
+"""The body of the train-vit and train-cnn stages: one classifier, trained by the library's loop.
+
+train_vit.py and train_cnn.py each pass their own model builder, so that a stage imports (and
+declares in dvc.yaml) only the architecture it trains. Outputs, as dvc.yaml declares them:
+models/<name>/ (weights, card, MLflow run reference), metrics/<name>.json, metrics/<name>/history.csv.
+"""
+
+import json
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from reprovision import cards, checkpoint, track
+from reprovision.augment import BatchAugment, Policy
+from reprovision.config import DATASET_SHAPES, Params
+from reprovision.data import validation_split
+from reprovision.layout import CHECKPOINTS, METRICS, MODELS, POLICY
+from reprovision.models import count_parameters
+from reprovision.runtime import resolve_precision, seed_everything
+from reprovision.stage import load_subset, run_tags, start, write_csv, write_json
+from reprovision.train import DeviceData, fit
+
+# (params section, num_classes, channels, image_size) -> the untrained model
+Builder = Callable[..., nn.Module]
+
+
+def setup(
+    name: str, build: Builder, params: Params, device: torch.device, rng: torch.Generator,
+    x: torch.Tensor, y: torch.Tensor, policy: Policy,
+) -> tuple[nn.Module, DeviceData, DeviceData | None, BatchAugment]:
+    """The model, training and validation splits and augmenter, exactly as this stage trains them.
+
+    `x`, `y`: the training subset on `device`. benchmarks/benchmark.py calls this too, so that it
+    times the stage's own set-up."""
+    cfg = params.classifier(name)
+    channels, size, _, num_classes = DATASET_SHAPES[params.data.classifier_dataset]
+    train_idx, val_idx = validation_split(y.cpu().numpy(), params.data.val_fraction, params.seed)
+    train = DeviceData(x[train_idx], y[train_idx])
+    val = DeviceData(x[val_idx], y[val_idx]) if len(val_idx) else None
+    augmenter = BatchAugment(policy if cfg.augment else policy.without_augmentation(), num_classes, rng)
+    model = build(cfg, num_classes=num_classes, channels=channels, image_size=size).to(device)
+    if name == "cnn":
+        model = model.to(memory_format=torch.channels_last)
+    return model, train, val, augmenter
+
+
+def train(name: str, build: Builder) -> None:
+    ctx = start(f"train-{name}")
+    params, device = ctx.params, ctx.device
+    rng = seed_everything(params.seed, device)
+    cfg = params.classifier(name)
+    data = params.data
+    precision = resolve_precision(cfg.precision, device)
+    x, y, classes = load_subset(data.classifier_dataset, "train", data.train_fraction, params.seed, device)
+    test = DeviceData(*load_subset(data.classifier_dataset, "test", data.test_fraction, params.seed, device)[:2])
+    policy = Policy.from_json(json.loads(POLICY.read_text()))
+    model, train, val, augmenter = setup(name, build, params, device, rng, x, y, policy)
+    lr = params.learning_rate(name)
+    tags = run_tags(ctx, data.classifier_dataset)
+    # The resume fingerprint: everything that shapes the result (checkpoint.py adds the code).
+    fingerprint = checkpoint.fingerprint(
+        params.digest("seed", "lr", "data", name), policy.to_json(), tags["data_sha256"], ctx.threads, precision
+    )
+
+    out = MODELS / name
+    out.mkdir(parents=True, exist_ok=True)
+    history_path = METRICS / name / "history.csv"
+    rows: list[dict] = []
+
+    def on_epoch(row: dict) -> None:
+        rows.append(row)
+        write_csv(history_path, rows)
+        track.log_epoch(row, row["epoch"])
+
+    run_params = {
+        **cfg.model_dump(),
+        "model": name,
+        "arch": getattr(cfg, "arch", "vit"),
+        "lr": lr,
+        "lr_base": params.lr,
+        "seed": params.seed,
+        "threads": ctx.threads,
+        "precision_resolved": precision,
+        "dataset": data.classifier_dataset,
+        "train_fraction": data.train_fraction,
+        "val_fraction": data.val_fraction,
+        "test_fraction": data.test_fraction,
+        "train_images": len(train),
+        "val_images": len(val) if val is not None else 0,
+        "test_images": len(test),
+        "params_count": count_parameters(model),
+        **{f"augment.{k}": v for k, v in augmenter.policy.to_json().items() if k != "dataset"},
+    }
+    with track.stage_run(f"train-{name}", name, run_params, tags, params) as run:
+        started = time.perf_counter()
+        history = fit(
+            model, train, val, test, augmenter, cfg, lr, rng,
+            checkpoint=CHECKPOINTS / f"{name}.pt", fingerprint=fingerprint, on_epoch=on_epoch,
+        )
+        wall = time.perf_counter() - started
+        final = history[-1]
+        train_seconds = sum(r["epoch_seconds"] for r in history)
+        metrics = {key: final[key] for key in ("test_acc", "test_loss", "train_acc", "train_loss")}
+        if val is not None:
+            # The validation split decides; the test split only reports (README: validation and test).
+            best = max(history, key=lambda r: r["val_acc"])
+            metrics.update(val_acc=final["val_acc"], val_loss=final["val_loss"], best_val_acc=best["val_acc"], best_val_epoch=best["epoch"])
+        metrics.update(
+            params=count_parameters(model), epochs=cfg.epochs, train_seconds=train_seconds,
+            s_per_epoch=train_seconds / len(history), device=str(device),
+        )
+        write_json(METRICS / f"{name}.json", metrics)
+        # Per-epoch metrics are already logged with their step; add only the run-level figures.
+        run_level = {k: metrics[k] for k in ("params", "train_seconds", "s_per_epoch", "best_val_acc", "best_val_epoch") if k in metrics}
+        track.log_metrics({"wall_seconds": wall, **run_level}, step=cfg.epochs)
+        torch.save(model.state_dict(), out / "model.pt")
+        card = cards.classifier_card(name, params, metrics, classes)
+        (out / "card.md").write_text(card)
+        track.log_artifacts(out / "card.md", history_path)
+        example = augmenter(test.x[:2], test.y[:2], train=False)[0].float()
+        track.log_torch_model(model, "model", example.contiguous(), card)
+        track.write_run_ref(out / "run.json", run)
+    print(f"[train-{name}] test accuracy {metrics['test_acc']:.4f} in {train_seconds:.1f} s")

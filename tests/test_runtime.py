@@ -1,0 +1,91 @@
+"""Threads, precision, fingerprints and the validation split: the knobs a reproduction depends on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from reprovision import checkpoint, runtime
+from reprovision.augment import BatchAugment, Policy
+from reprovision.config import CNNConfig
+from reprovision.data import DataError, validation_split
+from reprovision.models.cnn import RefCNN
+from reprovision.train import DeviceData, fit
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_param_pins_torch_and_auto_keeps_its_choice(threads):
+    assert runtime.apply_threads(1) == 1 == torch.get_num_threads()
+    assert runtime.apply_threads("auto") == 1  # "auto" changes nothing, and reports what is in force
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.resolve_precision("auto", CPU) == "fp32" and runtime.autocast_dtype("auto", CPU) is None
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.resolve_precision("auto", CPU) == "bf16" and runtime.autocast_dtype("auto", CPU) == torch.bfloat16
+    assert runtime.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert runtime.resolve_precision("fp32", torch.device("cuda")) == "fp32"  # explicit values win
+    assert runtime.resolve_precision("auto", torch.device("mps")) == "fp32"
+
+
+def test_this_machine_is_read_from_proc_cpuinfo():
+    with open("/proc/cpuinfo") as fh:
+        flags = fh.read()
+    assert runtime.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def _train(precision: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 4, (64,), generator=gen)
+    policy = Policy("cifar10", (0.5,) * 3, (0.25,) * 3, 2, True, 0.0, 1.0, 0.0, 0.2, 0.0, 8)
+    cfg = CNNConfig(epochs=2, batch_size=16, precision=precision, widths=[8, 16], hidden=16)
+    rng = runtime.seed_everything(0, CPU)
+    model = RefCNN(channels=3, num_classes=4, widths=(8, 16), hidden=16)
+    fit(model, DeviceData(x[:48], y[:48]), DeviceData(x[48:56], y[48:56]), DeviceData(x[56:], y[56:]),
+        BatchAugment(policy, 4, rng), cfg, 1e-3, rng, progress=False)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_training_is_bit_reproducible_in_each_precision(precision, threads):
+    torch.set_num_threads(2)
+    first, second = _train(precision), _train(precision)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_bf16_and_fp32_are_different_configurations(threads):
+    torch.set_num_threads(2)
+    bf16, fp32 = _train("bf16"), _train("fp32")
+    assert not all(torch.equal(bf16[k], fp32[k]) for k in bf16)
+
+
+def test_fingerprint_knows_threads_and_precision():
+    base = checkpoint.fingerprint("params", "data", 2, "fp32")
+    assert base == checkpoint.fingerprint("params", "data", 2, "fp32")
+    assert base != checkpoint.fingerprint("params", "data", 1, "fp32")
+    assert base != checkpoint.fingerprint("params", "data", 2, "bf16")
+
+
+def test_validation_split_is_stratified_deterministic_and_disjoint():
+    y = np.repeat(np.arange(10), 50)
+    train, val = validation_split(y, 0.2, seed=0)
+    assert len(val) == 100 and np.bincount(y[val]).tolist() == [10] * 10  # 20 % of every class
+    assert not set(train) & set(val) and len(train) + len(val) == len(y)
+    again = validation_split(y, 0.2, seed=0)
+    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
+    assert not np.array_equal(val, validation_split(y, 0.2, seed=1)[1])
+    everything, none = validation_split(y, 0.0, seed=0)
+    assert len(everything) == len(y) and len(none) == 0
+    with pytest.raises(DataError, match="raise data.val_fraction"):
+        validation_split(y, 0.01, seed=0)  # 5 images for 10 classes

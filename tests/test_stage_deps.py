@@ -1,0 +1,69 @@
+"""Each stage's `deps:` in dvc.yaml are exactly its script, the library files it imports and its data.
+
+The import closure comes from the source (tests/imports.py: ast, nothing executed), so a new
+import anywhere in a stage's code path fails here until dvc.yaml declares the file. The real-run
+half of the promise (editing any one library file makes `dvc status` name exactly the stages
+that import it) is in test_pipeline_e2e.py.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import yaml
+
+from imports import ROOT, closure
+
+DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def code_deps(stage: dict) -> set[str]:
+    return {d for d in stage["deps"] if d.endswith(".py")}
+
+
+def script_of(stage: dict) -> str:
+    return next(word for word in shlex.split(stage["cmd"]) if word.endswith(".py"))
+
+
+def imported(stage: dict) -> set[str]:
+    return {str(p.relative_to(ROOT)) for p in closure(ROOT / script_of(stage))}
+
+
+@pytest.mark.parametrize("name", sorted(DVC_YAML))
+def test_deps_are_exactly_the_import_closure(name):
+    stage = DVC_YAML[name]
+    declared, runs = code_deps(stage), imported(stage)
+    assert not runs - declared, f"{name} imports {sorted(runs - declared)} but dvc.yaml does not declare them"
+    assert not declared - runs, f"{name} declares {sorted(declared - runs)} but never imports them"
+
+
+def test_every_library_file_belongs_to_some_stage():
+    used = set().union(*(imported(stage) for stage in DVC_YAML.values()))
+    library = {str(p.relative_to(ROOT)) for p in (ROOT / "src" / "reprovision").rglob("*.py")}
+    # Tools around the pipeline, run by `reprovision <command>`, never inside a stage.
+    tools = {f"src/reprovision/{name}.py" for name in ("cli", "reproduce", "server", "study", "tune")}
+    assert library - used == tools
+
+
+def test_stages_import_only_the_architectures_they_run():
+    models = {name: f"src/reprovision/models/{name}.py" for name in ("vit", "cnn", "resnet", "gan", "judge")}
+    vit, cnn, gan = (imported(DVC_YAML[stage]) for stage in ("train-vit", "train-cnn", "train-gan"))
+    assert vit & set(models.values()) == {models["vit"]}
+    assert cnn & set(models.values()) == {models["cnn"], models["resnet"]}  # resnet.py: only when cnn.arch asks for it
+    assert gan & set(models.values()) == {models["gan"], models["judge"]} and "src/reprovision/train.py" not in gan
+
+
+def test_a_lazy_import_counts(tmp_path, monkeypatch):
+    """An import inside a function is part of the closure: it runs when that code path does."""
+    import imports
+
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "src" / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "src" / "pkg" / "eager.py").write_text("def f():\n    from .lazy import g\n    return g()\n")
+    (tmp_path / "src" / "pkg" / "lazy.py").write_text("import numpy\ndef g():\n    return 1\n")
+    (tmp_path / "stages" / "s.py").write_text("from pkg import eager\n")
+    monkeypatch.setattr(imports, "SEARCH", [tmp_path / "stages", tmp_path / "src"])
+    found = {str(p.relative_to(tmp_path)) for p in imports.closure(tmp_path / "stages" / "s.py")}
+    assert found == {"stages/s.py", "src/pkg/__init__.py", "src/pkg/eager.py", "src/pkg/lazy.py"}
