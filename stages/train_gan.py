@@ -1,6 +1,11 @@
 """DVC stage `train-gan@<mlp|dcgan>`: one reference GAN on MNIST (R1 MLP GAN, R2 DCGAN), then its
 quality measured by the judge: FID against the real-vs-real floor, Inception Score, class coverage,
 sample grids from fixed noise, the progression GIF, nearest training neighbours.
+
+Training resumes like the classifiers': each epoch ends with a checkpoint in checkpoints/gan-<name>.pt
+(outside DVC's outputs), which also holds this stage's per-epoch side work (the sample frames'
+images, the FID curve inside the history rows, the seconds spent), since DVC deletes the earlier
+attempt's outputs before it runs the stage again.
 """
 
 import sys
@@ -9,15 +14,17 @@ from pathlib import Path
 # This checkout's library, also inside DVC's temporary experiment copies.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import hashlib  # noqa: E402
+import json  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from reprovision import cards, track  # noqa: E402
+from reprovision import cards, checkpoint, track  # noqa: E402
 from reprovision import gan_metrics as gm  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
 from reprovision.gan_train import train_gan as fit_gan  # noqa: E402
-from reprovision.layout import GANS, METRICS, MODELS  # noqa: E402
+from reprovision.layout import CHECKPOINTS, GANS, METRICS, MODELS  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
 from reprovision.models.gan import build_gan  # noqa: E402
 from reprovision.models.judge import LeNet  # noqa: E402
@@ -26,9 +33,12 @@ from reprovision.runtime import seed_everything  # noqa: E402
 from reprovision.stage import load_subset, main, run_tags, start, write_csv, write_json  # noqa: E402
 
 
+JUDGE_WEIGHTS = MODELS / "judge" / "model.pt"
+
+
 def load_judge(device: torch.device) -> LeNet:
     judge = LeNet()
-    judge.load_state_dict(torch.load(MODELS / "judge" / "model.pt", map_location="cpu", weights_only=True))
+    judge.load_state_dict(torch.load(JUDGE_WEIGHTS, map_location="cpu", weights_only=True))
     return judge.to(device).eval()
 
 
@@ -55,8 +65,11 @@ def train_gan(name: str) -> None:
     noise_rng = torch.Generator(device=device).manual_seed(params.seed + 1)
     fixed_noise = torch.randn(100, mcfg.latent_dim, device=device, generator=noise_rng)
     real_test = to_pm1(test_x)
-    frames: list[Path] = []
+    # Per-epoch side work, kept in the checkpoint too: a resumed run rewrites the earlier frames.
+    frame_images: dict[int, torch.Tensor] = {}  # epoch -> the fixed-noise samples (100,1,28,28) on the CPU
     fid_curve: list[dict] = []
+    resumed_after = 0  # the epochs up to here are replayed from the checkpoint, not measured again
+    seconds_before = 0.0  # training time of the earlier attempts, when resumed
 
     def generate(noise_batches) -> torch.Tensor:
         """The generator's images for the given noise, in eval mode (BatchNorm running stats, no dropout)."""
@@ -70,24 +83,56 @@ def train_gan(name: str) -> None:
         g = torch.Generator(device=device).manual_seed(seed)
         return generate(torch.randn(min(1000, n - i), mcfg.latent_dim, device=device, generator=g) for i in range(0, n, 1000))
 
+    def frame_path(epoch: int) -> Path:
+        return samples / f"epoch_{epoch:03d}.png"
+
     def snapshot(epoch: int) -> None:
-        path = samples / f"epoch_{epoch:03d}.png"
-        gm.save_grid(generate([fixed_noise]), path, nrow=10)
-        frames.append(path)
+        frame_images[epoch] = generate([fixed_noise]).cpu()
+        gm.save_grid(frame_images[epoch], frame_path(epoch), nrow=10)
 
     history_rows: list[dict] = []
 
     def on_epoch(epoch: int, row: dict) -> None:
-        if gcfg.fid_every and (epoch % gcfg.fid_every == 0 or epoch == gcfg.epochs):
-            n = min(gcfg.fid_samples_during, len(real_test))
-            # Its own name: the final "fid" uses gan.fid_samples images, and FID depends on N.
-            row["fid_during"] = gm.frechet_distance(judge, real_test[:n], sample(n, params.seed + 2))
+        if epoch > resumed_after:  # a new epoch: measure it (a replayed row already carries its FID)
+            if gcfg.fid_every and (epoch % gcfg.fid_every == 0 or epoch == gcfg.epochs):
+                n = min(gcfg.fid_samples_during, len(real_test))
+                # Its own name: the final "fid" uses gan.fid_samples images, and FID depends on N.
+                row["fid_during"] = gm.frechet_distance(judge, real_test[:n], sample(n, params.seed + 2))
+                print(f"          FID({n}) {row['fid_during']:.3f}", flush=True)
+            if epoch % gcfg.sample_every == 0 or epoch == gcfg.epochs:
+                snapshot(epoch)
+        if "fid_during" in row:
             fid_curve.append({"epoch": epoch, "fid": row["fid_during"]})
-            print(f"          FID({n}) {row['fid_during']:.3f}", flush=True)
-        if epoch % gcfg.sample_every == 0 or epoch == gcfg.epochs:
-            snapshot(epoch)
         history_rows.append({k: row[k] for k in ("epoch", "d_loss", "g_loss", "d_real", "d_fake", "epoch_seconds")})
         track.log_epoch(row, epoch)
+
+    def on_resume(epoch: int, extra: dict) -> None:
+        """Back to the state after `epoch`: the earlier frames (DVC deleted their PNGs), the time spent."""
+        nonlocal resumed_after, seconds_before
+        resumed_after = epoch
+        seconds_before = extra["seconds"]
+        frame_images.clear()
+        for frame_epoch, images in sorted(extra["frames"].items()):
+            frame_images[frame_epoch] = images
+            gm.save_grid(images, frame_path(frame_epoch), nrow=10)
+
+    def extra() -> dict:
+        """This stage's state after an epoch, saved with the checkpoint (the FID values are in the history rows)."""
+        return {"frames": dict(frame_images), "seconds": seconds_before + time.perf_counter() - started}
+
+    tags = run_tags(ctx, "mnist")
+    # The resume fingerprint: everything that shapes the result (checkpoint.py adds the code). The
+    # params this stage reads (dvc.yaml's list), the data, the judge that measures the FID curve.
+    reads = {
+        "seed": params.seed,
+        "data.gan_dataset": params.data.gan_dataset,
+        "gan": {k: v for k, v in gcfg.model_dump().items() if k not in GANS},
+        f"gan.{name}": mcfg.model_dump(),
+    }
+    fingerprint = checkpoint.fingerprint(
+        json.dumps(reads, sort_keys=True), tags["data_sha256"], hashlib.sha256(JUDGE_WEIGHTS.read_bytes()).hexdigest(),
+        ctx.threads, device,
+    )
 
     run_params = {
         **mcfg.model_dump(),
@@ -99,11 +144,16 @@ def train_gan(name: str) -> None:
         "g_params": count_parameters(gen),
         "d_params": count_parameters(disc),
     }
-    with track.stage_run("train-gan", f"gan-{name}", run_params, run_tags(ctx, "mnist"), params) as run:
+    with track.stage_run("train-gan", f"gan-{name}", run_params, tags, params) as run:
         snapshot(0)
         started = time.perf_counter()
-        fit_gan(gen, disc, opt_g, opt_d, train_x, mcfg.latent_dim, mcfg.batch_size, gcfg.epochs, rng, on_epoch, gcfg.steps_per_epoch_max)
-        total = time.perf_counter() - started
+        fit_gan(
+            gen, disc, opt_g, opt_d, train_x, mcfg.latent_dim, mcfg.batch_size, gcfg.epochs, rng, on_epoch,
+            gcfg.steps_per_epoch_max, checkpoint=CHECKPOINTS / f"gan-{name}.pt", fingerprint=fingerprint,
+            extra=extra, on_resume=on_resume,
+        )
+        total = seconds_before + time.perf_counter() - started
+        frames = [frame_path(epoch) for epoch in sorted(frame_images)]
 
         n = min(gcfg.fid_samples, len(real_test))
         fakes = sample(n, params.seed + 3)

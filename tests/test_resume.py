@@ -68,11 +68,11 @@ def stage_pids(root_pid: int) -> list[int]:
     return found
 
 
-def repro_and_kill(repo: Path, after_epoch: int) -> int:
-    """Start `dvc repro -f train-cnn`, kill -9 its training process once epoch `after_epoch` is checkpointed."""
+def repro_and_kill(repo: Path, after_epoch: int, *args: str) -> int:
+    """Start `dvc repro <args> train-cnn`, kill -9 its training process once epoch `after_epoch` is checkpointed."""
     ckpt = repo / "checkpoints/cnn.pt"
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dvc"), "repro", "-f", "-s", "train-cnn"],
+        [str(Path(sys.executable).parent / "dvc"), "repro", *args, "train-cnn"],
         cwd=repo, env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + 300
@@ -97,24 +97,26 @@ def repro_and_kill(repo: Path, after_epoch: int) -> int:
 def test_kill_and_resume_matches_uninterrupted_run(repo_copy):
     repo = repo_copy
     set_params(repo, SMALL_CNN)
-    dvc(repo, "repro", "train-cnn")
-    reference_history = history(repo)
-    reference_weights = sha256(repo / "models/cnn/model.pt")
-    assert len(reference_history) == SMALL_CNN["cnn"]["epochs"]
-
-    # Killed after epoch 3 (complete checkpoints are never resumed, so -f starts afresh).
-    saved = repro_and_kill(repo, after_epoch=3)
+    # Killed after epoch 3 on its first run: no result of these params exists anywhere yet, so the
+    # next `dvc repro` has nothing to restore from DVC's run-cache and must train, resuming.
+    saved = repro_and_kill(repo, 3)
     resumed = dvc(repo, "repro", "train-cnn")
     # It resumes from the last complete epoch: at most the epoch in flight is lost.
     assert f"resuming from checkpoints/cnn.pt after epoch {saved}" in resumed.stdout
-    # Same metrics, same weights, bit for bit (CPU), as the uninterrupted run.
-    assert history(repo) == reference_history
-    assert sha256(repo / "models/cnn/model.pt") == reference_weights
+    resumed_history, resumed_weights = history(repo), sha256(repo / "models/cnn/model.pt")
+    assert len(resumed_history) == SMALL_CNN["cnn"]["epochs"]
+
+    # The same params uninterrupted (forced; a complete checkpoint is never resumed): the same
+    # metrics, the same weights, bit for bit (CPU).
+    uninterrupted = dvc(repo, "repro", "-f", "-s", "train-cnn")
+    assert "resuming" not in uninterrupted.stdout
+    assert history(repo) == resumed_history
+    assert sha256(repo / "models/cnn/model.pt") == resumed_weights
 
     # A changed config never resumes from the old checkpoint.
-    repro_and_kill(repo, after_epoch=2)
+    repro_and_kill(repo, 2, "-f", "-s")
     set_params(repo, {"cnn": {"lr_mult": 2.0}})
     changed = dvc(repo, "repro", "train-cnn")
     assert "resuming" not in changed.stdout
     assert [row["epoch"] for row in history(repo)] == [str(e) for e in range(1, SMALL_CNN["cnn"]["epochs"] + 1)]
-    assert history(repo) != reference_history
+    assert history(repo) != resumed_history

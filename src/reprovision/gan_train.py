@@ -4,17 +4,25 @@ Standard GAN objective with BCE on logits (numerically stable form of the sigmoi
 references used); the generator maximises log D(G(z)) (the non-saturating form, which is what
 "BCE with real labels for G" computes). Like the classifier loop, images stay on the device as
 uint8 and losses are accumulated on the device, read once per epoch.
+
+Like the classifier loop (train.py), every epoch ends with an atomic checkpoint: both networks,
+both optimisers, the data-order/noise generator, torch's global RNG (dropout draws from it), the
+history so far and whatever per-epoch state the caller hands over (`extra`). A run killed mid-way
+resumes from the last complete epoch and, on CPU, ends with exactly the weights and metrics of an
+uninterrupted run. Only a checkpoint with the same fingerprint, not marked complete, is resumed.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import checkpoint as ckpt
 from .pixels import to_pm1
 
 
@@ -31,15 +39,47 @@ def train_gan(
     on_epoch: Callable[[int, dict], None] | None = None,
     max_steps: int = 0,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    fingerprint: str = "",
+    extra: Callable[[], dict] | None = None,
+    on_resume: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
-    """Train for `epochs` over the uint8 `images` (N,1,28,28) on their device; on_epoch(epoch, row) after each."""
+    """Train for `epochs` over the uint8 `images` (N,1,28,28) on their device; on_epoch(epoch, row) after each.
+
+    With a `checkpoint` path, each epoch ends with a checkpoint written there, after on_epoch (so
+    that what on_epoch adds to the row, and the caller's `extra()` state, are part of it). A
+    resumable checkpoint (checkpoint.load: same `fingerprint`, not complete) is picked up first:
+    on_resume(epoch, extra) hands the caller back its saved state, then the earlier rows are
+    replayed through on_epoch (the caller tells a replayed epoch from a new one by on_resume's epoch).
+    """
     device = images.device
     n = len(images)
     steps = n // batch_size  # drop the ragged last batch: BatchNorm1d needs > 1 sample
     if max_steps:
         steps = min(steps, max_steps)
-    history = []
-    for epoch in range(1, epochs + 1):
+    history: list[dict] = []
+    first_epoch = 1
+
+    state = ckpt.load(checkpoint, fingerprint)
+    if state is not None:
+        generator_net.load_state_dict(state["generator"])
+        discriminator.load_state_dict(state["discriminator"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        history = state["history"]
+        first_epoch = state["epoch"] + 1
+        print(f"resuming from {checkpoint} after epoch {state['epoch']}", flush=True)
+        if on_resume is not None:
+            on_resume(state["epoch"], state.get("extra", {}))
+        for row in history:  # the new tracking run gets the whole metric history, not just the tail
+            if on_epoch is not None:
+                on_epoch(row["epoch"], row)
+
+    for epoch in range(first_epoch, epochs + 1):
         generator_net.train()
         discriminator.train()
         started = time.perf_counter()
@@ -90,4 +130,22 @@ def train_gan(
         )
         if on_epoch is not None:
             on_epoch(epoch, row)
+        if checkpoint is not None:
+            ckpt.save(
+                checkpoint,
+                {
+                    "fingerprint": fingerprint,
+                    "epoch": epoch,
+                    "complete": epoch == epochs,
+                    "generator": generator_net.state_dict(),
+                    "discriminator": discriminator.state_dict(),
+                    "opt_g": opt_g.state_dict(),
+                    "opt_d": opt_d.state_dict(),
+                    "rng": rng.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "history": history,
+                    "extra": extra() if extra is not None else {},
+                },
+            )
     return history

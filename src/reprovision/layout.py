@@ -22,8 +22,8 @@ REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"  # evaluate's pictures
 CURVES = REPORTS / "curves"  # report's charts
 STUDY = REPORTS / "study"  # `reprovision study` (not a stage: git-ignored)
-# Resume checkpoints: git-ignored, not DVC outputs (a persist output would keep the training
-# stages out of DVC's run-cache); a fingerprint decides whether one may be resumed.
+# Resume checkpoints of the training stages: git-ignored, not DVC outputs (a persist output would
+# keep them out of DVC's run-cache); a fingerprint decides whether one may be resumed.
 CHECKPOINTS = Path("checkpoints")
 
 CLASSIFIERS = ("vit", "cnn")

@@ -1,0 +1,253 @@
+"""GAN crash and resume: the library loop resumes bit for bit, and so does the train-gan stage under kill -9."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import dvc, pipeline_env
+from reprovision.gan_train import train_gan
+from reprovision.models.gan import MLPDiscriminator, MLPGenerator
+from test_resume import set_params
+
+# ------------------------------------------------------------------ the loop, on a tiny in-memory dataset
+
+LATENT = 8
+EPOCHS = 4
+
+
+class Killed(Exception):
+    """Stands for a kill -9 between epochs: the loop stops, the last checkpoint stays."""
+
+
+def tiny_setup(seed: int = 0):
+    """A small MLP GAN with BatchNorm and dropout (dropout draws from torch's global RNG), 96 images."""
+    torch.manual_seed(seed)
+    gen = MLPGenerator(latent_dim=LATENT, hidden=(16, 32), dropout=0.2)
+    disc = MLPDiscriminator(hidden=(32, 16), dropout=0.5)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.0, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=4e-3, betas=(0.0, 0.9))
+    images = torch.randint(0, 256, (96, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(123))
+    rng = torch.Generator().manual_seed(seed)
+    return gen, disc, opt_g, opt_d, images, rng
+
+
+def run(checkpoint: Path | None, fingerprint: str = "fp", kill_after: int = 0, extra=None, on_resume=None, elsewhere=False):
+    """(history, generator, discriminator, rows seen by on_epoch) of a run, stopped after `kill_after` epochs when > 0.
+
+    `elsewhere`: both random streams start from other states (as in a new process): a resume must restore them.
+    """
+    gen, disc, opt_g, opt_d, images, rng = tiny_setup()
+    if elsewhere:
+        torch.manual_seed(999)
+        rng.manual_seed(999)
+    seen: list[tuple[int, dict]] = []
+
+    def on_epoch(epoch: int, row: dict) -> None:
+        if kill_after and epoch > kill_after:
+            raise Killed
+        row.setdefault("added_by_caller", epoch * 10)  # what the stage adds (its FID) is checkpointed too
+        seen.append((epoch, {k: v for k, v in row.items() if k != "epoch_seconds"}))
+
+    try:
+        history = train_gan(
+            gen, disc, opt_g, opt_d, images, LATENT, 16, EPOCHS, rng, on_epoch, progress=False,
+            checkpoint=checkpoint, fingerprint=fingerprint, extra=extra, on_resume=on_resume,
+        )
+    except Killed:
+        history = None
+    return history, gen, disc, seen
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def without_seconds(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
+
+
+def test_train_gan_resume_matches_uninterrupted(tmp_path, capsys):
+    ref_history, ref_gen, ref_disc, ref_seen = run(tmp_path / "ref.pt")
+    ref_state = torch.load(tmp_path / "ref.pt", weights_only=False)
+    assert ref_state["complete"] and ref_state["epoch"] == EPOCHS
+
+    path = tmp_path / "gan.pt"
+    extras = iter(range(100))
+    assert run(path, kill_after=2, extra=lambda: {"n": next(extras)})[0] is None
+    state = torch.load(path, weights_only=False)
+    assert (state["epoch"], state["complete"], state["extra"]) == (2, False, {"n": 1})
+    assert set(state) >= {"generator", "discriminator", "opt_g", "opt_d", "rng", "torch_rng", "history", "fingerprint"}
+
+    resumed_with = []
+    history, gen, disc, seen = run(path, on_resume=lambda epoch, extra: resumed_with.append((epoch, extra)), elsewhere=True)
+    assert f"resuming from {path} after epoch 2" in capsys.readouterr().out
+    assert resumed_with == [(2, {"n": 1})]
+    # The earlier rows are replayed through on_epoch (with what the caller added), then training goes on.
+    assert seen == ref_seen and [epoch for epoch, _ in seen] == [1, 2, 3, 4]
+    assert without_seconds(history) == without_seconds(ref_history)
+    assert same_weights(gen, ref_gen) and same_weights(disc, ref_disc)
+    assert torch.load(path, weights_only=False)["complete"]
+
+
+def test_train_gan_does_not_resume_other_or_complete_checkpoints(tmp_path, capsys):
+    path = tmp_path / "gan.pt"
+    run(path, fingerprint="old", kill_after=2)
+    history, _, _, seen = run(path, fingerprint="new")  # other params/data/code: start afresh
+    assert "resuming" not in capsys.readouterr().out
+    assert [epoch for epoch, _ in seen] == [1, 2, 3, 4] and len(history) == EPOCHS
+    run(path, fingerprint="new")  # the checkpoint is complete now: never resumed
+    assert "resuming" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the stage, killed with SIGKILL under dvc repro
+
+STAGE = "train-gan@mlp"
+CKPT = "checkpoints/gan-mlp.pt"
+SMALL_GAN = {
+    "judge": {"epochs": 1, "train_fraction": 0.02},
+    "gan": {
+        "epochs": 6, "train_fraction": 0.01, "fid_every": 2, "fid_samples_during": 200, "fid_samples": 200,
+        "sample_every": 2,
+    },
+}
+TIMING = {"total_seconds", "s_per_epoch"}
+
+
+def checkpoint_state(path: Path) -> tuple[int, bool]:
+    """(epoch, complete) of the checkpoint, read in one go; (0, False) when there is none yet."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # the tensors stay on disk
+    except Exception:  # not there yet, or being replaced this instant
+        return 0, False
+    return state["epoch"], state["complete"]
+
+
+def stage_pids(root_pid: int) -> list[int]:
+    """The `python stages/train_gan.py` processes below the dvc process."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    args: dict[int, str] = {}
+    for line in out.splitlines():
+        parts = line.strip().split(None, 2)
+        if len(parts) < 2:
+            continue
+        pid, ppid = int(parts[0]), int(parts[1])
+        children.setdefault(ppid, []).append(pid)
+        args[pid] = parts[2] if len(parts) > 2 else ""
+    found, todo = [], [root_pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            if "train_gan.py" in args.get(child, "") and "python" in args.get(child, ""):
+                found.append(child)
+    return found
+
+
+def start_repro(repo: Path, *options: str) -> subprocess.Popen:
+    """`dvc repro <options> train-gan@mlp` in the background, its output (stdout and stderr) on a pipe."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "dvc"), "repro", *options, STAGE],
+        cwd=repo, env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def kill_stage(proc: subprocess.Popen) -> None:
+    pids = stage_pids(proc.pid)
+    assert pids, "training process not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+def repro_and_kill(repo: Path, after_epoch: int) -> int:
+    """Start `dvc repro train-gan@mlp` (and the stages before it), kill -9 its training process once
+    epoch `after_epoch` is checkpointed; the epoch of the checkpoint left behind."""
+    ckpt = repo / CKPT
+    proc = start_repro(repo)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        epoch, complete = checkpoint_state(ckpt)  # of this run, not a complete one from an earlier run
+        if after_epoch <= epoch and not complete:
+            kill_stage(proc)
+            break
+        time.sleep(0.02)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, f"the run finished before it could be killed:\n{output}"
+    saved, complete = checkpoint_state(ckpt)
+    assert not complete and after_epoch <= saved < SMALL_GAN["gan"]["epochs"]
+    return saved
+
+
+def repro_first_epoch(repo: Path) -> str:
+    """Start `dvc repro -f -s train-gan@mlp`, kill -9 its training process once it has trained epoch 1; its output."""
+    proc = start_repro(repo, "-f", "-s")
+    lines = []
+    for line in proc.stdout:  # until the first epoch's summary line (or the end, if it never comes)
+        lines.append(line)
+        if "epoch   1 |" in line:
+            kill_stage(proc)
+            break
+    output = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, f"the run finished before it could be killed:\n{output}"
+    return output
+
+
+def outputs(repo: Path) -> dict[str, object]:
+    """What must come out the same after kill + resume: metrics without timings, weights and pictures by hash."""
+    found: dict[str, object] = {}
+    metrics = json.loads((repo / "metrics/gan/mlp.json").read_text())
+    found["metrics"] = {k: v for k, v in metrics.items() if k not in TIMING}
+    with (repo / "metrics/gan/mlp/history.csv").open() as fh:
+        found["history"] = [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in csv.DictReader(fh)]
+    found["fid.csv"] = (repo / "metrics/gan/mlp/fid.csv").read_text()
+    out = repo / "models/gan/mlp"
+    names = ["generator.pt", "discriminator.pt", "grid_10x10.png", "progression.gif", "nearest_neighbours.png"]
+    names += sorted(str(p.relative_to(out)) for p in (out / "samples").glob("*.png"))
+    for name in names:
+        found[name] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+    return found
+
+
+@pytest.mark.slow
+def test_gan_kill_and_resume_matches_uninterrupted_run(repo_copy):
+    repo = repo_copy
+    set_params(repo, SMALL_GAN)
+    epochs = SMALL_GAN["gan"]["epochs"]
+
+    # The first run of this config, killed -9 after epoch 2 or later...
+    saved = repro_and_kill(repo, after_epoch=2)
+    killed = (repo / CKPT).read_bytes()
+    # ...resumes from the last complete epoch with a plain `dvc repro` (DVC deleted its outputs meanwhile).
+    resumed = dvc(repo, "repro", STAGE)
+    assert f"resuming from {CKPT} after epoch {saved}" in resumed.stdout
+    result = outputs(repo)
+    assert len(result["history"]) == epochs
+    frames = sorted(k for k in result if k.startswith("samples/"))
+    assert frames == [f"samples/epoch_{e:03d}.png" for e in range(0, epochs + 1, 2)]  # incl. those before the kill
+
+    # The same config run afresh, uninterrupted (its checkpoint is complete now: never resumed; forced,
+    # since dvc.lock already matches) gives the same metrics, curves, weights and pictures, bit for bit (CPU).
+    uninterrupted = dvc(repo, "repro", "-f", "-s", STAGE)
+    assert "resuming" not in uninterrupted.stdout
+    assert outputs(repo) == result
+
+    # A changed config never resumes: with the killed run's checkpoint back in place, a run with
+    # another gan.mlp.lr_g starts from epoch 1 (killed after it: the rest is the same code path).
+    (repo / CKPT).write_bytes(killed)
+    assert checkpoint_state(repo / CKPT) == (saved, False)
+    mlp = yaml.safe_load((repo / "params.yaml").read_text())["gan"]["mlp"]
+    set_params(repo, {"gan": {"mlp": {**mlp, "lr_g": 2 * mlp["lr_g"]}}})
+    changed = repro_first_epoch(repo)
+    assert "resuming" not in changed and "epoch   1 |" in changed
