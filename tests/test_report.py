@@ -267,3 +267,18 @@ def test_log_summary_run_needs_the_report(tmp_path):
     with pytest.raises(report.ReportError, match="call build_report"):
         report.log_summary_run(tmp_path, {})
 
+
+
+def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
+    results = {
+        "vit": {"epochs": 5, "epochs_planned": 30, "train_images": 50_000, "precision": "fp32", "threads": 2, "test_acc": 0.4812,
+                "seconds": 5400.0, "git_commit": "a" * 40, "history": []},
+        "mlp": {"epochs": 50, "train_images": 60_000, "precision": "fp32", "threads": 1, "fid": 12.345, "fid_floor": 0.8,
+                "inception_score": 8.9, "seconds": 1800.0, "git_commit": "b" * 40, "history": [{"d_loss": 1.25, "g_loss": 0.9}]},
+    }
+    built = report.reference_scale_table(results)
+    vit, mlp = (dict(zip(built["header"], row)) for row in built["rows"])
+    assert vit["Epochs"] == "5 of 30" and vit["Result"]["text"] == "test acc 48.12%" and vit["Result"]["ref"] == "R3: ~52–55%"
+    assert mlp["Epochs"] == "50" and "FID 12.35 (floor 0.80), IS 8.90; D 1.250 / G 0.900" == mlp["Result"]["text"]
+    assert mlp["Result"]["ref"].startswith("R1: D 0.347 / G 0.697") and mlp["Training time"] == "30 min"
+    assert report.reference_scale_table({}) is None

@@ -21,7 +21,9 @@ RUN_REF = "run.json"  # in each model's folder: the MLflow run that trained it (
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"  # evaluate's pictures
 CURVES = REPORTS / "curves"  # report's charts
-STUDY = REPORTS / "study"  # `reprovision study` (not a stage: git-ignored)
+STUDY = REPORTS / "study"
+# Reference-scale runs (full data, reference params), recorded by benchmarks/reference_scale.py.
+REFERENCE_SCALE = Path("benchmarks/reference_scale.json")  # `reprovision study` (not a stage: git-ignored)
 # Resume checkpoints of the training stages: git-ignored, not DVC outputs (a persist output would
 # keep them out of DVC's run-cache); a fingerprint decides whether one may be resumed.
 CHECKPOINTS = Path("checkpoints")

@@ -29,7 +29,8 @@ from matplotlib.ticker import MaxNLocator
 from . import track
 from .config import Params, load_params
 from .layout import (
-    CLASSIFIERS, CURVES, FIGURES, GAN_METRICS, GAN_MODELS, GANS, LABELS, MANIFEST, METRICS, MODELS, PARAMS, REPORTS, RUN_REF,
+    CLASSIFIERS, CURVES, FIGURES, GAN_METRICS, GAN_MODELS, GANS, LABELS, MANIFEST, METRICS, MODELS, PARAMS, REFERENCE_SCALE, REPORTS,
+    RUN_REF,
 )
 from .palette import COLOURS
 from .references import REFERENCE, midpoint
@@ -140,6 +141,30 @@ def table(header: list[str], rows: list[list[str | dict]]) -> dict:
 
 
 # ---------------------------------------------------------------------------- page sections
+def reference_scale_table(results: dict[str, dict]) -> dict | None:
+    """The reference-scale runs (benchmarks/reference_scale.json) beside the seeds' figures."""
+    rows = []
+    for model in (*CLASSIFIERS, *GANS):
+        if (r := results.get(model)) is None:
+            continue
+        ref = REFERENCE[model]
+        if model in CLASSIFIERS:
+            result = cell(f"test acc {pct(r['test_acc'])}", ref=f"{ref['source']}: {approx(ref['test_acc'], 100, '%')}")
+        else:
+            last = r["history"][-1]
+            result = cell(
+                f"FID {fixed(r['fid'])} (floor {fixed(r['fid_floor'])}), IS {fixed(r['inception_score'])}; "
+                f"D {fixed(last['d_loss'], 3)} / G {fixed(last['g_loss'], 3)}",
+                ref=f"{ref['source']}: D {ref['d_loss']} / G {ref['g_loss']} ({ref['at']}), no quality metric",
+            )
+        epochs = f"{r['epochs']}" + (f" of {r['epochs_planned']}" if r.get("epochs_planned", r["epochs"]) != r["epochs"] else "")
+        rows.append([LABELS[model], epochs, count(r["train_images"]), r["precision"], str(r["threads"]), result,
+                     f"{r['seconds'] / 60:.0f} min", cell(r["git_commit"][:12], code=True)])
+    header = ["Model", "Epochs", "Train images", "Precision", "Threads", "Result", "Training time", "Commit"]
+    return table(header, rows) if rows else None
+
+
+
 def run_link(ref: dict | None) -> tuple[dict | str, str | None]:
     """The cell pointing at an MLflow run, and the `mlflow ui` command that opens a local store."""
     if ref is None:
@@ -473,6 +498,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "summary": table(["Model", "Parameters", "Result", "Configuration", "Training time", "Device", "MLflow run"], rows),
         "stores": stores,
         "comparison": comparison_table(classifiers) if classifiers else None,
+        "reference_scale": reference_scale_table(read_json(root / REFERENCE_SCALE) or {}),
         "r3_mismatch": bool(classifiers) and (params.data.classifier_dataset != "cifar10" or params.cnn.arch != "refcnn"),
         "curves": curves,
         "curve_notes": curve_notes,

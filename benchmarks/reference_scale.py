@@ -1,0 +1,124 @@
+"""Record a finished reference-scale run in benchmarks/reference_scale.json, beside the seeds' figures.
+
+A reference-scale run is the pipeline itself on the reference params (full data), with only
+`threads` / `precision` overridden, visibly, in a clone of its own so that it can run for hours
+beside other work:
+
+    git clone . ../ref && cd ../ref && make install
+    dvc exp run -n ref-r1-mlp -S threads=1 train-gan@mlp     # killed? run it again: it resumes
+    python benchmarks/reference_scale.py record --repo ../ref --model mlp      # from this checkout
+
+`record` reads what the run wrote (metrics/, models/<m>/run.json, params.yaml, dvc.lock) and the
+MLflow run it logged, and writes one entry per model; `table` prints the Markdown table that
+BENCHMARKS.md shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from reprovision.layout import CLASSIFIERS, GANS, METRICS, MODELS, REFERENCE_SCALE  # noqa: E402
+from reprovision.references import REFERENCE  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / REFERENCE_SCALE
+
+
+def history(path: Path) -> list[dict]:
+    with path.open() as fh:
+        return [{k: (float(v) if k != "epoch" else int(v)) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+
+
+def mlflow_run(repo: Path, model: str) -> dict:
+    ref = MODELS / (model if model in CLASSIFIERS else f"gan/{model}") / "run.json"
+    run_ref = json.loads((repo / ref).read_text())
+    import mlflow
+
+    run = mlflow.MlflowClient(run_ref["tracking_uri"]).get_run(run_ref["run_id"])
+    return {"run_id": run.info.run_id, "tags": run.data.tags, "params": run.data.params}
+
+
+def record(repo: Path, model: str) -> dict:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    run = mlflow_run(repo, model)
+    entry = {
+        "model": model,
+        "source": REFERENCE[model]["source"],
+        "dvc_exp_name": run["tags"].get("dvc_exp_name", ""),
+        "git_commit": run["tags"]["git_commit"],
+        "mlflow_run_id": run["run_id"],
+        "threads": int(run["tags"]["threads"]),
+        "device": run["tags"]["device"],
+    }
+    if model in CLASSIFIERS:
+        metrics = json.loads((repo / METRICS / f"{model}.json").read_text())
+        rows = history(repo / METRICS / model / "history.csv")
+        entry |= {
+            "epochs": len(rows),
+            "epochs_planned": params[model]["epochs"],
+            "train_images": int(run["params"]["train_images"]),
+            "precision": run["params"]["precision_resolved"],
+            "test_acc": metrics["test_acc"],
+            "seconds": metrics["train_seconds"],
+            "history": rows,
+        }
+    else:
+        metrics = json.loads((repo / METRICS / "gan" / f"{model}.json").read_text())
+        rows = history(repo / METRICS / "gan" / model / "history.csv")
+        fid_curve = history(repo / METRICS / "gan" / model / "fid.csv")
+        entry |= {
+            "epochs": metrics["epochs"],
+            "train_images": int(round(params["gan"]["train_fraction"] * 60_000)),
+            "precision": "fp32",  # the GAN loop has no autocast
+            "fid": metrics["fid"],
+            "fid_floor": metrics["fid_floor"],
+            "inception_score": metrics["inception_score"],
+            "inception_score_real": metrics["inception_score_real"],
+            "kl_uniform": metrics["kl_uniform"],
+            "fid_n": metrics["n"],
+            "seconds": metrics["total_seconds"],
+            "history": rows,
+            "fid_curve": fid_curve,
+        }
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[model] = entry
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return entry
+
+
+def table() -> str:
+    """The report's table of these runs (reprovision.report builds it), as Markdown for BENCHMARKS.md."""
+    from reprovision.report import md_cell, reference_scale_table
+
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    built = reference_scale_table(results)
+    if built is None:
+        return "(no reference-scale run recorded yet)"
+    lines = ["| " + " | ".join(built["header"]) + " |", "|" + "---|" * len(built["header"])]
+    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in built["rows"]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record")
+    rec.add_argument("--repo", type=Path, required=True, help="the clone the run happened in")
+    rec.add_argument("--model", required=True, choices=[*CLASSIFIERS, *GANS])
+    sub.add_parser("table")
+    args = parser.parse_args()
+    if args.command == "record":
+        entry = record(args.repo.resolve(), args.model)
+        print(json.dumps({k: v for k, v in entry.items() if k not in ("history", "fid_curve")}, indent=2))
+    else:
+        print(table())
+
+
+if __name__ == "__main__":
+    main()
