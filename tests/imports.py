@@ -10,7 +10,14 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SEARCH = [ROOT / "stages", ROOT / "src"]  # the stage scripts' sys.path: their own folder, then src/
+
+
+def search_path(root: Path) -> list[Path]:
+    """The stage scripts' sys.path within a checkout: their own folder, then src/."""
+    return [root / "stages", root / "src"]
+
+
+SEARCH = search_path(ROOT)
 
 
 def module_files(dotted: str) -> list[Path]:
@@ -59,13 +66,18 @@ def imported_files(path: Path) -> set[Path]:
     return found
 
 
-def closure(script: Path) -> set[Path]:
-    """`script` and every project file it imports, transitively."""
-    todo, seen = [script.resolve()], set()
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        todo.extend(imported_files(path) - seen)
-    return seen
+def closure(script: Path, root: Path = ROOT) -> set[Path]:
+    """`script` and every project file it imports, transitively, within the checkout at `root`."""
+    global SEARCH
+    saved, SEARCH = SEARCH, search_path(root.resolve())
+    try:
+        todo, seen = [script.resolve()], set()
+        while todo:
+            path = todo.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            todo.extend(imported_files(path) - seen)
+        return seen
+    finally:
+        SEARCH = saved

@@ -20,7 +20,7 @@ import requests
 from mlflow import MlflowClient
 
 from conftest import TINY, _new_copy, dvc, exp_run, pipeline_env, sh
-from imports import ROOT, closure
+from imports import closure
 
 ALL_STAGES = {"check-params", "fetch-data", "augment", "train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate", "report"}
 pytestmark = pytest.mark.slow
@@ -186,7 +186,9 @@ def test_threads_are_part_of_the_configuration(module_repo):
     computing = {"train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate"}
     assert set(status) == computing | {"check-params", "report"}  # the last two read all of params.yaml
     params.write_text(text)
-    one = exp_run(module_repo, "threads=1", env=pipeline_env(OMP_NUM_THREADS="2"))
+    sets = [arg for s in [*TINY, "threads=1"] for arg in ("-S", s)]
+    one = dvc(module_repo, "exp", "run", *sets, "train-cnn", env=pipeline_env(OMP_NUM_THREADS="2"))
+    assert stages_run(one.stdout) == {"check-params", "train-cnn"}, one.stdout
     assert "[train-cnn] device cpu, 1 thread(s)" in one.stdout  # params win over the environment
     newest = max((r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-cnn"), key=lambda r: r.info.start_time)
     assert newest.data.params["threads"] == "1" and newest.data.tags["threads"] == "1"
@@ -203,8 +205,8 @@ def test_editing_any_library_file_marks_exactly_its_stages(module_repo):
     expected: dict[str, set[str]] = {}
     for name, stage in stages.items():
         addresses = [f"{name}@{m}" for m in stage["matrix"]["model"]] if "matrix" in stage else [name]
-        for path in closure(ROOT / script(stage)):
-            expected.setdefault(str(path.relative_to(ROOT)), set()).update(addresses)
+        for path in closure(module_repo / script(stage), module_repo):
+            expected.setdefault(str(path.relative_to(module_repo.resolve())), set()).update(addresses)
     code = sorted(str(p.relative_to(module_repo)) for folder in ("src", "stages") for p in (module_repo / folder).rglob("*.py"))
     assert set(expected) <= set(code)
     # One process for all the files: `dvc status` through DVC's API, each file touched and restored.

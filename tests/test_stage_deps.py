@@ -54,7 +54,7 @@ def test_stages_import_only_the_architectures_they_run():
     assert gan & set(models.values()) == {models["gan"], models["judge"]} and "src/reprovision/train.py" not in gan
 
 
-def test_a_lazy_import_counts(tmp_path, monkeypatch):
+def test_a_lazy_import_counts(tmp_path):
     """An import inside a function is part of the closure: it runs when that code path does."""
     import imports
 
@@ -64,6 +64,5 @@ def test_a_lazy_import_counts(tmp_path, monkeypatch):
     (tmp_path / "src" / "pkg" / "eager.py").write_text("def f():\n    from .lazy import g\n    return g()\n")
     (tmp_path / "src" / "pkg" / "lazy.py").write_text("import numpy\ndef g():\n    return 1\n")
     (tmp_path / "stages" / "s.py").write_text("from pkg import eager\n")
-    monkeypatch.setattr(imports, "SEARCH", [tmp_path / "stages", tmp_path / "src"])
-    found = {str(p.relative_to(tmp_path)) for p in imports.closure(tmp_path / "stages" / "s.py")}
+    found = {str(p.relative_to(tmp_path)) for p in imports.closure(tmp_path / "stages" / "s.py", tmp_path)}
     assert found == {"stages/s.py", "src/pkg/__init__.py", "src/pkg/eager.py", "src/pkg/lazy.py"}
