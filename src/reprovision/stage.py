@@ -2,7 +2,8 @@
 
 `start()` checks everything a stage could be refused for, before it reads data or computes:
 params (config.py), the device, the thread count, the tracking store. `main()` turns the errors a
-user can fix into one line on stderr and exit status 2, without a traceback.
+user can fix into one line on stderr and exit status 2, without a traceback, and so does it for
+Ctrl-C / SIGTERM (exit status 130).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def main(stage: Callable[..., None], *args) -> None:
     except (ConfigError, DataError, track.TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as err:  # its MLflow run is already ended KILLED (track.stage_run)
+        how = "SIGTERM" if isinstance(err, track.Terminated) else "Ctrl-C (SIGINT)"
+        print(f"error: interrupted by {how}. {track.resume_hint()}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def load_subset(name: str, split: str, fraction: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

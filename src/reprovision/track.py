@@ -9,6 +9,13 @@ Where runs go, first match wins:
 DVC runs queued experiments in temporary copies under `<repo>/.dvc/tmp/exps/`; `project_root()`
 resolves those back to the real repository so that their runs and artifacts land in the same
 store as everything else instead of vanishing with the copy.
+
+When the store goes away mid-run (README, "Tracking and reproducibility"): every call that talks to
+it gives up within a bound (`HTTP_DEFAULTS`, instead of MLflow's ~4 minutes per call) and raises
+TrackingError with one line saying what happened, what is safe and how to continue; the classifier
+loop checkpoints each epoch before it logs it, so stopping there loses no training. A run whose
+process dies is ended FAILED or KILLED on the way out where the process can, and otherwise by the
+next attempt of the same stage, which links the two (`previous_attempt` / `superseded_by`).
 """
 
 from __future__ import annotations
@@ -18,13 +25,17 @@ import hashlib
 import json
 import os
 import platform
+import signal
+import socket
 import subprocess
 import sys
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
 from .config import Params
+from .layout import CHECKPOINTS
 
 EXPERIMENT = "reprovision"
 RESOLVED_PARAMS = "resolved_params.json"
@@ -33,9 +44,30 @@ LIBRARIES = ("torch", "torchvision", "numpy", "mlflow", "dvc", "scikit-learn", "
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+# MLflow retries a failed HTTP call 7 times with back-off up to 120 s, ~4 minutes per call, and
+# waits up to 120 s for an answer: a stage whose server died hung ~8 minutes (two calls) before it
+# failed. These bound one call to ~6-9 s when the server is gone (connection refused: retries after
+# 0, 2 and 4 s, plus MLflow's jitter of up to 1 s each) and ~50 s when it hangs (4 tries x 10 s):
+# enough to ride out a blip, short enough to stop soon after the epoch's checkpoint. They are
+# defaults only: a value set in the environment wins (e.g. a remote server that rate-limits).
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+for _name, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
+
+# The stage run of this process (stage_run fills it): what an error message says is safe.
+_attempt: dict[str, Any] = {}
+
 
 class TrackingError(RuntimeError):
-    """The tracking store can't be used; raised before any training starts."""
+    """The tracking store can't be used: refused before training starts, or lost during a run."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was (like Ctrl-C's KeyboardInterrupt), so that clean-up runs."""
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -93,6 +125,139 @@ def check_store(uri: str) -> None:
             )
 
 
+def _outage_cause(err: BaseException | None) -> BaseException | None:
+    """The HTTP failure behind an error, if the store stopped answering. MLflow re-raises requests'
+    errors as MlflowException inside its `except`, so the cause is found along the exception chain."""
+    import requests
+
+    lost = (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError, requests.exceptions.ChunkedEncodingError)
+    while err is not None and not isinstance(err, lost):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def resume_hint() -> str:
+    """What is safe and the command that continues, for the one-line error of a stopped stage."""
+    command = "`dvc exp run` again (same -S options)" if os.environ.get("DVC_EXP_NAME") else "`dvc repro`"
+    checkpoint = _attempt.get("checkpoint")
+    if checkpoint is not None and checkpoint.exists():
+        return f"Training so far is safe in the per-epoch checkpoint {checkpoint}; {command} continues from it."
+    return f"{command} runs the stage again."
+
+
+def _outage_error(cause: BaseException) -> TrackingError:
+    import mlflow
+
+    run = _attempt.get("run")  # the stage's own run (not one that evaluate reopened)
+    text = str(cause).lower()  # requests reports a read timeout after retries as a ConnectionError
+    if "timed out" in text:
+        what = f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s"
+    else:
+        what = "connection refused" if "refused" in text else cause.__class__.__name__
+    what += f", {os.environ.get('MLFLOW_HTTP_REQUEST_MAX_RETRIES')} retries"
+    return TrackingError(
+        f"the MLflow tracking server {mlflow.get_tracking_uri()} stopped answering mid-run ({what}). "
+        f"{resume_hint()} If it is the local server, start it again first (`reprovision mlflow-server start`)"
+        + (f"; run {run.info.run_id} ends FAILED, at the latest when the next attempt starts." if run else ".")
+    )
+
+
+@contextlib.contextmanager
+def _reports_outage() -> Iterator[None]:
+    """Turns the store going away into TrackingError (one line, no traceback, via stage.main)."""
+    try:
+        yield
+    except Exception as err:
+        cause = None if isinstance(err, TrackingError) else _outage_cause(err)
+        if cause is None:
+            raise
+        raise _outage_error(cause) from None
+
+
+@contextlib.contextmanager
+def _one_short_try() -> Iterator[None]:
+    """MLflow's HTTP settings for a single quick attempt: for a store that has just failed us."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}  # MLflow reads them per call
+    saved = {name: os.environ.get(name) for name in quick}
+    os.environ.update(quick)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`, `dvc queue kill`) unwinds like Ctrl-C, so the run is ended KILLED, not left
+    RUNNING. Only where nobody else handles SIGTERM, and only in the main thread (Python's rule)."""
+    install = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+    def interrupt(signum, frame):
+        raise Terminated("SIGTERM")
+
+    if install:
+        signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        if install:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _process_alive(tags: dict[str, str]) -> bool:
+    """Whether the process that started a run still runs. A run from another host is taken as alive
+    (we can't tell); one without a pid tag predates them and is taken as dead."""
+    if "pid" not in tags:
+        return False
+    if tags.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(tags["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process
+    return True
+
+
+def _supersede_earlier_attempts(client, run, tags: dict[str, str]) -> None:
+    """Link this run to the earlier attempts of the same stage that did not finish, and end those
+    still RUNNING whose process is gone (kill -9, a tracking outage) as FAILED.
+
+    An attempt is the same stage and model with the same params_sha256 (all of params.yaml): what a
+    rerun of a failed `dvc repro` or `dvc exp run` has, although each `dvc exp run` gets a new
+    dvc_exp_name. Stages without params_sha256 (tune) are not matched.
+    """
+    if not tags.get("params_sha256"):
+        return
+    query = " and ".join(f"tags.{key} = '{tags[key]}'" for key in ("stage", "model", "params_sha256"))
+    earlier = []
+    for old in client.search_runs([run.info.experiment_id], f"{query} and attributes.status != 'FINISHED'"):
+        if old.info.run_id == run.info.run_id or "superseded_by" in old.data.tags:
+            continue
+        if old.info.status == "RUNNING":
+            if _process_alive(old.data.tags):
+                continue  # a parallel attempt (e.g. a queued twin), still at work
+            client.set_terminated(old.info.run_id, "FAILED")
+        client.set_tag(old.info.run_id, "superseded_by", run.info.run_id)
+        earlier.append(old.info.run_id)
+    if earlier:
+        client.set_tag(run.info.run_id, "previous_attempt", ",".join(earlier))
+
+
+def _end_run(status: str, store_failed: bool) -> None:
+    """End the active run on the way out of an error, never hiding that error. After the store
+    failed, one short try only: if it is still down, the next attempt ends the run instead."""
+    import mlflow
+
+    with _one_short_try() if store_failed else contextlib.nullcontext(), contextlib.suppress(Exception):
+        mlflow.end_run(status)  # MLflow forgets the run locally before it calls the store
+
+
 def git_state(root: Path) -> tuple[str, bool]:
     """(commit, dirty) of the code being run; ("unknown", True) outside git.
 
@@ -137,12 +302,17 @@ def _ensure_experiment(client, root: Path) -> str:
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, model: str, params: dict[str, Any], tags: dict[str, str], resolved: Params, root: Path | None = None
+    stage: str, model: str, params: dict[str, Any], tags: dict[str, str], resolved: Params, root: Path | None = None,
+    checkpoint: Path | None = None,
 ) -> Iterator[Any]:
     """One MLflow run for one executed stage, carrying everything needed to repeat it.
 
     `params` are the run's flat MLflow params; `resolved` is the whole params.yaml as the stage
-    read it, logged as resolved_params.json for `reprovision reproduce`.
+    read it, logged as resolved_params.json for `reprovision reproduce`. `checkpoint` is where the
+    stage saves its training (default: checkpoints/<model>.pt), named by the error messages.
+
+    The run ends FINISHED, FAILED on an error (TrackingError when the store stopped answering),
+    KILLED on Ctrl-C or SIGTERM.
     """
     import mlflow
 
@@ -151,7 +321,8 @@ def stage_run(
     check_store(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    experiment_id = _ensure_experiment(client, root)
+    _attempt.clear()
+    _attempt["checkpoint"] = checkpoint or CHECKPOINTS / f"{model}.pt"
     commit, dirty = git_state(Path.cwd())
     exp_name = os.environ.get("DVC_EXP_NAME", "")
     all_tags = {
@@ -161,19 +332,37 @@ def stage_run(
         "git_dirty": str(dirty).lower(),
         "dvc_exp_name": exp_name,
         "command": " ".join(sys.argv),
+        # Which process runs it: a later attempt ends this run only once that process is gone.
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
         # Set by `reprovision reproduce` for the replay of a recorded run.
         **({"reproduces": os.environ["REPROVISION_REPRODUCES"]} if os.environ.get("REPROVISION_REPRODUCES") else {}),
         **{f"version.{k}": v for k, v in library_versions().items()},
         **tags,
     }
     run_name = f"{stage}-{exp_name}" if exp_name else stage
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags) as run:
-        items = sorted((k, str(v)) for k, v in params.items())
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            mlflow.log_params(dict(items[i : i + 100]))
-        # The full resolved params: what `reprovision reproduce <run-id>` replays.
-        mlflow.log_dict(resolved.model_dump(), RESOLVED_PARAMS)
-        yield run
+    with _reports_outage():
+        experiment_id = _ensure_experiment(client, root)
+        run = _attempt["run"] = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
+    try:
+        with _sigterm_as_interrupt():
+            with _reports_outage():
+                _supersede_earlier_attempts(client, run, all_tags)
+                items = sorted((k, str(v)) for k, v in params.items())
+                for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                    mlflow.log_params(dict(items[i : i + 100]))
+                # The full resolved params: what `reprovision reproduce <run-id>` replays.
+                mlflow.log_dict(resolved.model_dump(), RESOLVED_PARAMS)
+            yield run
+    except BaseException as err:
+        # Also the store failing inside the block through mlflow's own functions (report, tune).
+        cause = _outage_cause(err)
+        _end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", store_failed=cause is not None)
+        if cause is not None and not isinstance(err, TrackingError):
+            raise _outage_error(cause) from None
+        raise
+    with _reports_outage():
+        mlflow.end_run("FINISHED")
 
 
 def params_hash(flat: dict[str, Any]) -> str:
@@ -182,18 +371,29 @@ def params_hash(flat: dict[str, Any]) -> str:
 
 @contextlib.contextmanager
 def resumed_run(run_id: str) -> Iterator[Any]:
-    """Reopen an earlier run of this store (e.g. the training run a model came from) to add to it."""
+    """Reopen an earlier, finished run of this store (e.g. the training run a model came from) to add to it.
+
+    It goes back to FINISHED also when the caller fails: the run itself did finish.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    with mlflow.start_run(run_id=run_id) as run:
+    with _reports_outage():
+        run = mlflow.start_run(run_id=run_id)  # MLflow marks it RUNNING meanwhile
+    try:
         yield run
+    except BaseException as err:
+        _end_run("FINISHED", store_failed=_outage_cause(err) is not None)
+        raise
+    with _reports_outage():
+        mlflow.end_run("FINISHED")
 
 
 def log_epoch(metrics: dict[str, float], step: int) -> None:
     log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=step)
 
 
+@_reports_outage()
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     """Numbers to the active run (non-numbers are left out: they are tags or params)."""
     import mlflow
@@ -201,6 +401,7 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
 
+@_reports_outage()
 def log_artifacts(*paths: Path, folder: str | None = None) -> None:
     import mlflow
 
@@ -208,6 +409,7 @@ def log_artifacts(*paths: Path, folder: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=folder)
 
 
+@_reports_outage()
 def log_torch_model(model, name: str, example_input, description: str) -> None:
     """Log the model with a signature inferred from a real input; pinning requirements avoids a slow inference pass."""
     import mlflow
@@ -230,10 +432,13 @@ def log_torch_model(model, name: str, example_input, description: str) -> None:
 
 
 def write_run_ref(path: Path, run) -> dict[str, str]:
+    import mlflow
+
     ref = {
         "run_id": run.info.run_id,
         "experiment_id": run.info.experiment_id,
-        "tracking_uri": tracking_uri(),
+        # Where the run was logged; tracking_uri() would fall back to SQLite if the server had died since.
+        "tracking_uri": mlflow.get_tracking_uri(),
         "run_name": run.info.run_name,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
