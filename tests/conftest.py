@@ -68,21 +68,34 @@ def pipeline_env(**extra: str) -> dict:
     return env
 
 
-def _new_copy(folder: Path) -> Path:
+def _new_copy(folder: Path, cache: Path | None = None) -> Path:
+    """A fresh copy; with `cache`, it shares that DVC cache (and so its run-cache) with other copies."""
     if not MIRROR.is_dir():
         pytest.fail(f"the dataset mirror {MIRROR} is missing: set REPROVISION_DATA_MIRROR (see README)")
-    return copy_repo(folder)
+    repo = copy_repo(folder)
+    if cache is not None:
+        dvc(repo, "cache", "dir", "--local", str(cache))
+    return repo
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One DVC cache for the copies of the whole session: a stage that an earlier test ran with the
+    same deps and params (fetch-data, augment, the judge) is restored from the run-cache instead of
+    computed again. Tests that must train give their stages params no other test uses; the
+    two-clone reproduction test uses a cache of its own."""
+    return tmp_path_factory.mktemp("dvc-cache")
 
 
 @pytest.fixture
-def repo_copy(tmp_path: Path) -> Path:
-    return _new_copy(tmp_path / "repo")
+def repo_copy(tmp_path: Path, shared_cache: Path) -> Path:
+    return _new_copy(tmp_path / "repo", shared_cache)
 
 
 @pytest.fixture(scope="module")
-def module_repo(tmp_path_factory) -> Path:
+def module_repo(tmp_path_factory, shared_cache: Path) -> Path:
     """One copy shared by the tests of a module that build on each other's runs."""
-    return _new_copy(tmp_path_factory.mktemp("repo"))
+    return _new_copy(tmp_path_factory.mktemp("repo"), shared_cache)
 
 
 def dvc(repo: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -27,6 +27,13 @@ pytestmark = pytest.mark.slow
 FIRST_RUN: dict[str, str] = {}  # result fingerprints of the first run, for the second clone to match
 
 
+@pytest.fixture(scope="module")
+def module_repo(tmp_path_factory) -> Path:
+    """A DVC cache of its own (not the session's shared one): these tests count what runs and what
+    comes back from the run-cache, starting from nothing."""
+    return _new_copy(tmp_path_factory.mktemp("repo"))
+
+
 def stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
