@@ -1,7 +1,9 @@
 """How fast, and how good, each reference model trains under each recipe. A script, not a test.
 
-    PYTHONPATH=src python benchmarks/benchmark.py --data .device-data            # GPU: everything
-    PYTHONPATH=src python benchmarks/benchmark.py --cpu-mode --data ../shared/datasets
+    python benchmarks/benchmark.py                          # every recipe, on a GPU if there is one
+    python benchmarks/benchmark.py --cpu-mode               # a tiny CPU-sized run: proves the path runs
+    python benchmarks/benchmark.py --cpu-table              # the CPU speed table of BENCHMARKS.md
+    (add --data <dir> unless data/prepared exists: see --help)
 
 For every model x recipe it trains with the library's own loops (`reprovision.train.fit`,
 `reprovision.gan_train.train_gan`), set up as the pipeline's stages set them up, and prints
@@ -10,9 +12,14 @@ epoch when only a fraction of the data or of the steps was used), total time, fi
 accuracy, achieved TFLOP/s against FLOPs counted with `FlopCounterMode`, peak GPU memory,
 and the speed-up over the time the reference reported. Recipes live in recipes.py.
 
+`--cpu-table` instead times, on the CPU with a fixed thread count, the R3 ViT and CNN in the
+project's loop (`fit`, set up by the stage's own `setup`) and in a minimal hand-written PyTorch
+loop, each in fp32 and under bf16 autocast, and prints one Markdown table with the machine it ran on.
+
 Imports only torch, numpy, PIL, PyYAML, scikit-learn/torchvision (through reprovision.data)
 and pydantic (through reprovision.config); no dvc, no mlflow. Reads data from prepared
-arrays or straight from a raw mirror, so it runs on a bare GPU machine (see BENCHMARKS.md).
+arrays (`dvc repro fetch-data` writes them to data/prepared) or straight from a raw mirror of the
+official files (see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ import json
 import lzma
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -39,14 +49,23 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from reprovision.augment import BatchAugment, make_policy
+from reprovision.augment import make_policy, normalize
 from reprovision.config import DATASET_SHAPES, ConfigError, Params, parse_params
 from reprovision.data import stratified_subset
 from reprovision.gan_train import train_gan
-from reprovision.models import build_classifier, build_gan, count_parameters
+from reprovision.models import count_parameters
+from reprovision.models.cnn import build_cnn
+from reprovision.models.gan import build_gan
+from reprovision.models.vit import build_vit
 from reprovision.references import REFERENCE, midpoint
-from reprovision.runtime import autocast_dtype, resolve_device, seed_everything
+from reprovision.runtime import autocast_dtype, cpu_has_native_bf16, resolve_device, seed_everything
 from reprovision.train import DeviceData, fit
+
+# The train-vit / train-cnn stages' own set-up (stages/train_classifier.py), not a copy of it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
+from train_classifier import setup as classifier_setup  # noqa: E402
+
+BUILDERS = {"vit": build_vit, "cnn": build_cnn}
 
 # Seconds per epoch the references reported on their own hardware (reprovision/references.py), a
 # range taken as its middle; None where the source reported none (R1's MLP GAN).
@@ -80,7 +99,7 @@ def _cifar10_binary(folder: Path) -> dict[str, np.ndarray]:
     def records(name: str) -> np.ndarray:
         plain, packed = folder / f"{name}.bin", folder / f"{name}.bin.xz"
         if not plain.is_file() and not packed.is_file():
-            raise SystemExit(f"{packed} not found: the lossless CIFAR-10 needs all six batches (device-data lossless 1, 2 and 3)")
+            raise SystemExit(f"{packed} not found: the binary CIFAR-10 needs all six batch files")
         with (open(plain, "rb") if plain.is_file() else lzma.open(packed)) as fh:
             return np.frombuffer(fh.read(), np.uint8).reshape(-1, 3073)  # label byte, then R, G, B planes
 
@@ -131,9 +150,9 @@ def load_dataset(root: Path, name: str) -> tuple[dict[str, np.ndarray], str]:
             return _cifar10_jpeg(jpeg), "mirror JPEG (LOSSY)"
     raise SystemExit(
         f"no {name} under {root}: expected prepared arrays {root}/{name}/{{train,test}}_{{x,y}}.npy "
-        f"(`dvc repro fetch-data` writes them to data/prepared) or a raw mirror laid out like "
-        f"../shared/datasets (mnist/MNIST/raw/*.gz, cifar10/cifar-10-batches-bin/*.bin[.xz] or "
-        f"cifar10/lossy-jpeg/CIFAR-10-images-jpg.tar.gz); on a GPU machine carry .device-data"
+        f"(`dvc repro fetch-data` writes them to data/prepared) or a raw mirror holding "
+        f"mnist/MNIST/raw/*.gz, cifar10/cifar-10-batches-bin/*.bin[.xz] or "
+        f"cifar10/lossy-jpeg/CIFAR-10-images-jpg.tar.gz"
     )
 
 
@@ -236,29 +255,25 @@ def run_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], dev
     cfg = params.classifier(name)
     ds = params.data.classifier_dataset
     channels, size, _, classes = DATASET_SHAPES[ds]
-    flops = classifier_flops(build_classifier(name, params, classes, channels, size).to(device), channels, size, classes, device)
-    # From here on, the train-vit / train-cnn stage's own set-up (pipeline.train_classifier).
+    build = BUILDERS[name]
+    flops = classifier_flops(build(cfg, num_classes=classes, channels=channels, image_size=size).to(device), channels, size, classes, device)
+    # From here on, the train-vit / train-cnn stage's own set-up.
     rng = seed_everything(params.seed, device)
     train_x, train_y = subset(arrays, "train", params.data.train_fraction, params.seed, device)
     test_x, test_y = subset(arrays, "test", params.data.test_fraction, params.seed, device)
     policy = make_policy(ds, params.augment, train_x)
-    model = build_classifier(name, params, classes, channels, size).to(device)
-    if name == "cnn":
-        model = model.to(memory_format=torch.channels_last)
+    model, train, val, augmenter = classifier_setup(name, build, params, device, rng, train_x, train_y, policy)
     reset_peak_memory(device)
     started = time.perf_counter()
-    history = fit(
-        model, DeviceData(train_x, train_y), DeviceData(test_x, test_y), BatchAugment(policy, classes, rng),
-        cfg, params.learning_rate(name), rng, progress=False,
-    )
+    history = fit(model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng, progress=False)
     total = time.perf_counter() - started
     amp = autocast_dtype(cfg.precision, device)
     return {
-        **_timing([row["epoch_seconds"] for row in history], len(train_y)),
+        **_timing([row["epoch_seconds"] for row in history], len(train)),
         "total_s": total,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
-        "train_images": len(train_y),
+        "train_images": len(train),
         "test_images": len(test_y),
         "full_epoch_images": len(arrays["train_y"]),
         "test_acc": history[-1]["test_acc"],
@@ -274,10 +289,11 @@ def run_gan(name: str, params: Params, arrays: dict[str, np.ndarray], device: to
     mcfg = getattr(gcfg, name)
     images, _ = subset(arrays, "train", gcfg.train_fraction, params.seed, device)
     # Counted on a separate pair before seeding: the timed run then draws the stage's exact RNG stream.
-    flops = gan_flops(*(net.to(device) for net in build_gan(name, params)), images, mcfg.latent_dim)
-    # The train-gan stage's set-up (pipeline.train_gan), without its FID/sampling side work.
+    shape = DATASET_SHAPES[params.data.gan_dataset][:3]
+    flops = gan_flops(*(net.to(device) for net in build_gan(name, mcfg, shape)), images, mcfg.latent_dim)
+    # The train-gan stage's set-up (stages/train_gan.py), without its FID/sampling side work.
     rng = seed_everything(params.seed, device)
-    gen, disc = (net.to(device) for net in build_gan(name, params))
+    gen, disc = (net.to(device) for net in build_gan(name, mcfg, shape))
     opt_g = torch.optim.Adam(gen.parameters(), lr=mcfg.lr_g, betas=(mcfg.beta1, mcfg.beta2))
     opt_d = torch.optim.Adam(disc.parameters(), lr=mcfg.lr_d, betas=(mcfg.beta1, mcfg.beta2))
     step_gen, step_disc = (torch.compile(gen), torch.compile(disc)) if compile_ else (gen, disc)
@@ -391,6 +407,227 @@ def environment(device: torch.device) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------- cpu table
+# `--cpu-table`: the steady-state CPU speed of the R3 classifiers, the project's loop against a
+# minimal hand-written PyTorch loop, each in fp32 and under bf16 autocast, in one run.
+
+CPU_TABLE = {"images": 512, "batch_size": 128, "threads": 2, "warmup_epochs": 1, "timed_epochs": 2, "test_images": 100}
+LOAD_LIMIT = 1.0  # wait for the 1-minute load average to drop below this before timing...
+LOAD_POLL_S = 30  # ...checking this often...
+LOAD_WAIT_S = 20 * 60  # ...for at most this long, then measure anyway (the header shows the load)
+PRECISIONS = ("fp32", "bf16")
+LOOPS = ("project", "plain")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides whether bf16 is native
+
+
+def _fraction(images: int, total: int) -> float:
+    """The data fraction whose stratified subset holds exactly `images` of `total` (int() rounds down)."""
+    return 1.0 if images >= total else (images + 0.5) / total
+
+
+def wait_for_quiet(limit: float, poll_s: float, max_wait_s: float) -> tuple[float, float]:
+    """Wait until the 1-minute load average is below `limit`, at most `max_wait_s`; (load, seconds waited)."""
+    started = time.monotonic()
+    while True:
+        load, waited = os.getloadavg()[0], time.monotonic() - started
+        if load < limit or waited >= max_wait_s:
+            return load, waited
+        print(f"1-minute load {load:.2f} >= {limit}: waiting ({waited / 60:.1f} of {max_wait_s / 60:.0f} min)", flush=True)
+        time.sleep(min(poll_s, max_wait_s - waited))
+
+
+def machine() -> dict:
+    """What the CPU table ran on: the CPU as lscpu names it, its bf16 support, memory, torch, threads."""
+    model_name = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model_name = line.split(":", 1)[1].strip()
+                break
+    flags: list[str] = []
+    mem_gib = None
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        mem_gib = int(next(line.split()[1] for line in lines if line.startswith("MemTotal:"))) / 2**20
+    return {
+        "cpu": model_name,
+        "cpus": os.cpu_count(),
+        "mem_gib": mem_gib,
+        "flags": {flag: flag in flags for flag in CPU_FLAGS},
+        "native_bf16": cpu_has_native_bf16(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def _timed(seconds: list[float], warmup: int, images_per_epoch: int) -> dict:
+    """Speed over the epochs after the warm-up: their images over their summed training seconds."""
+    timed = seconds[warmup:]
+    return {"epoch_seconds": seconds, "timed_seconds": sum(timed), "images_per_s": images_per_epoch * len(timed) / sum(timed)}
+
+
+def table_project(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, warmup: int) -> dict:
+    """The project's loop, exactly as the train-<name> stage runs it: stage `setup`, then `fit`."""
+    cfg = params.classifier(name)
+    rng = seed_everything(params.seed, device)
+    train_x, train_y = subset(arrays, "train", params.data.train_fraction, params.seed, device)
+    test_x, test_y = subset(arrays, "test", params.data.test_fraction, params.seed, device)
+    policy = make_policy(params.data.classifier_dataset, params.augment, train_x)
+    model, train, val, augmenter = classifier_setup(name, BUILDERS[name], params, device, rng, train_x, train_y, policy)
+    wall, cpu = time.perf_counter(), time.process_time()
+    history = fit(model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng, progress=False)
+    cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    return {**_timed([row["epoch_seconds"] for row in history], warmup, len(train)), "cores_busy": cores, "train_images": len(train)}
+
+
+def table_plain(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, warmup: int) -> dict:
+    """A minimal hand-written loop: the same model, optimiser and 128-image batches, no augmentation.
+
+    The images are normalised once, before timing; every step is autocast (when bf16) forward,
+    cross-entropy, zero_grad, backward, optimiser step. No scheduler, no metrics, no determinism flag.
+    """
+    cfg = params.classifier(name)
+    channels, size, _, classes = DATASET_SHAPES[params.data.classifier_dataset]
+    amp = autocast_dtype(cfg.precision, device)
+    torch.use_deterministic_algorithms(False)
+    torch.manual_seed(params.seed)
+    train_x, train_y = subset(arrays, "train", params.data.train_fraction, params.seed, device)
+    x = normalize(train_x, make_policy(params.data.classifier_dataset, params.augment, train_x))
+    batches = list(zip(x.split(cfg.batch_size), train_y.split(cfg.batch_size)))
+    model = BUILDERS[name](cfg, num_classes=classes, channels=channels, image_size=size).to(device)
+    if name == "cnn":  # the model as the stage builds it
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](
+        model.parameters(), lr=params.learning_rate(name), weight_decay=cfg.weight_decay
+    )
+    model.train()
+    seconds = []
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(cfg.epochs):
+        started = time.perf_counter()
+        for xb, yb in batches:
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        loss.item()
+        seconds.append(time.perf_counter() - started)
+    cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    return {**_timed(seconds, warmup, len(train_y)), "cores_busy": cores, "train_images": len(train_y)}
+
+
+def cpu_table(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    warmup, timed = CPU_TABLE["warmup_epochs"], args.timed_epochs
+    command = shlex.join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    started_at = datetime.datetime.now().astimezone()
+    load_at_launch = os.getloadavg()[0]
+    print(f"CPU table: {command}", flush=True)
+
+    started = time.perf_counter()
+    arrays, source = load_dataset(args.data, "cifar10")
+    print(f"cifar10: {source} from {args.data}, {time.perf_counter() - started:.1f} s", flush=True)
+    total_train, total_test = len(arrays["train_y"]), len(arrays["test_y"])
+    plan = []
+    for name in CLASSIFIERS:
+        for precision in PRECISIONS:
+            overrides = {
+                "data.train_fraction": _fraction(args.table_images, total_train),
+                "data.test_fraction": _fraction(CPU_TABLE["test_images"], total_test),  # fit evaluates it, untimed
+                "data.val_fraction": 0.0,
+                f"{name}.batch_size": CPU_TABLE["batch_size"],
+                f"{name}.epochs": warmup + timed,
+                f"{name}.precision": precision,
+            }
+            params = apply(overrides, f"--cpu-table {name} {precision}")
+            for loop in LOOPS:
+                plan.append((name, precision, loop, params))
+    channels, size, _, classes = DATASET_SHAPES["cifar10"]
+    flops = {name: classifier_flops(BUILDERS[name](Params().classifier(name), num_classes=classes, channels=channels,
+                                                   image_size=size), channels, size, classes, device)
+             for name in CLASSIFIERS}
+
+    load_before, waited = wait_for_quiet(LOAD_LIMIT, LOAD_POLL_S, args.max_wait)
+    print(f"1-minute load {load_before:.2f} after waiting {waited / 60:.1f} min: timing", flush=True)
+    measured_at = datetime.datetime.now().astimezone()
+    rows = []
+    for name, precision, loop, params in plan:
+        print(f"\n== {name} / {loop} loop / {precision}", flush=True)
+        run = table_project if loop == "project" else table_plain
+        row = run(name, params, arrays, device, warmup)
+        row.update(model=name, precision=precision, loop=loop, load_1min_after=os.getloadavg()[0],
+                   gflop_per_image=flops[name] / 1e9, gflop_per_s=flops[name] / 1e9 * row["images_per_s"])
+        print(f"{row['images_per_s']:.1f} img/s over {timed} timed epoch(s) of {row['train_images']} images "
+              f"(epochs: {', '.join(f'{s:.2f}' for s in row['epoch_seconds'])} s)", flush=True)
+        rows.append(row)
+        if args.json:  # after every row: a run cut short keeps what it finished
+            write_results(args.json, {**machine(), "command": command, "partial": True}, "cpu-table", args, rows)
+    load_after = os.getloadavg()[0]
+    env = {
+        **machine(),
+        "command": command,
+        "data_source": source,
+        "date": measured_at.isoformat(timespec="seconds"),
+        "started": started_at.isoformat(timespec="seconds"),
+        "wall_s": (datetime.datetime.now().astimezone() - started_at).total_seconds(),
+        "load_1min_at_launch": load_at_launch,
+        "load_1min_at_start": load_before,
+        "load_wait_s": waited,
+        "load_1min_at_end": load_after,
+        "images": args.table_images,
+        "warmup_epochs": warmup,
+        "timed_epochs": timed,
+    }
+    print("\n" + cpu_table_markdown(env, rows))
+    if args.json:
+        write_results(args.json, env, "cpu-table", args, rows)
+        print(f"\nwrote {args.json}")
+
+
+def cpu_table_markdown(env: dict, rows: list[dict]) -> str:
+    by = {(r["model"], r["loop"], r["precision"]): r for r in rows}
+    flags = ", ".join(f"{flag} {'yes' if present else 'no'}" for flag, present in env["flags"].items())
+    mem = f"{env['mem_gib']:.0f} GiB" if env["mem_gib"] else "memory unknown"
+    out = [
+        f"- Command: `{env['command']}`",
+        f"- Machine: {env['cpus']} CPUs, {mem}, `lscpu` model name \"{env['cpu']}\"; flags: {flags}",
+        f"- Native bf16 (`runtime.cpu_has_native_bf16()`): **{'yes' if env['native_bf16'] else 'no'}**; "
+        f"torch's CPU kernels: {env['torch_cpu_capability']}",
+        f"- Software: torch {env['torch']}, Python {env['python']}, {env['threads']} threads (`torch.set_num_threads`)",
+        f"- Date: {env['date']}; wall time {env['wall_s'] / 60:.1f} min",
+        f"- Load (1-minute average): {env['load_1min_at_start']:.2f} when timing started "
+        f"(after waiting {env['load_wait_s'] / 60:.1f} min; {env['load_1min_at_launch']:.2f} at launch), "
+        f"{env['load_1min_at_end']:.2f} at the end (this run's own 2 threads count in it)",
+        f"- Data: {env['images']} CIFAR-10 training images ({env['data_source']}), batches of "
+        f"{CPU_TABLE['batch_size']}; {env['warmup_epochs']} untimed warm-up epoch, then {env['timed_epochs']} timed epoch{'s' if env['timed_epochs'] > 1 else ''}",
+        "",
+        "| model | loop | precision | img/s | GFLOP/s | bf16 / fp32 | project / plain | cores busy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fp32 = by[(r["model"], r["loop"], "fp32")]
+        plain = by[(r["model"], "plain", r["precision"])]
+        out.append("| " + " | ".join([
+            f"{r['model'].upper() if r['model'] == 'cnn' else 'ViT'} ({r['gflop_per_image']:.3f} GFLOP/img)",
+            "project (`fit`)" if r["loop"] == "project" else "plain PyTorch",
+            "fp32" if r["precision"] == "fp32" else "bf16 autocast",
+            f"{r['images_per_s']:.1f}",
+            f"{r['gflop_per_s']:.1f}",
+            "-" if r["precision"] == "fp32" else f"x{r['images_per_s'] / fp32['images_per_s']:.2f}",
+            "-" if r["loop"] == "plain" else f"x{r['images_per_s'] / plain['images_per_s']:.2f}",
+            _fmt(r["cores_busy"], ".2f"),
+        ]) + " |")
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------------- cli
 
 
@@ -421,7 +658,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write every result, with per-epoch history, here")
     p.add_argument("--cpu-mode", action="store_true",
                    help=f"a CPU-sized run, labelled as such: device cpu and, unless given, {CPU_MODE}")
+    table = p.add_argument_group("--cpu-table: the CPU speed table of BENCHMARKS.md (ignores the options above but --data and --json)")
+    table.add_argument("--cpu-table", action="store_true",
+                       help="time the R3 ViT and CNN on the CPU, project loop vs plain PyTorch loop, fp32 vs bf16 autocast, "
+                       "and print one Markdown table")
+    table.add_argument("--table-images", type=int, default=CPU_TABLE["images"],
+                       help="CIFAR-10 training images per epoch (default: %(default)s; 128 for a quick smoke run)")
+    table.add_argument("--timed-epochs", type=int, default=CPU_TABLE["timed_epochs"],
+                       help=f"epochs timed after {CPU_TABLE['warmup_epochs']} untimed warm-up epoch (default: %(default)s)")
+    table.add_argument("--threads", type=int, default=CPU_TABLE["threads"], help="torch.set_num_threads (default: %(default)s)")
+    table.add_argument("--max-wait", type=float, default=LOAD_WAIT_S,
+                       help=f"seconds to wait for the 1-minute load average to fall below {LOAD_LIMIT}, polled every "
+                       f"{LOAD_POLL_S} s, before timing; then it times anyway (default: %(default)s; 0: no wait)")
     args = p.parse_args(argv)
+    if args.cpu_table:
+        if args.cpu_mode:
+            p.error("--cpu-table and --cpu-mode are two different runs: give one")
+        if args.table_images < CPU_TABLE["batch_size"] or args.timed_epochs < 1 or args.threads < 1 or args.max_wait < 0:
+            p.error(f"--cpu-table needs --table-images >= {CPU_TABLE['batch_size']}, --timed-epochs >= 1, --threads >= 1, --max-wait >= 0")
+        args.device = "cpu"
     if args.cpu_mode:
         args.device = "cpu"
         for key, value in CPU_MODE.items():
@@ -438,7 +693,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "$REPROVISION_DATA_MIRROR exists: pass --data <prepared arrays or raw mirror>")
         args.data = Path("data/prepared") if Path("data/prepared").is_dir() else Path(mirror)
     if not args.data.is_dir():
-        p.error(f"--data {args.data}: not a directory (give data/prepared, a mirror, or .device-data)")
+        p.error(f"--data {args.data}: not a directory (give data/prepared or a raw mirror)")
     return args
 
 
@@ -459,6 +714,9 @@ def write_results(path: Path, env: dict, mode: str, args: argparse.Namespace, ro
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.cpu_table:
+        cpu_table(args)
+        return
     # Before any CUDA work: deterministic cuBLAS (which seed_everything asks for) reads it at init.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:

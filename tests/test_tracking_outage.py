@@ -174,13 +174,15 @@ def test_interrupted_run_ends_killed_not_running(module_repo, how):
     the stage process alone, as `kill` does. Either way the run ends KILLED, with one line."""
     repo = module_repo
     epochs = 12 if how == "ctrl-c" else 13  # a new configuration each: trained from scratch
-    sets = [f"cnn.epochs={epochs}", "cnn.widths=[8,16]", "cnn.hidden=16", "data.train_fraction=0.01", "data.test_fraction=0.01"]
+    # 2,500 images: an epoch of a few seconds, so that the signal lands inside one, as intended
+    # (with 500 images an idle machine finished an epoch in 0.28 s and the signal missed it).
+    sets = [f"cnn.epochs={epochs}", "cnn.widths=[8,16]", "cnn.hidden=16", "data.train_fraction=0.05", "data.test_fraction=0.01"]
     args = ["exp", "run", *(a for s in sets for a in ("-S", s)), "train-cnn"] if how == "ctrl-c" else ["repro", "train-cnn"]
     if how == "sigterm":
-        set_params(repo, {"cnn": {"epochs": epochs, "widths": [8, 16], "hidden": 16}})
+        set_params(repo, {"data": {"train_fraction": 0.05}, "cnn": {"epochs": epochs, "widths": [8, 16], "hidden": 16}})
     proc = start_training(repo, *args)
     wait_for_epoch(proc, repo / "checkpoints/cnn.pt", 1)
-    time.sleep(0.2)  # mid-epoch
+    time.sleep(1.0)  # mid-epoch
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)
     else:
