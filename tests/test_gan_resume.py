@@ -19,7 +19,7 @@ import yaml
 from conftest import dvc, pipeline_env
 from reprovision.gan_train import train_gan
 from reprovision.models.gan import MLPDiscriminator, MLPGenerator
-from test_resume import set_params
+from test_resume import checkpoint_state, set_params, stage_pids
 
 # ------------------------------------------------------------------ the loop, on a tiny in-memory dataset
 
@@ -126,36 +126,6 @@ SMALL_GAN = {
 TIMING = {"total_seconds", "s_per_epoch"}
 
 
-def checkpoint_state(path: Path) -> tuple[int, bool]:
-    """(epoch, complete) of the checkpoint, read in one go; (0, False) when there is none yet."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # the tensors stay on disk
-    except Exception:  # not there yet, or being replaced this instant
-        return 0, False
-    return state["epoch"], state["complete"]
-
-
-def stage_pids(root_pid: int) -> list[int]:
-    """The `python stages/train_gan.py` processes below the dvc process."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    args: dict[int, str] = {}
-    for line in out.splitlines():
-        parts = line.strip().split(None, 2)
-        if len(parts) < 2:
-            continue
-        pid, ppid = int(parts[0]), int(parts[1])
-        children.setdefault(ppid, []).append(pid)
-        args[pid] = parts[2] if len(parts) > 2 else ""
-    found, todo = [], [root_pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child)
-            if "train_gan.py" in args.get(child, "") and "python" in args.get(child, ""):
-                found.append(child)
-    return found
-
-
 def start_repro(repo: Path, *options: str) -> subprocess.Popen:
     """`dvc repro <options> train-gan@mlp` in the background, its output (stdout and stderr) on a pipe."""
     return subprocess.Popen(
@@ -165,7 +135,7 @@ def start_repro(repo: Path, *options: str) -> subprocess.Popen:
 
 
 def kill_stage(proc: subprocess.Popen) -> None:
-    pids = stage_pids(proc.pid)
+    pids = stage_pids(proc.pid, "train_gan.py")
     assert pids, "training process not found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)

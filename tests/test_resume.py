@@ -43,27 +43,29 @@ def history(repo: Path) -> list[dict]:
 def checkpoint_state(path: Path) -> tuple[int, bool]:
     """(epoch, complete) of the checkpoint, read in one go; (0, False) when there is none yet."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # the tensors stay on disk
     except Exception:  # not there yet, or being replaced this instant
         return 0, False
     return state["epoch"], state["complete"]
 
 
-def stage_pids(root_pid: int) -> list[int]:
-    """The `python stages/train_cnn.py` processes below the dvc process."""
+def stage_pids(root_pid: int, script: str = "train_cnn.py") -> list[int]:
+    """The `python stages/<script>` processes below the dvc process."""
     out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
     children: dict[int, list[int]] = {}
     args: dict[int, str] = {}
     for line in out.splitlines():
-        pid, ppid, cmd = line.strip().split(None, 2) + [""] * (3 - len(line.strip().split(None, 2)))
-        children.setdefault(int(ppid), []).append(int(pid))
-        args[int(pid)] = cmd
+        parts = line.strip().split(None, 2)
+        if len(parts) < 2:
+            continue
+        pid, ppid = int(parts[0]), int(parts[1])
+        children.setdefault(ppid, []).append(pid)
+        args[pid] = parts[2] if len(parts) > 2 else ""
     found, todo = [], [root_pid]
     while todo:
-        pid = todo.pop()
-        for child in children.get(pid, []):
+        for child in children.get(todo.pop(), []):
             todo.append(child)
-            if "train_cnn.py" in args.get(child, "") and "python" in args.get(child, ""):
+            if script in args.get(child, "") and "python" in args.get(child, ""):
                 found.append(child)
     return found
 
