@@ -13,9 +13,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared" / "datasets")
 
-# A run small enough for a test, with the reference architectures unchanged.
+# A run small enough for a test. The classifiers are narrowed too (their compute would otherwise
+# be most of the suite's time); test_models checks that the defaults build the reference architectures.
 TINY = [
     "data.train_fraction=0.005", "data.test_fraction=0.01",
+    "vit.depth=1", "vit.embed_dim=32", "vit.heads=2", "cnn.widths=[8,16]", "cnn.hidden=16",
     "judge.epochs=1", "judge.train_fraction=0.02",
     "gan.epochs=1", "gan.train_fraction=0.01", "gan.sample_every=1", "gan.fid_every=1",
     "gan.fid_samples_during=200", "gan.fid_samples=200",

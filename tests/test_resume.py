@@ -115,10 +115,4 @@ def test_kill_and_resume_matches_uninterrupted_run(repo_copy):
     assert history(repo) == resumed_history
     assert sha256(repo / "models/cnn/model.pt") == resumed_weights
 
-    # A changed config never resumes from the old checkpoint.
-    repro_and_kill(repo, 2, "-f", "-s")
-    set_params(repo, {"cnn": {"lr_mult": 2.0}})
-    changed = dvc(repo, "repro", "train-cnn")
-    assert "resuming" not in changed.stdout
-    assert [row["epoch"] for row in history(repo)] == [str(e) for e in range(1, SMALL_CNN["cnn"]["epochs"] + 1)]
-    assert history(repo) != resumed_history
+    # A changed config never resumes: test_runtime's checkpoint test (a run is too dear for it).

@@ -77,6 +77,16 @@ def test_fingerprint_knows_threads_and_precision():
     assert base != checkpoint.fingerprint("params", "data", 2, "bf16")
 
 
+def test_a_checkpoint_resumes_only_its_own_unfinished_configuration(tmp_path):
+    path = tmp_path / "run.pt"
+    checkpoint.save(path, {"fingerprint": "this config", "complete": False, "epoch": 3})
+    assert checkpoint.load(path, "this config")["epoch"] == 3
+    assert checkpoint.load(path, "another config") is None  # other params, data, code, threads or precision
+    checkpoint.save(path, {"fingerprint": "this config", "complete": True, "epoch": 5})
+    assert checkpoint.load(path, "this config") is None  # finished: a new run starts afresh
+    assert checkpoint.load(tmp_path / "none.pt", "this config") is None
+
+
 def test_validation_split_is_stratified_deterministic_and_disjoint():
     y = np.repeat(np.arange(10), 50)
     train, val = validation_split(y, 0.2, seed=0)

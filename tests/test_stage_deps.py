@@ -3,7 +3,7 @@
 The import closure comes from the source (tests/imports.py: ast, nothing executed), so a new
 import anywhere in a stage's code path fails here until dvc.yaml declares the file. The real-run
 half of the promise (editing any one library file makes `dvc status` name exactly the stages
-that import it) is in test_pipeline_e2e.py.
+that import it) is in test_pipeline_params_e2e.py.
 """
 
 from __future__ import annotations

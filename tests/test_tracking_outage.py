@@ -52,11 +52,19 @@ def kill_server(repo: Path, sig: int) -> None:
 
 
 def start_training(repo: Path, *args: str) -> subprocess.Popen:
-    """A dvc command in its own process group, as a terminal runs it (Ctrl-C reaches the group)."""
-    return subprocess.Popen(
-        [DVC, *args], cwd=repo, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
-    )
+    """A dvc command in its own process group, as a terminal runs it (Ctrl-C reaches the group).
+
+    A shell starts commands with SIGINT at its default; a child inherits an ignored SIGINT, and in the
+    whole suite this process sometimes has it ignored (the Ctrl-C then reached nobody and the run
+    completed), so the default is put back for the child."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            [DVC, *args], cwd=repo, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def wait_for_epoch(proc: subprocess.Popen, ckpt: Path, epoch: int, timeout: float = 300) -> None:

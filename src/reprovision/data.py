@@ -30,7 +30,6 @@ from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from .compat import import_torchvision
 from .config import DATASET_SHAPES
@@ -430,6 +429,8 @@ def stratified_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     if fraction == 1 or size >= len(y):
         return everything
     try:
+        from sklearn.model_selection import train_test_split  # 2.5 s of import: only where a split is drawn
+
         picked, _ = train_test_split(everything, train_size=size, stratify=y, random_state=seed)
     except ValueError as err:  # e.g. a class with a single example cannot be stratified
         raise DataError(f"cannot take a stratified {fraction} of {len(y)} labels: {err}") from None
@@ -462,6 +463,8 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     if fraction == 0:
         return everything, everything[:0]
     try:
+        from sklearn.model_selection import train_test_split
+
         train, val = train_test_split(everything, test_size=fraction, stratify=y, random_state=seed)
     except ValueError as err:  # fewer held-out images than classes
         raise DataError(f"cannot hold out a stratified {fraction} of {len(y)} labels for validation: {err}; "

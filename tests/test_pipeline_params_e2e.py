@@ -1,0 +1,115 @@
+"""The DAG's first run again, in a second clone with a cache of its own: bit for bit the same as
+test_pipeline_e2e.py's. Then, on that clone, what a change re-runs: GAN params, the thread count, a
+code file, a rejected param.
+
+The tests run in order on one copy of the repository and build on each other's results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, _new_copy, dvc, exp_run, pipeline_env, sh
+from imports import closure
+from pipeline import ALL_STAGES, agree_with_the_other_clone, fingerprints, outputs_sha256, stages_run, training_runs
+
+pytestmark = pytest.mark.slow
+FIRST_RUN: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+def module_repo(tmp_path_factory) -> Path:
+    """A DVC cache of its own (not the session's shared one): these tests count what runs and what
+    comes back from the run-cache, starting from nothing."""
+    return _new_copy(tmp_path_factory.mktemp("repo"))
+
+
+def test_second_clone_reproduces_bit_for_bit(module_repo, tmp_path_factory):
+    """Same params, data and code in a separate clone: identical metrics files and model weights.
+    Whichever of the two first runs finishes second compares (see pipeline.agree_with_the_other_clone)."""
+    first = exp_run(module_repo)
+    assert stages_run(first.stdout) == ALL_STAGES, first.stdout
+    FIRST_RUN.update(fingerprints(module_repo))
+    agree_with_the_other_clone(FIRST_RUN, tmp_path_factory)
+
+
+def test_gan_params_rerun_only_that_gan(module_repo):
+    changed = exp_run(module_repo, "gan.mlp.lr_g=0.0002")
+    assert stages_run(changed.stdout) == {"check-params", "train-gan@mlp", "evaluate", "report"}, changed.stdout
+    back = exp_run(module_repo, "gan.mlp.lr_g=0.0001")
+    assert stages_run(back.stdout) == {"check-params"} and fingerprints(module_repo) == FIRST_RUN
+
+
+def test_threads_are_part_of_the_configuration(module_repo):
+    """Another thread count is another configuration: DVC re-runs what computes, MLflow records it."""
+    params = module_repo / "params.yaml"
+    text = params.read_text()
+    params.write_text(text.replace("\nthreads: 2\n", "\nthreads: 1\n"))
+    status = json.loads(dvc(module_repo, "status", "--json").stdout)
+    computing = {"train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate"}
+    assert set(status) == computing | {"check-params", "report"}  # the last two read all of params.yaml
+    params.write_text(text)
+    sets = [arg for s in [*TINY, "threads=1"] for arg in ("-S", s)]
+    one = dvc(module_repo, "exp", "run", *sets, "train-cnn", env=pipeline_env(OMP_NUM_THREADS="2"))
+    assert stages_run(one.stdout) == {"check-params", "train-cnn"}, one.stdout
+    assert "[train-cnn] device cpu, 1 thread(s)" in one.stdout  # params win over the environment
+    newest = max((r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-cnn"), key=lambda r: r.info.start_time)
+    assert newest.data.params["threads"] == "1" and newest.data.tags["threads"] == "1"
+    back = exp_run(module_repo, "threads=2")
+    assert stages_run(back.stdout) == {"check-params"} and fingerprints(module_repo) == FIRST_RUN
+
+
+def test_editing_any_library_file_marks_exactly_its_stages(module_repo):
+    """Append a comment to one code file at a time: `dvc status` names exactly the stages that import it."""
+    import yaml
+
+    stages = yaml.safe_load((module_repo / "dvc.yaml").read_text())["stages"]
+    script = lambda stage: next(w for w in stage["cmd"].split() if w.endswith(".py"))
+    expected: dict[str, set[str]] = {}
+    for name, stage in stages.items():
+        addresses = [f"{name}@{m}" for m in stage["matrix"]["model"]] if "matrix" in stage else [name]
+        for path in closure(module_repo / script(stage), module_repo):
+            expected.setdefault(str(path.relative_to(module_repo.resolve())), set()).update(addresses)
+    code = sorted(str(p.relative_to(module_repo)) for folder in ("src", "stages") for p in (module_repo / folder).rglob("*.py"))
+    assert set(expected) <= set(code)
+    # One process for all the files: `dvc status` through DVC's API, each file touched and restored.
+    probe = f"""
+import json, os
+from pathlib import Path
+from dvc.repo import Repo
+found = {{}}
+for name in {code!r}:
+    path = Path(name)
+    text, times = path.read_bytes(), (path.stat().st_atime_ns, path.stat().st_mtime_ns)
+    path.write_bytes(text + b"\\n# touched\\n")
+    with Repo() as repo:
+        found[name] = sorted(repo.status())
+    path.write_bytes(text)
+    os.utime(path, ns=times)
+print(json.dumps(found))
+"""
+    found = json.loads(sh([sys.executable, "-c", probe], module_repo, pipeline_env()).stdout.splitlines()[-1])
+    for name in code:
+        assert set(found[name]) == expected.get(name, set()), f"editing {name} marks {found[name]}, expected {sorted(expected.get(name, ()))}"
+    assert dvc(module_repo, "status", "--json").stdout.strip() in ("{}", "")
+
+
+# One bad value and one impossible device through `dvc exp run`; test_config checks every message.
+@pytest.mark.parametrize("override, message", [
+    ("vit.heads=0", "vit.heads = 0: Input should be greater than 0"),
+    ("device=cuda", "device = 'cuda', but no cuda device is available"),
+])
+def test_a_rejected_param_leaves_the_workspace_whole(module_repo, override, message):
+    outputs, text = outputs_sha256(module_repo), (module_repo / "params.yaml").read_text()
+    failed = exp_run(module_repo, override, env=pipeline_env(CUDA_VISIBLE_DEVICES=""), check=False)
+    assert failed.returncode != 0 and message in failed.stderr + failed.stdout
+    assert stages_run(failed.stdout) == {"check-params"}, failed.stdout  # stopped before any other stage
+    assert "Traceback" not in failed.stderr + failed.stdout
+    assert outputs_sha256(module_repo) == outputs  # nothing deleted, nothing rewritten
+    (module_repo / "params.yaml").write_text(text)  # DVC leaves the value the user set; put ours back
+
+
