@@ -150,9 +150,11 @@ def test_outage_stops_after_the_checkpoint_and_resumes_to_the_same_result(module
         assert len(errors) == 1, output
         assert f"the MLflow tracking server {uri} stopped answering mid-run (connection refused" in errors[0]
         assert "safe in the per-epoch checkpoint checkpoints/cnn.pt; `dvc repro` continues from it" in errors[0]
-        # It stopped at the first epoch it could not log: epoch 2's (if the outage beat it) or 3's.
+        # It stopped at the first epoch it could not log, with that epoch checkpointed: epoch 2's if
+        # the outage beat its log call, else a later one (a quiet machine runs an epoch of these 500
+        # images in a fraction of a second, so this test may notice epoch 2 an epoch or two late).
         saved, complete = checkpoint_state(repo / "checkpoints/cnn.pt")
-        assert saved in (2, 3) and not complete
+        assert 2 <= saved < SMALL_CNN["cnn"]["epochs"] and not complete
 
         uri = server.start(root=repo)
         orphan = cnn_runs(uri)[-1]
