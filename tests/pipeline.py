@@ -32,7 +32,6 @@ def training_runs(repo) -> list:
 
 def outputs_sha256(repo) -> dict[str, str]:
     """Every file DVC produced, by content: what a rejected or cached run must leave as it was."""
-
     return {
         str(path.relative_to(repo)): hashlib.sha256(path.read_bytes()).hexdigest()
         for folder in ("data", "models", "metrics", "reports")
@@ -79,7 +78,6 @@ OUTPUTS_TO_COMPARE = [
 
 def fingerprints(repo) -> dict[str, str]:
     """sha256 of results; timing figures are masked, they are the only thing allowed to differ."""
-
     out = {}
     for name in OUTPUTS_TO_COMPARE:
         data = (repo / name).read_bytes()
@@ -96,11 +94,10 @@ def fingerprints(repo) -> dict[str, str]:
     return out
 
 
-def agree_with_the_other_clone(found: dict[str, str], tmp_path_factory) -> bool:
+def agree_with_the_other_clone(found: dict[str, str], tmp_path_factory) -> None:
     """Two first runs, each in a fresh clone with a DVC cache of its own (test_pipeline_e2e.py and
     test_pipeline_params_e2e.py, on two pytest-xdist workers or one after the other): the first to
-    finish leaves its fingerprints here, the second asserts that its own are identical. True when
-    this call compared."""
+    finish leaves its fingerprints here, the second asserts that its own are identical."""
     base = tmp_path_factory.getbasetemp()
     folder = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # shared by the workers
     with open(folder / "first-run.lock", "w") as lock:
@@ -108,8 +105,7 @@ def agree_with_the_other_clone(found: dict[str, str], tmp_path_factory) -> bool:
         published = folder / "first-run.json"
         if not published.exists():
             published.write_text(json.dumps(found))
-            return False
+            return
         other = json.loads(published.read_text())
     differ = sorted(name for name in other if other[name] != found.get(name))
     assert not differ and set(other) == set(found), f"two clones of the same code, params and data differ in {differ}"
-    return True
