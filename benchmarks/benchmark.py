@@ -58,7 +58,7 @@ from reprovision.models.cnn import build_cnn
 from reprovision.models.gan import build_gan
 from reprovision.models.vit import build_vit
 from reprovision.references import REFERENCE, midpoint
-from reprovision.runtime import autocast_dtype, cpu_has_native_bf16, resolve_device, seed_everything
+from reprovision.runtime import autocast_dtype, compiled_for_determinism, cpu_has_native_bf16, resolve_device, seed_everything
 from reprovision.train import DeviceData, fit
 
 # The train-vit / train-cnn stages' own set-up (stages/train_classifier.py), not a copy of it.
@@ -296,7 +296,7 @@ def run_gan(name: str, params: Params, arrays: dict[str, np.ndarray], device: to
     gen, disc = (net.to(device) for net in build_gan(name, mcfg, shape))
     opt_g = torch.optim.Adam(gen.parameters(), lr=mcfg.lr_g, betas=(mcfg.beta1, mcfg.beta2))
     opt_d = torch.optim.Adam(disc.parameters(), lr=mcfg.lr_d, betas=(mcfg.beta1, mcfg.beta2))
-    step_gen, step_disc = (torch.compile(gen), torch.compile(disc)) if compile_ else (gen, disc)
+    step_gen, step_disc = (compiled_for_determinism(gen), compiled_for_determinism(disc)) if compile_ else (gen, disc)
     reset_peak_memory(device)
     started = time.perf_counter()
     history = train_gan(

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_parallel_queue_logs_every_run_to_the_server(module_repo):
-    """4 queued experiments, 2 at a time, all logging over HTTP to one `reprovision mlflow-server`."""
+    """2 queued experiments at once (2 queue workers), both logging over HTTP to one `reprovision mlflow-server`."""
     repo = module_repo
     env = pipeline_env()
     # The data once, here: the queued experiments restore it from the run-cache instead of both converting it.
@@ -31,7 +31,7 @@ def test_parallel_queue_logs_every_run_to_the_server(module_repo):
         # Small classifiers: this test is about the queue, not the models. Two epochs: histories must be complete.
         # With a validation split, which every history then carries.
         small = ["vit.epochs=2", "cnn.epochs=2", "data.val_fraction=0.2"]
-        lrs = ["1e-3", "4e-4", "1e-4", "2e-3"]  # two rounds of two workers
+        lrs = ["1e-3", "4e-4"]  # one at a time on each worker
         # Only the classifier stages (and what they need, restored from the run cache): the queue is under test.
         queue_args = ["exp", "run", "--queue", "train-vit", "train-cnn"]
         for s in [*TINY, *small]:
@@ -49,7 +49,7 @@ def test_parallel_queue_logs_every_run_to_the_server(module_repo):
 
         shown = json.loads(dvc(repo, "exp", "show", "--json", env=env).stdout)
         text = json.dumps(shown)
-        for lr in ["0.001", "0.0004", "0.0001", "0.002"]:
+        for lr in ["0.001", "0.0004"]:
             assert f'"lr": {lr}' in text or f'"lr": "{lr}"' in text or lr in text
 
         # The REST API of the server: every queued classifier run is there with complete histories and artifacts.

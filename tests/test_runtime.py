@@ -99,3 +99,17 @@ def test_validation_split_is_stratified_deterministic_and_disjoint():
     assert len(everything) == len(y) and len(none) == 0
     with pytest.raises(DataError, match="raise data.val_fraction"):
         validation_split(y, 0.01, seed=0)  # 5 images for 10 classes
+
+
+def test_seeding_switches_deterministic_algorithms_on_and_compiling_keeps_them(threads):
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        runtime.seed_everything(0, CPU)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        runtime.compiled_for_determinism(torch.nn.Linear(2, 2))  # compiles lazily: nothing runs here
+        import torch._inductor.config as inductor_config
+
+        assert inductor_config.deterministic and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

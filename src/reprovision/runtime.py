@@ -70,6 +70,18 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     torch.manual_seed(seed)
     # Deterministic algorithms everywhere: on CUDA cuBLAS needs this workspace setting.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    # The switch itself, not torch.use_deterministic_algorithms: that one also imports
+    # torch._inductor to set its own flag, ~3 s of every stage's start on this CPU, and only
+    # torch.compile reads that flag (compiled_for_determinism sets it where a model is compiled).
+    torch._C._set_deterministic_algorithms(True, warn_only=device.type != "cpu")
     torch.backends.cudnn.benchmark = False
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def compiled_for_determinism(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile(model), with the deterministic-algorithms setting in force passed on to
+    inductor too (seed_everything leaves inductor's flag alone, to keep torch._inductor unimported)."""
+    torch.use_deterministic_algorithms(
+        torch.are_deterministic_algorithms_enabled(), warn_only=torch.is_deterministic_algorithms_warn_only_enabled()
+    )
+    return torch.compile(model)

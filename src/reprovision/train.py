@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from .augment import BatchAugment
 from .config import TrainConfig
 from .optim import SAM, build_optimizer, build_scheduler, clip_gradients
-from .runtime import autocast_dtype
+from .runtime import autocast_dtype, compiled_for_determinism
 
 
 @dataclass
@@ -84,7 +84,7 @@ def fit(
     steps = len(train) // cfg.batch_size + (len(train) % cfg.batch_size > 1)
     optimizer = build_optimizer(model, cfg, lr, device)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = compiled_for_determinism(model) if cfg.compile else model
     history: list[dict] = []
     first_epoch = 1
 
