@@ -24,10 +24,17 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from reprovision.layout import CLASSIFIERS, GANS, METRICS, MODELS, REFERENCE_SCALE  # noqa: E402
+from reprovision.layout import CLASSIFIERS, GANS, METRICS, MODELS, REFERENCE_SCALE, SUMMARY  # noqa: E402
 from reprovision.references import REFERENCE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / REFERENCE_SCALE
+
+
+def stage_record(folder: Path, model: str) -> dict:
+    """A training stage's whole record: <folder>/<model>/summary.json, or <folder>/<model>.json as
+    runs from before that split wrote it (a long run may have started on an older commit)."""
+    path = folder / model / SUMMARY
+    return json.loads((path if path.exists() else folder / f"{model}.json").read_text())
 
 
 def history(path: Path) -> list[dict]:
@@ -57,7 +64,7 @@ def record(repo: Path, model: str) -> dict:
         "device": run["tags"]["device"],
     }
     if model in CLASSIFIERS:
-        metrics = json.loads((repo / METRICS / f"{model}.json").read_text())
+        metrics = stage_record(repo / METRICS, model)
         rows = history(repo / METRICS / model / "history.csv")
         entry |= {
             "epochs": len(rows),
@@ -69,7 +76,7 @@ def record(repo: Path, model: str) -> dict:
             "history": rows,
         }
     else:
-        metrics = json.loads((repo / METRICS / "gan" / f"{model}.json").read_text())
+        metrics = stage_record(repo / METRICS / "gan", model)
         rows = history(repo / METRICS / "gan" / model / "history.csv")
         fid_curve = history(repo / METRICS / "gan" / model / "fid.csv")
         entry |= {

@@ -1,6 +1,5 @@
 """DVC stage `evaluate`: both classifiers on the test subset (accuracy, per-class precision/recall/F1,
-confusion matrices, misclassified images, Grad-CAM and attention rollout) and the GANs' quality
-figures collected into metrics/evaluate.json.
+confusion matrices, misclassified images, Grad-CAM and attention rollout), one MLflow run per model.
 """
 
 import sys
@@ -19,14 +18,15 @@ from reprovision import track  # noqa: E402
 from reprovision.augment import BatchAugment, Policy  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
 from reprovision.heatmaps import attention_rollout, grad_cam, save_heatmap_grid  # noqa: E402
-from reprovision.layout import CLASSIFIERS, FIGURES, GANS, METRICS, MODELS, POLICY  # noqa: E402
+from reprovision.layout import CLASSIFIERS, EVAL_METRICS, FIGURES, METRICS, MODELS, POLICY, RUN_REF, SUMMARY  # noqa: E402
 from reprovision.models.cnn import build_cnn  # noqa: E402
 from reprovision.models.vit import build_vit  # noqa: E402
 from reprovision.runtime import seed_everything  # noqa: E402
-from reprovision.stage import load_subset, main, start, write_json  # noqa: E402
+from reprovision.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
 
 BUILDERS = {"vit": build_vit, "cnn": build_cnn}
-SUMMARY = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+SCORES = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+HEADLINE = ("accuracy", "macro_f1")
 
 
 def evaluate() -> None:
@@ -52,7 +52,7 @@ def evaluate() -> None:
         model = model.to(device).eval()
         preds, _ = ev.predict(model, normalised, len(test_y), cfg.eval_batch_size, device)
         metrics = ev.classification_metrics(y_host, preds, classes)
-        write_json(METRICS / "eval" / f"{name}_confusion.json", ev.confusion_records(y_host, preds, classes))
+        write_json(EVAL_METRICS / f"{name}_confusion.json", ev.confusion_records(y_host, preds, classes))
         confusions[name] = np.array(metrics["confusion_matrix"])
         per_class[name] = [metrics["per_class"][c]["accuracy"] for c in classes]
         figures = [FIGURES / f"misclassified_{name}.png"]
@@ -64,22 +64,27 @@ def evaluate() -> None:
         labels = [f"{classes[t]} / {classes[p]}" for t, p in zip(y_host[:k], preds[:k])]
         save_heatmap_grid(x_host[:k], maps.cpu(), labels, figure)
         figures.append(figure)
-        results[name] = {key: metrics[key] for key in SUMMARY}
+        results[name] = {key: metrics[key] for key in SCORES}
         results[name]["per_class_accuracy"] = dict(zip(classes, per_class[name]))
-        # Evaluation belongs to the training run that made the model: add it there.
-        with track.resumed_run(json.loads((MODELS / name / "run.json").read_text())["run_id"]):
-            track.log_metrics({f"eval_{key}": results[name][key] for key in SUMMARY})
+        # A run of its own (this stage's code and params may change without the model changing),
+        # naming the training run and the logged model it evaluated; the figures link to that model.
+        trained = json.loads((MODELS / name / RUN_REF).read_text())
+        tags = run_tags(ctx, dataset) | {"evaluated_run": trained["run_id"], "evaluated_model_id": trained.get("model_id", "")}
+        run_params = {"model": name, "test_fraction": params.data.test_fraction, "test_images": len(test_y), **params.evaluate.model_dump()}
+        with track.stage_run("evaluate", name, run_params, tags, params, run_name=f"evaluate-{name}"):
+            test_set = track.log_datasets(Path.cwd(), dataset, tags["data_sha256"], {"test": len(test_y)})["test"]
+            scores = {f"eval_{key}": results[name][key] for key in SCORES}
+            track.log_metrics(scores, model_id=trained.get("model_id"), dataset=test_set)
             track.log_artifacts(*figures, folder="figures")
         print(f"[evaluate] {name}: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
 
     ev.plot_confusions_side_by_side(confusions, classes, FIGURES / "confusion_raw.png", normalize=False)
     ev.plot_confusions_side_by_side(confusions, classes, FIGURES / "confusion_normalised.png", normalize=True)
     ev.plot_per_class_accuracy(per_class, classes, FIGURES / "per_class_accuracy.png")
-    gans = {}
-    for name in GANS:
-        gan = json.loads((METRICS / "gan" / f"{name}.json").read_text())
-        gans[name] = {key: gan[key] for key in ("fid", "fid_floor", "inception_score", "inception_score_real", "kl_uniform", "n")}
-    write_json(METRICS / "evaluate.json", {"classifiers": results, "gans": gans})
+    # The whole record for the report; per model, the two figures `dvc exp show` shows (per-class
+    # figures are in the confusion files, which `dvc plots` draws).
+    write_json(EVAL_METRICS / SUMMARY, {"classifiers": results})
+    write_json(METRICS / "evaluate.json", {name: {key: results[name][key] for key in HEADLINE} for name in results}, sort_keys=False)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """DVC stage `report`: every result on one page beside the reference figures (reports/report.html,
-reports/report.md), and an MLflow summary run linked to the model runs (reprovision/report.py).
+reports/report.md), an MLflow summary run linked to the model runs (reprovision/report.py), and the
+registry alias `champion` on the better classifier by validation accuracy (reprovision/registry.py).
 """
 
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 # This checkout's library, also inside DVC's temporary experiment copies.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from reprovision.registry import promote, read_champion  # noqa: E402
 from reprovision.report import build_report, log_summary_run  # noqa: E402
 from reprovision.stage import main, start  # noqa: E402
 
@@ -17,6 +19,10 @@ def report() -> None:
     key_numbers = build_report(Path("."), ctx.params)
     run_id = log_summary_run(Path("."), key_numbers, ctx.params)
     print(f"[report] reports/report.html and reports/report.md; MLflow run {run_id}")
+    champion = read_champion(Path("."))
+    if champion is not None and champion.version:
+        promote(champion)
+        print(f"[report] champion: {champion.sentence()} {champion.uri}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 
 train_vit.py and train_cnn.py each pass their own model builder, so that a stage imports (and
 declares in dvc.yaml) only the architecture it trains. Outputs, as dvc.yaml declares them:
-models/<name>/ (weights, card, MLflow run reference), metrics/<name>.json, metrics/<name>/history.csv.
+models/<name>/ (weights, card, MLflow run reference), metrics/<name>.json (headline figures),
+metrics/<name>/summary.json (the whole record) and metrics/<name>/history.csv.
 """
 
 import json
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,11 +18,15 @@ from reprovision import cards, checkpoint, track
 from reprovision.augment import BatchAugment, Policy
 from reprovision.config import DATASET_SHAPES, Params
 from reprovision.data import validation_split
-from reprovision.layout import CHECKPOINTS, METRICS, MODELS, POLICY
+from reprovision.layout import CHECKPOINTS, METRICS, MODELS, POLICY, REGISTERED_MODELS, SUMMARY
 from reprovision.models import count_parameters
 from reprovision.runtime import resolve_precision, seed_everything
+from reprovision.serving import RawImageClassifier
 from reprovision.stage import load_subset, run_tags, start, write_csv, write_json
 from reprovision.train import DeviceData, fit
+
+# metrics/<name>.json: what `dvc exp show` shows of this stage (the validation figures only when held out).
+HEADLINE = ("test_acc", "val_acc", "best_val_acc", "train_acc", "test_loss", "train_seconds")
 
 # (params section, num_classes, channels, image_size) -> the untrained model
 Builder = Callable[..., nn.Module]
@@ -72,7 +78,7 @@ def train(name: str, build: Builder) -> None:
     def on_epoch(row: dict) -> None:
         rows.append(row)
         write_csv(history_path, rows)
-        track.log_epoch(row, row["epoch"])
+        track.log_epoch(row, row["epoch"], datasets)
 
     run_params = {
         **cfg.model_dump(),
@@ -93,7 +99,9 @@ def train(name: str, build: Builder) -> None:
         "params_count": count_parameters(model),
         **{f"augment.{k}": v for k, v in augmenter.policy.to_json().items() if k != "dataset"},
     }
-    with track.stage_run(f"train-{name}", name, run_params, tags, params) as run:
+    with track.stage_run(f"train-{name}", name, run_params, tags, params, system_metrics=True) as run:
+        images = {"train": len(train), **({"val": len(val)} if val is not None else {}), "test": len(test)}
+        datasets = track.log_datasets(Path.cwd(), data.classifier_dataset, tags["data_sha256"], images)
         started = time.perf_counter()
         history = fit(
             model, train, val, test, augmenter, cfg, lr, rng,
@@ -111,7 +119,10 @@ def train(name: str, build: Builder) -> None:
             params=count_parameters(model), epochs=cfg.epochs, train_seconds=train_seconds,
             s_per_epoch=train_seconds / len(history), device=str(device),
         )
-        write_json(METRICS / f"{name}.json", metrics)
+        # The whole record for the report and the card; the few numbers a person compares across
+        # experiments (`dvc exp show`, `dvc metrics diff`) in the stage's metrics file.
+        write_json(METRICS / name / SUMMARY, metrics)
+        write_json(METRICS / f"{name}.json", {k: metrics[k] for k in HEADLINE if k in metrics}, sort_keys=False)
         # Per-epoch metrics are already logged with their step; add only the run-level figures.
         run_level = {k: metrics[k] for k in ("params", "train_seconds", "s_per_epoch", "best_val_acc", "best_val_epoch") if k in metrics}
         track.log_metrics({"wall_seconds": wall, **run_level}, step=cfg.epochs)
@@ -119,7 +130,13 @@ def train(name: str, build: Builder) -> None:
         card = cards.classifier_card(name, params, metrics, classes)
         (out / "card.md").write_text(card)
         track.log_artifacts(out / "card.md", history_path)
-        example = augmenter(test.x[:2], test.y[:2], train=False)[0].float()
-        track.log_torch_model(model, "model", example.contiguous(), card)
-        track.write_run_ref(out / "run.json", run)
+        served = RawImageClassifier(model, mean=policy.mean, std=policy.std)
+        registered = REGISTERED_MODELS[name]
+        logged = track.log_model(
+            served, name=name, example=test.x[:2], description=card, params=run_params, step=cfg.epochs,
+            tags={k: tags[k] for k in ("dataset", "data_sha256", "params_sha256")},
+            metadata={"classes": classes, "input": "uint8 images (N, C, H, W) in [0, 255]", "output": "class probabilities (N, classes)"},
+            registered_model_name=registered,
+        )
+        track.write_run_ref(out / "run.json", run, logged, registered)
     print(f"[train-{name}] test accuracy {metrics['test_acc']:.4f} in {train_seconds:.1f} s")

@@ -24,16 +24,18 @@ from reprovision import cards, checkpoint, track  # noqa: E402
 from reprovision import gan_metrics as gm  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
 from reprovision.gan_train import train_gan as fit_gan  # noqa: E402
-from reprovision.layout import CHECKPOINTS, GANS, METRICS, MODELS  # noqa: E402
+from reprovision.layout import CHECKPOINTS, GAN_METRICS, GANS, METRICS, MODELS, SUMMARY  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
 from reprovision.models.gan import build_gan  # noqa: E402
 from reprovision.models.judge import LeNet  # noqa: E402
 from reprovision.pixels import to_pm1  # noqa: E402
 from reprovision.runtime import seed_everything  # noqa: E402
+from reprovision.serving import RawImageGenerator  # noqa: E402
 from reprovision.stage import load_subset, main, run_tags, start, write_csv, write_json  # noqa: E402
 
 
 JUDGE_WEIGHTS = MODELS / "judge" / "model.pt"
+HEADLINE = ("fid", "inception_score", "total_seconds")  # metrics/gan/<name>.json: what `dvc exp show` shows
 
 
 def load_judge(device: torch.device) -> LeNet:
@@ -144,7 +146,9 @@ def train_gan(name: str) -> None:
         "g_params": count_parameters(gen),
         "d_params": count_parameters(disc),
     }
-    with track.stage_run("train-gan", f"gan-{name}", run_params, tags, params) as run:
+    model_name = f"gan-{name}-generator"
+    with track.stage_run("train-gan", f"gan-{name}", run_params, tags, params, system_metrics=True) as run:
+        track.log_datasets(Path.cwd(), "mnist", tags["data_sha256"], {"train": len(train_x), "test": len(test_x)})
         snapshot(0)
         started = time.perf_counter()
         fit_gan(
@@ -171,7 +175,8 @@ def train_gan(name: str) -> None:
             "d_params": run_params["d_params"],
             "device": str(device),
         }
-        write_json(METRICS / "gan" / f"{name}.json", metrics)
+        write_json(GAN_METRICS / name / SUMMARY, metrics)  # the whole record (report, card)
+        write_json(METRICS / "gan" / f"{name}.json", {k: metrics[k] for k in HEADLINE}, sort_keys=False)  # for `dvc exp show`
         write_csv(METRICS / "gan" / name / "history.csv", history_rows)
         write_csv(METRICS / "gan" / name / "fid.csv", fid_curve or [{"epoch": 0, "fid": float("nan")}])
         per_epoch = {"d_loss", "g_loss"}  # logged with their step already
@@ -187,8 +192,12 @@ def train_gan(name: str) -> None:
         card = cards.gan_card(name, params, metrics)
         (out / "card.md").write_text(card)
         track.log_artifacts(out / "grid_10x10.png", out / "progression.gif", out / "nearest_neighbours.png", *frames, folder="figures")
-        track.log_torch_model(gen, "generator", fixed_noise[:4].cpu(), card)
-        track.write_run_ref(out / "run.json", run)
+        logged = track.log_model(
+            RawImageGenerator(gen), name=model_name, example=fixed_noise[:4], description=card, params=run_params,
+            tags={k: tags[k] for k in ("dataset", "data_sha256", "params_sha256")}, step=gcfg.epochs, metadata={"input": f"float32 latent vectors (N, {mcfg.latent_dim}), standard normal",
+                                         "output": "uint8 images (N, 1, 28, 28) in [0, 255]"},
+        )
+        track.write_run_ref(out / "run.json", run, logged)
     print(f"[train-gan {name}] FID {metrics['fid']:.3f} (floor {metrics['fid_floor']:.3f}), IS {metrics['inception_score']:.3f}")
 
 

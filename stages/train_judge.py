@@ -10,10 +10,10 @@ import torch  # noqa: E402
 
 from reprovision import cards, track  # noqa: E402
 from reprovision.judge import train_judge as fit_judge  # noqa: E402
-from reprovision.layout import METRICS, MODELS  # noqa: E402
+from reprovision.layout import METRICS, MODELS, SUMMARY  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
-from reprovision.pixels import to_pm1  # noqa: E402
 from reprovision.runtime import seed_everything  # noqa: E402
+from reprovision.serving import RawImageClassifier  # noqa: E402
 from reprovision.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
 
 
@@ -26,19 +26,29 @@ def train_judge() -> None:
     test_x, test_y, _ = load_subset("mnist", "test", 1.0, params.seed, device)
     out = MODELS / "judge"
     run_params = {**cfg.model_dump(), "seed": params.seed, "threads": ctx.threads, "dataset": "mnist"}
-    with track.stage_run("train-judge", "judge", run_params, run_tags(ctx, "mnist"), params) as run:
+    tags = run_tags(ctx, "mnist")
+    with track.stage_run("train-judge", "judge", run_params, tags, params, system_metrics=True) as run:
+        track.log_datasets(Path.cwd(), "mnist", tags["data_sha256"], {"train": len(train_x), "test": len(test_x)})
         judge, history = fit_judge(train_x, train_y, test_x, test_y, cfg, device, rng)
-        for row in history:
-            track.log_epoch(row, row["epoch"])
+        for row in history:  # named as the judge's, so that they stay out of the classifiers' charts
+            track.log_epoch({f"judge_{k}": v for k, v in row.items() if k != "epoch"}, row["epoch"])
         final = history[-1]
         out.mkdir(parents=True, exist_ok=True)
         torch.save(judge.state_dict(), out / "model.pt")
         metrics = {"test_acc": final["test_acc"], "params": count_parameters(judge), "epochs": cfg.epochs, "device": str(device)}
-        write_json(METRICS / "judge.json", metrics)
+        write_json(METRICS / "judge" / SUMMARY, metrics)  # the whole record (report, card)
+        write_json(METRICS / "judge.json", {"test_acc": metrics["test_acc"]})  # for `dvc exp show`
         card = cards.judge_card(params, metrics)
         (out / "card.md").write_text(card)
-        track.log_torch_model(judge, "model", to_pm1(test_x[:4]).cpu(), card)
-        track.write_run_ref(out / "run.json", run)
+        # Served with the judge's own scaling, x / 127.5 - 1 (pixels.to_pm1), as a mean and std of 0.5.
+        served = RawImageClassifier(judge, mean=[0.5], std=[0.5])
+        logged = track.log_model(
+            served, name="judge", example=test_x[:4], description=card, params=run_params, step=cfg.epochs,
+            tags={k: tags[k] for k in ("dataset", "data_sha256", "params_sha256")},
+            metadata={"classes": [str(d) for d in range(10)], "input": "uint8 images (N, 1, 28, 28) in [0, 255]",
+                      "output": "digit probabilities (N, 10)"},
+        )
+        track.write_run_ref(out / "run.json", run, logged)
     print(f"[train-judge] test accuracy {final['test_acc']:.4f}")
 
 

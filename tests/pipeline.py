@@ -70,6 +70,8 @@ def tiny_parameters(model: str) -> int:
 
 OUTPUTS_TO_COMPARE = [
     "metrics/vit.json", "metrics/cnn.json", "metrics/judge.json", "metrics/gan/mlp.json", "metrics/gan/dcgan.json",
+    "metrics/vit/summary.json", "metrics/cnn/summary.json", "metrics/judge/summary.json", "metrics/gan/mlp/summary.json",
+    "metrics/gan/dcgan/summary.json", "metrics/eval/summary.json",
     "metrics/vit/history.csv", "metrics/evaluate.json", "metrics/eval/cnn_confusion.json",
     "models/vit/model.pt", "models/cnn/model.pt", "models/judge/model.pt", "models/gan/mlp/generator.pt",
     "models/gan/dcgan/generator.pt", "data/prepared/manifest.json",
@@ -109,3 +111,20 @@ def agree_with_the_other_clone(found: dict[str, str], tmp_path_factory) -> None:
         other = json.loads(published.read_text())
     differ = sorted(name for name in other if other[name] != found.get(name))
     assert not differ and set(other) == set(found), f"two clones of the same code, params and data differ in {differ}"
+
+
+def metric_columns(shown: list[dict]) -> dict[str, object]:
+    """The workspace's metric columns of `dvc exp show --json`, `<file>:<key.path>` in the order shown."""
+    workspace = next(row for row in shown if row["rev"] == "workspace")
+    columns: dict[str, object] = {}
+
+    def flatten(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                flatten(f"{prefix}.{key}" if not prefix.endswith(":") else prefix + key, inner)
+        else:
+            columns[prefix] = value
+
+    for path, content in workspace["data"]["metrics"].items():
+        flatten(f"{path}:", content["data"])
+    return columns

@@ -177,7 +177,7 @@ def repro_first_epoch(repo: Path) -> str:
 def outputs(repo: Path) -> dict[str, object]:
     """What must come out the same after kill + resume: metrics without timings, weights and pictures by hash."""
     found: dict[str, object] = {}
-    metrics = json.loads((repo / "metrics/gan/mlp.json").read_text())
+    metrics = json.loads((repo / "metrics/gan/mlp/summary.json").read_text())
     found["metrics"] = {k: v for k, v in metrics.items() if k not in TIMING}
     with (repo / "metrics/gan/mlp/history.csv").open() as fh:
         found["history"] = [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in csv.DictReader(fh)]

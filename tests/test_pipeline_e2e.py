@@ -8,16 +8,28 @@ worker): the two must agree bit for bit. test_queue_e2e.py runs the parallel que
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
+import requests
+import yaml
 
 from conftest import _new_copy, dvc, exp_run, pipeline_env, sh
+from reprovision.data import load_split, stratified_subset
+from reprovision.registry import read_champion
 from pipeline import (
-    ALL_STAGES, agree_with_the_other_clone, all_runs, fingerprints, outputs_sha256, stages_cached, stages_run,
-    tiny_parameters, training_runs,
+    ALL_STAGES, agree_with_the_other_clone, all_runs, fingerprints, metric_columns, outputs_sha256, stages_cached,
+    stages_run, tiny_parameters, training_runs,
 )
 
 pytestmark = pytest.mark.slow
@@ -42,6 +54,7 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
         "models/gan/dcgan/samples/epoch_000.png", "models/gan/dcgan/samples/epoch_001.png",
         "models/gan/mlp/grid_10x10.png", "models/gan/mlp/nearest_neighbours.png",
         "metrics/vit.json", "metrics/cnn.json", "metrics/judge.json", "metrics/gan/mlp.json", "metrics/gan/dcgan.json",
+        "metrics/vit/summary.json", "metrics/judge/summary.json", "metrics/gan/dcgan/summary.json", "metrics/eval/summary.json",
         "metrics/vit/history.csv", "metrics/gan/mlp/history.csv", "metrics/gan/mlp/fid.csv", "metrics/evaluate.json",
         "metrics/eval/vit_confusion.json", "reports/figures/confusion_raw.png", "reports/figures/gradcam_cnn.png",
         "reports/figures/rollout_vit.png", "reports/report.md", "reports/report.html", "checkpoints/vit.pt",
@@ -49,11 +62,15 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
         assert (repo / path).is_file(), f"missing output {path}"
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
     assert manifest["mnist"]["train"] == 60000 and manifest["cifar10"]["test"] == 10000
-    vit = json.loads((repo / "metrics/vit.json").read_text())
+    vit = json.loads((repo / "metrics/vit/summary.json").read_text())
     assert vit["params"] == tiny_parameters("vit") and vit["epochs"] == 1 and 0.0 <= vit["test_acc"] <= 1.0
-    assert json.loads((repo / "metrics/cnn.json").read_text())["params"] == tiny_parameters("cnn")
-    evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert set(evaluation["classifiers"]) == {"vit", "cnn"} and set(evaluation["gans"]) == {"mlp", "dcgan"}
+    assert json.loads((repo / "metrics/cnn/summary.json").read_text())["params"] == tiny_parameters("cnn")
+    # What `dvc exp show` compares: numbers only, the classifiers first, at most 25 columns (here, no validation split: 19).
+    shown = dvc(repo, "exp", "show", "--json").stdout
+    columns = metric_columns(json.loads(shown))
+    assert len(columns) == 19 and all(isinstance(v, (int, float)) for v in columns.values()), columns
+    assert list(columns)[:4] == ["metrics/vit.json:test_acc", "metrics/vit.json:train_acc", "metrics/vit.json:test_loss", "metrics/vit.json:train_seconds"]
+    assert json.loads((repo / "metrics/evaluate.json").read_text())["vit"]["accuracy"] == vit["test_acc"]
     html = (repo / "reports/report.html").read_text()
     assert f"{100 * vit['test_acc']:.1f}" in html
 
@@ -61,7 +78,7 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     by_stage: dict[str, list] = {}
     for run in runs:
         by_stage.setdefault(run.data.tags["stage"], []).append(run)
-    assert {s: len(r) for s, r in by_stage.items()} == {"train-judge": 1, "train-gan": 2, "train-vit": 1, "train-cnn": 1, "report": 1}
+    assert {s: len(r) for s, r in by_stage.items()} == {"train-judge": 1, "train-gan": 2, "train-vit": 1, "train-cnn": 1, "evaluate": 2, "report": 1}
     for run in runs:
         tags = run.data.tags
         assert len(tags["git_commit"]) == 40 and tags["dvc_exp_name"] and tags["version.torch"] and tags["model"]
@@ -73,13 +90,90 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     assert json.loads((repo / "models/vit/run.json").read_text())["run_id"] == vit_run.info.run_id
     assert vit_run.data.params["lr"] == "0.001" and vit_run.data.params["epochs"] == "1"
     assert [m.step for m in client.get_metric_history(vit_run.info.run_id, "test_acc")] == [1]
-    assert "eval_accuracy" in vit_run.data.metrics  # added by the evaluate stage
-    assert "figures/misclassified_vit.png" in {a.path for a in client.list_artifacts(vit_run.info.run_id, "figures")}
-    assert client.search_logged_models([vit_run.info.experiment_id], filter_string=f"source_run_id = '{vit_run.info.run_id}'")
+    # The logged model: named, with params, tags, step and the last epoch's metrics linked to it and its dataset.
+    [vit_model] = client.search_logged_models([vit_run.info.experiment_id], filter_string=f"source_run_id = '{vit_run.info.run_id}'")
+    assert vit_model.name == "vit" and vit_model.params["depth"] == "1" and vit_model.tags["data_sha256"] == manifest["cifar10"]["sha256"]
+    linked = {m.key: m for m in vit_model.metrics}
+    assert linked["test_acc"].step == 1 and linked["test_acc"].value == vit["test_acc"] and linked["test_acc"].dataset_name == "cifar10-test"
+    inputs = {d.dataset.name: d for d in vit_run.inputs.dataset_inputs}
+    assert set(inputs) == {"cifar10-train", "cifar10-test"} and inputs["cifar10-train"].dataset.digest == manifest["cifar10"]["sha256"][:32]
+    names = {m.name for m in client.search_logged_models([vit_run.info.experiment_id])}
+    assert names == {"vit", "cnn", "judge", "gan-mlp-generator", "gan-dcgan-generator"}
+    # Evaluation is a run of its own that names the model it evaluated.
+    vit_eval = next(r for r in by_stage["evaluate"] if r.data.tags["model"] == "vit")
+    assert vit_eval.data.tags["evaluated_run"] == vit_run.info.run_id and vit_eval.data.tags["evaluated_model_id"] == vit_model.model_id
+    assert vit_eval.data.metrics["eval_accuracy"] == vit["test_acc"]
+    assert "figures/misclassified_vit.png" in {a.path for a in client.list_artifacts(vit_eval.info.run_id, "figures")}
+    judge_run = by_stage["train-judge"][0]
+    assert "judge_test_acc" in judge_run.data.metrics and "test_acc" not in judge_run.data.metrics
+    assert client.get_experiment(vit_run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     gan_run = next(r for r in by_stage["train-gan"] if r.data.tags["model"] == "gan-dcgan")
     assert {"fid", "fid_floor", "inception_score", "kl_uniform", "d_loss", "g_loss", "fid_during"} <= set(gan_run.data.metrics)
+    generator = mlflow.pyfunc.load_model(json.loads((repo / "models/gan/dcgan/run.json").read_text())["model_uri"])
+    digits = generator.predict(np.random.default_rng(0).standard_normal((3, 100), dtype=np.float32))
+    assert digits.shape == (3, 1, 28, 28) and digits.dtype == np.uint8
     FIRST_RUN.update(fingerprints(repo))
     agree_with_the_other_clone(FIRST_RUN, tmp_path_factory)
+
+
+def test_the_champion_serves_raw_images_over_rest_as_the_pipeline_predicts(module_repo):
+    """The report promoted the better classifier (by test accuracy: TINY holds out no validation
+    split); `mlflow models serve` of models:/<name>@champion takes raw uint8 CIFAR-10 test images
+    over REST and answers what the evaluate stage predicted, as does pyfunc.load_model in-process."""
+    repo = module_repo
+    champion = read_champion(repo)
+    assert champion.metric == "test_acc" and champion.uri == f"models:/reprovision-{champion.model}@champion"
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    assert str(client.get_model_version_by_alias(champion.registered_model, "champion").version) == champion.version
+    other = next(m for m in ("vit", "cnn") if m != champion.model)
+    assert "champion" not in client.get_registered_model(f"reprovision-{other}").aliases
+    assert champion.sentence() in (repo / "reports/report.md").read_text()
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    test = load_split(repo / "data/prepared", "cifar10", "test")
+    images = test.x[stratified_subset(test.y, params["data"]["test_fraction"], params["seed"])]
+    records = json.loads((repo / f"metrics/eval/{champion.model}_confusion.json").read_text())
+    expected = [test.classes.index(r["predicted"]) for r in records]
+    assert images.dtype == np.uint8 and len(images) == len(expected) == 100
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        in_process = mlflow.pyfunc.load_model(champion.uri).predict(images)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert in_process.shape == (100, 10) and np.allclose(in_process.sum(axis=1), 1, atol=1e-5)
+    assert in_process.argmax(axis=1).tolist() == expected
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", champion.uri, "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        cwd=repo, env=pipeline_env(MLFLOW_TRACKING_URI=uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(f"{url}/ping", timeout=5).ok:
+                    break
+            time.sleep(0.5)
+        assert server.poll() is None, server.stderr.read().decode()[-3000:]
+        answer = requests.post(f"{url}/invocations", json={"inputs": images.tolist()}, timeout=60)
+        assert answer.ok, answer.text[-2000:]
+        served = np.array(answer.json()["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert served.shape == (100, 10) and served.argmax(axis=1).tolist() == expected
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def test_rerun_with_same_params_runs_nothing(module_repo):

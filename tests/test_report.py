@@ -59,7 +59,7 @@ def write_results(root: Path, classifiers: bool = True, gans: bool = True) -> No
     uris = {"vit": "sqlite:////tmp/store/mlflow.db", "cnn": "http://mlflow.example:5000"}
     if classifiers:
         for seed, (m, acc, seconds) in enumerate((("vit", 0.4172, 31.0), ("cnn", 0.5861, 18.5))):
-            write_json(root / f"metrics/{m}.json", {
+            write_json(root / f"metrics/{m}/summary.json", {
                 "test_acc": acc, "test_loss": 1.61, "train_acc": acc - 0.03, "train_loss": 1.7, "best_test_acc": acc + 0.004,
                 "params": report.REFERENCE[m]["params"], "epochs": 3, "train_seconds": 3 * seconds, "s_per_epoch": seconds, "device": "cpu",
             })
@@ -69,17 +69,17 @@ def write_results(root: Path, classifiers: bool = True, gans: bool = True) -> No
             ])
             write_json(root / f"models/{m}/run.json", {"run_id": RUN_IDS[m], "experiment_id": "1", "tracking_uri": uris[m], "run_name": f"train-{m}"})
             (root / f"models/{m}/card.md").write_text(f"# Model card: {m}\n\n**Architecture.** a {m}.\n\n| metric | value |\n|---|---|\n| test_acc | {acc} |\n")
-        write_json(root / "metrics/evaluate.json", {"classifiers": {
+        write_json(root / "metrics/eval/summary.json", {"classifiers": {
             "vit": {"accuracy": 0.4172, "macro_precision": 0.41, "macro_recall": 0.4172, "macro_f1": 0.4031, "per_class": {}},
             "cnn": {"accuracy": 0.5861, "macro_precision": 0.59, "macro_recall": 0.5861, "macro_f1": 0.5790, "per_class": {}},
         }, "gans": {}})
         for seed, name in enumerate(EVALUATION_FIGURES):
             write_png(root / "reports/figures" / name, seed)
     if gans:
-        write_json(root / "metrics/judge.json", {"test_acc": 0.9871, "params": 44426, "epochs": 4})
+        write_json(root / "metrics/judge/summary.json", {"test_acc": 0.9871, "params": 44426, "epochs": 4})
         write_json(root / "models/judge/run.json", {"run_id": RUN_IDS["judge"], "experiment_id": "1", "tracking_uri": uris["vit"], "run_name": "train-judge"})
         for seed, (g, fid) in enumerate((("mlp", 23.456), ("dcgan", 7.891)), start=20):
-            write_json(root / f"metrics/gan/{g}.json", {
+            write_json(root / f"metrics/gan/{g}/summary.json", {
                 "fid": fid, "fid_floor": 0.812, "inception_score": 8.73, "inception_score_std": 0.11, "inception_score_real": 9.61,
                 "kl_uniform": 0.0123, "class_histogram": [48, 52, 50, 47, 55, 49, 51, 50, 46, 52], "n": 500,
                 "d_loss": 0.61, "g_loss": 0.93, "epochs": 3, "total_seconds": 42.0, "s_per_epoch": 14.0,
@@ -116,8 +116,8 @@ def page(root: Path) -> tuple[str, str]:
 def test_key_numbers_appear_as_on_the_page(built):
     root, numbers = built
     md, html = page(root)
-    vit = json.loads((root / "metrics/vit.json").read_text())
-    mlp = json.loads((root / "metrics/gan/mlp.json").read_text())
+    vit = json.loads((root / "metrics/vit/summary.json").read_text())
+    mlp = json.loads((root / "metrics/gan/mlp/summary.json").read_text())
     assert numbers["vit.test_acc"] == vit["test_acc"] and numbers["mlp.fid"] == mlp["fid"]
     assert {"cnn.test_acc", "dcgan.fid", "dcgan.inception_score", "judge.test_acc", "vit.macro_f1"} <= set(numbers)
     for text in (md, html):
@@ -188,19 +188,19 @@ def test_sections_without_their_inputs_say_so(tmp_path):
     numbers = report.build_report(gan_only)
     assert "mlp.fid" in numbers and "vit.test_acc" not in numbers
     md, html = page(gan_only)
-    assert "Not run: <code>metrics/vit.json</code> is missing" in html and 'id="comparison"' not in html
-    assert "`metrics/cnn.json` is missing" in md
+    assert "Not run: <code>metrics/vit/summary.json</code> is missing" in html and 'id="comparison"' not in html
+    assert "`metrics/cnn/summary.json` is missing" in md
     numbers = report.build_report(classifiers_only)
     assert "cnn.test_acc" in numbers and "dcgan.fid" not in numbers
     _, html = page(classifiers_only)
-    assert "Not run: <code>metrics/gan/mlp.json</code> is missing" in html and 'id="gans"' not in html
+    assert "Not run: <code>metrics/gan/mlp/summary.json</code> is missing" in html and 'id="gans"' not in html
     assert "not shown: rollout_vit.png" in html
 
 
 def test_bad_inputs_name_the_file(tmp_path):
     write_results(tmp_path, gans=False)
-    (tmp_path / "metrics/vit.json").write_text("{not json")
-    with pytest.raises(report.ReportError, match=r"metrics/vit\.json is not valid JSON"):
+    (tmp_path / "metrics/vit/summary.json").write_text("{not json")
+    with pytest.raises(report.ReportError, match=r"metrics/vit/summary\.json is not valid JSON"):
         report.build_report(tmp_path)
     write_results(tmp_path, gans=False)
     (tmp_path / "metrics/cnn/history.csv").write_text("epoch,loss\n1,2.0\n")
@@ -233,7 +233,7 @@ def test_page_renders_in_a_browser(built, tmp_path):
     images = int(re.search(r'data-images-loaded="(\d+)"', dom).group(1))
     assert images == page(root)[1].count("<img") > 0
     assert 'data-broken-images="0"' in dom
-    vit = json.loads((root / "metrics/vit.json").read_text())
+    vit = json.loads((root / "metrics/vit/summary.json").read_text())
     assert report.pct(vit["test_acc"]) in dom
 
     screenshot = root / "reports/screenshots/report.png"

@@ -70,6 +70,18 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _promote(args: argparse.Namespace) -> int:
+    from . import registry, track
+
+    champion = registry.read_champion(track.project_root())
+    if champion is None or not champion.version:
+        print("reprovision promote: no registered ViT and CNN here: run the pipeline first (`dvc repro`)", file=sys.stderr)
+        return 2
+    registry.promote(champion)
+    print(f"champion: {champion.sentence()}\n{champion.uri}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reprovision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     tun.add_argument("--name", help="study name; trials are DVC experiments tune-<name>-<k> (default: <model>-<MMDD-HHMM>)")
     tun.add_argument("--seed", type=int, default=0, help="seed of Optuna's TPE sampler")
     tun.set_defaults(func=_tune)
+
+    pro = sub.add_parser("promote", help="set the registry alias `champion` on the better classifier of this checkout (by val_acc)")
+    pro.set_defaults(func=_promote)
 
     args = parser.parse_args(argv)
     return args.func(args)

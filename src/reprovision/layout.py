@@ -14,9 +14,13 @@ AUGMENT = Path("data/augment")
 POLICY = AUGMENT / "policy.json"  # augment: normalisation stats + augmentation policy
 PREVIEW = AUGMENT / "preview.png"
 MODELS = Path("models")  # models/<name>/: weights, card.md, run.json
-METRICS = Path("metrics")  # metrics/<name>.json (dvc metrics), metrics/<name>/history.csv (dvc plots)
+# metrics/<name>.json: the few figures `dvc exp show` compares; metrics/<name>/: the stage's whole
+# record (SUMMARY, for the report and the cards) and per-epoch CSVs (dvc plots).
+METRICS = Path("metrics")
+SUMMARY = "summary.json"
 GAN_MODELS = MODELS / "gan"  # models/gan/<name>/: weights, pictures, card.md, run.json
-GAN_METRICS = METRICS / "gan"  # metrics/gan/<name>.json, metrics/gan/<name>/{history,fid}.csv
+GAN_METRICS = METRICS / "gan"  # metrics/gan/<name>.json, metrics/gan/<name>/{summary.json,history.csv,fid.csv}
+EVAL_METRICS = METRICS / "eval"  # evaluate: summary.json, <classifier>_confusion.json (metrics/evaluate.json beside it)
 RUN_REF = "run.json"  # in each model's folder: the MLflow run that trained it (track.write_run_ref)
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"  # evaluate's pictures
@@ -29,5 +33,6 @@ REFERENCE_SCALE = Path("benchmarks/reference_scale.json")  # `reprovision study`
 CHECKPOINTS = Path("checkpoints")
 
 CLASSIFIERS = ("vit", "cnn")
+REGISTERED_MODELS = {m: f"reprovision-{m}" for m in CLASSIFIERS}  # MLflow model registry names (registry.py)
 GANS = ("mlp", "dcgan")
 LABELS = {"vit": "ViT", "cnn": "CNN", "mlp": "MLP GAN", "dcgan": "DCGAN", "judge": "LeNet judge"}

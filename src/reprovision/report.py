@@ -28,9 +28,10 @@ from matplotlib.ticker import MaxNLocator
 
 from . import track
 from .config import Params, load_params
+from .registry import read_champion
 from .layout import (
-    CLASSIFIERS, CURVES, FIGURES, GAN_METRICS, GAN_MODELS, GANS, LABELS, MANIFEST, METRICS, MODELS, PARAMS, REFERENCE_SCALE, REPORTS,
-    RUN_REF,
+    CLASSIFIERS, CURVES, EVAL_METRICS, FIGURES, GAN_METRICS, GAN_MODELS, GANS, LABELS, MANIFEST, METRICS, MODELS, PARAMS,
+    REFERENCE_SCALE, REPORTS, RUN_REF, SUMMARY,
 )
 from .palette import COLOURS
 from .references import REFERENCE, midpoint
@@ -63,7 +64,7 @@ def model_dir(model: str) -> Path:
 
 
 def metrics_dir(model: str) -> Path:
-    """metrics/<model>/ (per-epoch CSVs); the stage's metrics/<model>.json sits beside it."""
+    """metrics/<model>/: the stage's whole record (summary.json) and per-epoch CSVs."""
     return (GAN_METRICS if model in GANS else METRICS) / model
 
 
@@ -473,13 +474,13 @@ def datasets(manifest: dict) -> list[dict]:
 
 def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
     """Everything both templates show, and the key numbers."""
-    results_json = {m: metrics_dir(m).with_suffix(".json") for m in TRAINED}
+    results_json = {m: metrics_dir(m) / SUMMARY for m in TRAINED}
     results = {m: j for m, path in results_json.items() if (j := read_json(root / path))}
     absent = [path.as_posix() for m, path in results_json.items() if m not in results]
     classifiers = {m: results[m] for m in CLASSIFIERS if m in results}
     gans = {g: results[g] for g in GANS if g in results}
     judge = results.get("judge")
-    evaluation = read_json(root / METRICS / "evaluate.json") or {}
+    evaluation = read_json(root / EVAL_METRICS / SUMMARY) or {}
     runs = run_refs(root)
 
     rows, stores, any_reduced = summary_rows(params, results, runs)
@@ -498,6 +499,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "summary": table(["Model", "Parameters", "Result", "Configuration", "Training time", "Device", "MLflow run"], rows),
         "stores": stores,
         "comparison": comparison_table(classifiers) if classifiers else None,
+        "champion": read_champion(root),
         "reference_scale": reference_scale_table(read_json(root / REFERENCE_SCALE) or {}),
         "r3_mismatch": bool(classifiers) and (params.data.classifier_dataset != "cifar10" or params.cnn.arch != "refcnn"),
         "curves": curves,

@@ -79,9 +79,10 @@ def run_tags(ctx: Context, dataset: str) -> dict[str, str]:
     }
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj, sort_keys: bool = True) -> None:
+    """`sort_keys=False` keeps the caller's order: what `dvc exp show` shows a metrics file's columns in."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -30,12 +30,13 @@ import socket
 import subprocess
 import sys
 import threading
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
 from .config import Params
-from .layout import CHECKPOINTS
+from .layout import CHECKPOINTS, PREPARED
 
 EXPERIMENT = "reprovision"
 RESOLVED_PARAMS = "resolved_params.json"
@@ -287,12 +288,21 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _ensure_experiment(client, root: Path) -> str:
+# MLflow 3's UI opens an experiment on this view: the training runs (not the GenAI overview).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def _ensure_experiment(client, root: Path, uri: str) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
+        if exp.tags.get("mlflow.experimentKind") is None:  # made before the tag was set
+            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return exp.experiment_id
+    # Through a server, the server decides where artifacts go (it proxies them to its store): a
+    # client-side file:// location would put them on the logging machine's disk, out of teammates' reach.
+    location = None if uri.startswith(("http://", "https://")) else artifact_location(root)
     try:
-        return client.create_experiment(EXPERIMENT, artifact_location=artifact_location(root))
+        return client.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # another stage created it a moment ago (parallel queue)
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
@@ -303,13 +313,15 @@ def _ensure_experiment(client, root: Path) -> str:
 @contextlib.contextmanager
 def stage_run(
     stage: str, model: str, params: dict[str, Any], tags: dict[str, str], resolved: Params, root: Path | None = None,
-    checkpoint: Path | None = None,
+    checkpoint: Path | None = None, run_name: str | None = None, system_metrics: bool = False,
 ) -> Iterator[Any]:
     """One MLflow run for one executed stage, carrying everything needed to repeat it.
 
     `params` are the run's flat MLflow params; `resolved` is the whole params.yaml as the stage
     read it, logged as resolved_params.json for `reprovision reproduce`. `checkpoint` is where the
     stage saves its training (default: checkpoints/<model>.pt), named by the error messages.
+    `run_name` defaults to the stage's name (plus the DVC experiment's); `system_metrics`: MLflow
+    samples CPU, memory (and GPU, where pynvml finds one) every 10 s as `system/...` metrics.
 
     The run ends FINISHED, FAILED on an error (TrackingError when the store stopped answering),
     KILLED on Ctrl-C or SIGTERM.
@@ -340,10 +352,13 @@ def stage_run(
         **{f"version.{k}": v for k, v in library_versions().items()},
         **tags,
     }
-    run_name = f"{stage}-{exp_name}" if exp_name else stage
+    run_name = run_name or stage
+    run_name = f"{run_name}-{exp_name}" if exp_name else run_name
     with _reports_outage():
-        experiment_id = _ensure_experiment(client, root)
-        run = _attempt["run"] = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
+        experiment_id = _ensure_experiment(client, root, uri)
+        run = _attempt["run"] = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, tags=all_tags, log_system_metrics=system_metrics
+        )
     try:
         with _sigterm_as_interrupt():
             with _reports_outage():
@@ -389,16 +404,26 @@ def resumed_run(run_id: str) -> Iterator[Any]:
         mlflow.end_run("FINISHED")
 
 
-def log_epoch(metrics: dict[str, float], step: int) -> None:
-    log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=step)
+def log_epoch(metrics: dict[str, float], step: int, datasets: dict[str, Any] | None = None) -> None:
+    """One epoch's row; with log_datasets' datasets, each `<split>_...` figure is linked to the split
+    it was measured on (and, at the last epoch, log_model links them to the model too)."""
+    row = {k: v for k, v in metrics.items() if k != "epoch"}
+    groups: dict[str | None, dict[str, float]] = {}
+    for key, value in row.items():
+        split = key.split("_", 1)[0]
+        groups.setdefault(split if datasets and split in datasets else None, {})[key] = value
+    for split, figures in groups.items():
+        log_metrics(figures, step=step, dataset=datasets[split] if split else None)
 
 
 @_reports_outage()
-def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
-    """Numbers to the active run (non-numbers are left out: they are tags or params)."""
+def log_metrics(metrics: dict[str, float], step: int | None = None, model_id: str | None = None, dataset=None) -> None:
+    """Numbers to the active run (non-numbers are left out: they are tags or params), linked to a
+    logged model and a dataset when given."""
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    mlflow.log_metrics(numbers, step=step, model_id=model_id, dataset=dataset)
 
 
 @_reports_outage()
@@ -409,29 +434,69 @@ def log_artifacts(*paths: Path, folder: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=folder)
 
 
+# MLflow's names for where a dataset was used (its UI shows them beside each input).
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+
+
 @_reports_outage()
-def log_torch_model(model, name: str, example_input, description: str) -> None:
-    """Log the model with a signature inferred from a real input; pinning requirements avoids a slow inference pass."""
+def log_datasets(root: Path, dataset: str, sha256: str, images: dict[str, int]) -> dict[str, Any]:
+    """The data the active run read, as MLflow dataset inputs: one per split in `images` (train,
+    val, test: how many images of it), named `<dataset>-<split>`, with fetch-data's manifest digest
+    and its folder as the source. Returns the datasets by split, to link metrics to."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # MLflow registers its local source class twice, then warns it can't choose
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(str((root / PREPARED / dataset).resolve()))
+    found = {}
+    for split, count in images.items():
+        found[split] = MetaDataset(source, name=f"{dataset}-{split}", digest=sha256[:32])
+        mlflow.log_input(found[split], context=DATASET_CONTEXTS[split], tags={"images": str(count), "sha256": sha256})
+    return found
+
+
+@_reports_outage()
+def log_model(
+    module, *, name: str, example, description: str, params: dict[str, Any], tags: dict[str, str], step: int,
+    metadata: dict[str, Any] | None = None, registered_model_name: str | None = None,
+):
+    """Log `module` (serving.py's raw-input wrappers) as the active run's logged model `name`, with
+    its params and tags, returning its ModelInfo. MLflow links the run's metrics of `step` (the last
+    epoch's, with their datasets) to it.
+
+    pt2 format (torch.export, batch size left dynamic), so it loads without this package and without
+    unpickling; the signature and input example come from `example`, a real input batch of 2 or more.
+    """
     import mlflow
     import torch
     from mlflow.models import infer_signature
 
-    model = model.eval()
+    module = module.cpu().eval()
+    example = example.cpu()
     with torch.no_grad():
-        example_output = model(example_input).float()
-    signature = infer_signature(example_input.cpu().numpy(), example_output.cpu().numpy())
-    mlflow.pytorch.log_model(
-        model.cpu(),
+        output = module(example)
+    info = mlflow.pytorch.log_model(
+        module,
         name=name,
-        signature=signature,
-        # pickle: works for every architecture here (pt2 needs torch.export to trace each model).
-        serialization_format="pickle",
+        signature=infer_signature(example.numpy(), output.numpy()),
+        input_example=example.numpy(),
+        serialization_format="pt2",
+        params={k: str(v) for k, v in params.items()},
+        tags=tags,
+        step=step,
+        metadata=metadata,
+        registered_model_name=registered_model_name,
+        # Pinned: otherwise MLflow infers requirements by loading the model once more.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )
     mlflow.set_tag("mlflow.note.content", description)
+    return info
 
 
-def write_run_ref(path: Path, run) -> dict[str, str]:
+def write_run_ref(path: Path, run, model=None, registered_model: str | None = None) -> dict[str, str]:
+    """models/<name>/run.json: the run (and logged model, when given) that made the model in this folder."""
     import mlflow
 
     ref = {
@@ -440,6 +505,9 @@ def write_run_ref(path: Path, run) -> dict[str, str]:
         # Where the run was logged; tracking_uri() would fall back to SQLite if the server had died since.
         "tracking_uri": mlflow.get_tracking_uri(),
         "run_name": run.info.run_name,
+        **({"model_id": model.model_id, "model_uri": model.model_uri} if model is not None else {}),
+        **({"registered_model": registered_model, "registered_version": str(model.registered_model_version)}
+           if registered_model else {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(ref, indent=2) + "\n")

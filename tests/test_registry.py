@@ -1,0 +1,57 @@
+"""The champion: chosen on validation accuracy (test accuracy only without a validation split, and
+said so), and the registry alias that follows it from one classifier to the other."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from reprovision import registry
+
+
+def test_validation_accuracy_decides_even_against_the_test_set():
+    champion = registry.choose({"vit": {"val_acc": 0.61, "test_acc": 0.50}, "cnn": {"val_acc": 0.60, "test_acc": 0.70}})
+    assert (champion.model, champion.metric, champion.scores) == ("vit", "val_acc", {"vit": 0.61, "cnn": 0.60})
+    assert champion.sentence().startswith("ViT, by validation accuracy: ViT 61.00 % vs CNN 60.00 %")
+
+
+def test_without_a_validation_split_the_test_accuracy_decides_and_the_sentence_says_so():
+    champion = registry.choose({"vit": {"test_acc": 0.40}, "cnn": {"val_acc": 0.9, "test_acc": 0.45}})
+    assert (champion.model, champion.metric) == ("cnn", "test_acc")
+    assert "no validation split was held out" in champion.sentence()
+
+
+def test_one_classifier_is_no_contest():
+    assert registry.choose({"vit": {"test_acc": 0.4}}) is None
+
+
+def write_checkout(root, scores: dict[str, float], versions: dict[str, str], uri: str) -> None:
+    for model, acc in scores.items():
+        (root / "metrics" / model).mkdir(parents=True, exist_ok=True)
+        (root / "metrics" / model / "summary.json").write_text(json.dumps({"val_acc": acc, "test_acc": acc}))
+        (root / "models" / model).mkdir(parents=True, exist_ok=True)
+        ref = {"run_id": "r", "tracking_uri": uri, "registered_model": f"reprovision-{model}", "registered_version": versions[model]}
+        (root / "models" / model / "run.json").write_text(json.dumps(ref))
+
+
+def test_the_alias_moves_to_the_new_champion_and_leaves_the_old_one(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    for model in ("vit", "cnn"):
+        client.create_registered_model(f"reprovision-{model}")
+        client.create_model_version(f"reprovision-{model}", source=(tmp_path / model).as_uri())
+
+    write_checkout(tmp_path, {"vit": 0.7, "cnn": 0.5}, {"vit": "1", "cnn": "1"}, uri)
+    first = registry.read_champion(tmp_path)
+    assert (first.model, first.version, first.uri) == ("vit", "1", "models:/reprovision-vit@champion")
+    registry.promote(first)
+    assert client.get_model_version_by_alias("reprovision-vit", "champion").tags["champion_by"] == "val_acc"
+
+    write_checkout(tmp_path, {"vit": 0.7, "cnn": 0.8}, {"vit": "1", "cnn": "1"}, uri)
+    registry.promote(registry.read_champion(tmp_path))
+    assert str(client.get_model_version_by_alias("reprovision-cnn", "champion").version) == "1"
+    assert "champion" not in client.get_registered_model("reprovision-vit").aliases
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias("reprovision-vit", "champion")
