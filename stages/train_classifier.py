@@ -78,7 +78,7 @@ def train(name: str, build: Builder) -> None:
     def on_epoch(row: dict) -> None:
         rows.append(row)
         write_csv(history_path, rows)
-        track.log_epoch(row, row["epoch"], datasets)
+        track.log_epoch(row, row["epoch"])
 
     run_params = {
         **cfg.model_dump(),
@@ -101,7 +101,7 @@ def train(name: str, build: Builder) -> None:
     }
     with track.stage_run(f"train-{name}", name, run_params, tags, params, system_metrics=True) as run:
         images = {"train": len(train), **({"val": len(val)} if val is not None else {}), "test": len(test)}
-        datasets = track.log_datasets(Path.cwd(), data.classifier_dataset, tags["data_sha256"], images)
+        track.log_datasets(Path.cwd(), data.classifier_dataset, tags["data_sha256"], images)
         started = time.perf_counter()
         history = fit(
             model, train, val, test, augmenter, cfg, lr, rng,

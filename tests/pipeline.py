@@ -27,7 +27,7 @@ def stages_cached(output: str) -> set[str]:
 
 
 def training_runs(repo) -> list:
-    return [r for r in all_runs(repo)[1] if r.data.tags["stage"] != "report"]
+    return [r for r in all_runs(repo)[1] if r.data.tags["stage"].startswith("train-")]
 
 
 def outputs_sha256(repo) -> dict[str, str]:

@@ -78,7 +78,14 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     by_stage: dict[str, list] = {}
     for run in runs:
         by_stage.setdefault(run.data.tags["stage"], []).append(run)
-    assert {s: len(r) for s, r in by_stage.items()} == {"train-judge": 1, "train-gan": 2, "train-vit": 1, "train-cnn": 1, "evaluate": 2, "report": 1}
+    assert {s: len(r) for s, r in by_stage.items()} == {
+        "dvc-exp": 1, "train-judge": 1, "train-gan": 2, "train-vit": 1, "train-cnn": 1, "evaluate": 2, "report": 1,
+    }
+    # One run per `dvc exp run`, named after it, groups the stage runs (nested under it in the UI).
+    [group] = by_stage.pop("dvc-exp")
+    runs = [run for run in runs if run is not group]
+    assert group.info.run_name == group.data.tags["dvc_exp_name"] and group.info.status == "FINISHED"
+    assert all(run.data.tags["mlflow.parentRunId"] == group.info.run_id for run in runs)
     for run in runs:
         tags = run.data.tags
         assert len(tags["git_commit"]) == 40 and tags["dvc_exp_name"] and tags["version.torch"] and tags["model"]
@@ -90,11 +97,11 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     assert json.loads((repo / "models/vit/run.json").read_text())["run_id"] == vit_run.info.run_id
     assert vit_run.data.params["lr"] == "0.001" and vit_run.data.params["epochs"] == "1"
     assert [m.step for m in client.get_metric_history(vit_run.info.run_id, "test_acc")] == [1]
-    # The logged model: named, with params, tags, step and the last epoch's metrics linked to it and its dataset.
+    # The logged model: named, with params, tags, step and the last epoch's metrics linked to it.
     [vit_model] = client.search_logged_models([vit_run.info.experiment_id], filter_string=f"source_run_id = '{vit_run.info.run_id}'")
     assert vit_model.name == "vit" and vit_model.params["depth"] == "1" and vit_model.tags["data_sha256"] == manifest["cifar10"]["sha256"]
     linked = {m.key: m for m in vit_model.metrics}
-    assert linked["test_acc"].step == 1 and linked["test_acc"].value == vit["test_acc"] and linked["test_acc"].dataset_name == "cifar10-test"
+    assert linked["test_acc"].step == 1 and linked["test_acc"].value == vit["test_acc"]
     inputs = {d.dataset.name: d for d in vit_run.inputs.dataset_inputs}
     assert set(inputs) == {"cifar10-train", "cifar10-test"} and inputs["cifar10-train"].dataset.digest == manifest["cifar10"]["sha256"][:32]
     names = {m.name for m in client.search_logged_models([vit_run.info.experiment_id])}
@@ -103,6 +110,9 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     vit_eval = next(r for r in by_stage["evaluate"] if r.data.tags["model"] == "vit")
     assert vit_eval.data.tags["evaluated_run"] == vit_run.info.run_id and vit_eval.data.tags["evaluated_model_id"] == vit_model.model_id
     assert vit_eval.data.metrics["eval_accuracy"] == vit["test_acc"]
+    # ...and its figures are linked to that model and to the test set they were measured on.
+    evaluated = {m.key: m for m in client.get_logged_model(vit_model.model_id).metrics if m.run_id == vit_eval.info.run_id}
+    assert evaluated["eval_accuracy"].dataset_name == "cifar10-test" and evaluated["eval_macro_f1"].value == vit_eval.data.metrics["eval_macro_f1"]
     assert "figures/misclassified_vit.png" in {a.path for a in client.list_artifacts(vit_eval.info.run_id, "figures")}
     judge_run = by_stage["train-judge"][0]
     assert "judge_test_acc" in judge_run.data.metrics and "test_acc" not in judge_run.data.metrics
@@ -189,8 +199,8 @@ def test_lr_override_reruns_only_classifiers(module_repo):
     assert stages_run(third.stdout) == {"check-params", "train-vit", "train-cnn", "evaluate", "report"}, third.stdout
     _, after = all_runs(module_repo)
     new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
-    assert sorted(r.data.tags["stage"] for r in new) == ["report", "train-cnn", "train-vit"]
-    assert all(r.data.params["lr"] == "0.0004" for r in new if r.data.tags["stage"] != "report")
+    assert sorted(r.data.tags["stage"] for r in new) == ["dvc-exp", "evaluate", "evaluate", "report", "train-cnn", "train-vit"]
+    assert all(r.data.params["lr"] == "0.0004" for r in new if r.data.tags["stage"].startswith("train-"))
 
 
 def test_returning_to_earlier_params_restores_from_the_run_cache(module_repo):

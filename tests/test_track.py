@@ -52,3 +52,31 @@ def test_unwritable_sqlite_store_is_refused_before_training(tmp_path):
 def test_unreachable_server_is_refused_with_the_fix(tmp_path):
     with pytest.raises(track.TrackingError, match="not reachable.*reprovision mlflow-server start"):
         track.check_store("http://127.0.0.1:9")
+
+
+def test_the_stage_runs_of_one_experiment_nest_under_one_run_itself_under_a_callers(tmp_path, monkeypatch):
+    """`dvc exp run` sets DVC_EXP_NAME for each stage: the first stage that logs makes the group run,
+    the next one finds it; REPROVISION_PARENT_RUN_ID (set by `reprovision tune`) nests the group."""
+    import mlflow
+
+    from reprovision.config import Params
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    outer = client.create_run(client.create_experiment("outer")).info.run_id
+    monkeypatch.setenv(track.PARENT_RUN_ENV, outer)
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-exp")
+    runs = []
+    for stage in ("train-vit", "train-cnn"):
+        with track.stage_run(stage, stage[6:], {}, {}, Params(), root=tmp_path) as run:
+            runs.append(run.info.run_id)
+    experiment = client.get_experiment_by_name(track.EXPERIMENT).experiment_id
+    [group] = client.search_runs([experiment], f"tags.stage = '{track.EXP_PARENT}'")
+    assert group.info.run_name == "brisk-exp" and group.data.tags["mlflow.parentRunId"] == outer
+    assert all(client.get_run(r).data.tags["mlflow.parentRunId"] == group.info.run_id for r in runs)
+    monkeypatch.delenv("DVC_EXP_NAME")  # a plain `dvc repro`: under the caller's run only, no group
+    with track.stage_run("train-vit", "vit", {}, {}, Params(), root=tmp_path) as run:
+        pass
+    assert client.get_run(run.info.run_id).data.tags["mlflow.parentRunId"] == outer
+    assert len(client.search_runs([experiment], f"tags.stage = '{track.EXP_PARENT}'")) == 1

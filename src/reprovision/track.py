@@ -288,6 +288,11 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# The run that groups the stage runs of one `dvc exp run` (its `stage` tag), and the environment
+# variable through which a caller (`reprovision tune`) nests those groups under a run of its own.
+EXP_PARENT = "dvc-exp"
+PARENT_RUN_ENV = "REPROVISION_PARENT_RUN_ID"
+
 # MLflow 3's UI opens an experiment on this view: the training runs (not the GenAI overview).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -308,6 +313,23 @@ def _ensure_experiment(client, root: Path, uri: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def _parent_run(client, experiment_id: str, exp_name: str, commit: str) -> str | None:
+    """The run the stage run nests under: the group run of its `dvc exp run` (made by the first stage
+    that logs, found by the next ones), itself nested under $REPROVISION_PARENT_RUN_ID when set;
+    that run alone for a plain `dvc repro`."""
+    outer = os.environ.get(PARENT_RUN_ENV) or None
+    if not exp_name:
+        return outer
+    query = f"tags.stage = '{EXP_PARENT}' and tags.dvc_exp_name = '{exp_name}'"
+    found = client.search_runs([experiment_id], query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {"stage": EXP_PARENT, "dvc_exp_name": exp_name, "git_commit": commit, **({"mlflow.parentRunId": outer} if outer else {})}
+    group = client.create_run(experiment_id, run_name=exp_name, tags=tags)
+    client.set_terminated(group.info.run_id, "FINISHED")  # a folder for the stage runs: nothing runs in it
+    return group.info.run_id
 
 
 @contextlib.contextmanager
@@ -356,6 +378,9 @@ def stage_run(
     run_name = f"{run_name}-{exp_name}" if exp_name else run_name
     with _reports_outage():
         experiment_id = _ensure_experiment(client, root, uri)
+        parent = _parent_run(client, experiment_id, exp_name, commit)
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent  # how MLflow nests a run under another
         run = _attempt["run"] = mlflow.start_run(
             experiment_id=experiment_id, run_name=run_name, tags=all_tags, log_system_metrics=system_metrics
         )
@@ -404,16 +429,8 @@ def resumed_run(run_id: str) -> Iterator[Any]:
         mlflow.end_run("FINISHED")
 
 
-def log_epoch(metrics: dict[str, float], step: int, datasets: dict[str, Any] | None = None) -> None:
-    """One epoch's row; with log_datasets' datasets, each `<split>_...` figure is linked to the split
-    it was measured on (and, at the last epoch, log_model links them to the model too)."""
-    row = {k: v for k, v in metrics.items() if k != "epoch"}
-    groups: dict[str | None, dict[str, float]] = {}
-    for key, value in row.items():
-        split = key.split("_", 1)[0]
-        groups.setdefault(split if datasets and split in datasets else None, {})[key] = value
-    for split, figures in groups.items():
-        log_metrics(figures, step=step, dataset=datasets[split] if split else None)
+def log_epoch(metrics: dict[str, float], step: int) -> None:
+    log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=step)
 
 
 @_reports_outage()
@@ -442,7 +459,8 @@ DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 def log_datasets(root: Path, dataset: str, sha256: str, images: dict[str, int]) -> dict[str, Any]:
     """The data the active run read, as MLflow dataset inputs: one per split in `images` (train,
     val, test: how many images of it), named `<dataset>-<split>`, with fetch-data's manifest digest
-    and its folder as the source. Returns the datasets by split, to link metrics to."""
+    and its folder as the source. Returns the datasets by split, to link metrics to (MLflow keeps a
+    metric's dataset only together with a model_id: evaluate's figures have both)."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset

@@ -256,10 +256,13 @@ def tune(
     run_params = {"model": model, "trials": trials, "epochs": epochs or "params.yaml", "sets": " ".join(sets),
                   "timeout": timeout or "none", "seed": seed, "sampler": "TPE", "pruner": "median(2 startup, 1 warmup)"}
     tags = {"study": name, "search_space": json.dumps(SEARCH_SPACE)}
-    with track.stage_run("tune", model, run_params, tags, params):
+    with track.stage_run("tune", model, run_params, tags, params) as run:
+        # Each trial's `dvc exp run` groups its stage runs under a run that nests under this one.
+        os.environ[track.PARENT_RUN_ENV] = run.info.run_id
         try:
             study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[log_trial])
         finally:  # a failed or interrupted search still leaves its trials on record
+            os.environ.pop(track.PARENT_RUN_ENV, None)
             with tempfile.TemporaryDirectory() as tmp:
                 table = Path(tmp) / "trials.csv"
                 rows = trial_rows(study, model)
