@@ -119,7 +119,11 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     assert client.get_experiment(vit_run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     gan_run = next(r for r in by_stage["train-gan"] if r.data.tags["model"] == "gan-dcgan")
     assert {"fid", "fid_floor", "inception_score", "kl_uniform", "d_loss", "g_loss", "fid_during"} <= set(gan_run.data.metrics)
-    generator = mlflow.pyfunc.load_model(json.loads((repo / "models/gan/dcgan/run.json").read_text())["model_uri"])
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    try:
+        generator = mlflow.pyfunc.load_model(json.loads((repo / "models/gan/dcgan/run.json").read_text())["model_uri"])
+    finally:
+        mlflow.set_tracking_uri(None)
     digits = generator.predict(np.random.default_rng(0).standard_normal((3, 100), dtype=np.float32))
     assert digits.shape == (3, 1, 28, 28) and digits.dtype == np.uint8
     FIRST_RUN.update(fingerprints(repo))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,7 +151,8 @@ def test_outage_stops_after_the_checkpoint_and_resumes_to_the_same_result(module
         assert "Traceback" not in output, output
         errors = [line for line in output.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1, output
-        assert f"the MLflow tracking server {uri} stopped answering mid-run (connection refused" in errors[0]
+        # Refused, or (when the kill cut an answer short) a ChunkedEncodingError.
+        assert re.search(rf"the MLflow tracking server {uri} stopped answering mid-run \((connection refused|ChunkedEncodingError), 3 retries\)", errors[0])
         assert "safe in the per-epoch checkpoint checkpoints/cnn.pt; `dvc repro` continues from it" in errors[0]
         # It stopped at the first epoch it could not log: epoch 2's (if the outage beat it) or 3's.
         saved, complete = checkpoint_state(repo / "checkpoints/cnn.pt")

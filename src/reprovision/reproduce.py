@@ -113,8 +113,9 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
     if not replays:
         raise ReproduceError(f"the replay of {stage} logged no run to {uri}")
     replay = replays[0]
-    # Timings differ run to run; eval_* come from the evaluate stage, which is not replayed here.
-    keys = sorted(k for k in recorded_run.data.metrics if k not in TIMING and not k.startswith("eval_"))
+    # Timings differ run to run; eval_* came from the evaluate stage (now runs of their own).
+    # System metrics (CPU, memory, disk) describe the machine at that moment, not the result.
+    keys = sorted(k for k in recorded_run.data.metrics if k not in TIMING and not k.startswith(("eval_", "system/")))
     before, after = histories(client, run_id, keys), histories(client, replay.info.run_id, keys)
     same = True
     print(f"{'metric':<24} {'recorded':>14} {'reproduced':>14}")

@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -471,7 +472,17 @@ def log_datasets(root: Path, dataset: str, sha256: str, images: dict[str, int]) 
     found = {}
     for split, count in images.items():
         found[split] = MetaDataset(source, name=f"{dataset}-{split}", digest=sha256[:32])
-        mlflow.log_input(found[split], context=DATASET_CONTEXTS[split], tags={"images": str(count), "sha256": sha256})
+        tags = {"images": str(count), "sha256": sha256}
+        try:
+            mlflow.log_input(found[split], context=DATASET_CONTEXTS[split], tags=tags)
+        except mlflow.exceptions.MlflowException as err:
+            # The store looks a dataset up, then inserts it: two queued experiments logging the same
+            # one at once collide on the insert (the server answers UNIQUE constraint failed). The
+            # other run has made it meanwhile: a second try finds it.
+            if "UNIQUE constraint failed: datasets" not in str(err):
+                raise
+            time.sleep(0.5)
+            mlflow.log_input(found[split], context=DATASET_CONTEXTS[split], tags=tags)
     return found
 
 
