@@ -1,23 +1,27 @@
-"""A parallel queue of experiments (`dvc queue start -j 2`) logging to one MLflow server."""
+"""A parallel queue of experiments (`dvc queue start -j 2`) logging to one MLflow server, and
+that server's UI in a browser."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
 
-from conftest import TINY, dvc, pipeline_env, sh
+from conftest import ROOT, TINY, dvc, pipeline_env, sh
 from pipeline import all_runs
+from test_report import chromium
 
 pytestmark = pytest.mark.slow
 
 
-def test_parallel_queue_logs_every_run_to_the_server(module_repo):
+def test_parallel_queue_logs_every_run_to_the_server(module_repo, tmp_path):
     """2 queued experiments at once (2 queue workers), both logging over HTTP to one `reprovision mlflow-server`."""
     repo = module_repo
     env = pipeline_env()
@@ -85,6 +89,26 @@ def test_parallel_queue_logs_every_run_to_the_server(module_repo):
         lrs_logged = sorted(float({p["key"]: p["value"] for p in r["data"]["params"]}["lr"]) for r in new if tags(r)["stage"] == "train-vit")
         assert lrs_logged == sorted(float(x) for x in lrs)
         assert "database is locked" not in (repo / ".mlflow-server/server.log").read_text()
+
+        # The MLflow UI as people use it (headless Chromium): the compare view of a ViT and a CNN run
+        # of one experiment shows both runs' params; its test_acc link opens both per-epoch curves.
+        vit = next(r for r in new if tags(r)["stage"] == "train-vit")
+        cnn = next(r for r in new if tags(r)["stage"] == "train-cnn" and tags(r)["dvc_exp_name"] == tags(vit)["dvc_exp_name"])
+        names = [vit["info"]["run_name"], cnn["info"]["run_name"]]
+        runs, experiments = (quote(json.dumps(ids)) for ids in ([vit["info"]["run_id"], cnn["info"]["run_id"]], [exp["experiment"]["experiment_id"]]))
+        compare = chromium("--virtual-time-budget=20000", "--dump-dom", f"{uri}/#/compare-runs?runs={runs}&experiments={experiments}",
+                           profile=tmp_path / "profile")
+        assert all(name in compare for name in names) and "embed_dim" in compare and "widths" in compare  # ViT's and CNN's params
+        link = next(html.unescape(h) for h in re.findall(r'href="(#/metric\?[^"]*)"', compare) if "%22test_acc%22" in h)
+        curves = chromium("--virtual-time-budget=20000", "--dump-dom", f"{uri}/{link}", profile=tmp_path / "profile")
+        assert all(name in curves for name in names) and curves.count("(step=2)") >= 2, curves[-3000:]
+        lines = re.findall(r'<path class="js-line" d="M[^"]*L[^"]*" style="[^"]*stroke: (rgb\([^)]*\))', curves)
+        assert len(set(lines)) == 2, curves[-3000:]  # a line through epochs 1 and 2 in each run's colour
+        shot = ROOT / "reports/screenshots/mlflow-compare.png"  # a CI artifact (git-ignored)
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        chromium("--virtual-time-budget=20000", f"--screenshot={shot}", "--window-size=1366,900", "--hide-scrollbars", f"{uri}/{link}",
+                 profile=tmp_path / "profile")
+        assert shot.stat().st_size > 10_000
     finally:
         sh([reprovision, "mlflow-server", "stop"], repo, env, check=False)
 
