@@ -28,9 +28,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	# --no-compile: byte-compile only the modules that get imported, when they are (pip would compile
-	# all of torch's and MLflow's sources up front).
-	$(PY) -m pip install -q --no-compile -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 run: install
