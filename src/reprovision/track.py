@@ -410,26 +410,6 @@ def params_hash(flat: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def resumed_run(run_id: str) -> Iterator[Any]:
-    """Reopen an earlier, finished run of this store (e.g. the training run a model came from) to add to it.
-
-    It goes back to FINISHED also when the caller fails: the run itself did finish.
-    """
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    with _reports_outage():
-        run = mlflow.start_run(run_id=run_id)  # MLflow marks it RUNNING meanwhile
-    try:
-        yield run
-    except BaseException as err:
-        _end_run("FINISHED", store_failed=_outage_cause(err) is not None)
-        raise
-    with _reports_outage():
-        mlflow.end_run("FINISHED")
-
-
 def log_epoch(metrics: dict[str, float], step: int) -> None:
     log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=step)
 
