@@ -134,7 +134,7 @@ def train(name: str, build: Builder) -> None:
         registered = REGISTERED_MODELS[name]
         logged = track.log_model(
             served, name=name, example=test.x[:2], description=card, params=run_params, step=cfg.epochs,
-            tags={k: tags[k] for k in ("dataset", "data_sha256", "params_sha256")},
+            run_tags=tags,
             metadata={"classes": classes, "input": "uint8 images (N, C, H, W) in [0, 255]", "output": "class probabilities (N, classes)"},
             registered_model_name=registered,
         )

@@ -194,7 +194,7 @@ def train_gan(name: str) -> None:
         track.log_artifacts(out / "grid_10x10.png", out / "progression.gif", out / "nearest_neighbours.png", *frames, folder="figures")
         logged = track.log_model(
             RawImageGenerator(gen), name=model_name, example=fixed_noise[:4], description=card, params=run_params,
-            tags={k: tags[k] for k in ("dataset", "data_sha256", "params_sha256")}, step=gcfg.epochs, metadata={"input": f"float32 latent vectors (N, {mcfg.latent_dim}), standard normal",
+            run_tags=tags, step=gcfg.epochs, metadata={"input": f"float32 latent vectors (N, {mcfg.latent_dim}), standard normal",
                                          "output": "uint8 images (N, 1, 28, 28) in [0, 255]"},
         )
         track.write_run_ref(out / "run.json", run, logged)

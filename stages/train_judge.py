@@ -44,7 +44,7 @@ def train_judge() -> None:
         served = RawImageClassifier(judge, mean=[0.5], std=[0.5])
         logged = track.log_model(
             served, name="judge", example=test_x[:4], description=card, params=run_params, step=cfg.epochs,
-            tags={k: tags[k] for k in ("dataset", "data_sha256", "params_sha256")},
+            run_tags=tags,
             metadata={"classes": [str(d) for d in range(10)], "input": "uint8 images (N, 1, 28, 28) in [0, 255]",
                       "output": "digit probabilities (N, 10)"},
         )

@@ -301,8 +301,9 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 def _ensure_experiment(client, root: Path, uri: str) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
-        if exp.tags.get("mlflow.experimentKind") is None:  # made before the tag was set
-            client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in exp.tags:  # made before the tag was set
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     # Through a server, the server decides where artifacts go (it proxies them to its store): a
     # client-side file:// location would put them on the logging machine's disk, out of teammates' reach.
@@ -466,13 +467,17 @@ def log_datasets(root: Path, dataset: str, sha256: str, images: dict[str, int]) 
     return found
 
 
+# The run tags a logged model carries too: what it was trained on, and with which params.
+MODEL_TAGS = ("dataset", "data_sha256", "params_sha256")
+
+
 @_reports_outage()
 def log_model(
-    module, *, name: str, example, description: str, params: dict[str, Any], tags: dict[str, str], step: int,
+    module, *, name: str, example, description: str, params: dict[str, Any], run_tags: dict[str, str], step: int,
     metadata: dict[str, Any] | None = None, registered_model_name: str | None = None,
 ):
     """Log `module` (serving.py's raw-input wrappers) as the active run's logged model `name`, with
-    its params and tags, returning its ModelInfo. MLflow links the run's metrics of `step` (the last
+    its params and the run's tags that identify what it was trained on, returning its ModelInfo. MLflow links the run's metrics of `step` (the last
     epoch's, with their datasets) to it.
 
     pt2 format (torch.export, batch size left dynamic), so it loads without this package and without
@@ -493,7 +498,7 @@ def log_model(
         input_example=example.numpy(),
         serialization_format="pt2",
         params={k: str(v) for k, v in params.items()},
-        tags=tags,
+        tags={key: run_tags[key] for key in MODEL_TAGS},
         step=step,
         metadata=metadata,
         registered_model_name=registered_model_name,
