@@ -9,19 +9,31 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The tests that compute in this process do so on tiny tensors, two test files at a time on 2 cores:
+# one thread each, since a second one mostly waits for the first (test_ssl's resume test: 17 s with
+# torch's default of 2 threads beside another busy process, 2.6 s with 1). test_runtime sets its own.
+torch.set_num_threads(1)
 MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared" / "datasets")
 
 # A run small enough for a test. The classifiers are narrowed too (their compute would otherwise
 # be most of the suite's time); test_models checks that the defaults build the reference architectures.
+# One thread: the suite runs two tests at once on 2 cores, and at this size a second thread per stage
+# only adds synchronisation (measured: two TINY pipelines side by side, 172 s with 2 threads each,
+# 155 s with 1). test_threads_are_part_of_the_configuration switches to 2 and back.
 TINY = [
+    "threads=1",
     "data.train_fraction=0.005", "data.test_fraction=0.01",
     "vit.depth=1", "vit.embed_dim=32", "vit.heads=2", "cnn.widths=[8,16]", "cnn.hidden=16",
     "judge.epochs=1", "judge.train_fraction=0.02",
     "gan.epochs=1", "gan.train_fraction=0.01", "gan.sample_every=1", "gan.fid_every=1",
     "gan.fid_samples_during=200", "gan.fid_samples=200",
     "vit.epochs=1", "cnn.epochs=1",
+    "ssl.arch=refcnn", "ssl.widths=[8,16]", "ssl.epochs=1", "ssl.train_fraction=0.005",
+    "ssl.batch_size=64", "ssl.proj_hidden=32", "ssl.proj_dim=16", "probe.knn_k=5",
     "evaluate.heatmap_images=4", "evaluate.misclassified_images=8",
 ]
 

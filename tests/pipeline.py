@@ -15,7 +15,10 @@ from mlflow import MlflowClient
 
 from conftest import TINY
 
-ALL_STAGES = {"check-params", "fetch-data", "augment", "train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate", "report"}
+ALL_STAGES = {
+    "check-params", "fetch-data", "augment", "train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate",
+    "pretrain-ssl", "linear-probe", "report",
+}
 
 
 def stages_run(output: str) -> set[str]:
@@ -71,7 +74,8 @@ def tiny_parameters(model: str) -> int:
 OUTPUTS_TO_COMPARE = [
     "metrics/vit.json", "metrics/cnn.json", "metrics/judge.json", "metrics/gan/mlp.json", "metrics/gan/dcgan.json",
     "metrics/vit/summary.json", "metrics/cnn/summary.json", "metrics/judge/summary.json", "metrics/gan/mlp/summary.json",
-    "metrics/gan/dcgan/summary.json", "metrics/eval/summary.json",
+    "metrics/gan/dcgan/summary.json", "metrics/eval/summary.json", "metrics/ssl.json", "metrics/ssl/summary.json",
+    "metrics/ssl/history.csv", "metrics/probe.json", "metrics/probe/summary.json", "models/ssl/encoder.pt",
     "metrics/vit/history.csv", "metrics/evaluate.json", "metrics/eval/cnn_confusion.json",
     "models/vit/model.pt", "models/cnn/model.pt", "models/judge/model.pt", "models/gan/mlp/generator.pt",
     "models/gan/dcgan/generator.pt", "data/prepared/manifest.json",
@@ -86,7 +90,7 @@ def fingerprints(repo) -> dict[str, str]:
         if name.endswith(".json"):
             obj = json.loads(data)
             for section in [obj, *[v for v in obj.values() if isinstance(v, dict)]] if isinstance(obj, dict) else []:
-                for key in ("train_seconds", "s_per_epoch", "total_seconds"):
+                for key in ("train_seconds", "s_per_epoch", "total_seconds", "wall_seconds"):
                     section.pop(key, None)
             data = json.dumps(obj, sort_keys=True).encode()
         elif name.endswith(".csv"):

@@ -116,6 +116,7 @@ def test_train_gan_does_not_resume_other_or_complete_checkpoints(tmp_path, capsy
 STAGE = "train-gan@mlp"
 CKPT = "checkpoints/gan-mlp.pt"
 SMALL_GAN = {
+    "threads": 1,  # as conftest.TINY
     "judge": {"epochs": 1, "train_fraction": 0.02},
     "gan": {
         "epochs": 6, "train_fraction": 0.01, "fid_every": 2, "fid_samples_during": 200, "fid_samples": 200,

@@ -56,7 +56,8 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
         "metrics/vit.json", "metrics/cnn.json", "metrics/judge.json", "metrics/gan/mlp.json", "metrics/gan/dcgan.json",
         "metrics/vit/summary.json", "metrics/judge/summary.json", "metrics/gan/dcgan/summary.json", "metrics/eval/summary.json",
         "metrics/vit/history.csv", "metrics/gan/mlp/history.csv", "metrics/gan/mlp/fid.csv", "metrics/evaluate.json",
-        "metrics/eval/vit_confusion.json", "reports/figures/confusion_raw.png", "reports/figures/gradcam_cnn.png",
+        "metrics/eval/vit_confusion.json", "reports/figures/confusion_raw.png", "models/ssl/encoder.pt", "metrics/ssl/history.csv",
+        "metrics/probe/summary.json", "reports/curves/ssl_loss.png", "checkpoints/ssl.pt", "reports/figures/gradcam_cnn.png",
         "reports/figures/rollout_vit.png", "reports/report.md", "reports/report.html", "checkpoints/vit.pt",
     ]:
         assert (repo / path).is_file(), f"missing output {path}"
@@ -65,10 +66,10 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     vit = json.loads((repo / "metrics/vit/summary.json").read_text())
     assert vit["params"] == tiny_parameters("vit") and vit["epochs"] == 1 and 0.0 <= vit["test_acc"] <= 1.0
     assert json.loads((repo / "metrics/cnn/summary.json").read_text())["params"] == tiny_parameters("cnn")
-    # What `dvc exp show` compares: numbers only, the classifiers first, at most 25 columns (here, no validation split: 19).
+    # What `dvc exp show` compares: numbers only, the classifiers first, at most 25 columns (here, no validation split: 25).
     shown = dvc(repo, "exp", "show", "--json").stdout
     columns = metric_columns(json.loads(shown))
-    assert len(columns) == 19 and all(isinstance(v, (int, float)) for v in columns.values()), columns
+    assert len(columns) == 25 and all(isinstance(v, (int, float)) for v in columns.values()), columns
     assert list(columns)[:4] == ["metrics/vit.json:test_acc", "metrics/vit.json:train_acc", "metrics/vit.json:test_loss", "metrics/vit.json:train_seconds"]
     assert json.loads((repo / "metrics/evaluate.json").read_text())["vit"]["accuracy"] == vit["test_acc"]
     html = (repo / "reports/report.html").read_text()
@@ -79,7 +80,8 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     for run in runs:
         by_stage.setdefault(run.data.tags["stage"], []).append(run)
     assert {s: len(r) for s, r in by_stage.items()} == {
-        "dvc-exp": 1, "train-judge": 1, "train-gan": 2, "train-vit": 1, "train-cnn": 1, "evaluate": 2, "report": 1,
+        "dvc-exp": 1, "train-judge": 1, "train-gan": 2, "train-vit": 1, "train-cnn": 1, "evaluate": 2, "pretrain-ssl": 1,
+        "linear-probe": 1, "report": 1,
     }
     # One run per `dvc exp run`, named after it, groups the stage runs (nested under it in the UI).
     [group] = by_stage.pop("dvc-exp")
@@ -105,7 +107,7 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     inputs = {d.dataset.name: d for d in vit_run.inputs.dataset_inputs}
     assert set(inputs) == {"cifar10-train", "cifar10-test"} and inputs["cifar10-train"].dataset.digest == manifest["cifar10"]["sha256"][:32]
     names = {m.name for m in client.search_logged_models([vit_run.info.experiment_id])}
-    assert names == {"vit", "cnn", "judge", "gan-mlp-generator", "gan-dcgan-generator"}
+    assert names == {"vit", "cnn", "judge", "gan-mlp-generator", "gan-dcgan-generator", "ssl-encoder"}
     # Evaluation is a run of its own that names the model it evaluated.
     vit_eval = next(r for r in by_stage["evaluate"] if r.data.tags["model"] == "vit")
     assert vit_eval.data.tags["evaluated_run"] == vit_run.info.run_id and vit_eval.data.tags["evaluated_model_id"] == vit_model.model_id
@@ -117,6 +119,12 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     judge_run = by_stage["train-judge"][0]
     assert "judge_test_acc" in judge_run.data.metrics and "test_acc" not in judge_run.data.metrics
     assert client.get_experiment(vit_run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    # R4's SSL: the probe run names the pre-training run it measured; the report shows the table and the loss curve.
+    probe = json.loads((repo / "metrics/probe/summary.json").read_text())
+    assert by_stage["linear-probe"][0].data.tags["evaluated_run"] == by_stage["pretrain-ssl"][0].info.run_id == probe["ssl_run"]
+    assert all(0 <= probe[k] <= 1 for k in ("probe_test", "knn_test", "random_probe_test", "random_knn_test"))
+    assert [m.step for m in client.get_metric_history(by_stage["pretrain-ssl"][0].info.run_id, "ssl_loss")] == [1]
+    assert "Self-supervised pre-training (R4)" in html and f"{100 * probe['probe_test']:.2f}%" in html
     gan_run = next(r for r in by_stage["train-gan"] if r.data.tags["model"] == "gan-dcgan")
     assert {"fid", "fid_floor", "inception_score", "kl_uniform", "d_loss", "g_loss", "fid_during"} <= set(gan_run.data.metrics)
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")

@@ -44,22 +44,32 @@ def test_gan_params_rerun_only_that_gan(module_repo):
     assert stages_run(back.stdout) == {"check-params"} and fingerprints(module_repo) == FIRST_RUN
 
 
+def test_ssl_params_rerun_only_pretraining_and_the_probe(module_repo):
+    changed = exp_run(module_repo, "ssl.temperature=0.2")
+    assert stages_run(changed.stdout) == {"check-params", "pretrain-ssl", "linear-probe", "report"}, changed.stdout
+    probe_only = exp_run(module_repo, "ssl.temperature=0.2", "probe.knn_k=3")
+    assert stages_run(probe_only.stdout) == {"check-params", "linear-probe", "report"}, probe_only.stdout
+    back = exp_run(module_repo)
+    assert stages_run(back.stdout) == {"check-params"} and fingerprints(module_repo) == FIRST_RUN
+
+
 def test_threads_are_part_of_the_configuration(module_repo):
     """Another thread count is another configuration: DVC re-runs what computes, MLflow records it."""
     params = module_repo / "params.yaml"
     text = params.read_text()
-    params.write_text(text.replace("\nthreads: 2\n", "\nthreads: 1\n"))
+    assert "\nthreads: 1\n" in text  # TINY's
+    params.write_text(text.replace("\nthreads: 1\n", "\nthreads: 2\n"))
     status = json.loads(dvc(module_repo, "status", "--json").stdout)
-    computing = {"train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate"}
+    computing = {"train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate", "pretrain-ssl", "linear-probe"}
     assert set(status) == computing | {"check-params", "report"}  # the last two read all of params.yaml
     params.write_text(text)
-    sets = [arg for s in [*TINY, "threads=1"] for arg in ("-S", s)]
-    one = dvc(module_repo, "exp", "run", *sets, "train-cnn", env=pipeline_env(OMP_NUM_THREADS="2"))
-    assert stages_run(one.stdout) == {"check-params", "train-cnn"}, one.stdout
-    assert "[train-cnn] device cpu, 1 thread(s)" in one.stdout  # params win over the environment
+    sets = [arg for s in [*TINY, "threads=2"] for arg in ("-S", s)]
+    two = dvc(module_repo, "exp", "run", *sets, "train-cnn", env=pipeline_env(OMP_NUM_THREADS="1"))
+    assert stages_run(two.stdout) == {"check-params", "train-cnn"}, two.stdout
+    assert "[train-cnn] device cpu, 2 thread(s)" in two.stdout  # params win over the environment
     newest = max((r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-cnn"), key=lambda r: r.info.start_time)
-    assert newest.data.params["threads"] == "1" and newest.data.tags["threads"] == "1"
-    back = exp_run(module_repo, "threads=2")
+    assert newest.data.params["threads"] == "2" and newest.data.tags["threads"] == "2"
+    back = exp_run(module_repo)
     assert stages_run(back.stdout) == {"check-params"} and fingerprints(module_repo) == FIRST_RUN
 
 

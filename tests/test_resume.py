@@ -18,6 +18,7 @@ import yaml
 from conftest import dvc, pipeline_env
 
 SMALL_CNN = {
+    "threads": 1,  # as conftest.TINY
     "data": {"train_fraction": 0.02, "test_fraction": 0.02},
     "cnn": {"epochs": 12, "widths": [8, 16], "hidden": 16, "batch_size": 64},
 }
@@ -26,8 +27,11 @@ SMALL_CNN = {
 def set_params(repo: Path, overrides: dict) -> None:
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    for section, values in overrides.items():
-        params[section].update(values)
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            params[key].update(value)
+        else:
+            params[key] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -29,6 +29,7 @@ from reprovision import server, track
 # 2,500 images: an epoch of about a second, so that the test sees epoch 2 checkpointed before epoch 3
 # ends (with 500 images a quiet machine ran epochs so fast that it noticed epoch 2 two epochs late).
 SMALL_CNN = {
+    "threads": 1,  # as conftest.TINY
     "data": {"train_fraction": 0.05, "test_fraction": 0.01},
     "cnn": {"epochs": 4, "widths": [8, 16], "hidden": 16, "batch_size": 64},  # stops at 2 or 3: unfinished
 }
@@ -188,10 +189,10 @@ def test_interrupted_run_ends_killed_not_running(module_repo, how):
     epochs = 12 if how == "ctrl-c" else 13  # a new configuration each: trained from scratch
     # 2,500 images: an epoch of a few seconds, so that the signal lands inside one, as intended
     # (with 500 images an idle machine finished an epoch in 0.28 s and the signal missed it).
-    sets = [f"cnn.epochs={epochs}", "cnn.widths=[8,16]", "cnn.hidden=16", "data.train_fraction=0.05", "data.test_fraction=0.01"]
+    sets = ["threads=1", f"cnn.epochs={epochs}", "cnn.widths=[8,16]", "cnn.hidden=16", "data.train_fraction=0.05", "data.test_fraction=0.01"]
     args = ["exp", "run", *(a for s in sets for a in ("-S", s)), "train-cnn"] if how == "ctrl-c" else ["repro", "train-cnn"]
     if how == "sigterm":
-        set_params(repo, {"data": {"train_fraction": 0.05}, "cnn": {"epochs": epochs, "widths": [8, 16], "hidden": 16}})
+        set_params(repo, {"threads": 1, "data": {"train_fraction": 0.05}, "cnn": {"epochs": epochs, "widths": [8, 16], "hidden": 16}})
     proc = start_training(repo, *args)
     wait_for_epoch(proc, repo / "checkpoints/cnn.pt", 1)
     time.sleep(1.0)  # mid-epoch

@@ -188,6 +188,41 @@ class CNNConfig(TrainConfig):
     dropout: Probability = 0.5  # refcnn
 
 
+class SSLConfig(Section):
+    """Self-supervised pre-training of an encoder (SimCLR, simclr.py) on the classifier dataset's training
+    images without their labels; the linear-probe stage measures it. Defaults: SimCLR's CIFAR-10 recipe
+    with a small-batch optimiser (Adam) and R4's ResNet-18; `arch: refcnn` takes R3's CNN layout instead."""
+
+    method: Literal["simclr"] = "simclr"
+    arch: Literal["resnet18", "refcnn"] = "resnet18"
+    widths: Widths = [64, 128, 256, 512]  # refcnn
+    convs_per_block: PositiveInt = 2  # refcnn
+    epochs: PositiveInt = 100
+    batch_size: Annotated[int, Field(ge=2), NotBool] = 256  # NT-Xent needs another image to contrast with
+    temperature: PositiveFloat = 0.5
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 1e-6
+    proj_hidden: PositiveInt = 512
+    proj_dim: PositiveInt = 128
+    train_fraction: Fraction = 1.0  # of the training split (validation images excluded): the size study's knob
+    crop_scale_min: Annotated[float, Field(gt=0, le=1), NotBool] = 0.2
+    jitter: Annotated[float, Field(ge=0, lt=1), NotBool] = 0.4
+    hue: Annotated[float, Field(ge=0, le=0.5), NotBool] = 0.1
+    jitter_prob: Probability = 0.8
+    grayscale_prob: Probability = 0.2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class ProbeConfig(Section):
+    """The linear probe of a frozen encoder: scikit-learn's logistic regression on standardised features,
+    and a k-nearest-neighbour vote (cosine) beside it."""
+
+    c: PositiveFloat = 1.0  # inverse L2 strength of the logistic regression
+    max_iter: PositiveInt = 1000
+    knn_k: PositiveInt = 20
+
+
 class EvaluateConfig(Section):
     heatmap_images: PositiveInt = 8
     misclassified_images: PositiveInt = 32
@@ -206,6 +241,8 @@ class Params(Section):
     gan: GANConfig = GANConfig()
     vit: ViTConfig = ViTConfig()
     cnn: CNNConfig = CNNConfig()
+    ssl: SSLConfig = SSLConfig()
+    probe: ProbeConfig = ProbeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
@@ -223,11 +260,12 @@ class Params(Section):
                 f"vit.heads = {v.heads} does not divide vit.embed_dim = {v.embed_dim}; "
                 f"allowed: a divisor of {v.embed_dim}, e.g. {_divisors(v.embed_dim)}"
             )
-        if self.cnn.arch == "refcnn" and min(height, width) < 2 ** len(self.cnn.widths):
-            raise ValueError(
-                f"cnn.widths has {len(self.cnn.widths)} blocks, each halving the {height}x{width} images of "
-                f"{self.data.classifier_dataset}; use at most {min(height, width).bit_length() - 1} widths"
-            )
+        for key, section in (("cnn", self.cnn), ("ssl", self.ssl)):
+            if section.arch == "refcnn" and min(height, width) < 2 ** len(section.widths):
+                raise ValueError(
+                    f"{key}.widths has {len(section.widths)} blocks, each halving the {height}x{width} images of "
+                    f"{self.data.classifier_dataset}; use at most {min(height, width).bit_length() - 1} widths"
+                )
         self._check_sizes()
         return self
 

@@ -18,6 +18,7 @@ MODELS = Path("models")  # models/<name>/: weights, card.md, run.json
 # record (SUMMARY, for the report and the cards) and per-epoch CSVs (dvc plots).
 METRICS = Path("metrics")
 SUMMARY = "summary.json"
+SSL_ENCODER = MODELS / "ssl" / "encoder.pt"  # pretrain-ssl: the encoder's weights (run.json beside them)
 GAN_MODELS = MODELS / "gan"  # models/gan/<name>/: weights, pictures, card.md, run.json
 GAN_METRICS = METRICS / "gan"  # metrics/gan/<name>.json, metrics/gan/<name>/{summary.json,history.csv,fid.csv}
 EVAL_METRICS = METRICS / "eval"  # evaluate: summary.json, <classifier>_confusion.json (metrics/evaluate.json beside it)

@@ -472,6 +472,45 @@ def datasets(manifest: dict) -> list[dict]:
     ]
 
 
+def ssl_section(root: Path, params: Params, cnn: dict | None) -> dict | None:
+    """R4's self-supervised experiment: the probe of the SimCLR encoder beside the from-scratch floor and
+    the supervised CNN, and the pre-training loss curve; None when the SSL stages did not run."""
+    probe = read_json(root / METRICS / "probe" / SUMMARY)
+    pretrained = read_json(root / METRICS / "ssl" / SUMMARY)
+    if probe is None or pretrained is None:
+        return None
+    s, full = params.ssl, Params().ssl
+    arch = s.arch if s.arch == "resnet18" else f"refcnn {s.widths}×{s.convs_per_block}"
+    reduced = s.train_fraction < 1 or s.epochs < full.epochs or params.data.train_fraction < 1 or params.data.test_fraction < 1
+    val = "probe_val" in probe
+    rows = [
+        ["SimCLR encoder, frozen (pretrain-ssl → linear-probe)", pct(probe["probe_test"]), pct(probe["knn_test"]),
+         *([pct(probe["probe_val"])] if val else [])],
+        ["Same architecture, random weights, frozen (the from-scratch floor)", pct(probe["random_probe_test"]),
+         pct(probe["random_knn_test"]), *([pct(probe["random_probe_val"])] if val else [])],
+    ]
+    c = params.cnn
+    same = c.arch == s.arch and (c.arch == "resnet18" or (c.widths == s.widths and c.convs_per_block == s.convs_per_block))
+    if cnn is not None:
+        note = "same architecture" if same else "a different architecture: set cnn.arch (and widths) to match ssl's"
+        rows.append([f"Supervised, trained end to end (train-cnn, {note})", pct(cnn.get("test_acc")), DASH,
+                     *([pct(cnn.get("val_acc"))] if val else [])])
+    header = ["Encoder", "Linear probe, test", f"k-NN (k={params.probe.knn_k}), test", *(["Linear probe, validation"] if val else [])]
+    history = read_csv(root / METRICS / "ssl" / "history.csv", ("epoch", "loss"))
+    curve = None
+    if history is not None:
+        def draw(ax):
+            sns.lineplot(data=history, x="epoch", y="loss", marker="o", ax=ax, color=COLOURS["CNN"])
+            ax.set(title="SimCLR pre-training loss", ylabel="NT-Xent loss")
+
+        curve = figure(_figure(root / CURVES / "ssl_loss.png", draw), "SimCLR pre-training loss (NT-Xent) per epoch", root / REPORTS)
+    configuration = cell(
+        f"{arch}, {pretrained.get('train_images', 0):,} pre-training images · {pretrained.get('epochs')}/{full.epochs} epochs · "
+        f"batch {s.batch_size}, temperature {s.temperature}", badge="reduced" if reduced else None,
+    )
+    return {"table": table(header, rows), "curve": curve, "configuration": configuration}
+
+
 def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
     """Everything both templates show, and the key numbers."""
     results_json = {m: metrics_dir(m) / SUMMARY for m in TRAINED}
@@ -510,6 +549,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "gan_quality": gan_quality_table(gans) if gans else None,
         "histogram": figure(*class_histogram_chart(histograms, root / CURVES), root / REPORTS) if histograms else None,
         "gans": [gan_pictures(root, g) for g in gans],
+        "ssl": ssl_section(root, params, classifiers.get("cnn")),
         "params_yaml": (root / PARAMS).read_text(),
         "datasets": datasets(read_json(root / MANIFEST) or {}),
         "versions": track.library_versions(),

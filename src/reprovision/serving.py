@@ -30,6 +30,13 @@ class RawImageClassifier(nn.Module):
         return self.model(x).float().softmax(dim=-1)
 
 
+class RawImageEncoder(RawImageClassifier):
+    """uint8 images (N, C, H, W) in [0, 255] -> the encoder's features (N, features), float32."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images.to(torch.float32) / 255 - self.mean) / self.std).float()
+
+
 class RawImageGenerator(nn.Module):
     """Latent vectors (N, latent_dim), float32 -> uint8 images (N, C, H, W) in [0, 255]."""
 

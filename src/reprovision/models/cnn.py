@@ -77,3 +77,18 @@ def build_cnn(cfg, *, num_classes: int, channels: int, image_size: int) -> nn.Mo
         hidden=cfg.hidden,
         dropout=cfg.dropout,
     )
+
+
+def build_encoder(cfg, *, channels: int) -> tuple[nn.Module, int]:
+    """(encoder, feature size): the CNN that `cfg` (the `ssl` section: arch, widths, convs_per_block)
+    describes, without its classifier: images in, globally pooled features out."""
+    if cfg.arch == "resnet18":
+        from .resnet import resnet18_cifar
+
+        model = resnet18_cifar(channels=channels)
+        features = model.fc.in_features
+        model.fc = nn.Identity()  # ResNet's forward pools and flattens before fc
+        return model, features
+    model = RefCNN(channels=channels, widths=tuple(cfg.widths), convs_per_block=cfg.convs_per_block)
+    model.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return model, cfg.widths[-1]

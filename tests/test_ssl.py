@@ -1,0 +1,120 @@
+"""SimCLR pre-training and the linear probe (R4's SSL task): the loss, the views, the frozen probe, resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reprovision.augment import Policy
+from reprovision.config import Params, ProbeConfig
+from reprovision.models.cnn import build_encoder
+from reprovision.probe import extract_features, probe_accuracy
+from reprovision.simclr import SimCLR, ViewParams, nt_xent, pretrain, two_views
+
+POLICY = Policy("cifar10", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 4, True, 0.0, 1.0, 0.0, 0.2, 0.0, 8)
+
+
+def test_nt_xent_on_a_case_computed_by_hand():
+    # Two images, two views each: rows 0, 1 are the first views, rows 2, 3 the second ones.
+    # Image 0's views point along x, image 1's along y: each row is similar (cos 1) to its partner only.
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0]])  # lengths do not matter (cosine)
+    t = 0.5
+    # Each row: partner at cos 1, the two others at cos 0 -> -log(e^(1/t) / (e^(1/t) + 2 e^0)), the same for all 4 rows.
+    by_hand = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 2))
+    assert nt_xent(z, t).item() == pytest.approx(by_hand, rel=1e-6)
+    # Partners swapped (image 0's second view along y): each row now finds its partner at cos 0, one other at cos 1.
+    swapped = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
+    assert nt_xent(swapped, t).item() == pytest.approx(-math.log(1 / (math.exp(1 / t) + 2)), rel=1e-6)
+
+
+def test_two_views_differ_and_each_pair_comes_from_one_image():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    views = two_views(images, POLICY, ViewParams(), g)
+    assert views.shape == (16, 3, 32, 32) and views.dtype == torch.float32
+    assert not torch.allclose(views[:8], views[8:])  # two random views, not one twice
+    # Uniform images, no colour change: whatever the crop and flip, each view keeps its image's grey level,
+    # so rows i and 8 + i both show image i (the positives of NT-Xent are views of the same image).
+    levels = torch.arange(8, dtype=torch.uint8) * 30
+    flat = levels.view(8, 1, 1, 1).expand(8, 3, 32, 32).contiguous()
+    no_colour = ViewParams(jitter_prob=0.0, grayscale_prob=0.0)
+    views = two_views(flat, POLICY, no_colour, g)
+    expected = (levels.float() / 255 - 0.5) / 0.25
+    assert torch.allclose(views[:8].mean(dim=(1, 2, 3)), expected, atol=1e-4)
+    assert torch.allclose(views[8:].mean(dim=(1, 2, 3)), expected, atol=1e-4)
+    # The same generator state gives the same views (reproducible, resumable).
+    again = two_views(images, POLICY, ViewParams(), torch.Generator().manual_seed(0))
+    assert torch.equal(again, two_views(images, POLICY, ViewParams(), torch.Generator().manual_seed(0)))
+
+
+def test_the_probe_never_updates_the_frozen_encoder():
+    params = Params.model_validate({"ssl": {"arch": "refcnn", "widths": [8, 16]}})
+    torch.manual_seed(0)
+    encoder, features = build_encoder(params.ssl, channels=3)
+    encoder.train()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}  # BatchNorm's running statistics included
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    labels = np.arange(40) % 4
+    found = extract_features(encoder, images, POLICY, batch_size=16)
+    assert found.shape == (40, features) and found.dtype == np.float32
+    scores = probe_accuracy(found[:30], labels[:30], {"test": (found[30:], labels[30:])}, ProbeConfig(knn_k=3))
+    assert set(scores) == {"probe_test", "knn_test"} and all(0 <= v <= 1 for v in scores.values())
+    after = encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert encoder.training  # left in the mode it was given in
+    assert all(p.grad is None for p in encoder.parameters())
+
+
+def test_the_probe_reads_what_the_features_hold():
+    """Features that separate the classes give a perfect probe and k-NN; features of pure noise, chance."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 50)
+    separable = np.eye(4)[labels] * 5 + rng.normal(size=(200, 4)) * 0.1
+    noise = rng.normal(size=(200, 4))
+    cfg = ProbeConfig(knn_k=5)
+    train, test = slice(0, 200, 2), slice(1, 200, 2)
+    good = probe_accuracy(separable[train], labels[train], {"test": (separable[test], labels[test])}, cfg)
+    assert good == {"probe_test": 1.0, "knn_test": 1.0}
+    chance = probe_accuracy(noise[train], labels[train], {"test": (noise[test], labels[test])}, cfg)
+    assert max(chance.values()) < 0.45  # 4 classes: chance is 0.25
+
+
+class Stop(Exception):
+    """Stands for a kill between epochs."""
+
+
+def test_pretraining_resumes_to_the_uninterrupted_result(tmp_path, capsys):
+    params = Params.model_validate({"ssl": {"arch": "refcnn", "widths": [8, 16], "epochs": 3, "batch_size": 16,
+                                            "proj_hidden": 16, "proj_dim": 8}})
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+
+    def run(path, stop_after: int = 0, elsewhere: bool = False):
+        torch.manual_seed(0)
+        encoder, features = build_encoder(params.ssl, channels=3)
+        model = SimCLR(encoder, features=features, hidden=16, out=8)
+        g = torch.Generator().manual_seed(0)
+        if elsewhere:  # a new process: every random stream elsewhere, the checkpoint must restore them
+            torch.manual_seed(99)
+            g.manual_seed(99)
+
+        def on_epoch(row):
+            if stop_after and row["epoch"] > stop_after:
+                raise Stop
+
+        try:
+            history = pretrain(model, images, POLICY, params.ssl, g, checkpoint=path, fingerprint="fp", on_epoch=on_epoch, progress=False)
+        except Stop:
+            return None, None
+        return history, model.state_dict()
+
+    reference, weights = run(tmp_path / "ref.pt")
+    assert len(reference) == 3 and reference[0]["loss"] > 0
+    assert run(tmp_path / "ssl.pt", stop_after=1) == (None, None)
+    history, resumed = run(tmp_path / "ssl.pt", elsewhere=True)
+    assert "resuming from" in capsys.readouterr().out
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in rows]  # noqa: E731
+    assert strip(history) == strip(reference)
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
