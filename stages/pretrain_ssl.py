@@ -23,7 +23,7 @@ from reprovision import checkpoint, track  # noqa: E402
 from reprovision.augment import Policy  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
 from reprovision.data import load_split, stratified_subset, validation_split  # noqa: E402
-from reprovision.layout import CHECKPOINTS, METRICS, MODELS, POLICY, PREPARED, SSL_ENCODER, SUMMARY  # noqa: E402
+from reprovision.layout import CHECKPOINTS, METRICS, POLICY, PREPARED, SSL_ENCODER, SUMMARY  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
 from reprovision.models.cnn import build_encoder  # noqa: E402
 from reprovision.runtime import resolve_precision, seed_everything  # noqa: E402
