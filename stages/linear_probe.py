@@ -46,6 +46,7 @@ def linear_probe() -> None:
     pretrained, features = build_encoder(params.ssl, channels=channels)
     pretrained.load_state_dict(torch.load(SSL_ENCODER, map_location="cpu", weights_only=True))
     ssl_run = json.loads((SSL_ENCODER.parent / "run.json").read_text())
+    pretrained_on = json.loads((METRICS / "ssl" / SUMMARY).read_text())["train_images"]
 
     splits = {"train": train_idx, **({"val": val_idx} if len(val_idx) else {})}
     metrics: dict = {}
@@ -61,7 +62,9 @@ def linear_probe() -> None:
                    test_images=len(test_y), ssl_run=ssl_run["run_id"])
 
     tags = {**run_tags(ctx, data.classifier_dataset), "evaluated_run": ssl_run["run_id"]}
-    run_params = {**params.probe.model_dump(), "arch": params.ssl.arch, "seed": params.seed, "threads": ctx.threads,
+    # What `reprovision study --ssl-size` plots against: the pre-training-set size.
+    run_params = {**params.probe.model_dump(), "arch": params.ssl.arch, "ssl_train_fraction": params.ssl.train_fraction,
+                  "ssl_train_images": pretrained_on, "ssl_epochs": params.ssl.epochs, "seed": params.seed, "threads": ctx.threads,
                   "train_images": len(train_idx), "val_images": len(val_idx), "test_images": len(test_y)}
     with track.stage_run("linear-probe", "probe", run_params, tags, params):
         images = {"train": len(train_idx), **({"val": len(val_idx)} if len(val_idx) else {}), "test": len(test_y)}

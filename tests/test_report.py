@@ -48,7 +48,7 @@ def write_png(path: Path, seed: int) -> None:
     noise_image(seed).save(path)
 
 
-def write_results(root: Path, classifiers: bool = True, gans: bool = True) -> None:
+def write_results(root: Path, classifiers: bool = True, gans: bool = True, ssl: bool = True) -> None:
     """What the earlier stages leave behind, with plausible values."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
@@ -94,6 +94,11 @@ def write_results(root: Path, classifiers: bool = True, gans: bool = True) -> No
                 write_png(folder / name, seed * 10 + i)
             noise_image(seed).save(folder / "progression.gif", save_all=True, append_images=[noise_image(seed + 1)], duration=200, loop=0)
             write_json(folder / "run.json", {"run_id": RUN_IDS[g], "experiment_id": "1", "tracking_uri": uris["vit"], "run_name": f"train-gan-{g}"})
+    if ssl:
+        write_json(root / "metrics/ssl/summary.json", {"loss": 5.28, "pair_acc": 0.14, "epochs": 4, "train_images": 2500, "arch": "resnet18"})
+        write_csv(root / "metrics/ssl/history.csv", [{"epoch": e, "loss": 5.6 - 0.1 * e, "pair_acc": 0.1, "epoch_seconds": 7.5, "lr": 1e-3} for e in (1, 2, 3, 4)])
+        write_json(root / "metrics/probe/summary.json", {"probe_test": 0.4785, "knn_test": 0.4055, "random_probe_test": 0.4505,
+                                                          "random_knn_test": 0.37, "arch": "resnet18", "train_images": 5000})
 
 
 def input_pictures(root: Path) -> list[Path]:
@@ -168,7 +173,7 @@ def test_html_is_self_contained(built):
             image.verify()
     # Every picture of the earlier stages and every curve drawn here is on the page.
     curves = sorted((root / "reports/curves").glob("*.png"))
-    assert len(curves) == 7  # 3 classifier curves, 2 GAN losses, FID, class histogram
+    assert len(curves) == 8  # 3 classifier curves, 2 GAN losses, FID, class histogram, SSL loss
     for path in [*input_pictures(root), *curves]:
         assert report.data_uri(path) in html, path
 
@@ -282,3 +287,20 @@ def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
     assert mlp["Epochs"] == "50" and "FID 12.35 (floor 0.80), IS 8.90; D 1.250 / G 0.900" == mlp["Result"]["text"]
     assert mlp["Result"]["ref"].startswith("R1: D 0.347 / G 0.697") and mlp["Training time"] == "30 min"
     assert report.reference_scale_table({}) is None
+
+
+def test_ssl_section_puts_the_probe_beside_the_floor_and_the_supervised_cnn(built, tmp_path):
+    root, numbers = built
+    md, html = page(root)
+    assert numbers["ssl.probe_test"] == 0.4785 and numbers["ssl.random_probe_test"] == 0.4505
+    for text in (md, html):
+        assert "Self-supervised pre-training (R4)" in text
+        assert "47.85%" in text and "45.05%" in text and "40.55%" in text  # probe, random floor, k-NN
+        assert "58.61%" in text  # the supervised CNN's test accuracy, in the same table
+        assert "a different architecture" in text  # params: ssl.arch resnet18, cnn.arch refcnn
+    assert (root / "reports/curves/ssl_loss.png").exists()
+    # Without the SSL stages' outputs there is no section (and nothing else changes).
+    write_results(tmp_path, ssl=False)
+    report.build_report(tmp_path)
+    md, html = page(tmp_path)
+    assert "Self-supervised" not in md and 'id="ssl"' not in html

@@ -165,3 +165,32 @@ def test_weight_decay_with_zero_is_plotted_on_a_symlog_axis(tmp_path):
     assert "None chosen: not every run held out a validation split" in md
     assert "`weight_decay` = 0 is drawn on a symlog axis" in md
     assert "Not plotted: `lr` is one value per model (CNN 0.001, ViT 0.001)" in md
+
+
+def test_ssl_size_study_plots_probe_accuracy_against_pretraining_images(tmp_path, capsys, monkeypatch):
+    """Fabricated linear-probe runs at three pre-training-set sizes (one more from a classifier stage,
+    which the study leaves out): the table in size order, the plot, and the queue command."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment(track.EXPERIMENT)
+    for fraction, images, probe in ((1.0, 50_000, 0.71), (0.1, 5_000, 0.55), (0.5, 25_000, 0.66)):
+        run = client.create_run(experiment_id, tags={"stage": "linear-probe", "model": "probe", "dvc_exp_name": f"ssl-{fraction}"})
+        params = {"arch": "resnet18", "ssl_train_fraction": fraction, "ssl_train_images": images, "ssl_epochs": 100}
+        metrics = {"probe_test": probe, "knn_test": probe - 0.05, "random_probe_test": 0.45, "random_knn_test": 0.35}
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+                         params=[Param(k, str(v)) for k, v in params.items()])
+        client.set_terminated(run.info.run_id)
+    _log_classifier_run(client, experiment_id, "cnn", 1e-3, 1.0, 0.6, "not-ssl")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert cli.main(["study", "--ssl-size", "--out", str(tmp_path / "ssl")]) == 0
+    table = pd.read_csv(tmp_path / "ssl" / "ssl_size.csv")
+    assert table["ssl_train_images"].tolist() == [5_000, 25_000, 50_000] and table["probe_test"].tolist() == [0.55, 0.66, 0.71]
+    with Image.open(tmp_path / "ssl" / "probe_vs_pretraining_images.png"):
+        pass
+    assert "3 finished linear-probe runs" in (tmp_path / "ssl" / "ssl_size.md").read_text()
+    assert cli.main(["study", "--queue-ssl-size", "--dry-run", "--fractions", "0.1,1"]) == 0
+    out = capsys.readouterr().out
+    assert "would run: dvc exp run --queue -S ssl.train_fraction=0.1,1" in out and "reprovision study --ssl-size --since" in out

@@ -557,7 +557,9 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "runs": {LABELS[m]: r for m, r in runs.items() if r},
         "max_frames": MAX_FRAMES,
     }
-    return ctx, key_numbers_of(classifiers, gans, judge, evaluation)
+    probe = read_json(root / METRICS / "probe" / SUMMARY) or {}
+    ssl_numbers = {f"ssl.{k}": float(v) for k, v in probe.items() if k.endswith(("_test", "_val")) and isinstance(v, (int, float))}
+    return ctx, {**key_numbers_of(classifiers, gans, judge, evaluation), **ssl_numbers}
 
 
 # ---------------------------------------------------------------------------- rendering

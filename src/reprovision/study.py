@@ -26,6 +26,13 @@ The data-size study (R4's accuracy versus training-set size; the GANs are not re
 `--queue-data-size --dry-run` prints the commands without queueing; `--set key=value` adds an
 override to every queued experiment (e.g. `--set vit.epochs=3 --set cnn.epochs=3` on a CPU).
 
+The pre-training-set-size study (R4's SSL task): linear-probe accuracy against the number of images
+SimCLR pre-trained on, read from the linear-probe runs, with the random-weights floor beside it:
+
+    reprovision study --queue-ssl-size    # runs: dvc exp run --queue -S 'ssl.train_fraction=0.1,0.25,0.5,1.0'
+    dvc queue start -j 2
+    reprovision study --ssl-size --since <the time the first command printed>
+
 Writes to --out (default reports/study): study.md, study.csv (one row per run) and
 <metric>_vs_<setting>.png for each setting that varies.
 """
@@ -53,6 +60,7 @@ from .layout import LABELS, STUDY
 from .palette import COLOURS
 
 CLASSIFIER_STAGES = ("train-vit", "train-cnn")
+PROBE_METRICS = ("probe_test", "knn_test", "random_probe_test", "random_knn_test", "probe_val", "random_probe_val")
 DEFAULT_X = ("lr", "weight_decay", "train_fraction")
 DATA_SIZE_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 METRICS = ("val_acc", "test_acc", "best_val_acc", "s_per_epoch")
@@ -94,16 +102,11 @@ def since_millis(since: str, client) -> int:
         raise StudyError(f"--since {since!r} is neither an ISO time (e.g. 2025-06-01T14:30) nor an MLflow run id") from None
 
 
-def collect_runs(
-    x: Sequence[str] = DEFAULT_X,
-    exp_names: Sequence[str] = (),
-    since: str | None = None,
-    tracking_uri: str | None = None,
-) -> pd.DataFrame:
-    """One row per FINISHED classifier run: model, dvc_exp_name, run_id, context, the x settings, METRICS."""
+def _search(uri: str | None, stages: str, since: str | None, exp_names: Sequence[str]) -> tuple[str, pd.DataFrame]:
+    """(uri, FINISHED runs of the stages matching the `tags.stage` LIKE pattern, filtered as asked)."""
     import mlflow
 
-    uri = tracking_uri or track.tracking_uri()
+    uri = uri or track.tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():  # don't create an empty store
         raise StudyError(f"no MLflow store at {uri}: train something first (`dvc exp run`), or set MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
@@ -111,16 +114,74 @@ def collect_runs(
     experiment = client.get_experiment_by_name(track.EXPERIMENT)
     if experiment is None:
         raise StudyError(f"no MLflow experiment {track.EXPERIMENT!r} in {uri}: train something first (`dvc exp run`)")
-    # MLflow's filter has no IN for tags: take train-* and keep the classifiers below.
-    query = ["attributes.status = 'FINISHED'", "tags.stage LIKE 'train-%'"]
+    query = ["attributes.status = 'FINISHED'", f"tags.stage LIKE '{stages}'"]
     if since:
         query.append(f"attributes.start_time >= {since_millis(since, client)}")
     runs = mlflow.search_runs([experiment.experiment_id], filter_string=" and ".join(query))
-    if not runs.empty:
-        runs = runs[runs["tags.stage"].isin(CLASSIFIER_STAGES)]
     if exp_names and not runs.empty:
         names = runs.get("tags.dvc_exp_name", pd.Series("", index=runs.index)).fillna("")
         runs = runs[names.map(lambda name: any(fnmatch.fnmatchcase(name, p) for p in exp_names))]
+    return uri, runs
+
+
+def collect_probe_runs(exp_names: Sequence[str] = (), since: str | None = None, tracking_uri: str | None = None) -> pd.DataFrame:
+    """One row per FINISHED linear-probe run: the pre-training images and fraction, PROBE_METRICS."""
+    uri, runs = _search(tracking_uri, "linear-probe", since, exp_names)
+    if runs.empty:
+        raise StudyError(f"no FINISHED linear-probe runs in {uri}: queue the study first (`reprovision study --queue-ssl-size`), "
+                         "or widen --exp-names/--since")
+    column = lambda prefix, name: pd.to_numeric(runs.get(f"{prefix}.{name}", pd.Series(index=runs.index, dtype=object)), errors="coerce")  # noqa: E731
+    table = pd.DataFrame({
+        "dvc_exp_name": runs.get("tags.dvc_exp_name", pd.Series("", index=runs.index)).fillna(""),
+        "run_id": runs["run_id"],
+        "arch": runs.get("params.arch"),
+        "ssl_train_fraction": column("params", "ssl_train_fraction"),
+        "ssl_train_images": column("params", "ssl_train_images"),
+        "ssl_epochs": column("params", "ssl_epochs"),
+        **{name: column("metrics", name) for name in PROBE_METRICS},
+    })
+    return table.dropna(subset=["probe_test", "ssl_train_images"]).sort_values(["ssl_train_images", "run_id"], ignore_index=True)
+
+
+def write_ssl_size_study(table: pd.DataFrame, out: Path = STUDY, source: str = "") -> Path:
+    """ssl_size.csv, probe_vs_pretraining_images.png and ssl_size.md; returns the md path. Nothing is chosen
+    here: the plot shows test accuracy against the pre-training-set size, as R4's figure does."""
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "ssl_size.csv", index=False)
+    lines = ["# Study: pre-training-set size (SimCLR, linear probe)", "",
+             f"{len(table)} finished linear-probe runs{source}. Table: [ssl_size.csv](ssl_size.csv).", ""]
+    for context in ("arch", "ssl_epochs"):
+        if table[context].nunique(dropna=True) > 1:
+            lines += [f"> **Warning:** the runs differ in `{context}`: their accuracies are not directly comparable.", ""]
+    series = {"probe_test": "SimCLR encoder, linear probe", "knn_test": "SimCLR encoder, k-NN",
+              "random_probe_test": "random weights, linear probe (floor)"}
+    long = table.melt(id_vars=["ssl_train_images"], value_vars=list(series), var_name="encoder", value_name="acc").dropna()
+    long = long.assign(encoder=long["encoder"].map(series), acc=100 * long["acc"])
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85, rc={"legend.fontsize": 8}):
+        fig = Figure(figsize=(5.2, 3.6), layout="constrained")
+        ax = fig.add_subplot()
+        sns.lineplot(long, x="ssl_train_images", y="acc", hue="encoder", style="encoder", marker="o", ax=ax)
+        ax.set(title="Test accuracy vs pre-training images", xlabel="images SimCLR pre-trained on", ylabel="test accuracy (%)")
+        ax.legend(title=None)
+    fig.savefig(out / "probe_vs_pretraining_images.png", dpi=120)
+    lines += ["![Test accuracy vs pre-training images](probe_vs_pretraining_images.png)", "", "## All runs", "",
+              _markdown_table(table), ""]
+    path = out / "ssl_size.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def collect_runs(
+    x: Sequence[str] = DEFAULT_X,
+    exp_names: Sequence[str] = (),
+    since: str | None = None,
+    tracking_uri: str | None = None,
+) -> pd.DataFrame:
+    """One row per FINISHED classifier run: model, dvc_exp_name, run_id, context, the x settings, METRICS."""
+    # MLflow's filter has no IN for tags: take train-* and keep the classifiers.
+    uri, runs = _search(tracking_uri, "train-%", since, exp_names)
+    if not runs.empty:
+        runs = runs[runs["tags.stage"].isin(CLASSIFIER_STAGES)]
     if runs.empty:
         filters = "".join([f", dvc_exp_name in {list(exp_names)}" if exp_names else "", f", started since {since}" if since else ""])
         raise StudyError(
@@ -303,19 +364,25 @@ def run_study(
 
 
 # ---------------------------------------------------------------------------- queue the data-size study
-def data_size_commands(fractions: Sequence[float] = DATA_SIZE_FRACTIONS, sets: Sequence[str] = ()) -> list[list[str]]:
-    """The commands of R4's accuracy-vs-training-set-size study: queue, then run two at a time."""
+def data_size_commands(
+    fractions: Sequence[float] = DATA_SIZE_FRACTIONS, sets: Sequence[str] = (), key: str = "data.train_fraction",
+) -> list[list[str]]:
+    """The commands of R4's accuracy-vs-training-set-size study (`key`: data.train_fraction, or
+    ssl.train_fraction for the pre-training-set size): queue, then run two at a time."""
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise StudyError(f"training-set fractions must be in (0, 1], got {list(fractions)}")
-    queue = ["dvc", "exp", "run", "--queue", "-S", "data.train_fraction=" + ",".join(f"{f:g}" for f in fractions)]
+    queue = ["dvc", "exp", "run", "--queue", "-S", f"{key}=" + ",".join(f"{f:g}" for f in fractions)]
     for override in sets:
         queue += ["-S", override]
     return [queue, ["reprovision", "mlflow-server", "start"], ["dvc", "queue", "start", "-j", "2"]]
 
 
-def queue_data_size(fractions: Sequence[float] = DATA_SIZE_FRACTIONS, sets: Sequence[str] = (), dry_run: bool = False) -> list[list[str]]:
-    """Queue the study (unless dry_run) and print what to run next; returns the commands."""
-    commands = data_size_commands(fractions, sets)
+def queue_data_size(
+    fractions: Sequence[float] = DATA_SIZE_FRACTIONS, sets: Sequence[str] = (), dry_run: bool = False, ssl: bool = False,
+) -> list[list[str]]:
+    """Queue the study (unless dry_run) and print what to run next; returns the commands. `ssl`: the
+    pre-training-set-size study (ssl.train_fraction) instead of the classifiers' training-set size."""
+    commands = data_size_commands(fractions, sets, "ssl.train_fraction" if ssl else "data.train_fraction")
     queued_at = datetime.now().isoformat(timespec="seconds")
     print(f"{'would run' if dry_run else 'running'}: {shlex.join(commands[0])}")
     if not dry_run:
@@ -326,5 +393,8 @@ def queue_data_size(fractions: Sequence[float] = DATA_SIZE_FRACTIONS, sets: Sequ
     for command in commands[1:]:
         print(f"  {shlex.join(command)}")
     print(f"  dvc queue status                    # until all {len(fractions)} are done")
-    print(f"  reprovision study --name 'data size' --x train_fraction --since {queued_at}")
+    if ssl:
+        print(f"  reprovision study --ssl-size --since {queued_at}")
+    else:
+        print(f"  reprovision study --name 'data size' --x train_fraction --since {queued_at}")
     return commands
