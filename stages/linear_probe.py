@@ -59,7 +59,7 @@ def linear_probe() -> None:
         found = probe_accuracy(train_f[train_idx], y.cpu().numpy()[train_idx], evaluated, params.probe)
         metrics.update({prefix + key: value for key, value in found.items()})
     metrics.update(arch=params.ssl.arch, features=features, train_images=len(train_idx), val_images=len(val_idx),
-                   test_images=len(test_y), ssl_run=ssl_run["run_id"])
+                   test_images=len(test_y))  # results only: the run ids are in MLflow (evaluated_run) and models/ssl/run.json
 
     tags = {**run_tags(ctx, data.classifier_dataset), "evaluated_run": ssl_run["run_id"]}
     # What `reprovision study --ssl-size` plots against: the pre-training-set size.

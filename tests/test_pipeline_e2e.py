@@ -121,7 +121,8 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     assert client.get_experiment(vit_run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     # R4's SSL: the probe run names the pre-training run it measured; the report shows the table and the loss curve.
     probe = json.loads((repo / "metrics/probe/summary.json").read_text())
-    assert by_stage["linear-probe"][0].data.tags["evaluated_run"] == by_stage["pretrain-ssl"][0].info.run_id == probe["ssl_run"]
+    ssl_run = json.loads((repo / "models/ssl/run.json").read_text())["run_id"]
+    assert by_stage["linear-probe"][0].data.tags["evaluated_run"] == by_stage["pretrain-ssl"][0].info.run_id == ssl_run
     assert all(0 <= probe[k] <= 1 for k in ("probe_test", "knn_test", "random_probe_test", "random_knn_test"))
     assert [m.step for m in client.get_metric_history(by_stage["pretrain-ssl"][0].info.run_id, "ssl_loss")] == [1]
     assert "Self-supervised pre-training (R4)" in html and f"{100 * probe['probe_test']:.2f}%" in html

