@@ -40,4 +40,4 @@ run: install
 	@echo "report: reports/report.html   runs: mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 test: install
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15

@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import math
 import os
 import pickle
 import shutil
@@ -417,6 +418,24 @@ def load_split(data_dir: Path, name: str, split: str) -> Split:
     return Split(x=x, y=y, classes=json.loads(paths[2].read_text()))
 
 
+def stratified_draw(y: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted int64 positions of `size` labels of `y`, each class drawn in proportion to its count.
+
+    Each class gets floor(size x its share), the images left over go to the classes with the largest
+    remainders (ties: the lower class), and each class's images are its first ones in a permutation
+    seeded by `seed`. (scikit-learn's train_test_split does the same with random tie-breaks; importing
+    it cost every stage 1.5-2.5 s, measured, for these few lines.)"""
+    y = np.asarray(y)
+    classes, counts = np.unique(y, return_counts=True)
+    exact = counts * size / len(y)
+    take = np.floor(exact).astype(np.int64)
+    by_remainder = np.argsort(-(exact - take), kind="stable")
+    take[by_remainder[: size - int(take.sum())]] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
 def stratified_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Sorted int64 indices of a deterministic class-stratified `fraction` of `y` (1.0: all of them)."""
     if not 0 < fraction <= 1:
@@ -424,23 +443,17 @@ def stratified_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     y = np.asarray(y)
     everything = np.arange(len(y), dtype=np.int64)
     classes = np.unique(y)
-    # At least one draw per class, else sklearn refuses a stratified split.
-    size = max(int(fraction * len(y)), len(classes))
+    size = max(int(fraction * len(y)), len(classes))  # at least one draw per class
     if fraction == 1 or size >= len(y):
         return everything
-    try:
-        from sklearn.model_selection import train_test_split  # 2.5 s of import: only where a split is drawn
-
-        picked, _ = train_test_split(everything, train_size=size, stratify=y, random_state=seed)
-    except ValueError as err:  # e.g. a class with a single example cannot be stratified
-        raise DataError(f"cannot take a stratified {fraction} of {len(y)} labels: {err}") from None
+    picked = stratified_draw(y, size, seed)
     missing = np.setdiff1d(classes, y[picked])
     if missing.size:  # only with very rare classes: proportional draws can round a class down to 0
         raise DataError(
             f"a {fraction} subset of {len(y)} labels keeps no example of class(es) {missing.tolist()}; "
             f"raise the fraction"
         )
-    return np.sort(picked).astype(np.int64)
+    return picked
 
 
 def data_sha256(data_dir: Path, name: str) -> str:
@@ -459,14 +472,13 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     fraction 0 holds nothing out (the references' setting). The validation images are for every
     decision (model selection, tuning, "best"); the test split only reports.
     """
+    y = np.asarray(y)
     everything = np.arange(len(y), dtype=np.int64)
     if fraction == 0:
         return everything, everything[:0]
-    try:
-        from sklearn.model_selection import train_test_split
-
-        train, val = train_test_split(everything, test_size=fraction, stratify=y, random_state=seed)
-    except ValueError as err:  # fewer held-out images than classes
-        raise DataError(f"cannot hold out a stratified {fraction} of {len(y)} labels for validation: {err}; "
-                        f"raise data.val_fraction or data.train_fraction") from None
-    return np.sort(train), np.sort(val)
+    held_out, classes = math.ceil(fraction * len(y)), len(np.unique(y))
+    if held_out < classes:
+        raise DataError(f"cannot hold out a stratified {fraction} of {len(y)} labels for validation: {held_out} images for "
+                        f"{classes} classes; raise data.val_fraction or data.train_fraction")
+    val = stratified_draw(y, held_out, seed)
+    return np.setdiff1d(everything, val), val
