@@ -102,8 +102,10 @@ def test_parallel_queue_logs_every_run_to_the_server(module_repo, tmp_path):
         link = next(html.unescape(h) for h in re.findall(r'href="(#/metric\?[^"]*)"', compare) if "%22test_acc%22" in h)
         curves = chromium("--virtual-time-budget=20000", "--dump-dom", f"{uri}/{link}", profile=tmp_path / "profile")
         assert all(name in curves for name in names) and curves.count("(step=2)") >= 2, curves[-3000:]
-        lines = re.findall(r'<path class="js-line" d="M[^"]*L[^"]*" style="[^"]*stroke: (rgb\([^)]*\))', curves)
-        assert len(set(lines)) == 2, curves[-3000:]  # a line through epochs 1 and 2 in each run's colour
+        # One solid line through epochs 1 and 2 per run (plotly draws a faint copy of each beside it). Not
+        # counted by colour: the UI derives a run's colour from its id, and two runs can get the same one.
+        lines = re.findall(r'<path class="js-line" d="M[^"]*L[^"]*" style="[^"]*stroke-opacity: 1;', curves)
+        assert len(lines) == 2, curves[-3000:]
         shot = ROOT / "reports/screenshots/mlflow-compare.png"  # a CI artifact (git-ignored)
         shot.parent.mkdir(parents=True, exist_ok=True)
         chromium("--virtual-time-budget=20000", f"--screenshot={shot}", "--window-size=1366,900", "--hide-scrollbars", f"{uri}/{link}",
