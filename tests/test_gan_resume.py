@@ -18,7 +18,7 @@ import torch
 from conftest import dvc, pipeline_env
 from reprovision.gan_train import train_gan
 from reprovision.models.gan import MLPDiscriminator, MLPGenerator
-from test_resume import checkpoint_state, set_params, stage_pids
+from resume import checkpoint_state, set_params, stage_pids
 
 # ------------------------------------------------------------------ the loop, on a tiny in-memory dataset
 

@@ -22,7 +22,7 @@ import mlflow
 import pytest
 
 from conftest import dvc, pipeline_env
-from test_resume import checkpoint_state, history, set_params, sha256, stage_pids
+from resume import checkpoint_state, history, set_params, sha256, stage_pids
 
 from reprovision import server, track
 
