@@ -299,8 +299,20 @@ def test_ssl_section_puts_the_probe_beside_the_floor_and_the_supervised_cnn(buil
         assert "58.61%" in text  # the supervised CNN's test accuracy, in the same table
         assert "a different architecture" in text  # params: ssl.arch resnet18, cnn.arch refcnn
     assert (root / "reports/curves/ssl_loss.png").exists()
+    assert not (root / "reports/curves/ssl_size.png").exists()  # no size study recorded in this tree
     # Without the SSL stages' outputs there is no section (and nothing else changes).
     write_results(tmp_path, ssl=False)
     report.build_report(tmp_path)
     md, html = page(tmp_path)
     assert "Self-supervised" not in md and 'id="ssl"' not in html
+
+
+def test_a_recorded_ssl_size_study_is_plotted_in_the_ssl_section(tmp_path):
+    write_results(tmp_path)
+    rows = [{"ssl_train_images": n, "probe_test": p, "knn_test": p - 0.05, "random_probe_test": 0.45}
+            for n, p in ((5_000, 0.55), (25_000, 0.66), (50_000, 0.71))]
+    write_json(tmp_path / "benchmarks/ssl_size_study.json", {"runs": rows})
+    report.build_report(tmp_path)
+    md, html = page(tmp_path)
+    assert "Pre-training-set-size study: 3 runs recorded in benchmarks/ssl_size_study.json" in md
+    assert report.data_uri(tmp_path / "reports/curves/ssl_size.png") in html

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 from PIL import Image
@@ -185,12 +187,15 @@ def test_ssl_size_study_plots_probe_accuracy_against_pretraining_images(tmp_path
         client.set_terminated(run.info.run_id)
     _log_classifier_run(client, experiment_id, "cnn", 1e-3, 1.0, 0.6, "not-ssl")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert cli.main(["study", "--ssl-size", "--out", str(tmp_path / "ssl")]) == 0
+    monkeypatch.chdir(tmp_path)  # --record writes benchmarks/ssl_size_study.json where it runs (the repository root)
+    assert cli.main(["study", "--ssl-size", "--record", "--out", str(tmp_path / "ssl")]) == 0
     table = pd.read_csv(tmp_path / "ssl" / "ssl_size.csv")
     assert table["ssl_train_images"].tolist() == [5_000, 25_000, 50_000] and table["probe_test"].tolist() == [0.55, 0.66, 0.71]
     with Image.open(tmp_path / "ssl" / "probe_vs_pretraining_images.png"):
         pass
     assert "3 finished linear-probe runs" in (tmp_path / "ssl" / "ssl_size.md").read_text()
+    recorded = json.loads((tmp_path / "benchmarks/ssl_size_study.json").read_text())["runs"]
+    assert [r["ssl_train_images"] for r in recorded] == [5_000, 25_000, 50_000] and recorded[0]["random_probe_test"] == 0.45
     assert cli.main(["study", "--queue-ssl-size", "--dry-run", "--fractions", "0.1,1"]) == 0
     out = capsys.readouterr().out
     assert "would run: dvc exp run --queue -S ssl.train_fraction=0.1,1" in out and "reprovision study --ssl-size --since" in out

@@ -53,7 +53,7 @@ def _study(args: argparse.Namespace) -> int:
             study.queue_data_size(args.fractions, args.set, dry_run=args.dry_run, ssl=args.queue_ssl_size)
         elif args.ssl_size:
             table = study.collect_probe_runs(_csv(args.exp_names), args.since)
-            print(f"study: {study.write_ssl_size_study(table, Path(args.out))}")
+            print(f"study: {study.write_ssl_size_study(table, Path(args.out), record=args.record)}")
         else:
             print(f"study: {study.run_study(Path(args.out), args.name, _csv(args.x), _csv(args.exp_names), args.since)}")
     except study.StudyError as err:
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     std.add_argument("--queue-data-size", action="store_true", help="instead: queue the data-size study (R4) with `dvc exp run --queue`")
     std.add_argument("--queue-ssl-size", action="store_true", help="instead: queue the pre-training-set-size study (R4's SSL: ssl.train_fraction)")
     std.add_argument("--ssl-size", action="store_true", help="instead: linear-probe accuracy vs pre-training images, from the linear-probe runs")
+    std.add_argument("--record", action="store_true", help="with --ssl-size: also write benchmarks/ssl_size_study.json, which the report shows")
     std.add_argument("--fractions", type=_fractions, default="0.1,0.25,0.5,1.0", help="fractions for --queue-data-size / --queue-ssl-size")
     std.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every queued experiment (repeatable)")
     std.add_argument("--dry-run", action="store_true", help="with --queue-*-size: print the commands, queue nothing")

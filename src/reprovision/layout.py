@@ -28,6 +28,9 @@ FIGURES = REPORTS / "figures"  # evaluate's pictures
 CURVES = REPORTS / "curves"  # report's charts
 STUDY = REPORTS / "study"
 # Reference-scale runs (full data, reference params), recorded by benchmarks/reference_scale.py.
+# The pre-training-set-size study's results (`reprovision study --ssl-size --record`), a committed
+# file the report stage reads (and depends on) like the reference-scale runs; {"runs": []} until recorded.
+SSL_SIZE_STUDY = Path("benchmarks/ssl_size_study.json")
 REFERENCE_SCALE = Path("benchmarks/reference_scale.json")  # `reprovision study` (not a stage: git-ignored)
 # Resume checkpoints of the training stages: git-ignored, not DVC outputs (a persist output would
 # keep them out of DVC's run-cache); a fingerprint decides whether one may be resumed.

@@ -31,7 +31,7 @@ from .config import Params, load_params
 from .registry import read_champion
 from .layout import (
     CLASSIFIERS, CURVES, EVAL_METRICS, FIGURES, GAN_METRICS, GAN_MODELS, GANS, LABELS, MANIFEST, METRICS, MODELS, PARAMS,
-    REFERENCE_SCALE, REPORTS, RUN_REF, SUMMARY,
+    REFERENCE_SCALE, REPORTS, RUN_REF, SSL_SIZE_STUDY, SUMMARY,
 )
 from .palette import COLOURS
 from .references import REFERENCE, midpoint
@@ -472,6 +472,26 @@ def datasets(manifest: dict) -> list[dict]:
     ]
 
 
+SSL_SIZE_SERIES = {"probe_test": "SimCLR encoder, linear probe", "knn_test": "SimCLR encoder, k-NN",
+                   "random_probe_test": "random weights, linear probe (floor)"}
+
+
+def ssl_size_chart(rows: list[dict], path: Path) -> Path:
+    """Test accuracy against the number of pre-training images, one line per SSL_SIZE_SERIES (the
+    pre-training-set-size study: `reprovision study --ssl-size` draws it, the report too once recorded)."""
+    table = pd.DataFrame(rows)
+    long = table.melt(id_vars=["ssl_train_images"], value_vars=[k for k in SSL_SIZE_SERIES if k in table],
+                      var_name="encoder", value_name="acc").dropna()
+    long = long.assign(encoder=long["encoder"].map(SSL_SIZE_SERIES), acc=100 * long["acc"])
+
+    def draw(ax):
+        sns.lineplot(long, x="ssl_train_images", y="acc", hue="encoder", style="encoder", marker="o", ax=ax)
+        ax.set(title="Test accuracy vs pre-training images", xlabel="images SimCLR pre-trained on", ylabel="test accuracy (%)")
+        ax.legend(title=None)
+
+    return _figure(path, draw)
+
+
 def ssl_section(root: Path, params: Params, cnn: dict | None) -> dict | None:
     """R4's self-supervised experiment: the probe of the SimCLR encoder beside the from-scratch floor and
     the supervised CNN, and the pre-training loss curve; None when the SSL stages did not run."""
@@ -504,11 +524,16 @@ def ssl_section(root: Path, params: Params, cnn: dict | None) -> dict | None:
             ax.set(title="SimCLR pre-training loss", ylabel="NT-Xent loss")
 
         curve = figure(_figure(root / CURVES / "ssl_loss.png", draw), "SimCLR pre-training loss (NT-Xent) per epoch", root / REPORTS)
+    study = (read_json(root / SSL_SIZE_STUDY) or {}).get("runs", [])
+    size_study = None
+    if len(study) >= 2:
+        chart = ssl_size_chart(study, root / CURVES / "ssl_size.png")
+        size_study = figure(chart, f"Pre-training-set-size study: {len(study)} runs recorded in {SSL_SIZE_STUDY.as_posix()}", root / REPORTS)
     configuration = cell(
         f"{arch}, {pretrained.get('train_images', 0):,} pre-training images · {pretrained.get('epochs')}/{full.epochs} epochs · "
         f"batch {s.batch_size}, temperature {s.temperature}", badge="reduced" if reduced else None,
     )
-    return {"table": table(header, rows), "curve": curve, "configuration": configuration}
+    return {"table": table(header, rows), "curve": curve, "size_study": size_study, "configuration": configuration}
 
 
 def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:

@@ -40,6 +40,7 @@ Writes to --out (default reports/study): study.md, study.csv (one row per run) a
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import re
 import shlex
@@ -56,7 +57,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from . import track
-from .layout import LABELS, STUDY
+from .layout import LABELS, SSL_SIZE_STUDY, STUDY
 from .palette import COLOURS
 
 CLASSIFIER_STAGES = ("train-vit", "train-cnn")
@@ -143,9 +144,12 @@ def collect_probe_runs(exp_names: Sequence[str] = (), since: str | None = None, 
     return table.dropna(subset=["probe_test", "ssl_train_images"]).sort_values(["ssl_train_images", "run_id"], ignore_index=True)
 
 
-def write_ssl_size_study(table: pd.DataFrame, out: Path = STUDY, source: str = "") -> Path:
+def write_ssl_size_study(table: pd.DataFrame, out: Path = STUDY, source: str = "", record: bool = False) -> Path:
     """ssl_size.csv, probe_vs_pretraining_images.png and ssl_size.md; returns the md path. Nothing is chosen
-    here: the plot shows test accuracy against the pre-training-set size, as R4's figure does."""
+    here: the plot shows test accuracy against the pre-training-set size, as R4's figure does. `record`:
+    also write the rows to benchmarks/ssl_size_study.json, which the report stage shows (commit it)."""
+    from .report import SSL_SIZE_SERIES, ssl_size_chart
+
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "ssl_size.csv", index=False)
     lines = ["# Study: pre-training-set size (SimCLR, linear probe)", "",
@@ -153,19 +157,16 @@ def write_ssl_size_study(table: pd.DataFrame, out: Path = STUDY, source: str = "
     for context in ("arch", "ssl_epochs"):
         if table[context].nunique(dropna=True) > 1:
             lines += [f"> **Warning:** the runs differ in `{context}`: their accuracies are not directly comparable.", ""]
-    series = {"probe_test": "SimCLR encoder, linear probe", "knn_test": "SimCLR encoder, k-NN",
-              "random_probe_test": "random weights, linear probe (floor)"}
-    long = table.melt(id_vars=["ssl_train_images"], value_vars=list(series), var_name="encoder", value_name="acc").dropna()
-    long = long.assign(encoder=long["encoder"].map(series), acc=100 * long["acc"])
-    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85, rc={"legend.fontsize": 8}):
-        fig = Figure(figsize=(5.2, 3.6), layout="constrained")
-        ax = fig.add_subplot()
-        sns.lineplot(long, x="ssl_train_images", y="acc", hue="encoder", style="encoder", marker="o", ax=ax)
-        ax.set(title="Test accuracy vs pre-training images", xlabel="images SimCLR pre-trained on", ylabel="test accuracy (%)")
-        ax.legend(title=None)
-    fig.savefig(out / "probe_vs_pretraining_images.png", dpi=120)
+    rows = [{k: (None if pd.isna(v) else v) for k, v in row.items()}
+            for row in table[["dvc_exp_name", "run_id", "arch", "ssl_train_fraction", "ssl_train_images", "ssl_epochs", *SSL_SIZE_SERIES]]
+            .to_dict(orient="records")]
+    ssl_size_chart(rows, out / "probe_vs_pretraining_images.png")
     lines += ["![Test accuracy vs pre-training images](probe_vs_pretraining_images.png)", "", "## All runs", "",
               _markdown_table(table), ""]
+    if record:
+        SSL_SIZE_STUDY.parent.mkdir(parents=True, exist_ok=True)
+        SSL_SIZE_STUDY.write_text(json.dumps({"runs": rows}, indent=2) + "\n")
+        lines += [f"Recorded in `{SSL_SIZE_STUDY}`: commit it, and the report's SSL section shows this plot.", ""]
     path = out / "ssl_size.md"
     path.write_text("\n".join(lines))
     return path
