@@ -78,8 +78,9 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def colour_jitter(x: torch.Tensor, p: ViewParams, generator: torch.Generator) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue, each factor drawn per image, applied to a `jitter_prob`
-    share of the images; then grayscale for a `grayscale_prob` share. `x`: RGB floats in [0, 1]."""
+    """Brightness, contrast, saturation and hue, in that order (torchvision's ColorJitter shuffles the
+    order per call), each factor drawn per image, applied to a `jitter_prob` share of the images; then
+    grayscale for a `grayscale_prob` share. `x`: RGB floats in [0, 1]."""
     n, device = x.shape[0], x.device
     per_image = lambda t: t.view(n, 1, 1, 1)  # noqa: E731
     low, high = 1 - p.jitter, 1 + p.jitter
