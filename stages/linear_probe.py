@@ -40,7 +40,8 @@ def linear_probe() -> None:
     channels = DATASET_SHAPES[data.classifier_dataset][0]
     x, y, _ = load_subset(data.classifier_dataset, "train", data.train_fraction, params.seed, device)
     test_x, test_y, _ = load_subset(data.classifier_dataset, "test", data.test_fraction, params.seed, device)
-    train_idx, val_idx = validation_split(y.cpu().numpy(), data.val_fraction, params.seed)
+    labels, test_labels = y.cpu().numpy(), test_y.cpu().numpy()
+    train_idx, val_idx = validation_split(labels, data.val_fraction, params.seed)
     policy = Policy.from_json(json.loads(POLICY.read_text()))
     random_encoder, _ = build_encoder(params.ssl, channels=channels)
     pretrained, features = build_encoder(params.ssl, channels=channels)
@@ -53,10 +54,10 @@ def linear_probe() -> None:
     for prefix, encoder in (("", pretrained), ("random_", random_encoder)):
         encoder = encoder.to(device)
         train_f = extract_features(encoder, x, policy)
-        evaluated = {"test": (extract_features(encoder, test_x, policy), test_y.cpu().numpy())}
+        evaluated = {"test": (extract_features(encoder, test_x, policy), test_labels)}
         if "val" in splits:
-            evaluated["val"] = (train_f[val_idx], y.cpu().numpy()[val_idx])
-        found = probe_accuracy(train_f[train_idx], y.cpu().numpy()[train_idx], evaluated, params.probe)
+            evaluated["val"] = (train_f[val_idx], labels[val_idx])
+        found = probe_accuracy(train_f[train_idx], labels[train_idx], evaluated, params.probe)
         metrics.update({prefix + key: value for key, value in found.items()})
     metrics.update(arch=params.ssl.arch, features=features, train_images=len(train_idx), val_images=len(val_idx),
                    test_images=len(test_y))  # results only: the run ids are in MLflow (evaluated_run) and models/ssl/run.json

@@ -492,10 +492,10 @@ def ssl_size_chart(rows: list[dict], path: Path) -> Path:
     return _figure(path, draw)
 
 
-def ssl_section(root: Path, params: Params, cnn: dict | None) -> dict | None:
-    """R4's self-supervised experiment: the probe of the SimCLR encoder beside the from-scratch floor and
-    the supervised CNN, and the pre-training loss curve; None when the SSL stages did not run."""
-    probe = read_json(root / METRICS / "probe" / SUMMARY)
+def ssl_section(root: Path, params: Params, probe: dict | None, cnn: dict | None) -> dict | None:
+    """R4's self-supervised experiment: the probe of the SimCLR encoder (`probe`, the linear-probe stage's
+    summary) beside the from-scratch floor and the supervised CNN, and the pre-training loss curve; None
+    when the SSL stages did not run."""
     pretrained = read_json(root / METRICS / "ssl" / SUMMARY)
     if probe is None or pretrained is None:
         return None
@@ -545,6 +545,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
     gans = {g: results[g] for g in GANS if g in results}
     judge = results.get("judge")
     evaluation = read_json(root / EVAL_METRICS / SUMMARY) or {}
+    probe = read_json(root / METRICS / "probe" / SUMMARY)
     runs = run_refs(root)
 
     rows, stores, any_reduced = summary_rows(params, results, runs)
@@ -574,7 +575,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "gan_quality": gan_quality_table(gans) if gans else None,
         "histogram": figure(*class_histogram_chart(histograms, root / CURVES), root / REPORTS) if histograms else None,
         "gans": [gan_pictures(root, g) for g in gans],
-        "ssl": ssl_section(root, params, classifiers.get("cnn")),
+        "ssl": ssl_section(root, params, probe, classifiers.get("cnn")),
         "params_yaml": (root / PARAMS).read_text(),
         "datasets": datasets(read_json(root / MANIFEST) or {}),
         "versions": track.library_versions(),
@@ -582,8 +583,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "runs": {LABELS[m]: r for m, r in runs.items() if r},
         "max_frames": MAX_FRAMES,
     }
-    probe = read_json(root / METRICS / "probe" / SUMMARY) or {}
-    ssl_numbers = {f"ssl.{k}": float(v) for k, v in probe.items() if k.endswith(("_test", "_val")) and isinstance(v, (int, float))}
+    ssl_numbers = {f"ssl.{k}": float(v) for k, v in (probe or {}).items() if k.endswith(("_test", "_val")) and isinstance(v, (int, float))}
     return ctx, {**key_numbers_of(classifiers, gans, judge, evaluation), **ssl_numbers}
 
 

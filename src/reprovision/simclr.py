@@ -116,6 +116,11 @@ def two_views(x_uint8: torch.Tensor, policy: Policy, p: ViewParams, generator: t
     return torch.cat([view(x_uint8, policy, p, generator), view(x_uint8, policy, p, generator)])
 
 
+def partners(n: int, device: torch.device) -> torch.Tensor:
+    """For the 2N rows of two stacked views of N images, each row's partner: i <-> N + i."""
+    return torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(device)
+
+
 def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent over 2N projections, rows i and N + i the positive pairs: for each row, the cross-entropy of
     picking its partner among the 2N - 1 others by cosine similarity / temperature; the mean over rows."""
@@ -123,8 +128,7 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     z = F.normalize(z.float(), dim=1)
     logits = z @ z.T / temperature
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(logits, partner)
+    return F.cross_entropy(logits, partners(n, z.device))
 
 
 class SimCLR(nn.Module):
@@ -204,9 +208,7 @@ def pretrain(
             with torch.no_grad():
                 zn = F.normalize(z.detach().float(), dim=1)
                 similarity = (zn @ zn.T).fill_diagonal_(-2)
-                n = len(zn) // 2
-                partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(device)
-                hits += (similarity.argmax(1) == partner).sum()
+                hits += (similarity.argmax(1) == partners(len(zn) // 2, device)).sum()
             loss_sum += loss.detach()
         seconds = time.perf_counter() - started
         row = {"epoch": epoch, "loss": loss_sum.item() / steps, "pair_acc": hits.item() / (2 * batch * steps),
