@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from reprovision import cards, checkpoint, track
+from reprovision import cards, checkpoint, distributed, track
 from reprovision.augment import BatchAugment, Policy
 from reprovision.config import DATASET_SHAPES, Params
 from reprovision.data import validation_split
@@ -54,7 +54,9 @@ def setup(
 
 def train(name: str, build: Builder) -> None:
     ctx = start(f"train-{name}")
-    params, device = ctx.params, ctx.device
+    params = ctx.params
+    distributed.relaunch(params.dist.nproc)  # dist.nproc > 1: this process becomes torchrun
+    world, device = distributed.join(params.dist.nnodes, params.dist.nproc, ctx.device)
     rng = seed_everything(params.seed, device)
     cfg = params.classifier(name)
     data = params.data
@@ -67,8 +69,14 @@ def train(name: str, build: Builder) -> None:
     tags = run_tags(ctx, data.classifier_dataset)
     # The resume fingerprint: everything that shapes the result (checkpoint.py adds the code).
     fingerprint = checkpoint.fingerprint(
-        params.digest("seed", "lr", "data", name), policy.to_json(), tags["data_sha256"], ctx.threads, precision
+        params.digest("seed", "lr", "data", name), policy.to_json(), tags["data_sha256"], ctx.threads, precision, world.size
     )
+    if not world.is_main:
+        # The other ranks train beside rank 0 and leave outputs, checkpoint and MLflow run to it.
+        fit(model, train, val, test, augmenter, cfg, lr, rng, checkpoint=CHECKPOINTS / f"{name}.pt",
+            fingerprint=fingerprint, progress=False, world=world)
+        distributed.leave(world)
+        return
 
     out = MODELS / name
     out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +96,7 @@ def train(name: str, build: Builder) -> None:
         "lr_base": params.lr,
         "seed": params.seed,
         "threads": ctx.threads,
+        "world_size": world.size,
         "precision_resolved": precision,
         "dataset": data.classifier_dataset,
         "train_fraction": data.train_fraction,
@@ -105,8 +114,9 @@ def train(name: str, build: Builder) -> None:
         started = time.perf_counter()
         history = fit(
             model, train, val, test, augmenter, cfg, lr, rng,
-            checkpoint=CHECKPOINTS / f"{name}.pt", fingerprint=fingerprint, on_epoch=on_epoch,
+            checkpoint=CHECKPOINTS / f"{name}.pt", fingerprint=fingerprint, on_epoch=on_epoch, world=world,
         )
+        distributed.leave(world)
         wall = time.perf_counter() - started
         final = history[-1]
         train_seconds = sum(r["epoch_seconds"] for r in history)

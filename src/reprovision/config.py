@@ -223,6 +223,18 @@ class ProbeConfig(Section):
     knn_k: PositiveInt = 20
 
 
+class DistConfig(Section):
+    """Data-parallel training of the classifiers (distributed.py): processes per node, and nodes.
+
+    The world size changes the floats (gradients are summed in another order; on CPU each rank's
+    BatchNorm sees only its share), so it is a param: DVC re-runs on a change and the resume
+    fingerprint includes it. nproc > 1 starts the stage under `torchrun --standalone`; nnodes > 1
+    is launched by torchrun's c10d rendezvous on every node (README "Team setup")."""
+
+    nproc: PositiveInt = 1
+    nnodes: PositiveInt = 1
+
+
 class EvaluateConfig(Section):
     heatmap_images: PositiveInt = 8
     misclassified_images: PositiveInt = 32
@@ -243,6 +255,7 @@ class Params(Section):
     cnn: CNNConfig = CNNConfig()
     ssl: SSLConfig = SSLConfig()
     probe: ProbeConfig = ProbeConfig()
+    dist: DistConfig = DistConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
@@ -267,6 +280,14 @@ class Params(Section):
                     f"{self.data.classifier_dataset}; use at most {min(height, width).bit_length() - 1} widths"
                 )
         self._check_sizes()
+        world = self.dist.nnodes * self.dist.nproc
+        for key, section in (("vit", self.vit), ("cnn", self.cnn)):
+            if section.batch_size < 2 * world:
+                raise ValueError(
+                    f"{key}.batch_size = {section.batch_size} is split over dist.nnodes x dist.nproc = {world} "
+                    f"processes, which leaves a process fewer than 2 images (BatchNorm needs 2); "
+                    f"use {key}.batch_size >= {2 * world} or fewer processes"
+                )
         return self
 
     def _check_sizes(self) -> None:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .augment import BatchAugment
 from .config import TrainConfig
+from .distributed import World, sum_over_ranks, sync_buffers, wrap
 from .optim import SAM, build_optimizer, build_scheduler, clip_gradients
 from .runtime import autocast_dtype, compiled_for_determinism
 
@@ -44,18 +45,24 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def evaluate(model, data: DeviceData, augment: BatchAugment, batch_size: int, amp: torch.dtype | None) -> dict[str, float]:
+def evaluate(
+    model, data: DeviceData, augment: BatchAugment, batch_size: int, amp: torch.dtype | None, world: World = World()
+) -> dict[str, float]:
+    """Mean loss and accuracy on `data`; with several ranks each evaluates its share and the sums are added."""
     model.eval()
     device = data.x.device
+    mine = world.share(len(data))
+    images, labels = data.x[mine], data.y[mine]
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for start in range(0, len(data), batch_size):
-        x, _ = augment(data.x[start : start + batch_size], data.y[start : start + batch_size], train=False)
-        y = data.y[start : start + batch_size]
+    for start in range(0, len(labels), batch_size):
+        x, _ = augment(images[start : start + batch_size], labels[start : start + batch_size], train=False)
+        y = labels[start : start + batch_size]
         with _autocast(device, amp):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
+    loss_sum, correct = sum_over_ranks(loss_sum, correct, world=world)
     return {"loss": loss_sum.item() / len(data), "acc": correct.item() / len(data)}
 
 
@@ -72,19 +79,25 @@ def fit(
     fingerprint: str = "",
     on_epoch: Callable[[dict], None] | None = None,
     progress: bool = True,
+    world: World = World(),
 ) -> list[dict]:
     """Train for cfg.epochs; return one dict per epoch (the columns of the per-epoch table).
 
     `val` (None when no validation split is held out) is what decisions read; `test` is evaluated
-    every epoch for R3's learning curve, and only reported.
+    every epoch for R3's learning curve, and only reported. With several ranks (`world`, see
+    distributed.py) each trains on its share of every global batch of cfg.batch_size images;
+    only rank 0 writes the checkpoint and prints; every rank returns the same history.
     """
     device = train.x.device
     amp = autocast_dtype(cfg.precision, device)
-    # A last batch of one image breaks BatchNorm's batch statistics; every other remainder is used.
-    steps = len(train) // cfg.batch_size + (len(train) % cfg.batch_size > 1)
+    # A last batch that would leave a rank one image breaks BatchNorm's batch statistics; every
+    # other remainder is used.
+    steps = len(train) // cfg.batch_size + (len(train) % cfg.batch_size >= 2 * world.size)
     optimizer = build_optimizer(model, cfg, lr, device)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    step_model = compiled_for_determinism(model) if cfg.compile else model
+    step_model = wrap(model, world, device)
+    step_model = compiled_for_determinism(step_model) if cfg.compile else step_model
+    progress = progress and world.is_main
     history: list[dict] = []
     first_epoch = 1
 
@@ -100,15 +113,18 @@ def fit(
             torch.cuda.set_rng_state(state["cuda_rng"], device)
         history = state["history"]
         first_epoch = state["epoch"] + 1
-        print(f"resuming from {checkpoint} after epoch {state['epoch']}")
+        if world.is_main:
+            print(f"resuming from {checkpoint} after epoch {state['epoch']}")
         for row in history:  # the new tracking run gets the whole metric history, not just the tail
             if on_epoch is not None:
                 on_epoch(row)
 
-    def loss_of(x, target):
+    def loss_of(x, target, weight: float):
+        """The share's mean loss times `weight`, its part of the global batch's mean (1.0 alone)."""
         with _autocast(device, amp):
             logits = step_model(x)
-        return F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing), logits
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+        return (loss * weight if weight != 1.0 else loss), logits
 
     for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
@@ -121,14 +137,21 @@ def fit(
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             y = train.y[idx]
-            x, target = augment(train.x[idx], y, train=True)
-            loss, logits = loss_of(x, target)
+            x, target = augment(train.x[idx], y, train=True)  # the global batch, the same on every rank
+            weight = 1.0
+            if world.size > 1:
+                mine = world.share(len(idx))
+                x, target, y = x[mine], target[mine], y[mine]
+                # DDP averages the ranks' gradients: weighting each share's mean loss by its size
+                # makes that average the gradient of the global batch's mean loss.
+                weight = len(y) * world.size / len(idx)
+            loss, logits = loss_of(x, target, weight)
             loss.backward()
             if isinstance(optimizer, SAM):
                 # SAM: ascend to w + e(w), take the gradient there, come back and step.
                 clip_gradients(model, cfg.grad_clip)
                 optimizer.first_step(zero_grad=True)
-                loss_of(x, target)[0].backward()
+                loss_of(x, target, weight)[0].backward()
                 clip_gradients(model, cfg.grad_clip)
                 optimizer.second_step(zero_grad=True)
             else:
@@ -137,21 +160,25 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss.detach() / weight * len(y)
             # Accuracy against the original labels, also under CutMix/MixUp (the references' convention).
             correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(idx)
+            seen += len(y)
         lr_now = optimizer.param_groups[0]["lr"]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - started
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+        loss_sum, correct, seen = sum_over_ranks(loss_sum, correct, torch.tensor(seen, device=device), world=world)
+        sync_buffers(model, world)
+        row = {"epoch": epoch, "train_loss": loss_sum.item() / seen.item(), "train_acc": correct.item() / seen.item()}
         splits = {"val": val, "test": test} if val is not None else {"test": test}
         for split, data in splits.items():
-            measured = evaluate(model, data, augment, cfg.eval_batch_size, amp)
+            measured = evaluate(model, data, augment, cfg.eval_batch_size, amp, world)
             row[f"{split}_loss"], row[f"{split}_acc"] = measured["loss"], measured["acc"]
         row.update(epoch_seconds=train_seconds, lr=lr_now)
         history.append(row)
+        if not world.is_main:
+            continue
         shown = " | ".join(f"{split} loss {row[f'{split}_loss']:.4f} acc {row[f'{split}_acc']:.4f}" for split in ("train", *splits))
         print(f"epoch {epoch:3d} | {shown} | {train_seconds:6.2f} s | lr {lr_now:.2e}", flush=True)
         if checkpoint is not None:
