@@ -27,17 +27,24 @@ CPU_SIZED := -S data.train_fraction=0.1 -S data.test_fraction=0.2 \
   -S cnn.epochs=5 -S cnn.scheduler=cosine -S 'cnn.widths=[32,64,128]' -S cnn.convs_per_block=1 -S cnn.hidden=128 \
   -S ssl.arch=refcnn -S 'ssl.widths=[32,64,128]' -S ssl.convs_per_block=1 -S ssl.epochs=4 -S ssl.train_fraction=0.05
 
-.PHONY: install run test
+.PHONY: install install-test run test
 install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# The tests also need the team extras (the scaleout tests run a PostgreSQL-backed MLflow server
+# with S3 artifacts and a DVC S3 remote) and the S3 emulator: ~30 s more to install.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,team]"
 	touch $@
 
 run: install
 	dvc exp run $(CPU_SIZED)
 	@echo "report: reports/report.html   runs: mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
-test: install
+test: install-test
 	$(PY) -m pytest -q -n auto --dist loadfile --durations=15

@@ -54,7 +54,7 @@ def store(tmp_path_factory) -> dict:
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    experiment_id = client.create_experiment(track.EXPERIMENT)
+    experiment_id = client.create_experiment(track.experiment_name())
     first = None
     for i, ((model, lr, fraction), finals) in enumerate(RESULTS.items()):
         for seed, final in enumerate(finals):
@@ -110,7 +110,7 @@ def test_study_filters_by_experiment_name_and_start(store, tmp_path):
     assert set(named["model"]) == {"vit", "cnn"}
 
     first_start = store["client"].get_run(store["first_run"]).info.start_time
-    later = [r for r in store["client"].search_runs([store["client"].get_experiment_by_name(track.EXPERIMENT).experiment_id])
+    later = [r for r in store["client"].search_runs([store["client"].get_experiment_by_name(track.experiment_name()).experiment_id])
              if r.info.status == "FINISHED" and r.data.tags.get("stage") in ("train-vit", "train-cnn") and r.info.start_time >= first_start]
     run_study(tmp_path / "since", since=store["first_run"], tracking_uri=store["uri"])
     assert len(pd.read_csv(tmp_path / "since" / "study.csv")) == len(later)
@@ -177,7 +177,7 @@ def test_ssl_size_study_plots_probe_accuracy_against_pretraining_images(tmp_path
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
-    experiment_id = client.create_experiment(track.EXPERIMENT)
+    experiment_id = client.create_experiment(track.experiment_name())
     for fraction, images, probe in ((1.0, 50_000, 0.71), (0.1, 5_000, 0.55), (0.5, 25_000, 0.66)):
         run = client.create_run(experiment_id, tags={"stage": "linear-probe", "model": "probe", "dvc_exp_name": f"ssl-{fraction}"})
         params = {"arch": "resnet18", "ssl_train_fraction": fraction, "ssl_train_images": images, "ssl_epochs": 100}

@@ -71,7 +71,7 @@ def test_the_stage_runs_of_one_experiment_nest_under_one_run_itself_under_a_call
     for stage in ("train-vit", "train-cnn"):
         with track.stage_run(stage, stage[6:], {}, {}, Params(), root=tmp_path) as run:
             runs.append(run.info.run_id)
-    experiment = client.get_experiment_by_name(track.EXPERIMENT).experiment_id
+    experiment = client.get_experiment_by_name(track.experiment_name()).experiment_id
     [group] = client.search_runs([experiment], f"tags.stage = '{track.EXP_PARENT}'")
     assert group.info.run_name == "brisk-exp" and group.data.tags["mlflow.parentRunId"] == outer
     assert all(client.get_run(r).data.tags["mlflow.parentRunId"] == group.info.run_id for r in runs)
@@ -80,3 +80,10 @@ def test_the_stage_runs_of_one_experiment_nest_under_one_run_itself_under_a_call
         pass
     assert client.get_run(run.info.run_id).data.tags["mlflow.parentRunId"] == outer
     assert len(client.search_runs([experiment], f"tags.stage = '{track.EXP_PARENT}'")) == 1
+
+
+def test_the_experiment_is_mlflow_experiment_name_when_set(monkeypatch):
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert track.experiment_name() == "reprovision"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-vit")
+    assert track.experiment_name() == "team-vit"

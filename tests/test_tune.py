@@ -93,7 +93,7 @@ def test_tune_reads_values_prunes_hopeless_trial_and_records_best(workspace, cap
 
     # MLflow: one "tune" run with each finished trial's value, the table of trials and the best settings.
     client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(track.EXPERIMENT)
+    experiment = client.get_experiment_by_name(track.experiment_name())
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'tune'")
     best = study.best_trial
     assert run.info.status == "FINISHED" and run.data.tags["model"] == "vit" and run.data.tags["best_exp_name"] == f"tune-t-{best.number}"
@@ -125,7 +125,7 @@ def test_a_failing_trial_stops_the_search(workspace):
 
     with pytest.raises(TrialFailed, match="exited with 3"):
         tune("cnn", trials=3, sets=["data.val_fraction=0.1"], name="f", command=failing, poll=0.05)
-    (run,) = mlflow.MlflowClient().search_runs([mlflow.MlflowClient().get_experiment_by_name(track.EXPERIMENT).experiment_id])
+    (run,) = mlflow.MlflowClient().search_runs([mlflow.MlflowClient().get_experiment_by_name(track.experiment_name()).experiment_id])
     assert run.info.status == "FAILED"
 
 

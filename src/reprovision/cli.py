@@ -14,7 +14,14 @@ def _server(args: argparse.Namespace) -> int:
     from .track import project_root, server_uri
 
     if args.action == "start":
-        print(server.start(port=args.port))
+        try:
+            print(server.start(
+                port=args.port, host=args.host, backend_store_uri=args.backend_store_uri,
+                artifacts_destination=args.artifacts_destination, auth=args.auth, auth_database_uri=args.auth_database_uri,
+            ))
+        except server.ServerError as err:
+            print(f"reprovision mlflow-server: {err}", file=sys.stderr)
+            return 2
     elif args.action == "stop":
         print("stopped" if server.stop() else "not running")
     else:
@@ -73,6 +80,17 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exp_worker(args: argparse.Namespace) -> int:
+    from . import worker
+
+    try:
+        worker.run(args.origin, args.name, args.set, args.targets, rev=args.rev, workdir=args.workdir)
+    except worker.WorkerError as err:
+        print(f"reprovision exp-worker: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _promote(args: argparse.Namespace) -> int:
     from . import registry, track
 
@@ -89,9 +107,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reprovision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    srv = sub.add_parser("mlflow-server", help="start/stop the local MLflow server used for parallel experiments")
+    srv = sub.add_parser("mlflow-server", help="start/stop the MLflow server used for parallel experiments or by a team",
+                         description="Default: the repository's mlflow.db and mlartifacts/ on 127.0.0.1, no login. "
+                         "A team server: --host <LAN address> --port 5000 --auth --backend-store-uri postgresql+psycopg://... "
+                         "--artifacts-destination s3://... (see src/reprovision/server.py and README 'Team setup').")
     srv.add_argument("action", choices=["start", "stop", "status"])
-    srv.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    srv.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default 127.0.0.1, this machine only); a team server binds its LAN address")
+    srv.add_argument("--backend-store-uri", metavar="URI",
+                     help="runs, params, metrics: e.g. postgresql+psycopg://mlflow@db.lan:5432/mlflow (default: the repo's sqlite mlflow.db)")
+    srv.add_argument("--artifacts-destination", metavar="URI",
+                     help="where the server puts artifacts, e.g. s3://bucket/mlartifacts with the server's own "
+                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and MLFLOW_S3_ENDPOINT_URL for S3-compatible storage); "
+                     "clients need no storage credentials (default: the repo's mlartifacts/)")
+    srv.add_argument("--auth", action="store_true",
+                     help="require a login (MLflow's basic-auth app); the admin account comes from "
+                     "MLFLOW_AUTH_ADMIN_USERNAME and MLFLOW_AUTH_ADMIN_PASSWORD in the environment")
+    srv.add_argument("--auth-database-uri", metavar="URI",
+                     help="with --auth: MLflow's user and permission database (default: sqlite .mlflow-server/basic_auth.db)")
     srv.set_defaults(func=_server)
 
     rep = sub.add_parser("reproduce", help="train a recorded MLflow run again from its commit and params (in a temp clone) and compare")
@@ -125,6 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     tun.add_argument("--name", help="study name; trials are DVC experiments tune-<name>-<k> (default: <model>-<MMDD-HHMM>)")
     tun.add_argument("--seed", type=int, default=0, help="seed of Optuna's TPE sampler")
     tun.set_defaults(func=_tune)
+
+    wrk = sub.add_parser("exp-worker", help="on any machine: clone the origin, run one DVC experiment, push it and its run-cache back",
+                         description="Example: reprovision exp-worker --origin git@git.lan:team/reprovision.git -n lr-4e-4 -S lr=4e-4. "
+                         "Stages a teammate already ran come from the DVC remote's run-cache; get the result anywhere with "
+                         "`dvc exp pull origin <name>`. deploy/ has a SLURM array and a Kubernetes Job running it.")
+    wrk.add_argument("--origin", required=True, help="the team's git repository (URL or path), with a DVC remote configured")
+    wrk.add_argument("-n", "--name", required=True, help="the experiment's name (as `dvc exp run -n`)")
+    wrk.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="param override (repeatable, as `dvc exp run -S`)")
+    wrk.add_argument("--rev", default="main", help="branch or tag of the origin to start from (default: main)")
+    wrk.add_argument("--workdir", type=Path, help="an empty or new folder for the clone (default: a new temporary folder)")
+    wrk.add_argument("targets", nargs="*", help="stages to run (default: the whole pipeline)")
+    wrk.set_defaults(func=_exp_worker)
 
     pro = sub.add_parser("promote", help="set the registry alias `champion` on the better classifier of this checkout (by val_acc)")
     pro.set_defaults(func=_promote)

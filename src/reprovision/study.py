@@ -112,9 +112,9 @@ def _search(uri: str | None, stages: str, since: str | None, exp_names: Sequence
         raise StudyError(f"no MLflow store at {uri}: train something first (`dvc exp run`), or set MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(track.EXPERIMENT)
+    experiment = client.get_experiment_by_name(track.experiment_name())
     if experiment is None:
-        raise StudyError(f"no MLflow experiment {track.EXPERIMENT!r} in {uri}: train something first (`dvc exp run`)")
+        raise StudyError(f"no MLflow experiment {track.experiment_name()!r} in {uri}: train something first (`dvc exp run`)")
     query = ["attributes.status = 'FINISHED'", f"tags.stage LIKE '{stages}'"]
     if since:
         query.append(f"attributes.start_time >= {since_millis(since, client)}")
@@ -186,7 +186,7 @@ def collect_runs(
     if runs.empty:
         filters = "".join([f", dvc_exp_name in {list(exp_names)}" if exp_names else "", f", started since {since}" if since else ""])
         raise StudyError(
-            f"no FINISHED train-vit/train-cnn runs in {uri} (experiment {track.EXPERIMENT!r}{filters}): "
+            f"no FINISHED train-vit/train-cnn runs in {uri} (experiment {track.experiment_name()!r}{filters}): "
             "run experiments first (see `reprovision study --help`), or widen --exp-names/--since"
         )
 

@@ -2,9 +2,13 @@
 
 Where runs go, first match wins:
 1. `MLFLOW_TRACKING_URI`, when set;
-2. the server started by `reprovision mlflow-server` (it writes `.mlflow-server/uri` in the repo),
+2. the server started by `reprovision mlflow-server` (it writes `.mlflow-server/server.json` in the repo),
    needed for parallel `dvc queue start -j N`, because SQLite does not take parallel writers well;
 3. MLflow's own default, SQLite `mlflow.db` at the repository root, by absolute path.
+The experiment is `reprovision`, or MLFLOW_EXPERIMENT_NAME when set (`experiment_name()`).
+
+A team's server (`reprovision mlflow-server start --auth`, server.py) asks for a login: MLflow sends
+MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, and `check_store` tries them before any compute.
 
 DVC runs queued experiments in temporary copies under `<repo>/.dvc/tmp/exps/`; `project_root()`
 resolves those back to the real repository so that their runs and artifacts land in the same
@@ -39,7 +43,7 @@ from typing import Any, Iterator
 from .config import Params
 from .layout import CHECKPOINTS, PREPARED
 
-EXPERIMENT = "reprovision"
+DEFAULT_EXPERIMENT = "reprovision"
 RESOLVED_PARAMS = "resolved_params.json"
 SERVER_STATE = Path(".mlflow-server")
 LIBRARIES = ("torch", "torchvision", "numpy", "mlflow", "dvc", "scikit-learn", "torchmetrics", "pydantic")
@@ -100,6 +104,11 @@ def tracking_uri(root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or server_uri(root) or f"sqlite:///{root / 'mlflow.db'}"
 
 
+def experiment_name() -> str:
+    """The MLflow experiment the runs go to: MLFLOW_EXPERIMENT_NAME (MLflow's own variable), else `reprovision`."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
 def artifact_location(root: Path) -> str:
     return (root / "mlartifacts").as_uri()
 
@@ -117,6 +126,11 @@ def check_store(uri: str) -> None:
                 "`reprovision mlflow-server start`, or unset MLFLOW_TRACKING_URI to log to the local "
                 "SQLite store mlflow.db. Nothing was trained."
             ) from None
+        # /health answers anyone, also on a server with a login (MLflow leaves it open for load
+        # balancers): one call that needs the login tells whether this client's is accepted.
+        refused = _login_refused(uri)
+        if refused:
+            raise TrackingError(refused)
     elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         folder = db.parent
@@ -125,6 +139,54 @@ def check_store(uri: str) -> None:
                 f"MLflow store {db} is not writable. Fix the permissions, or point "
                 "MLFLOW_TRACKING_URI at a writable store (e.g. sqlite:////tmp/mlflow.db). Nothing was trained."
             )
+
+
+def _login_refused(uri: str) -> str | None:
+    """Why the server refuses this client's login (None: accepted, or it asks for none). The call is
+    made with the credentials MLflow itself will send, from the environment or ~/.mlflow/credentials."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    creds = get_default_host_creds(uri)
+    try:
+        # Any authenticated user may search (the answer lists what they may read); one try, like /health.
+        response = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", params={"max_results": 1},
+                                max_retries=0, timeout=5, raise_on_status=False)
+    except MlflowException:
+        return None  # no answer just after /health's: not a login problem; the run reports it if it lasts
+    if response.status_code != 401:
+        return None
+    if not creds.username:
+        return (
+            f"MLflow server {uri} requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "to the account its admin made for you (README, 'Team setup'). Nothing was trained."
+        )
+    return (
+        f"MLflow server {uri} refused the login of {creds.username!r}: check MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD (a wrong or changed password, or no such user). Nothing was trained."
+    )
+
+
+@contextlib.contextmanager
+def _reports_refusal(uri: str) -> Iterator[None]:
+    """A server that knows the login but does not let it write to the experiment (HTTP 403): one
+    line saying what to ask for, before the stage's run starts, instead of MLflow's REST error."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as err:
+        if err.error_code != "PERMISSION_DENIED":
+            raise
+        from mlflow.utils.credentials import read_mlflow_creds
+
+        who = read_mlflow_creds().username or "this client"
+        raise TrackingError(
+            f"MLflow server {uri} does not let {who!r} write to the experiment {experiment_name()!r}. "
+            "Ask its admin for EDIT on that experiment (README, 'Team setup'), or log to one of your own "
+            "with MLFLOW_EXPERIMENT_NAME=<new name>. The stage stopped before its run started."
+        ) from None
 
 
 def _outage_cause(err: BaseException | None) -> BaseException | None:
@@ -299,7 +361,8 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def _ensure_experiment(client, root: Path, uri: str) -> str:
-    exp = client.get_experiment_by_name(EXPERIMENT)
+    name = experiment_name()
+    exp = client.get_experiment_by_name(name)
     if exp is not None:
         for key, value in EXPERIMENT_KIND.items():
             if key not in exp.tags:  # made before the tag was set
@@ -309,9 +372,9 @@ def _ensure_experiment(client, root: Path, uri: str) -> str:
     # client-side file:// location would put them on the logging machine's disk, out of teammates' reach.
     location = None if uri.startswith(("http://", "https://")) else artifact_location(root)
     try:
-        return client.create_experiment(EXPERIMENT, artifact_location=location, tags=EXPERIMENT_KIND)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # another stage created it a moment ago (parallel queue)
-        exp = client.get_experiment_by_name(EXPERIMENT)
+        exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
@@ -378,7 +441,7 @@ def stage_run(
     }
     run_name = run_name or stage
     run_name = f"{run_name}-{exp_name}" if exp_name else run_name
-    with _reports_outage():
+    with _reports_outage(), _reports_refusal(uri):
         experiment_id = _ensure_experiment(client, root, uri)
         parent = _parent_run(client, experiment_id, exp_name, commit)
         if parent:
@@ -433,6 +496,9 @@ def log_artifacts(*paths: Path, folder: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path=folder)
 
 
+# What the server answers when two runs insert the same dataset at once, by backend store.
+DATASET_INSERT_CLASHES = ("UNIQUE constraint failed: datasets", 'violates unique constraint "dataset_pk"')
+
 # MLflow's names for where a dataset was used (its UI shows them beside each input).
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 
@@ -457,10 +523,10 @@ def log_datasets(root: Path, dataset: str, sha256: str, images: dict[str, int]) 
         try:
             mlflow.log_input(found[split], context=DATASET_CONTEXTS[split], tags=tags)
         except mlflow.exceptions.MlflowException as err:
-            # The store looks a dataset up, then inserts it: two queued experiments logging the same
-            # one at once collide on the insert (the server answers UNIQUE constraint failed). The
-            # other run has made it meanwhile: a second try finds it.
-            if "UNIQUE constraint failed: datasets" not in str(err):
+            # The store looks a dataset up, then inserts it: two experiments logging the same one at
+            # once collide on the insert (SQLite: UNIQUE constraint failed; PostgreSQL: duplicate key
+            # ... "dataset_pk"). The other run has made it meanwhile: a second try finds it.
+            if not any(clash in str(err) for clash in DATASET_INSERT_CLASHES):
                 raise
             time.sleep(0.5)
             mlflow.log_input(found[split], context=DATASET_CONTEXTS[split], tags=tags)
