@@ -1,4 +1,4 @@
-"""Helpers of the end-to-end tests (test_pipeline_e2e.py, test_pipeline_params_e2e.py, test_queue_e2e.py):
+"""Helpers of the end-to-end tests (test_pipeline_e2e.py, test_pipeline_params_e2e.py, test_team_server.py):
 what a `dvc exp run` ran, what MLflow holds, and the fingerprints two clones must agree on."""
 
 from __future__ import annotations

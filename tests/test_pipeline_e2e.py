@@ -3,7 +3,7 @@ the run-cache, `reprovision reproduce` and an unreachable tracking server.
 
 The tests run in order on one copy of the repository and build on each other's results.
 test_pipeline_params_e2e.py runs the same first run in a second clone (on the other pytest-xdist
-worker): the two must agree bit for bit. test_queue_e2e.py runs the parallel queue.
+worker): the two must agree bit for bit. test_team_server.py runs the parallel queue (through a team server).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def test_every_library_file_belongs_to_some_stage():
     used = set().union(*(imported(stage) for stage in DVC_YAML.values()))
     library = {str(p.relative_to(ROOT)) for p in (ROOT / "src" / "reprovision").rglob("*.py")}
     # Tools around the pipeline, run by `reprovision <command>`, never inside a stage.
-    tools = {f"src/reprovision/{name}.py" for name in ("cli", "reproduce", "server", "study", "tune")}
+    tools = {f"src/reprovision/{name}.py" for name in ("cli", "reproduce", "server", "study", "tune", "worker")}
     assert library - used == tools
 
 
