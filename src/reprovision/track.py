@@ -365,8 +365,13 @@ def _ensure_experiment(client, root: Path, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         for key, value in EXPERIMENT_KIND.items():
-            if key not in exp.tags:  # made before the tag was set
-                client.set_experiment_tag(exp.experiment_id, key, value)
+            if key not in exp.tags:  # made before the tag was set, or by someone else (a team's admin)
+                try:
+                    client.set_experiment_tag(exp.experiment_id, key, value)
+                except Exception:
+                    # Two stages at once (a parallel queue): the other one's insert won the race.
+                    if key not in client.get_experiment(exp.experiment_id).tags:
+                        raise
         return exp.experiment_id
     # Through a server, the server decides where artifacts go (it proxies them to its store): a
     # client-side file:// location would put them on the logging machine's disk, out of teammates' reach.
