@@ -37,10 +37,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The tests also need the team extras (the scaleout tests run a PostgreSQL-backed MLflow server
-# with S3 artifacts and a DVC S3 remote) and the S3 emulator: ~30 s more to install.
-$(VENV)/.installed-test: $(VENV)/.installed
+# with S3 artifacts and a DVC S3 remote) and the S3 emulator: one pip call for all of it.
+$(VENV)/.installed-test: pyproject.toml
+	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e ".[dev,team]"
-	touch $@
+	touch $@ $(VENV)/.installed
 
 run: install
 	dvc exp run $(CPU_SIZED)
