@@ -28,7 +28,7 @@ import requests
 import yaml
 
 import servers
-from conftest import ROOT, TINY, copy_repo, dvc, pipeline_env, sh
+from conftest import TINY, copy_repo, dvc, pipeline_env, sh
 from pipeline import stages_cached, stages_run
 from test_report import chromium
 from reprovision import track
@@ -254,10 +254,6 @@ def test_a_queue_of_two_experiments_logs_through_the_team_server(team, alice, tm
         # counted by colour: the UI derives a run's colour from its id, and two runs can get the same one.
         lines = re.findall(r'<path class="js-line" d="M[^"]*L[^"]*" style="[^"]*stroke-opacity: 1;', curves)
         assert len(lines) == 2, curves[-3000:]
-        shot = ROOT / "reports/screenshots/mlflow-compare.png"  # a CI artifact (git-ignored)
-        shot.parent.mkdir(parents=True, exist_ok=True)
-        chromium("--virtual-time-budget=20000", f"--screenshot={shot}", "--window-size=1366,900", "--hide-scrollbars", f"{ui}/{link}", profile=profile)
-        assert shot.stat().st_size > 10_000
 
 
 def test_the_run_cache_and_experiments_move_between_teammates_through_the_remote(team, alice, tmp_path_factory):
