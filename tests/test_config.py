@@ -99,6 +99,8 @@ BAD_VALUES = [
 CROSS_CHECKS = [
     pytest.param({"data.train_fraction": 0.001, "data.val_fraction": 0.1}, "data.val_fraction = 0.1 of 50 training images holds out 5", id="val-smaller-than-classes"),
     pytest.param({"gan.train_fraction": 0.0001}, "fewer than one batch of gan.mlp.batch_size = 64", id="gan-data-below-one-batch"),
+    pytest.param({"gan.train_fraction": 0.002, "gan.fid_samples": 200}, "gives 120 MNIST training images, fewer than the gan.fid_samples = 200",
+                 id="gan-data-below-the-fid-floor"),
     pytest.param({"cnn.widths": [8, 8, 8, 8, 8, 8]}, "use at most 5 widths", id="cnn-deeper-than-the-image"),
 ]
 

@@ -304,14 +304,22 @@ class Params(Section):
                 f"data.val_fraction = {d.val_fraction} of {subset} training images holds out {val}, fewer than the "
                 f"{classes} classes of {d.classifier_dataset}; raise data.val_fraction or data.train_fraction, or set it to 0"
             )
-        mnist_train, _ = DATASET_SIZES[self.data.gan_dataset]
+        mnist_train, mnist_test = DATASET_SIZES[self.data.gan_dataset]
+        images = max(int(self.gan.train_fraction * mnist_train), 10)
         for key, batch in (("mlp", self.gan.mlp.batch_size), ("dcgan", self.gan.dcgan.batch_size)):
-            images = max(int(self.gan.train_fraction * mnist_train), 10)
             if images < batch:
                 raise ValueError(
                     f"gan.train_fraction = {self.gan.train_fraction} gives {images} MNIST images, fewer than one "
                     f"batch of gan.{key}.batch_size = {batch}; raise gan.train_fraction or lower the batch size"
                 )
+        # The final FID's floor compares N training with N test images (gan_metrics.gan_quality).
+        floor = min(self.gan.fid_samples, mnist_test)
+        if images < floor:
+            raise ValueError(
+                f"gan.train_fraction = {self.gan.train_fraction} gives {images} MNIST training images, fewer than the "
+                f"gan.fid_samples = {floor} that the FID floor compares with as many test images; "
+                f"raise gan.train_fraction to at least {floor / mnist_train:.4g} or lower gan.fid_samples"
+            )
 
     def classifier(self, name: str) -> ViTConfig | CNNConfig:
         return {"vit": self.vit, "cnn": self.cnn}[name]
