@@ -119,12 +119,14 @@ def fit(
             if on_epoch is not None:
                 on_epoch(row)
 
-    def loss_of(x, target, weight: float):
-        """The share's mean loss times `weight`, its part of the global batch's mean (1.0 alone)."""
+    def loss_of(x, target):
         with _autocast(device, amp):
             logits = step_model(x)
-        loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-        return (loss * weight if weight != 1.0 else loss), logits
+        return F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing), logits
+
+    def backward(loss, weight: float) -> None:
+        """Gradients of the share's mean loss times `weight`, its part of the global batch's mean (1.0 alone)."""
+        (loss * weight if weight != 1.0 else loss).backward()
 
     for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
@@ -145,13 +147,13 @@ def fit(
                 # DDP averages the ranks' gradients: weighting each share's mean loss by its size
                 # makes that average the gradient of the global batch's mean loss.
                 weight = len(y) * world.size / len(idx)
-            loss, logits = loss_of(x, target, weight)
-            loss.backward()
+            loss, logits = loss_of(x, target)
+            backward(loss, weight)
             if isinstance(optimizer, SAM):
                 # SAM: ascend to w + e(w), take the gradient there, come back and step.
                 clip_gradients(model, cfg.grad_clip)
                 optimizer.first_step(zero_grad=True)
-                loss_of(x, target, weight)[0].backward()
+                backward(loss_of(x, target)[0], weight)
                 clip_gradients(model, cfg.grad_clip)
                 optimizer.second_step(zero_grad=True)
             else:
@@ -160,7 +162,7 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += loss.detach() / weight * len(y)
+            loss_sum += loss.detach() * len(y)
             # Accuracy against the original labels, also under CutMix/MixUp (the references' convention).
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
