@@ -238,10 +238,13 @@ class TeamServer:
         })
 
 
-def _without_client_settings(env: dict[str, str]) -> dict[str, str]:
-    """The environment less what would point MLflow or boto3 elsewhere than the servers under test."""
-    prefixes = ("MLFLOW_TRACKING", "MLFLOW_S3", "MLFLOW_AUTH", "MLFLOW_EXPERIMENT", "AWS_")
-    return {k: v for k, v in env.items() if not k.startswith(prefixes)}
+# What would point MLflow or boto3 elsewhere than the servers under test, or log in as someone else.
+CLIENT_SETTINGS = ("MLFLOW_TRACKING", "MLFLOW_S3", "MLFLOW_AUTH", "MLFLOW_EXPERIMENT", "AWS_")
+
+
+def without_client_settings(env: dict[str, str]) -> dict[str, str]:
+    """The environment less CLIENT_SETTINGS."""
+    return {k: v for k, v in env.items() if not k.startswith(CLIENT_SETTINGS)}
 
 
 @contextlib.contextmanager
@@ -253,7 +256,7 @@ def team_mlflow_server(root: Path, backend_store_uri: str, store: S3, *, admin_u
     Stopped with `reprovision mlflow-server stop` (its process group); by pid if that did not work."""
     password = secrets.token_urlsafe(18)
     env = {
-        **_without_client_settings(os.environ),
+        **without_client_settings(os.environ),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         **store.env,

@@ -10,7 +10,6 @@ other: the queue's experiments are what the run-cache test shares.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import os
@@ -20,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 from urllib.parse import quote
 
 import psycopg
@@ -50,7 +50,7 @@ def client_env(monkeypatch, tmp_path: Path, uri: str, **login: str) -> None:
     """A teammate's environment: the server's address and the login given, nothing else of MLflow's
     or AWS's (and no ~/.mlflow/credentials, which MLflow would read too)."""
     for name in list(os.environ):
-        if name.startswith(("MLFLOW_TRACKING", "MLFLOW_S3", "MLFLOW_EXPERIMENT", "AWS_")):
+        if name.startswith(servers.CLIENT_SETTINGS):
             monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -159,7 +159,7 @@ def origin(team, tmp_path_factory) -> Path:
 def teammate_env(team, storage: bool) -> dict:
     """A teammate's shell: the server's address and their login; S3 keys only for the DVC remote."""
     _, store, server = team
-    env = {k: v for k, v in pipeline_env().items() if not k.startswith(("AWS_", "MLFLOW_S3", "MLFLOW_EXPERIMENT"))}
+    env = servers.without_client_settings(pipeline_env())
     env.update(MLFLOW_TRACKING_URI=server.uri, MLFLOW_TRACKING_USERNAME=TEAMMATE, MLFLOW_TRACKING_PASSWORD=TEAMMATE_PASSWORD)
     if storage:
         env.update({k: v for k, v in store.env.items() if k.startswith("AWS_")}, AWS_ENDPOINT_URL=store.endpoint_url)
@@ -175,25 +175,11 @@ def server_runs(server, **tags: str) -> list:
     """The runs on the team server whose tags match (read as the admin)."""
     from mlflow import MlflowClient
 
-    with env_vars(MLFLOW_TRACKING_USERNAME=server.admin_username, MLFLOW_TRACKING_PASSWORD=server.admin_password):
+    with mock.patch.dict(os.environ, server.admin_env()):
         client = MlflowClient(server.uri)
         exp = client.get_experiment_by_name(track.DEFAULT_EXPERIMENT)
         query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
         return client.search_runs([exp.experiment_id], query, max_results=1000)
-
-
-@contextlib.contextmanager
-def env_vars(**values: str):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
