@@ -142,6 +142,12 @@ def test_build_gan_follows_params_and_applies_dcgan_init() -> None:
     assert torch.all(dense.bias == 0)
     bn = discriminator.net[1]
     assert bn.weight.mean().item() == pytest.approx(1.0, abs=0.02) and torch.all(bn.bias == 0)
+    # gan.dcgan.width narrows every conv layer (the CPU-sized run's 32): counted by hand layer by layer.
+    generator, discriminator = build_gan("dcgan", Params.model_validate({"gan": {"dcgan": {"width": 32}}}).gan.dcgan, MNIST_SHAPE)
+    assert count_parameters(generator) == 633_472 + 12_544 + 204_864 + 128 + 51_232 + 64 + 801
+    assert count_parameters(discriminator) == 832 + 64 + 51_264 + 128 + 3_137
+    fakes = generator(torch.randn(3, 100))
+    assert fakes.shape == (3, 1, 28, 28) and discriminator(fakes).shape == (3, 1)
     with pytest.raises(ValueError, match="allowed: 'mlp', 'dcgan'"):
         build_gan("wgan", Params().gan.mlp, MNIST_SHAPE)
 

@@ -78,45 +78,52 @@ class MLPDiscriminator(nn.Module):
 
 
 class DCGANGenerator(nn.Module):
-    """noise -> Dense 7*7*256 -> BN -> ReLU -> (256, 7, 7) -> ConvT 128 (14x14) -> ConvT 64 (28x28) -> Conv 1, Tanh."""
+    """noise -> Dense 7*7*256 -> BN -> ReLU -> (256, 7, 7) -> ConvT 128 (14x14) -> ConvT 64 (28x28) -> Conv 1, Tanh.
 
-    def __init__(self, latent_dim: int = 100) -> None:
+    `width` is the last transposed conv's channels (R2: 64); the layers before it have 2x and 4x.
+    """
+
+    def __init__(self, *, latent_dim: int = 100, width: int = 64) -> None:
         super().__init__()
         self.latent_dim = latent_dim
+        self.width = width
         self.project = nn.Sequential(
-            nn.Linear(latent_dim, 7 * 7 * 256), nn.BatchNorm1d(7 * 7 * 256), nn.ReLU(inplace=True)
+            nn.Linear(latent_dim, 7 * 7 * 4 * width), nn.BatchNorm1d(7 * 7 * 4 * width), nn.ReLU(inplace=True)
         )
         # Keras's padding="same" with stride 2 doubles the size: PyTorch needs padding 2 plus
         # output_padding 1 for a 5x5 kernel ((7 - 1) * 2 - 2 * 2 + 5 + 1 = 14).
         self.upsample = nn.Sequential(
-            nn.ConvTranspose2d(256, 128, 5, stride=2, padding=2, output_padding=1),
-            nn.BatchNorm2d(128),
+            nn.ConvTranspose2d(4 * width, 2 * width, 5, stride=2, padding=2, output_padding=1),
+            nn.BatchNorm2d(2 * width),
             nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(128, 64, 5, stride=2, padding=2, output_padding=1),
-            nn.BatchNorm2d(64),
+            nn.ConvTranspose2d(2 * width, width, 5, stride=2, padding=2, output_padding=1),
+            nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
-            nn.Conv2d(64, 1, 5, padding=2),
+            nn.Conv2d(width, 1, 5, padding=2),
             nn.Tanh(),
         )
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.upsample(self.project(z).view(-1, 256, 7, 7))
+        return self.upsample(self.project(z).view(-1, 4 * self.width, 7, 7))
 
 
 class DCGANDiscriminator(nn.Module):
-    """(1, 28, 28) -> Conv 64 s2 -> 14x14 -> Conv 128 s2 -> 7x7, each + BN + LeakyReLU(0.3) -> Dense 1 logit."""
+    """(1, 28, 28) -> Conv 64 s2 -> 14x14 -> Conv 128 s2 -> 7x7, each + BN + LeakyReLU(0.3) -> Dense 1 logit.
 
-    def __init__(self) -> None:
+    `width` is the first conv's channels (R2: 64); the second has 2x.
+    """
+
+    def __init__(self, *, width: int = 64) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 64, 5, stride=2, padding=2),
-            nn.BatchNorm2d(64),
+            nn.Conv2d(1, width, 5, stride=2, padding=2),
+            nn.BatchNorm2d(width),
             nn.LeakyReLU(0.3, inplace=True),
-            nn.Conv2d(64, 128, 5, stride=2, padding=2),
-            nn.BatchNorm2d(128),
+            nn.Conv2d(width, 2 * width, 5, stride=2, padding=2),
+            nn.BatchNorm2d(2 * width),
             nn.LeakyReLU(0.3, inplace=True),
             nn.Flatten(),
-            nn.Linear(128 * 7 * 7, 1),
+            nn.Linear(2 * width * 7 * 7, 1),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -140,7 +147,7 @@ def build_gan(name: str, cfg, image_shape: tuple[int, int, int]) -> tuple[nn.Mod
         generator = MLPGenerator(latent_dim=cfg.latent_dim, hidden=tuple(cfg.g_hidden), out_shape=image_shape, dropout=cfg.g_dropout)
         return generator, MLPDiscriminator(in_shape=image_shape, hidden=tuple(cfg.d_hidden), dropout=cfg.d_dropout)
     if name == "dcgan":
-        generator, discriminator = DCGANGenerator(latent_dim=cfg.latent_dim), DCGANDiscriminator()
+        generator, discriminator = DCGANGenerator(latent_dim=cfg.latent_dim, width=cfg.width), DCGANDiscriminator(width=cfg.width)
         init = partial(init_dcgan_weights, std=cfg.init_std)
         return generator.apply(init), discriminator.apply(init)
     raise ValueError(f"unknown GAN {name!r}; allowed: 'mlp', 'dcgan'")
