@@ -176,3 +176,13 @@ def test_judge_learns() -> None:
         optimizer.step()
     assert nn.functional.cross_entropy(judge(x), y).item() < start / 3
     assert torch.equal(judge(x).argmax(dim=1), y)
+
+
+def test_the_dcgan_card_names_its_width() -> None:
+    from reprovision.cards import gan_card
+
+    metrics = {"g_params": 1, "d_params": 1, "n": 2, "fid": 1.0}
+    reference = gan_card("dcgan", Params(), metrics)
+    assert "DCGAN (R2): noise 100, Dense 7x7x256, ConvTranspose 128/64, Conv 1; D Conv 64/128" in reference
+    narrowed = gan_card("dcgan", Params.model_validate({"gan": {"dcgan": {"width": 32}}}), metrics)
+    assert "DCGAN (R2, narrowed to width 32): noise 100, Dense 7x7x128, ConvTranspose 64/32, Conv 1; D Conv 32/64" in narrowed

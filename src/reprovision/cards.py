@@ -54,7 +54,9 @@ def gan_card(name: str, params: Params, metrics: dict) -> str:
     arch = (
         f"MLP GAN (R1): latent {cfg.latent_dim}, G hidden {cfg.g_hidden}, D hidden {cfg.d_hidden}, D dropout {cfg.d_dropout}"
         if name == "mlp"
-        else f"DCGAN (R2): noise {cfg.latent_dim}, Dense 7x7x256, ConvTranspose 128/64, Conv 1, N(0, {cfg.init_std}) init"
+        else f"DCGAN (R2{'' if cfg.width == 64 else f', narrowed to width {cfg.width}'}): noise {cfg.latent_dim}, "
+        f"Dense 7x7x{4 * cfg.width}, ConvTranspose {2 * cfg.width}/{cfg.width}, Conv 1; D Conv {cfg.width}/{2 * cfg.width}; "
+        f"N(0, {cfg.init_std}) init"
     )
     return f"""# Model card: GAN {name}
 
