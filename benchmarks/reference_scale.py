@@ -10,7 +10,9 @@ beside other work:
 
 `record` reads what the run wrote (metrics/, models/<m>/run.json, params.yaml, dvc.lock) and the
 MLflow run it logged, and writes one entry per model; `table` prints the Markdown table that
-BENCHMARKS.md shows.
+BENCHMARKS.md shows. A classifier's run that is still under way (a run of hours advances only while
+its machine is up) is recorded with `progress`: the epochs so far, from the checkpoint it resumes
+from, shown as "4 of 30"; `record` replaces that entry when the run ends.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from reprovision.layout import CLASSIFIERS, GANS, METRICS, MODELS, REFERENCE_SCALE, SUMMARY  # noqa: E402
+from reprovision.layout import CHECKPOINTS, CLASSIFIERS, GANS, METRICS, MODELS, REFERENCE_SCALE, SUMMARY  # noqa: E402
+from reprovision.track import experiment_name, tracking_uri  # noqa: E402
 from reprovision.references import REFERENCE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / REFERENCE_SCALE
@@ -99,6 +102,49 @@ def record(repo: Path, model: str) -> dict:
     return entry
 
 
+def progress(repo: Path, model: str) -> dict:
+    """A classifier's reference run still under way: its epochs so far (the rows of the checkpoint it
+    resumes from) and what its MLflow run logged when it started (the newest run of its stage)."""
+    import mlflow
+    import torch
+
+    ckpt = repo / CHECKPOINTS / f"{model}.pt"
+    if not ckpt.exists():
+        raise SystemExit(f"{ckpt} not found: no epoch of a {model} run has ended in {repo} yet")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    rows = state["history"]
+    client = mlflow.MlflowClient(tracking_uri(repo))
+    experiment = client.get_experiment_by_name(experiment_name())
+    found = experiment and client.search_runs(
+        [experiment.experiment_id], f"tags.stage = 'train-{model}'", order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not found:
+        raise SystemExit(f"no train-{model} run in {tracking_uri(repo)}: record from the store the run logged to (MLFLOW_TRACKING_URI)")
+    run = found[0]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    entry = {
+        "model": model,
+        "source": REFERENCE[model]["source"],
+        "status": "complete" if state["complete"] else "under way",
+        "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
+        "git_commit": run.data.tags["git_commit"],
+        "mlflow_run_id": run.info.run_id,
+        "threads": int(run.data.tags["threads"]),
+        "device": run.data.tags["device"],
+        "epochs": len(rows),
+        "epochs_planned": params[model]["epochs"],
+        "train_images": int(run.data.params["train_images"]),
+        "precision": run.data.params["precision_resolved"],
+        "test_acc": rows[-1]["test_acc"],
+        "seconds": sum(row["epoch_seconds"] for row in rows),
+        "history": rows,
+    }
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[model] = entry
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return entry
+
+
 def table() -> str:
     """The report's table of these runs (reprovision.report builds it), as Markdown for BENCHMARKS.md."""
     from reprovision.report import md_cell, reference_scale_table
@@ -118,10 +164,13 @@ def main() -> None:
     rec = sub.add_parser("record")
     rec.add_argument("--repo", type=Path, required=True, help="the clone the run happened in")
     rec.add_argument("--model", required=True, choices=[*CLASSIFIERS, *GANS])
+    prog = sub.add_parser("progress", help="a classifier's run still under way: its epochs so far")
+    prog.add_argument("--repo", type=Path, required=True, help="the clone the run happens in")
+    prog.add_argument("--model", required=True, choices=CLASSIFIERS)
     sub.add_parser("table")
     args = parser.parse_args()
-    if args.command == "record":
-        entry = record(args.repo.resolve(), args.model)
+    if args.command in ("record", "progress"):
+        entry = (record if args.command == "record" else progress)(args.repo.resolve(), args.model)
         print(json.dumps({k: v for k, v in entry.items() if k not in ("history", "fid_curve")}, indent=2))
     else:
         print(table())

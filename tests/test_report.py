@@ -287,6 +287,10 @@ def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
     assert mlp["Epochs"] == "50" and "FID 12.35 (floor 0.80), IS 8.90; D 1.250 / G 0.900" == mlp["Result"]["text"]
     assert mlp["Result"]["ref"].startswith("R1: D 0.347 / G 0.697") and mlp["Training time"] == "30 min"
     assert report.reference_scale_table({}) is None
+    # A run still under way (reference_scale.py progress) has been paused and resumed: no training time.
+    results["vit"]["status"] = "under way"
+    vit = dict(zip(built["header"], report.reference_scale_table(results)["rows"][0]))
+    assert vit["Epochs"] == "5 of 30" and vit["Training time"] == "under way"
 
 
 def test_ssl_section_puts_the_probe_beside_the_floor_and_the_supervised_cnn(built, tmp_path):

@@ -159,8 +159,10 @@ def reference_scale_table(results: dict[str, dict]) -> dict | None:
                 ref=f"{ref['source']}: D {ref['d_loss']} / G {ref['g_loss']} ({ref['at']}), no quality metric",
             )
         epochs = f"{r['epochs']}" + (f" of {r['epochs_planned']}" if r.get("epochs_planned", r["epochs"]) != r["epochs"] else "")
+        # A run under way has been paused and resumed: its wall time so far is no training time.
+        seconds = "under way" if r.get("status") == "under way" else f"{r['seconds'] / 60:.0f} min"
         rows.append([LABELS[model], epochs, count(r["train_images"]), r["precision"], str(r["threads"]), result,
-                     f"{r['seconds'] / 60:.0f} min", cell(r["git_commit"][:12], code=True)])
+                     seconds, cell(r["git_commit"][:12], code=True)])
     header = ["Model", "Epochs", "Train images", "Precision", "Threads", "Result", "Training time", "Commit"]
     return table(header, rows) if rows else None
 
