@@ -131,7 +131,7 @@ def exp_run(repo: Path, *sets: str, env: dict | None = None, check: bool = True)
 # 2 cores: a full pipeline run per file for the first two, then the kill/resume files).
 SLOWEST_FIRST = (
     "test_pipeline_e2e.py", "test_pipeline_params_e2e.py", "test_team_server.py", "test_tracking_outage.py",
-    "test_gan_resume.py", "test_distributed.py",
+    "test_gan_resume.py", "test_distributed.py", "test_ssl.py",
 )
 
 
