@@ -54,10 +54,23 @@ def mlflow_run(repo: Path, model: str) -> dict:
     return {"run_id": run.info.run_id, "tags": run.data.tags, "params": run.data.params}
 
 
-def record(repo: Path, model: str) -> dict:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    run = mlflow_run(repo, model)
-    entry = {
+def newest_stage_run(repo: Path, model: str) -> dict:
+    """The newest run of `model`'s training stage in the repo's store (a run under way has no run.json yet)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(repo))
+    experiment = client.get_experiment_by_name(experiment_name())
+    found = experiment and client.search_runs(
+        [experiment.experiment_id], f"tags.stage = 'train-{model}'", order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not found:
+        raise SystemExit(f"no train-{model} run in {tracking_uri(repo)}: record from the store the run logged to (MLFLOW_TRACKING_URI)")
+    return {"run_id": found[0].info.run_id, "tags": found[0].data.tags, "params": found[0].data.params}
+
+
+def run_entry(model: str, run: dict) -> dict:
+    """The fields every entry takes from its MLflow run (mlflow_run / newest_stage_run)."""
+    return {
         "model": model,
         "source": REFERENCE[model]["source"],
         "dvc_exp_name": run["tags"].get("dvc_exp_name", ""),
@@ -66,6 +79,20 @@ def record(repo: Path, model: str) -> dict:
         "threads": int(run["tags"]["threads"]),
         "device": run["tags"]["device"],
     }
+
+
+def save(model: str, entry: dict) -> dict:
+    """`entry` as `model`'s entry in RESULTS, the other models' entries kept."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[model] = entry
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return entry
+
+
+def record(repo: Path, model: str) -> dict:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    run = mlflow_run(repo, model)
+    entry = run_entry(model, run)
     if model in CLASSIFIERS:
         metrics = stage_record(repo / METRICS, model)
         rows = history(repo / METRICS / model / "history.csv")
@@ -96,16 +123,12 @@ def record(repo: Path, model: str) -> dict:
             "history": rows,
             "fid_curve": fid_curve,
         }
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[model] = entry
-    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    return entry
+    return save(model, entry)
 
 
 def progress(repo: Path, model: str) -> dict:
     """A classifier's reference run still under way: its epochs so far (the rows of the checkpoint it
     resumes from) and what its MLflow run logged when it started (the newest run of its stage)."""
-    import mlflow
     import torch
 
     ckpt = repo / CHECKPOINTS / f"{model}.pt"
@@ -113,36 +136,18 @@ def progress(repo: Path, model: str) -> dict:
         raise SystemExit(f"{ckpt} not found: no epoch of a {model} run has ended in {repo} yet")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     rows = state["history"]
-    client = mlflow.MlflowClient(tracking_uri(repo))
-    experiment = client.get_experiment_by_name(experiment_name())
-    found = experiment and client.search_runs(
-        [experiment.experiment_id], f"tags.stage = 'train-{model}'", order_by=["attributes.start_time DESC"], max_results=1,
-    )
-    if not found:
-        raise SystemExit(f"no train-{model} run in {tracking_uri(repo)}: record from the store the run logged to (MLFLOW_TRACKING_URI)")
-    run = found[0]
+    run = newest_stage_run(repo, model)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    entry = {
-        "model": model,
-        "source": REFERENCE[model]["source"],
+    return save(model, run_entry(model, run) | {
         "status": "complete" if state["complete"] else "under way",
-        "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
-        "git_commit": run.data.tags["git_commit"],
-        "mlflow_run_id": run.info.run_id,
-        "threads": int(run.data.tags["threads"]),
-        "device": run.data.tags["device"],
         "epochs": len(rows),
         "epochs_planned": params[model]["epochs"],
-        "train_images": int(run.data.params["train_images"]),
-        "precision": run.data.params["precision_resolved"],
+        "train_images": int(run["params"]["train_images"]),
+        "precision": run["params"]["precision_resolved"],
         "test_acc": rows[-1]["test_acc"],
         "seconds": sum(row["epoch_seconds"] for row in rows),
         "history": rows,
-    }
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[model] = entry
-    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    return entry
+    })
 
 
 def table() -> str:
