@@ -1,6 +1,7 @@
 """DVC stage `report`: every result on one page beside the reference figures (reports/report.html,
 reports/report.md), an MLflow summary run linked to the model runs (reprovision/report.py), and the
-registry alias `champion` on the better classifier by validation accuracy (reprovision/registry.py).
+registry alias `champion` on the better classifier by validation accuracy (reprovision/registry.py);
+without a validation split no champion is named and the alias stays where it was.
 """
 
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 # This checkout's library, also inside DVC's temporary experiment copies.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reprovision.registry import promote, read_champion  # noqa: E402
+from reprovision.registry import promote, read_champion, read_records, why_no_champion  # noqa: E402
 from reprovision.report import build_report, log_summary_run  # noqa: E402
 from reprovision.stage import main, start  # noqa: E402
 
@@ -23,6 +24,8 @@ def report() -> None:
     if champion is not None and champion.version:
         promote(champion)
         print(f"[report] champion: {champion.sentence()} {champion.uri}")
+    elif reason := why_no_champion(read_records(Path("."))[0]):
+        print(f"[report] {reason}")
 
 
 if __name__ == "__main__":

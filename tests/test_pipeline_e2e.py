@@ -66,11 +66,11 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     vit = json.loads((repo / "metrics/vit/summary.json").read_text())
     assert vit["params"] == tiny_parameters("vit") and vit["epochs"] == 1 and 0.0 <= vit["test_acc"] <= 1.0
     assert json.loads((repo / "metrics/cnn/summary.json").read_text())["params"] == tiny_parameters("cnn")
-    # What `dvc exp show` compares: numbers only, the classifiers first, at most 25 columns (here, no validation split: 25).
+    # What `dvc exp show` compares: numbers only, the classifiers first, 29 columns (25 without a validation split).
     shown = dvc(repo, "exp", "show", "--json").stdout
     columns = metric_columns(json.loads(shown))
-    assert len(columns) == 25 and all(isinstance(v, (int, float)) for v in columns.values()), columns
-    assert list(columns)[:4] == ["metrics/vit.json:test_acc", "metrics/vit.json:train_acc", "metrics/vit.json:test_loss", "metrics/vit.json:train_seconds"]
+    assert len(columns) == 29 and all(isinstance(v, (int, float)) for v in columns.values()), columns
+    assert list(columns)[:4] == ["metrics/vit.json:test_acc", "metrics/vit.json:val_acc", "metrics/vit.json:best_val_acc", "metrics/vit.json:train_acc"]
     assert json.loads((repo / "metrics/evaluate.json").read_text())["vit"]["accuracy"] == vit["test_acc"]
     html = (repo / "reports/report.html").read_text()
     assert f"{100 * vit['test_acc']:.1f}" in html
@@ -140,12 +140,14 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
 
 
 def test_the_champion_serves_raw_images_over_rest_as_the_pipeline_predicts(module_repo):
-    """The report promoted the better classifier (by test accuracy: TINY holds out no validation
-    split); `mlflow models serve` of models:/<name>@champion takes raw uint8 CIFAR-10 test images
-    over REST and answers what the evaluate stage predicted, as does pyfunc.load_model in-process."""
+    """The report promoted the better classifier by validation accuracy; `mlflow models serve` of
+    models:/<name>@champion takes raw uint8 CIFAR-10 test images over REST and answers what the
+    evaluate stage predicted, as does pyfunc.load_model in-process."""
     repo = module_repo
     champion = read_champion(repo)
-    assert champion.metric == "test_acc" and champion.uri == f"models:/reprovision-{champion.model}@champion"
+    val_acc = {m: json.loads((repo / f"metrics/{m}/summary.json").read_text())["val_acc"] for m in ("vit", "cnn")}
+    assert champion.scores == val_acc and val_acc[champion.model] == max(val_acc.values())
+    assert champion.uri == f"models:/reprovision-{champion.model}@champion"
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     assert str(client.get_model_version_by_alias(champion.registered_model, "champion").version) == champion.version

@@ -1,5 +1,5 @@
-"""The champion: chosen on validation accuracy (test accuracy only without a validation split, and
-said so), and the registry alias that follows it from one classifier to the other."""
+"""The champion: chosen on validation accuracy only (without a validation split, none, and said so),
+and the registry alias that follows it from one classifier to the other."""
 
 from __future__ import annotations
 
@@ -12,19 +12,26 @@ from reprovision import registry
 
 
 def test_validation_accuracy_decides_even_against_the_test_set():
-    champion = registry.choose({"vit": {"val_acc": 0.61, "test_acc": 0.50}, "cnn": {"val_acc": 0.60, "test_acc": 0.70}})
-    assert (champion.model, champion.metric, champion.scores) == ("vit", "val_acc", {"vit": 0.61, "cnn": 0.60})
+    records = {"vit": {"val_acc": 0.61, "test_acc": 0.50}, "cnn": {"val_acc": 0.60, "test_acc": 0.70}}
+    champion = registry.choose(records)
+    assert (champion.model, champion.scores) == ("vit", {"vit": 0.61, "cnn": 0.60})
     assert champion.sentence().startswith("ViT, by validation accuracy: ViT 61.00 % vs CNN 60.00 %")
+    assert registry.why_no_champion(records) is None
 
 
-def test_without_a_validation_split_the_test_accuracy_decides_and_the_sentence_says_so():
-    champion = registry.choose({"vit": {"test_acc": 0.40}, "cnn": {"val_acc": 0.9, "test_acc": 0.45}})
-    assert (champion.model, champion.metric) == ("cnn", "test_acc")
-    assert "no validation split was held out" in champion.sentence()
+@pytest.mark.parametrize("records", [
+    {"vit": {"test_acc": 0.40}, "cnn": {"test_acc": 0.45}},
+    {"vit": {"test_acc": 0.40}, "cnn": {"val_acc": 0.9, "test_acc": 0.45}},  # one without: no fair contest either
+], ids=["neither-held-out", "one-held-out"])
+def test_without_a_validation_split_the_test_set_chooses_nothing_and_the_reason_says_how_to_choose(records):
+    assert registry.choose(records) is None
+    reason = registry.why_no_champion(records)
+    assert "no validation split was held out" in reason and "-S data.val_fraction=0.1" in reason
 
 
 def test_one_classifier_is_no_contest():
-    assert registry.choose({"vit": {"test_acc": 0.4}}) is None
+    assert registry.choose({"vit": {"val_acc": 0.4, "test_acc": 0.4}}) is None
+    assert registry.why_no_champion({"vit": {"test_acc": 0.4}}) is None
 
 
 def write_checkout(root, scores: dict[str, float], versions: dict[str, str], uri: str) -> None:
@@ -55,3 +62,22 @@ def test_the_alias_moves_to_the_new_champion_and_leaves_the_old_one(tmp_path):
     assert "champion" not in client.get_registered_model("reprovision-vit").aliases
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_model_version_by_alias("reprovision-vit", "champion")
+
+
+def test_without_a_validation_split_promote_moves_no_alias_and_says_why(tmp_path, monkeypatch, capsys):
+    from reprovision import cli
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    for model in ("vit", "cnn"):
+        client.create_registered_model(f"reprovision-{model}")
+        client.create_model_version(f"reprovision-{model}", source=(tmp_path / model).as_uri())
+    write_checkout(tmp_path, {"vit": 0.7, "cnn": 0.5}, {"vit": "1", "cnn": "1"}, uri)
+    registry.promote(registry.read_champion(tmp_path))  # an earlier run, with a validation split
+    for model in ("vit", "cnn"):  # this checkout's run held none out
+        (tmp_path / "metrics" / model / "summary.json").write_text(json.dumps({"test_acc": {"vit": 0.4, "cnn": 0.9}[model]}))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["promote"]) == 2
+    assert "No champion is named: no validation split was held out" in capsys.readouterr().err
+    assert str(client.get_model_version_by_alias("reprovision-vit", "champion").version) == "1"
+    assert "champion" not in client.get_registered_model("reprovision-cnn").aliases

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from reprovision import report
+from reprovision import registry, report
 
 CHROMIUM = Path("/usr/bin/chromium")
 RUN_IDS = {"vit": "a" * 32, "cnn": "b" * 32, "mlp": "c" * 32, "dcgan": "d" * 32, "judge": "e" * 32}
@@ -200,6 +200,21 @@ def test_sections_without_their_inputs_say_so(tmp_path):
     _, html = page(classifiers_only)
     assert "Not run: <code>metrics/gan/mlp/summary.json</code> is missing" in html and 'id="gans"' not in html
     assert "not shown: rollout_vit.png" in html
+
+
+def test_the_champion_is_named_on_validation_accuracy_and_never_on_the_test_set(built, tmp_path):
+    root, _ = built
+    md, html = page(root)  # no validation split: the CNN's better test accuracy names nothing
+    assert f"**Champion:** {registry.NO_VALIDATION}" in md and f'<p id="champion"><strong>Champion:</strong> ' in html
+    assert "mlflow.pyfunc.load_model" not in md
+    write_results(tmp_path)
+    for model, val_acc in (("vit", 0.452), ("cnn", 0.447)):  # the ViT validates better, the CNN tests better
+        path = tmp_path / f"metrics/{model}/summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "val_acc": val_acc}))
+    report.build_report(tmp_path)
+    md, _ = page(tmp_path)
+    assert "**Champion:** ViT, by validation accuracy: ViT 45.20 % vs CNN 44.70 %." in md
+    assert registry.NO_VALIDATION not in md
 
 
 def test_bad_inputs_name_the_file(tmp_path):

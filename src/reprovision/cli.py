@@ -94,9 +94,11 @@ def _exp_worker(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> int:
     from . import registry, track
 
-    champion = registry.read_champion(track.project_root())
+    root = track.project_root()
+    champion = registry.read_champion(root)
     if champion is None or not champion.version:
-        print("reprovision promote: no registered ViT and CNN here: run the pipeline first (`dvc repro`)", file=sys.stderr)
+        reason = registry.why_no_champion(registry.read_records(root)[0])
+        print(f"reprovision promote: {reason or 'no registered ViT and CNN here: run the pipeline first (`dvc repro`)'}", file=sys.stderr)
         return 2
     registry.promote(champion)
     print(f"champion: {champion.sentence()}\n{champion.uri}")

@@ -28,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 
 from . import track
 from .config import Params, load_params
-from .registry import read_champion
+from .registry import read_champion, read_records, why_no_champion
 from .layout import (
     CLASSIFIERS, CURVES, EVAL_METRICS, FIGURES, GAN_METRICS, GAN_MODELS, GANS, LABELS, MANIFEST, METRICS, MODELS, PARAMS,
     REFERENCE_SCALE, REPORTS, RUN_REF, SSL_SIZE_STUDY, SUMMARY,
@@ -567,6 +567,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "stores": stores,
         "comparison": comparison_table(classifiers) if classifiers else None,
         "champion": read_champion(root),
+        "no_champion": why_no_champion(read_records(root)[0]),
         "reference_scale": reference_scale_table(read_json(root / REFERENCE_SCALE) or {}),
         "r3_mismatch": bool(classifiers) and (params.data.classifier_dataset != "cifar10" or params.cnn.arch != "refcnn"),
         "curves": curves,
