@@ -105,7 +105,7 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     linked = {m.key: m for m in vit_model.metrics}
     assert linked["test_acc"].step == 1 and linked["test_acc"].value == vit["test_acc"]
     inputs = {d.dataset.name: d for d in vit_run.inputs.dataset_inputs}
-    assert set(inputs) == {"cifar10-train", "cifar10-test"} and inputs["cifar10-train"].dataset.digest == manifest["cifar10"]["sha256"][:32]
+    assert set(inputs) == {"cifar10-train", "cifar10-val", "cifar10-test"} and inputs["cifar10-train"].dataset.digest == manifest["cifar10"]["sha256"][:32]
     names = {m.name for m in client.search_logged_models([vit_run.info.experiment_id])}
     assert names == {"vit", "cnn", "judge", "gan-mlp-generator", "gan-dcgan-generator", "ssl-encoder"}
     # Evaluation is a run of its own that names the model it evaluated.
