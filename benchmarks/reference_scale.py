@@ -10,9 +10,10 @@ beside other work:
 
 `record` reads what the run wrote (metrics/, models/<m>/run.json, params.yaml, dvc.lock) and the
 MLflow run it logged, and writes one entry per model; `table` prints the Markdown table that
-BENCHMARKS.md shows. A classifier's run that is still under way (a run of hours advances only while
-its machine is up) is recorded with `progress`: the epochs so far, from the checkpoint it resumes
-from, shown as "4 of 30"; `record` replaces that entry when the run ends.
+BENCHMARKS.md shows. A run that is still under way (a run of hours advances only while its machine
+is up) is recorded with `progress`: the epochs so far, from the checkpoint it resumes from, shown
+as "4 of 30" (a GAN's with its D/G losses and the FID curve so far, no final FID yet); `record`
+replaces that entry when the run ends.
 """
 
 from __future__ import annotations
@@ -60,11 +61,16 @@ def newest_stage_run(repo: Path, model: str) -> dict:
 
     client = mlflow.MlflowClient(tracking_uri(repo))
     experiment = client.get_experiment_by_name(experiment_name())
+    # The GANs share the stage train-gan; its runs name the model (gan-mlp, gan-dcgan).
+    if model in CLASSIFIERS:
+        stage, query = f"train-{model}", f"tags.stage = 'train-{model}'"
+    else:
+        stage, query = f"train-gan@{model}", f"tags.stage = 'train-gan' and tags.model = 'gan-{model}'"
     found = experiment and client.search_runs(
-        [experiment.experiment_id], f"tags.stage = 'train-{model}'", order_by=["attributes.start_time DESC"], max_results=1,
+        [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1,
     )
     if not found:
-        raise SystemExit(f"no train-{model} run in {tracking_uri(repo)}: record from the store the run logged to (MLFLOW_TRACKING_URI)")
+        raise SystemExit(f"no {stage} run in {tracking_uri(repo)}: record from the store the run logged to (MLFLOW_TRACKING_URI)")
     return {"run_id": found[0].info.run_id, "tags": found[0].data.tags, "params": found[0].data.params}
 
 
@@ -127,27 +133,40 @@ def record(repo: Path, model: str) -> dict:
 
 
 def progress(repo: Path, model: str) -> dict:
-    """A classifier's reference run still under way: its epochs so far (the rows of the checkpoint it
-    resumes from) and what its MLflow run logged when it started (the newest run of its stage)."""
+    """A reference run still under way: its epochs so far (the rows of the checkpoint it resumes
+    from) and what its MLflow run logged when it started (the newest run of its stage)."""
     import torch
 
-    ckpt = repo / CHECKPOINTS / f"{model}.pt"
+    ckpt = repo / CHECKPOINTS / (f"{model}.pt" if model in CLASSIFIERS else f"gan-{model}.pt")
     if not ckpt.exists():
         raise SystemExit(f"{ckpt} not found: no epoch of a {model} run has ended in {repo} yet")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     rows = state["history"]
     run = newest_stage_run(repo, model)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    return save(model, run_entry(model, run) | {
+    entry = run_entry(model, run) | {
         "status": "complete" if state["complete"] else "under way",
         "epochs": len(rows),
-        "epochs_planned": params[model]["epochs"],
-        "train_images": int(run["params"]["train_images"]),
-        "precision": run["params"]["precision_resolved"],
-        "test_acc": rows[-1]["test_acc"],
         "seconds": sum(row["epoch_seconds"] for row in rows),
-        "history": rows,
-    })
+    }
+    if model in CLASSIFIERS:
+        entry |= {
+            "epochs_planned": params[model]["epochs"],
+            "train_images": int(run["params"]["train_images"]),
+            "precision": run["params"]["precision_resolved"],
+            "test_acc": rows[-1]["test_acc"],
+            "history": rows,
+        }
+    else:  # the final FID / IS come when the run ends; the curve measured during training so far
+        entry |= {
+            "epochs_planned": params["gan"]["epochs"],
+            "train_images": int(round(params["gan"]["train_fraction"] * 60_000)),
+            "precision": "fp32",  # the GAN loop has no autocast
+            "history": [{k: row[k] for k in ("epoch", "d_loss", "g_loss", "d_real", "d_fake", "epoch_seconds")} for row in rows],
+            "fid_curve": [{"epoch": row["epoch"], "fid": row["fid_during"]} for row in rows if "fid_during" in row],
+            "fid_curve_n": int(run["params"]["fid_samples_during"]),
+        }
+    return save(model, entry)
 
 
 def table() -> str:
@@ -169,9 +188,9 @@ def main() -> None:
     rec = sub.add_parser("record")
     rec.add_argument("--repo", type=Path, required=True, help="the clone the run happened in")
     rec.add_argument("--model", required=True, choices=[*CLASSIFIERS, *GANS])
-    prog = sub.add_parser("progress", help="a classifier's run still under way: its epochs so far")
+    prog = sub.add_parser("progress", help="a run still under way: its epochs so far")
     prog.add_argument("--repo", type=Path, required=True, help="the clone the run happens in")
-    prog.add_argument("--model", required=True, choices=CLASSIFIERS)
+    prog.add_argument("--model", required=True, choices=[*CLASSIFIERS, *GANS])
     sub.add_parser("table")
     args = parser.parse_args()
     if args.command in ("record", "progress"):

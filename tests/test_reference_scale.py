@@ -1,5 +1,6 @@
-"""benchmarks/reference_scale.py progress: a reference run still under way, recorded from its checkpoint
-and the MLflow run its stage started, without touching the committed results file."""
+"""benchmarks/reference_scale.py progress: a reference run still under way (a classifier's or a GAN's),
+recorded from its checkpoint and the MLflow run its stage started, without touching the committed
+results file."""
 
 from __future__ import annotations
 
@@ -54,3 +55,27 @@ def test_progress_records_the_epochs_so_far(tmp_path, reference_scale):
 def test_progress_without_a_checkpoint_says_so(tmp_path, reference_scale):
     with pytest.raises(SystemExit, match="no epoch of a vit run has ended"):
         reference_scale.progress(tmp_path, "vit")
+
+
+def test_progress_of_a_gan_records_its_losses_and_fid_curve_so_far(tmp_path, reference_scale):
+    repo = tmp_path / "ref"
+    (repo / "checkpoints").mkdir(parents=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"gan": {"epochs": 50, "train_fraction": 1.0}}))
+    rows = [{"epoch": e, "d_loss": 1.2, "g_loss": 0.8, "d_real": 0.6, "d_fake": 0.4, "epoch_seconds": 400.0} for e in range(1, 7)]
+    rows[4]["fid_during"] = 12.5  # gan.fid_every = 5
+    torch.save({"epoch": 6, "complete": False, "history": rows, "extra": {"seconds": 2500.0}}, repo / "checkpoints" / "gan-dcgan.pt")
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.create_experiment("reprovision")
+    tags = {"stage": "train-gan", "git_commit": "c" * 40, "threads": "1", "device": "cpu", "dvc_exp_name": "ref-r2-dcgan"}
+    dcgan = client.create_run(experiment, tags={**tags, "model": "gan-dcgan"})
+    client.log_param(dcgan.info.run_id, "fid_samples_during", "2000")
+    client.create_run(experiment, tags={**tags, "model": "gan-mlp"})  # newer, but the other GAN's
+
+    entry = reference_scale.progress(repo, "dcgan")
+    assert entry["status"] == "under way" and (entry["epochs"], entry["epochs_planned"]) == (6, 50)
+    assert entry["mlflow_run_id"] == dcgan.info.run_id and entry["dvc_exp_name"] == "ref-r2-dcgan"
+    assert entry["fid_curve"] == [{"epoch": 5, "fid": 12.5}] and entry["fid_curve_n"] == 2000
+    assert [r["d_loss"] for r in entry["history"]] == [1.2] * 6 and "fid_during" not in entry["history"][4]
+    assert entry["train_images"] == 60_000 and entry["seconds"] == 2400.0 and "fid" not in entry
+    with pytest.raises(SystemExit, match="no epoch of a mlp run has ended"):
+        reference_scale.progress(repo, "mlp")

@@ -306,6 +306,13 @@ def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
     results["vit"]["status"] = "under way"
     vit = dict(zip(built["header"], report.reference_scale_table(results)["rows"][0]))
     assert vit["Epochs"] == "5 of 30" and vit["Training time"] == "under way"
+    # A GAN under way has no final FID yet: the latest point of its curve, said to be one.
+    results = {"dcgan": {"status": "under way", "epochs": 5, "epochs_planned": 50, "train_images": 60_000, "precision": "fp32",
+                         "threads": 1, "seconds": 3000.0, "git_commit": "c" * 40, "fid_curve_n": 2000,
+                         "history": [{"d_loss": 1.1, "g_loss": 0.95}], "fid_curve": [{"epoch": 5, "fid": 7.891}]}}
+    dcgan = dict(zip(built["header"], report.reference_scale_table(results)["rows"][0]))
+    assert dcgan["Epochs"] == "5 of 50" and dcgan["Training time"] == "under way"
+    assert dcgan["Result"]["text"] == "FID 7.89 at epoch 5 (N = 2,000, during training); D 1.100 / G 0.950"
 
 
 def test_ssl_section_puts_the_probe_beside_the_floor_and_the_supervised_cnn(built, tmp_path):

@@ -153,9 +153,15 @@ def reference_scale_table(results: dict[str, dict]) -> dict | None:
             result = cell(f"test acc {pct(r['test_acc'])}", ref=f"{ref['source']}: {approx(ref['test_acc'], 100, '%')}")
         else:
             last = r["history"][-1]
+            if "fid" in r:
+                quality = f"FID {fixed(r['fid'])} (floor {fixed(r['fid_floor'])}), IS {fixed(r['inception_score'])}; "
+            elif r.get("fid_curve"):  # under way: the final FID comes at the end; the curve's latest point
+                during = r["fid_curve"][-1]
+                quality = f"FID {fixed(during['fid'])} at epoch {during['epoch']} (N = {r['fid_curve_n']:,}, during training); "
+            else:
+                quality = ""
             result = cell(
-                f"FID {fixed(r['fid'])} (floor {fixed(r['fid_floor'])}), IS {fixed(r['inception_score'])}; "
-                f"D {fixed(last['d_loss'], 3)} / G {fixed(last['g_loss'], 3)}",
+                f"{quality}D {fixed(last['d_loss'], 3)} / G {fixed(last['g_loss'], 3)}",
                 ref=f"{ref['source']}: D {ref['d_loss']} / G {ref['g_loss']} ({ref['at']}), no quality metric",
             )
         epochs = f"{r['epochs']}" + (f" of {r['epochs_planned']}" if r.get("epochs_planned", r["epochs"]) != r["epochs"] else "")
