@@ -205,7 +205,7 @@ def test_sections_without_their_inputs_say_so(tmp_path):
 def test_the_champion_is_named_on_validation_accuracy_and_never_on_the_test_set(built, tmp_path):
     root, _ = built
     md, html = page(root)  # no validation split: the CNN's better test accuracy names nothing
-    assert f"**Champion:** {registry.NO_VALIDATION}" in md and f'<p id="champion"><strong>Champion:</strong> ' in html
+    assert f"**Champion:** {registry.NO_VALIDATION}" in md and f'<p id="champion"><strong>Champion:</strong> {registry.NO_VALIDATION}</p>' in html
     assert "mlflow.pyfunc.load_model" not in md
     write_results(tmp_path)
     for model, val_acc in (("vit", 0.452), ("cnn", 0.447)):  # the ViT validates better, the CNN tests better
