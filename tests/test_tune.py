@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,10 +14,10 @@ import psutil
 import pytest
 import yaml
 
+from conftest import committed_params
 from reprovision import track
 from reprovision.tune import TrialFailed, TuneError, check_overrides, read_history, tune, yaml_number
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # Stands in for `dvc exp run -n NAME -S k=v ... train-vit`: like dvc, it starts the training as a
 # child process and waits. The training rewrites metrics/vit/history.csv after every epoch and
@@ -53,8 +52,9 @@ Path("metrics/vit.json").write_text(json.dumps({"val_acc": 0.5 + 100 * lr, "test
 
 @pytest.fixture
 def workspace(tmp_path: Path, monkeypatch) -> Path:
-    """A scratch cwd with the real params.yaml (tune checks overrides against it) and its own MLflow store."""
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    """A scratch cwd with the committed params.yaml (tune checks overrides against it; not as the last
+    `dvc exp run`, e.g. `make run`, left it) and its own MLflow store."""
+    (tmp_path / "params.yaml").write_text(committed_params())
     (tmp_path / "fake_dvc.py").write_text(FAKE_DVC)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
