@@ -43,13 +43,19 @@ def write_checkout(root, scores: dict[str, float], versions: dict[str, str], uri
         (root / "models" / model / "run.json").write_text(json.dumps(ref))
 
 
-def test_the_alias_moves_to_the_new_champion_and_leaves_the_old_one(tmp_path):
+@pytest.fixture
+def store(tmp_path) -> tuple[str, mlflow.MlflowClient]:
+    """A SQLite registry holding version 1 of each classifier."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
     for model in ("vit", "cnn"):
         client.create_registered_model(f"reprovision-{model}")
         client.create_model_version(f"reprovision-{model}", source=(tmp_path / model).as_uri())
+    return uri, client
 
+
+def test_the_alias_moves_to_the_new_champion_and_leaves_the_old_one(tmp_path, store):
+    uri, client = store
     write_checkout(tmp_path, {"vit": 0.7, "cnn": 0.5}, {"vit": "1", "cnn": "1"}, uri)
     first = registry.read_champion(tmp_path)
     assert (first.model, first.version, first.uri) == ("vit", "1", "models:/reprovision-vit@champion")
@@ -64,14 +70,10 @@ def test_the_alias_moves_to_the_new_champion_and_leaves_the_old_one(tmp_path):
         client.get_model_version_by_alias("reprovision-vit", "champion")
 
 
-def test_without_a_validation_split_promote_moves_no_alias_and_says_why(tmp_path, monkeypatch, capsys):
+def test_without_a_validation_split_promote_moves_no_alias_and_says_why(tmp_path, store, monkeypatch, capsys):
     from reprovision import cli
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
-    for model in ("vit", "cnn"):
-        client.create_registered_model(f"reprovision-{model}")
-        client.create_model_version(f"reprovision-{model}", source=(tmp_path / model).as_uri())
+    uri, client = store
     write_checkout(tmp_path, {"vit": 0.7, "cnn": 0.5}, {"vit": "1", "cnn": "1"}, uri)
     registry.promote(registry.read_champion(tmp_path))  # an earlier run, with a validation split
     for model in ("vit", "cnn"):  # this checkout's run held none out
