@@ -13,7 +13,9 @@ MLflow run it logged, and writes one entry per model; `table` prints the Markdow
 BENCHMARKS.md shows. A run that is still under way (a run of hours advances only while its machine
 is up) is recorded with `progress`: the epochs so far, from the checkpoint it resumes from, shown
 as "4 of 30" (a GAN's with its D/G losses and the FID curve so far, no final FID yet); `record`
-replaces that entry when the run ends.
+replaces that entry when the run ends. A run that can no longer resume (its checkpoint went with
+its machine: checkpoints are not DVC outputs and live only in the clone) is marked with `stopped
+--why "..."`: its entry keeps the epochs it reached, shown as stopped; a new run starts afresh.
 """
 
 from __future__ import annotations
@@ -169,17 +171,29 @@ def progress(repo: Path, model: str) -> dict:
     return save(model, entry)
 
 
+def stopped(model: str, why: str) -> dict:
+    """Mark `model`'s run under way as stopped for good, keeping the epochs it reached and why."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    entry = results.get(model)
+    if entry is None or entry.get("status") != "under way":
+        raise SystemExit(f"no {model} run under way in {RESULTS}: only a run recorded with `progress` can be stopped")
+    return save(model, entry | {"status": "stopped", "stopped_why": why})
+
+
 def table() -> str:
-    """The report's table of these runs (reprovision.report builds it), as Markdown for BENCHMARKS.md."""
-    from reprovision.report import md_cell, reference_scale_table
+    """The report's tables of these runs (reprovision.report builds them), as Markdown for BENCHMARKS.md:
+    the runs, then their epochs beside the figures the sources printed for the same epochs."""
+    from reprovision.report import md_cell, reference_scale_epochs, reference_scale_table
 
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    built = reference_scale_table(results)
-    if built is None:
+    tables = [t for t in (reference_scale_table(results), reference_scale_epochs(results)) if t is not None]
+    if not tables:
         return "(no reference-scale run recorded yet)"
-    lines = ["| " + " | ".join(built["header"]) + " |", "|" + "---|" * len(built["header"])]
-    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in built["rows"]]
-    return "\n".join(lines)
+    return "\n\n".join(
+        "\n".join(["| " + " | ".join(t["header"]) + " |", "|" + "---|" * len(t["header"])]
+                  + ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in t["rows"]])
+        for t in tables
+    )
 
 
 def main() -> None:
@@ -191,10 +205,16 @@ def main() -> None:
     prog = sub.add_parser("progress", help="a run still under way: its epochs so far")
     prog.add_argument("--repo", type=Path, required=True, help="the clone the run happens in")
     prog.add_argument("--model", required=True, choices=[*CLASSIFIERS, *GANS])
+    stop = sub.add_parser("stopped", help="a run under way that can no longer resume: keep its epochs, marked stopped")
+    stop.add_argument("--model", required=True, choices=[*CLASSIFIERS, *GANS])
+    stop.add_argument("--why", required=True, help="why it cannot resume, e.g. its machine is gone")
     sub.add_parser("table")
     args = parser.parse_args()
-    if args.command in ("record", "progress"):
-        entry = (record if args.command == "record" else progress)(args.repo.resolve(), args.model)
+    if args.command in ("record", "progress", "stopped"):
+        if args.command == "stopped":
+            entry = stopped(args.model, args.why)
+        else:
+            entry = (record if args.command == "record" else progress)(args.repo.resolve(), args.model)
         print(json.dumps({k: v for k, v in entry.items() if k not in ("history", "fid_curve")}, indent=2))
     else:
         print(table())

@@ -1,6 +1,6 @@
 """benchmarks/reference_scale.py progress: a reference run still under way (a classifier's or a GAN's),
 recorded from its checkpoint and the MLflow run its stage started, without touching the committed
-results file."""
+results file; `stopped`: such a run that can no longer resume."""
 
 from __future__ import annotations
 
@@ -50,6 +50,19 @@ def test_progress_records_the_epochs_so_far(tmp_path, reference_scale):
     assert entry["git_commit"] == "b" * 40 and entry["mlflow_run_id"] == run.info.run_id
     assert entry["train_images"] == 50_000 and entry["precision"] == "fp32" and entry["threads"] == 1
     assert json.loads(reference_scale.RESULTS.read_text())["cnn"] == entry
+
+
+def test_a_run_that_cannot_resume_is_marked_stopped_with_its_epochs_kept(reference_scale):
+    with pytest.raises(SystemExit, match="no cnn run under way"):
+        reference_scale.stopped("cnn", "machine gone")
+    finished = {"epochs": 50, "seconds": 2760.0}
+    under_way = {"status": "under way", "epochs": 8, "epochs_planned": 30, "test_acc": 0.811, "history": [{"epoch": 8}]}
+    reference_scale.RESULTS.write_text(json.dumps({"mlp": finished, "cnn": under_way}))
+    with pytest.raises(SystemExit, match="no mlp run under way"):  # a finished run is not stopped
+        reference_scale.stopped("mlp", "machine gone")
+    entry = reference_scale.stopped("cnn", "machine gone")
+    assert entry == under_way | {"status": "stopped", "stopped_why": "machine gone"}
+    assert json.loads(reference_scale.RESULTS.read_text()) == {"mlp": finished, "cnn": entry}
 
 
 def test_progress_without_a_checkpoint_says_so(tmp_path, reference_scale):

@@ -306,6 +306,10 @@ def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
     results["vit"]["status"] = "under way"
     vit = dict(zip(built["header"], report.reference_scale_table(results)["rows"][0]))
     assert vit["Epochs"] == "5 of 30" and vit["Training time"] == "under way"
+    # One that can no longer resume (reference_scale.py stopped) keeps its epochs, marked stopped.
+    results["vit"]["status"] = "stopped"
+    vit = dict(zip(built["header"], report.reference_scale_table(results)["rows"][0]))
+    assert vit["Epochs"] == "5 of 30" and vit["Training time"] == "stopped" and vit["Result"]["text"] == "test acc 48.12%"
     # A GAN under way has no final FID yet: the latest point of its curve, said to be one.
     results = {"dcgan": {"status": "under way", "epochs": 5, "epochs_planned": 50, "train_images": 60_000, "precision": "fp32",
                          "threads": 1, "seconds": 3000.0, "git_commit": "c" * 40, "fid_curve_n": 2000,
@@ -313,6 +317,22 @@ def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
     dcgan = dict(zip(built["header"], report.reference_scale_table(results)["rows"][0]))
     assert dcgan["Epochs"] == "5 of 50" and dcgan["Training time"] == "under way"
     assert dcgan["Result"]["text"] == "FID 7.89 at epoch 5 (N = 2,000, during training); D 1.100 / G 0.950"
+
+
+def test_reference_scale_epochs_are_shown_beside_the_figures_the_sources_printed_for_them():
+    results = {
+        "vit": {"history": [{"epoch": e, "train_acc": a} for e, a in ((1, 0.2871), (2, 0.4012), (6, 0.55))]},
+        "cnn": {"history": [{"epoch": 1, "train_acc": 0.47}]},  # R3 printed no CNN epoch
+        "dcgan": {"history": [{"epoch": e, "d_loss": 1.0408, "g_loss": 1.4339} for e in (1, 2)]},
+    }
+    built = report.reference_scale_epochs(results)
+    rows = [(model, epoch, result["text"], result["ref"]) for model, epoch, result in built["rows"]]
+    assert rows == [
+        ("ViT", "1", "train acc 28.71%", "R3: 29.39%"),
+        ("ViT", "2", "train acc 40.12%", "R3: 38.79%"),
+        ("DCGAN", "1", "D 1.041 / G 1.434", "R2: D 0.204 / G 1.833"),
+    ]
+    assert report.reference_scale_epochs({"cnn": results["cnn"]}) is None
 
 
 def test_ssl_section_puts_the_probe_beside_the_floor_and_the_supervised_cnn(built, tmp_path):

@@ -165,12 +165,31 @@ def reference_scale_table(results: dict[str, dict]) -> dict | None:
                 ref=f"{ref['source']}: D {ref['d_loss']} / G {ref['g_loss']} ({ref['at']}), no quality metric",
             )
         epochs = f"{r['epochs']}" + (f" of {r['epochs_planned']}" if r.get("epochs_planned", r["epochs"]) != r["epochs"] else "")
-        # A run under way has been paused and resumed: its wall time so far is no training time.
-        seconds = "under way" if r.get("status") == "under way" else f"{r['seconds'] / 60:.0f} min"
+        # A run under way (or stopped for good) has been paused and resumed: its wall time is no training time.
+        seconds = r["status"] if r.get("status") in ("under way", "stopped") else f"{r['seconds'] / 60:.0f} min"
         rows.append([LABELS[model], epochs, count(r["train_images"]), r["precision"], str(r["threads"]), result,
                      seconds, cell(r["git_commit"][:12], code=True)])
     header = ["Model", "Epochs", "Train images", "Precision", "Threads", "Result", "Training time", "Commit"]
     return table(header, rows) if rows else None
+
+
+def reference_scale_epochs(results: dict[str, dict]) -> dict | None:
+    """Those runs' epochs for which a source printed a figure (R3's ViT train accuracy, R2's losses)."""
+    rows = []
+    for model in (*CLASSIFIERS, *GANS):
+        ref = REFERENCE[model]
+        by_epoch = ref.get("train_acc_by_epoch") or ref.get("losses_by_epoch")
+        if (r := results.get(model)) is None or by_epoch is None:
+            continue
+        for row in r["history"]:
+            if (figure := by_epoch.get(row["epoch"])) is None:
+                continue
+            if model in CLASSIFIERS:
+                ours, theirs = f"train acc {pct(row['train_acc'])}", pct(figure)
+            else:
+                ours, theirs = f"D {fixed(row['d_loss'], 3)} / G {fixed(row['g_loss'], 3)}", f"D {figure[0]} / G {figure[1]}"
+            rows.append([LABELS[model], str(row["epoch"]), cell(ours, ref=f"{ref['source']}: {theirs}")])
+    return table(["Model", "Epoch", "Result"], rows) if rows else None
 
 
 
@@ -562,6 +581,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
     histograms = {g: m for g, m in gans.items() if len(m.get("class_histogram") or []) == 10}
     commit, dirty = track.git_state(root)
     cards = {LABELS[m]: path.read_text() for m in CLASSIFIERS if (path := root / model_dir(m) / "card.md").exists()}
+    reference_runs = read_json(root / REFERENCE_SCALE) or {}
     ctx = {
         "commit": commit,
         "dirty": dirty,
@@ -574,7 +594,8 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "comparison": comparison_table(classifiers) if classifiers else None,
         "champion": read_champion(root),
         "no_champion": why_no_champion(read_records(root)[0]),
-        "reference_scale": reference_scale_table(read_json(root / REFERENCE_SCALE) or {}),
+        "reference_scale": reference_scale_table(reference_runs),
+        "reference_scale_epochs": reference_scale_epochs(reference_runs),
         "r3_mismatch": bool(classifiers) and (params.data.classifier_dataset != "cifar10" or params.cnn.arch != "refcnn"),
         "curves": curves,
         "curve_notes": curve_notes,
