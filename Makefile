@@ -29,7 +29,7 @@ CPU_SIZED := -S data.train_fraction=0.11 -S data.val_fraction=0.1 -S data.test_f
   -S cnn.epochs=5 -S cnn.scheduler=cosine -S 'cnn.widths=[32,64,128]' -S cnn.convs_per_block=1 -S cnn.hidden=128 \
   -S ssl.arch=refcnn -S 'ssl.widths=[32,64,128]' -S ssl.convs_per_block=1 -S ssl.epochs=2 -S ssl.train_fraction=0.05
 
-.PHONY: install install-test run test
+.PHONY: install install-test system-packages run test
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -57,9 +57,22 @@ $(VENV)/.installed-test: pyproject.toml
 	$(PY) -m pip install -q --no-compile -e ".[dev,team]"
 	touch $@ $(VENV)/.installed
 
+# Debian packages the tests drive for real: Chromium (the report in a browser) and PostgreSQL 15
+# (the team server's store; tests/servers.py runs a throwaway cluster). Installed when absent, as
+# root (CI, this team's machines); anyone else gets the apt-get line to run.
+system-packages:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="chromium"; \
+	command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql-15"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make test needs Debian's $${missing# }: run  sudo apt-get install -y$$missing  and then make test again" >&2; exit 1; fi; \
+	  echo "installing Debian's $$missing (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
 run: install
 	dvc exp run $(CPU_SIZED)
 	@echo "report: reports/report.html   runs: mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
-test: install-test
+test: install-test system-packages
 	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
