@@ -71,13 +71,22 @@ def start_training(repo: Path, *args: str) -> subprocess.Popen:
         signal.signal(signal.SIGINT, previous)
 
 
-def wait_for_epoch(proc: subprocess.Popen, ckpt: Path, epoch: int, timeout: float = 300) -> None:
-    """Until `epoch` is checkpointed by this run, not by an earlier one (an older file)."""
-    started = time.time() - 1  # file times are coarser than the clock
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime in ns) of `path`, None when absent: a checkpoint is replaced by a new file each epoch."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def wait_for_epoch(proc: subprocess.Popen, ckpt: Path, epoch: int, before: tuple[int, int] | None, timeout: float = 300) -> None:
+    """Until `epoch` is checkpointed by this run: by a file other than `before`, the one there before it
+    started. (An earlier test's run may have left one a moment ago: a time window let it through once.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         saved, complete = checkpoint_state(ckpt)
-        if epoch <= saved and not complete and ckpt.stat().st_mtime > started:
+        if epoch <= saved and not complete and file_identity(ckpt) not in (before, None):
             return
         time.sleep(0.05)
     if proc.poll() is None:
@@ -141,8 +150,9 @@ def test_outage_stops_after_the_checkpoint_and_resumes_to_the_same_result(module
 
     uri = server.start(root=repo)
     try:
+        before = file_identity(repo / "checkpoints/cnn.pt")
         proc = start_training(repo, "repro", "-f", "-s", "train-cnn")
-        wait_for_epoch(proc, repo / "checkpoints/cnn.pt", 2)
+        wait_for_epoch(proc, repo / "checkpoints/cnn.pt", 2, before)
         kill_server(repo, signal.SIGKILL)  # the outage: a crash, no goodbye
         output, seconds, message_at = finish(proc, timeout=60)
 
@@ -193,8 +203,9 @@ def test_interrupted_run_ends_killed_not_running(module_repo, how):
     args = ["exp", "run", *(a for s in sets for a in ("-S", s)), "train-cnn"] if how == "ctrl-c" else ["repro", "train-cnn"]
     if how == "sigterm":
         set_params(repo, {"threads": 1, "data": {"train_fraction": 0.05}, "cnn": {"epochs": epochs, "widths": [8, 16], "hidden": 16}})
+    before = file_identity(repo / "checkpoints/cnn.pt")
     proc = start_training(repo, *args)
-    wait_for_epoch(proc, repo / "checkpoints/cnn.pt", 1)
+    wait_for_epoch(proc, repo / "checkpoints/cnn.pt", 1, before)
     time.sleep(1.0)  # mid-epoch
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)
