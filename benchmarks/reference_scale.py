@@ -210,14 +210,14 @@ def main() -> None:
     stop.add_argument("--why", required=True, help="why it cannot resume, e.g. its machine is gone")
     sub.add_parser("table")
     args = parser.parse_args()
-    if args.command in ("record", "progress", "stopped"):
-        if args.command == "stopped":
-            entry = stopped(args.model, args.why)
-        else:
-            entry = (record if args.command == "record" else progress)(args.repo.resolve(), args.model)
-        print(json.dumps({k: v for k, v in entry.items() if k not in ("history", "fid_curve")}, indent=2))
-    else:
+    if args.command == "table":
         print(table())
+        return
+    if args.command == "stopped":
+        entry = stopped(args.model, args.why)
+    else:
+        entry = (record if args.command == "record" else progress)(args.repo.resolve(), args.model)
+    print(json.dumps({k: v for k, v in entry.items() if k not in ("history", "fid_curve")}, indent=2))
 
 
 if __name__ == "__main__":
