@@ -15,7 +15,8 @@ is up) is recorded with `progress`: the epochs so far, from the checkpoint it re
 as "4 of 30" (a GAN's with its D/G losses and the FID curve so far, no final FID yet); `record`
 replaces that entry when the run ends. A run that can no longer resume (its checkpoint went with
 its machine: checkpoints are not DVC outputs and live only in the clone) is marked with `stopped
---why "..."`: its entry keeps the epochs it reached, shown as stopped; a new run starts afresh.
+--why "..."`: its entry keeps the epochs it reached, shown as stopped; a new run starts afresh, and
+when it is recorded the stopped one stays beside it, in its entry's `earlier_runs`.
 """
 
 from __future__ import annotations
@@ -90,8 +91,15 @@ def run_entry(model: str, run: dict) -> dict:
 
 
 def save(model: str, entry: dict) -> dict:
-    """`entry` as `model`'s entry in RESULTS, the other models' entries kept."""
+    """`entry` as `model`'s entry in RESULTS, the other models' entries kept. A stopped run that a new
+    run of the model replaces moves to the new entry's `earlier_runs`, newest first. Only `stopped`
+    tells a new run from the same run going on: each resumed attempt logs an MLflow run of its own."""
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    old = results.get(model) or {}
+    earlier = old.pop("earlier_runs", [])
+    if old.get("status") == "stopped" and old.get("mlflow_run_id") != entry.get("mlflow_run_id"):
+        earlier = [old, *earlier]
+    entry = {k: v for k, v in entry.items() if k != "earlier_runs"} | ({"earlier_runs": earlier} if earlier else {})
     results[model] = entry
     RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return entry

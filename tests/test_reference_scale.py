@@ -65,6 +65,26 @@ def test_a_run_that_cannot_resume_is_marked_stopped_with_its_epochs_kept(referen
     assert json.loads(reference_scale.RESULTS.read_text()) == {"mlp": finished, "cnn": entry}
 
 
+def test_a_new_run_keeps_the_stopped_runs_it_replaces(reference_scale):
+    def run(run_id: str, epochs: int, **extra) -> dict:
+        return {"mlflow_run_id": run_id, "epochs": epochs, "history": [{"epoch": e} for e in range(1, epochs + 1)], **extra}
+
+    first = run("r1", 8, status="stopped", stopped_why="machine gone")
+    reference_scale.RESULTS.write_text(json.dumps({"cnn": first}))
+    # A new run (its own MLflow run) is recorded beside the stopped one, even with fewer epochs.
+    assert reference_scale.save("cnn", run("r2", 1, status="under way")) == run("r2", 1, status="under way") | {"earlier_runs": [first]}
+    # The same run going on (a resumed attempt logs a new MLflow run) replaces its own entry.
+    assert reference_scale.save("cnn", run("r3", 2, status="under way"))["earlier_runs"] == [first]
+    second = reference_scale.stopped("cnn", "machine gone again")
+    assert second["earlier_runs"] == [first] and second["epochs"] == 2
+    # A third run keeps both, newest first; a stopped entry that records itself again is not its own earlier run.
+    third = reference_scale.save("cnn", run("r4", 30))
+    assert third["earlier_runs"] == [{k: v for k, v in second.items() if k != "earlier_runs"}, first]
+    assert json.loads(reference_scale.RESULTS.read_text()) == {"cnn": third}
+    reference_scale.RESULTS.write_text(json.dumps({"cnn": first}))
+    assert reference_scale.save("cnn", dict(first)) == first
+
+
 def test_progress_without_a_checkpoint_says_so(tmp_path, reference_scale):
     with pytest.raises(SystemExit, match="no epoch of a vit run has ended"):
         reference_scale.progress(tmp_path, "vit")

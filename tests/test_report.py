@@ -310,6 +310,13 @@ def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
     results["vit"]["status"] = "stopped"
     vit = dict(zip(built["header"], report.reference_scale_table(results)["rows"][0]))
     assert vit["Epochs"] == "5 of 30" and vit["Training time"] == "stopped" and vit["Result"]["text"] == "test acc 48.12%"
+    # A new run that replaced the stopped one (reference_scale.py progress) is shown above it.
+    results["vit"] = {**results["vit"], "status": "under way", "epochs": 1, "test_acc": 0.3482, "git_commit": "d" * 40,
+                      "earlier_runs": [results["vit"]]}
+    new, earlier = (dict(zip(built["header"], row)) for row in report.reference_scale_table(results)["rows"][:2])
+    assert (new["Model"], new["Epochs"], new["Result"]["text"], new["Training time"]) == ("ViT", "1 of 30", "test acc 34.82%", "under way")
+    assert (earlier["Model"], earlier["Epochs"], earlier["Training time"]) == ("ViT (earlier run)", "5 of 30", "stopped")
+    assert earlier["Commit"]["text"] == "a" * 12
     # A GAN under way has no final FID yet: the latest point of its curve, said to be one.
     results = {"dcgan": {"status": "under way", "epochs": 5, "epochs_planned": 50, "train_images": 60_000, "precision": "fp32",
                          "threads": 1, "seconds": 3000.0, "git_commit": "c" * 40, "fid_curve_n": 2000,
@@ -332,6 +339,11 @@ def test_reference_scale_epochs_are_shown_beside_the_figures_the_sources_printed
         ("ViT", "2", "train acc 40.12%", "R3: 38.79%"),
         ("DCGAN", "1", "D 1.041 / G 1.434", "R2: D 0.204 / G 1.833"),
     ]
+    # A stopped run that a new one replaced keeps its rows, after the new run's.
+    results["vit"] = {"history": [{"epoch": 1, "train_acc": 0.2911}], "earlier_runs": [results["vit"]]}
+    rows = [(model, epoch, result["text"]) for model, epoch, result in report.reference_scale_epochs(results)["rows"]]
+    assert rows[:3] == [("ViT", "1", "train acc 29.11%"), ("ViT (earlier run)", "1", "train acc 28.71%"),
+                        ("ViT (earlier run)", "2", "train acc 40.12%")]
     assert report.reference_scale_epochs({"cnn": results["cnn"]}) is None
 
 

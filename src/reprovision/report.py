@@ -142,12 +142,19 @@ def table(header: list[str], rows: list[list[str | dict]]) -> dict:
 
 
 # ---------------------------------------------------------------------------- page sections
+def reference_scale_runs(results: dict[str, dict]):
+    """(model, label, run) for each model's reference-scale run, then the stopped runs it replaced."""
+    for model in (*CLASSIFIERS, *GANS):
+        if (r := results.get(model)) is not None:
+            yield model, LABELS[model], r
+            for earlier in r.get("earlier_runs", []):
+                yield model, f"{LABELS[model]} (earlier run)", earlier
+
+
 def reference_scale_table(results: dict[str, dict]) -> dict | None:
     """The reference-scale runs (benchmarks/reference_scale.json) beside the seeds' figures."""
     rows = []
-    for model in (*CLASSIFIERS, *GANS):
-        if (r := results.get(model)) is None:
-            continue
+    for model, label, r in reference_scale_runs(results):
         ref = REFERENCE[model]
         if model in CLASSIFIERS:
             result = cell(f"test acc {pct(r['test_acc'])}", ref=f"{ref['source']}: {approx(ref['test_acc'], 100, '%')}")
@@ -167,7 +174,7 @@ def reference_scale_table(results: dict[str, dict]) -> dict | None:
         epochs = f"{r['epochs']}" + (f" of {r['epochs_planned']}" if r.get("epochs_planned", r["epochs"]) != r["epochs"] else "")
         # A run under way (or stopped for good) has been paused and resumed: its wall time is no training time.
         seconds = r["status"] if r.get("status") in ("under way", "stopped") else f"{r['seconds'] / 60:.0f} min"
-        rows.append([LABELS[model], epochs, count(r["train_images"]), r["precision"], str(r["threads"]), result,
+        rows.append([label, epochs, count(r["train_images"]), r["precision"], str(r["threads"]), result,
                      seconds, cell(r["git_commit"][:12], code=True)])
     header = ["Model", "Epochs", "Train images", "Precision", "Threads", "Result", "Training time", "Commit"]
     return table(header, rows) if rows else None
@@ -176,10 +183,9 @@ def reference_scale_table(results: dict[str, dict]) -> dict | None:
 def reference_scale_epochs(results: dict[str, dict]) -> dict | None:
     """Those runs' epochs for which a source printed a figure (R3's ViT train accuracy, R2's losses)."""
     rows = []
-    for model in (*CLASSIFIERS, *GANS):
+    for model, label, r in reference_scale_runs(results):
         ref = REFERENCE[model]
-        by_epoch = ref.get("train_acc_by_epoch") or ref.get("losses_by_epoch")
-        if (r := results.get(model)) is None or by_epoch is None:
+        if (by_epoch := ref.get("train_acc_by_epoch") or ref.get("losses_by_epoch")) is None:
             continue
         for row in r["history"]:
             if (figure := by_epoch.get(row["epoch"])) is None:
@@ -188,7 +194,7 @@ def reference_scale_epochs(results: dict[str, dict]) -> dict | None:
                 ours, theirs = f"train acc {pct(row['train_acc'])}", pct(figure)
             else:
                 ours, theirs = f"D {fixed(row['d_loss'], 3)} / G {fixed(row['g_loss'], 3)}", f"D {figure[0]} / G {figure[1]}"
-            rows.append([LABELS[model], str(row["epoch"]), cell(ours, ref=f"{ref['source']}: {theirs}")])
+            rows.append([label, str(row["epoch"]), cell(ours, ref=f"{ref['source']}: {theirs}")])
     return table(["Model", "Epoch", "Result"], rows) if rows else None
 
 
