@@ -225,7 +225,7 @@ def main() -> None:
         entry = stopped(args.model, args.why)
     else:
         entry = (record if args.command == "record" else progress)(args.repo.resolve(), args.model)
-    print(json.dumps({k: v for k, v in entry.items() if k not in ("history", "fid_curve")}, indent=2))
+    print(json.dumps({k: v for k, v in entry.items() if k not in ("history", "fid_curve", "earlier_runs")}, indent=2))
 
 
 if __name__ == "__main__":
