@@ -347,6 +347,33 @@ def test_reference_scale_epochs_are_shown_beside_the_figures_the_sources_printed
     assert report.reference_scale_epochs({"cnn": results["cnn"]}) is None
 
 
+def test_reference_scale_runs_are_drawn_epoch_by_epoch(tmp_path):
+    root = tmp_path / "results"
+    write_results(root, gans=False, ssl=False)
+    cnn = [{"epoch": e, "train_acc": 0.4 + e / 20, "test_acc": 0.5 + e / 20, "epoch_seconds": 480.0} for e in (1, 2, 3)]
+    mlp = {"epochs": 50, "train_images": 60_000, "precision": "fp32", "threads": 1, "fid": 52.9, "fid_floor": 2.3,
+           "inception_score": 7.9, "seconds": 2760.0, "git_commit": "b" * 40, "history": [{"epoch": 50, "d_loss": 1.38, "g_loss": 0.72}],
+           "fid_curve": [{"epoch": 5, "fid": 257.3}, {"epoch": 10, "fid": 157.6}]}
+    write_json(root / "benchmarks/reference_scale.json", {
+        "cnn": {"status": "under way", "epochs": 3, "epochs_planned": 30, "train_images": 50_000, "precision": "fp32", "threads": 2,
+                "test_acc": 0.65, "git_commit": "a" * 40, "history": cnn, "earlier_runs": [
+                    {"status": "stopped", "epochs": 1, "epochs_planned": 30, "train_images": 50_000, "precision": "fp32",
+                     "threads": 1, "test_acc": 0.56, "git_commit": "c" * 40, "history": cnn[:1]}]},
+        "mlp": mlp,
+    })
+    report.build_report(root)
+    md, html = page(root)
+    for name, caption in (("reference_scale_accuracy.png", "Reference-scale runs: accuracy per epoch"),
+                          ("reference_scale_fid.png", "Reference-scale GAN runs: FID during training")):
+        assert Image.open(root / "reports/curves" / name).size[0] > 300
+        assert f"![{caption}](curves/{name})" in md and f'alt="{caption}"' in html
+    assert md.index("## Reference-scale runs") < md.index("curves/reference_scale_accuracy.png") < md.index("## ViT vs CNN")
+    assert '<a href="#reference-scale">' in html and "CNN (earlier run)" in md
+    # Without per-epoch rows or a FID curve there is nothing to draw.
+    assert report.reference_scale_curves({"mlp": mlp | {"fid_curve": []}}, tmp_path / "none") == []
+    assert not (tmp_path / "none").exists()
+
+
 def test_ssl_section_puts_the_probe_beside_the_floor_and_the_supervised_cnn(built, tmp_path):
     root, numbers = built
     md, html = page(root)

@@ -424,6 +424,44 @@ def class_histogram_chart(gans: dict[str, dict], out: Path) -> tuple[Path, str]:
     return _figure(out / "gan_class_histogram.png", draw), "Class histogram of generated digits (dashed: uniform)"
 
 
+def reference_scale_curves(results: dict[str, dict], out: Path) -> list[tuple[Path, str]]:
+    """The reference-scale runs epoch by epoch: the classifiers' accuracy, the GANs' FID."""
+    runs = list(reference_scale_runs(results))
+    classifiers = [(m, label, r) for m, label, r in runs if m in CLASSIFIERS and r.get("history")]
+    fids = [(m, label, r) for m, label, r in runs if m in GANS and r.get("fid_curve")]
+    curves = []
+
+    def accuracy(ax):
+        for m in dict.fromkeys(m for m, _, _ in classifiers):
+            lo, hi = REFERENCE[m]["test_acc"]
+            ax.axhspan(100 * lo, 100 * hi, color=COLOURS[LABELS[m]], alpha=0.15, label=f"R3 {LABELS[m]} test")
+        for m, label, r in classifiers:
+            epochs = [row["epoch"] for row in r["history"]]
+            style = {"color": COLOURS[LABELS[m]], "alpha": 1.0 if label == LABELS[m] else 0.45}
+            ax.plot(epochs, [100 * row["test_acc"] for row in r["history"]], marker="o", ms=3, label=f"{label} test", **style)
+            ax.plot(epochs, [100 * row["train_acc"] for row in r["history"]], ls=":", label=f"{label} train", **style)
+        for m, by_epoch in ((m, REFERENCE[m].get("train_acc_by_epoch")) for m in dict.fromkeys(m for m, _, _ in classifiers)):
+            if by_epoch:
+                ax.plot(list(by_epoch), [100 * a for a in by_epoch.values()], "x", color="black", label=f"R3 {LABELS[m]} train")
+        ax.set(title="Reference scale: accuracy per epoch (band: R3's final test)", xlabel="epoch", ylabel="accuracy (%)")
+        ax.legend(ncol=2)
+
+    def fid(ax):
+        for m, label, r in fids:
+            curve = r["fid_curve"]
+            ax.plot([p["epoch"] for p in curve], [p["fid"] for p in curve], marker="o", color=COLOURS[LABELS[m]], label=label)
+            if "fid_floor" in r:
+                ax.axhline(r["fid_floor"], color=COLOURS[LABELS[m]], ls="--", lw=1, label=f"{label} floor")
+        ax.set(title="Reference scale: FID during training (dashed: floor)", xlabel="epoch", ylabel="FID (LeNet features)")
+        ax.legend()
+
+    if classifiers:
+        curves.append((_figure(out / "reference_scale_accuracy.png", accuracy), "Reference-scale runs: accuracy per epoch"))
+    if fids:
+        curves.append((_figure(out / "reference_scale_fid.png", fid), "Reference-scale GAN runs: FID during training"))
+    return curves
+
+
 # ---------------------------------------------------------------------------- assembling the page
 def figure(path: Path, caption: str, reports: Path) -> dict:
     # Markdown links are relative to reports/, so they work in a checkout and on a forge.
@@ -602,6 +640,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "no_champion": why_no_champion(read_records(root)[0]),
         "reference_scale": reference_scale_table(reference_runs),
         "reference_scale_epochs": reference_scale_epochs(reference_runs),
+        "reference_scale_curves": [figure(p, c, root / REPORTS) for p, c in reference_scale_curves(reference_runs, root / CURVES)],
         "r3_mismatch": bool(classifiers) and (params.data.classifier_dataset != "cifar10" or params.cnn.arch != "refcnn"),
         "curves": curves,
         "curve_notes": curve_notes,
