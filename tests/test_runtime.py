@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +20,7 @@ from reprovision.models.cnn import RefCNN
 from reprovision.train import DeviceData, fit
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -75,6 +82,31 @@ def test_fingerprint_knows_threads_and_precision():
     assert base == checkpoint.fingerprint("params", "data", 2, "fp32")
     assert base != checkpoint.fingerprint("params", "data", 1, "fp32")
     assert base != checkpoint.fingerprint("params", "data", 2, "bf16")
+
+
+def test_fingerprint_is_the_same_in_a_clone_elsewhere_and_knows_the_code(tmp_path):
+    """What lets a run resume on another machine from a copied checkpoint: the fingerprint reads the
+    code's content, not where the clone lives; a changed module (or stage script) is another run."""
+    script = "from reprovision import checkpoint; print(checkpoint.fingerprint('params', 'data', 1, 'fp32'))"
+
+    def clone_at(folder: Path) -> Path:
+        shutil.copytree(ROOT / "src" / "reprovision", folder / "src" / "reprovision", ignore=shutil.ignore_patterns("__pycache__"))
+        (folder / "stages").mkdir()
+        (folder / "stages" / "fingerprint.py").write_text(script + "\n")
+        return folder
+
+    def fingerprint_in(clone: Path) -> str:
+        env = {**os.environ, "PYTHONPATH": str(clone / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
+        return subprocess.run([sys.executable, str(clone / "stages" / "fingerprint.py")], env=env, cwd=clone,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    here, there = clone_at(tmp_path / "a"), clone_at(tmp_path / "somewhere" / "else")
+    assert fingerprint_in(here) == fingerprint_in(there)
+    with (there / "src" / "reprovision" / "checkpoint.py").open("a") as fh:
+        fh.write("# an edit\n")
+    assert fingerprint_in(here) != fingerprint_in(there)
+    (tmp_path / "a" / "stages" / "fingerprint.py").write_text(script + "  # the stage script edited\n")
+    assert fingerprint_in(here) != fingerprint_in(clone_at(tmp_path / "third"))
 
 
 def test_a_checkpoint_resumes_only_its_own_unfinished_configuration(tmp_path):
