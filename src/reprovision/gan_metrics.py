@@ -25,14 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from scipy.stats import entropy
 from torch import Tensor, nn
 
 from .compat import import_torchvision
 from .models.judge import LeNet
-from .pixels import to_pm1
 
 import_torchvision()  # before torchmetrics too: its image package imports torchvision
 from torchmetrics.image.fid import FrechetInceptionDistance  # noqa: E402
