@@ -9,7 +9,8 @@ beside other work:
     python benchmarks/reference_scale.py record --repo ../ref --model mlp      # from this checkout
 
 `record` reads what the run wrote (metrics/, models/<m>/run.json, params.yaml, dvc.lock) and the
-MLflow run it logged, and writes one entry per model; `table` prints the Markdown table that
+MLflow run it logged, and writes one entry per model (a GAN's 10x10 grid is copied into
+benchmarks/reference_scale/, for the report); `table` prints the Markdown table that
 BENCHMARKS.md shows. A run that is still under way (a run of hours advances only while its machine
 is up) is recorded with `progress`: the epochs so far, from the checkpoint it resumes from, shown
 as "4 of 30" (a GAN's with its D/G losses and the FID curve so far, no final FID yet); `record`
@@ -24,13 +25,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from reprovision.layout import CHECKPOINTS, CLASSIFIERS, GANS, METRICS, MODELS, REFERENCE_SCALE, SUMMARY  # noqa: E402
+from reprovision.layout import CHECKPOINTS, CLASSIFIERS, GAN_MODELS, GANS, METRICS, MODELS, REFERENCE_SCALE, REFERENCE_SCALE_PICTURES, SUMMARY  # noqa: E402
 from reprovision.track import experiment_name, tracking_uri  # noqa: E402
 from reprovision.references import REFERENCE  # noqa: E402
 
@@ -124,7 +127,7 @@ def record(repo: Path, model: str) -> dict:
     else:
         metrics = stage_record(repo / METRICS / "gan", model)
         rows = history(repo / METRICS / "gan" / model / "history.csv")
-        fid_curve = history(repo / METRICS / "gan" / model / "fid.csv")
+        fid_curve = [row for row in history(repo / METRICS / "gan" / model / "fid.csv") if math.isfinite(row.get("fid", math.nan))]
         entry |= {
             "epochs": metrics["epochs"],
             "train_images": int(round(params["gan"]["train_fraction"] * 60_000)),
@@ -138,8 +141,17 @@ def record(repo: Path, model: str) -> dict:
             "seconds": metrics["total_seconds"],
             "history": rows,
             "fid_curve": fid_curve,
+            "grid": keep_picture(repo / GAN_MODELS / model / "grid_10x10.png", f"{model}_grid_10x10.png"),
         }
     return save(model, entry)
+
+
+def keep_picture(source: Path, name: str) -> str:
+    """Copy a run's picture beside RESULTS (the run's clone may not outlive it); its path in a checkout."""
+    folder = RESULTS.with_suffix("")  # benchmarks/reference_scale/ beside benchmarks/reference_scale.json
+    folder.mkdir(exist_ok=True)
+    shutil.copyfile(source, folder / name)
+    return (REFERENCE_SCALE_PICTURES / name).as_posix()
 
 
 def progress(repo: Path, model: str) -> dict:

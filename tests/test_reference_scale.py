@@ -112,3 +112,31 @@ def test_progress_of_a_gan_records_its_losses_and_fid_curve_so_far(tmp_path, ref
     assert entry["train_images"] == 60_000 and entry["seconds"] == 2400.0 and "fid" not in entry
     with pytest.raises(SystemExit, match="no epoch of a mlp run has ended"):
         reference_scale.progress(repo, "mlp")
+
+
+def test_record_of_a_finished_gan_keeps_its_figures_and_its_grid(tmp_path, reference_scale):
+    repo = tmp_path / "ref"
+    (repo / "models/gan/mlp").mkdir(parents=True)
+    (repo / "metrics/gan/mlp").mkdir(parents=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump({"gan": {"epochs": 50, "train_fraction": 1.0}}))
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("reprovision"), tags={
+        "stage": "train-gan", "model": "gan-mlp", "git_commit": "d" * 40, "threads": "1", "device": "cpu", "dvc_exp_name": "ref-r1-mlp"})
+    (repo / "models/gan/mlp/run.json").write_text(json.dumps({"tracking_uri": f"sqlite:///{repo / 'mlflow.db'}", "run_id": run.info.run_id}))
+    grid = bytes(range(256)) * 4  # the picture's bytes are copied as they are
+    (repo / "models/gan/mlp/grid_10x10.png").write_bytes(grid)
+    summary = {"epochs": 50, "fid": 52.9, "fid_floor": 2.25, "inception_score": 7.95, "inception_score_real": 9.71,
+               "kl_uniform": 0.016, "n": 10_000, "total_seconds": 2744.3}
+    (repo / "metrics/gan/mlp/summary.json").write_text(json.dumps(summary))
+    (repo / "metrics/gan/mlp/history.csv").write_text("epoch,d_loss,g_loss\n1,1.1,0.9\n2,1.3,0.8\n")
+    (repo / "metrics/gan/mlp/fid.csv").write_text("epoch,fid\n0,nan\n1,\n2,60.5\n")  # measured at epoch 2 only
+
+    entry = reference_scale.record(repo, "mlp")
+    assert (entry["fid"], entry["fid_n"], entry["inception_score"], entry["seconds"]) == (52.9, 10_000, 7.95, 2744.3)
+    assert entry["history"] == [{"epoch": 1, "d_loss": 1.1, "g_loss": 0.9}, {"epoch": 2, "d_loss": 1.3, "g_loss": 0.8}]
+    assert entry["fid_curve"] == [{"epoch": 2, "fid": 60.5}] and "status" not in entry
+    assert (entry["git_commit"], entry["threads"], entry["train_images"]) == ("d" * 40, 1, 60_000)
+    # The grid outlives the run's clone: beside the results file, named in the entry as a checkout's path.
+    assert entry["grid"] == "benchmarks/reference_scale/mlp_grid_10x10.png"
+    assert (reference_scale.RESULTS.with_suffix("") / "mlp_grid_10x10.png").read_bytes() == grid
+    assert json.loads(reference_scale.RESULTS.read_text())["mlp"] == entry

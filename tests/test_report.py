@@ -353,7 +353,8 @@ def test_reference_scale_runs_are_drawn_epoch_by_epoch(tmp_path):
     cnn = [{"epoch": e, "train_acc": 0.4 + e / 20, "test_acc": 0.5 + e / 20, "epoch_seconds": 480.0} for e in (1, 2, 3)]
     mlp = {"epochs": 50, "train_images": 60_000, "precision": "fp32", "threads": 1, "fid": 52.9, "fid_floor": 2.3,
            "inception_score": 7.9, "seconds": 2760.0, "git_commit": "b" * 40, "history": [{"epoch": 50, "d_loss": 1.38, "g_loss": 0.72}],
-           "fid_curve": [{"epoch": 5, "fid": 257.3}, {"epoch": 10, "fid": 157.6}]}
+           "fid_curve": [{"epoch": 5, "fid": 257.3}, {"epoch": 10, "fid": 157.6}], "grid": "benchmarks/reference_scale/mlp_grid_10x10.png"}
+    write_png(root / mlp["grid"], seed=7)  # reference_scale.py record keeps it there
     write_json(root / "benchmarks/reference_scale.json", {
         "cnn": {"status": "under way", "epochs": 3, "epochs_planned": 30, "train_images": 50_000, "precision": "fp32", "threads": 2,
                 "test_acc": 0.65, "git_commit": "a" * 40, "history": cnn, "earlier_runs": [
@@ -369,9 +370,14 @@ def test_reference_scale_runs_are_drawn_epoch_by_epoch(tmp_path):
         assert f"![{caption}](curves/{name})" in md and f'alt="{caption}"' in html
     assert md.index("## Reference-scale runs") < md.index("curves/reference_scale_accuracy.png") < md.index("## ViT vs CNN")
     assert '<a href="#reference-scale">' in html and "CNN (earlier run)" in md
+    # The finished GAN run's 10x10 grid, linked from reports/ in the markdown, pixel-sharp in the HTML.
+    grid = "MLP GAN at reference scale: 100 samples after 50 epochs"
+    assert f"![{grid}](../benchmarks/reference_scale/mlp_grid_10x10.png)" in md
+    assert re.search(rf'<figure class="pixels"><img src="data:image/png;base64,[^"]+" alt="{grid}">', html)
     # Without per-epoch rows or a FID curve there is nothing to draw.
     assert report.reference_scale_curves({"mlp": mlp | {"fid_curve": []}}, tmp_path / "none") == []
     assert not (tmp_path / "none").exists()
+    assert report.reference_scale_grids({"mlp": mlp}, tmp_path) == []  # the picture is not there
 
 
 def test_ssl_section_puts_the_probe_beside_the_floor_and_the_supervised_cnn(built, tmp_path):

@@ -26,12 +26,14 @@ RUN_REF = "run.json"  # in each model's folder: the MLflow run that trained it (
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"  # evaluate's pictures
 CURVES = REPORTS / "curves"  # report's charts
-STUDY = REPORTS / "study"
-# Reference-scale runs (full data, reference params), recorded by benchmarks/reference_scale.py.
-# The pre-training-set-size study's results (`reprovision study --ssl-size --record`), a committed
-# file the report stage reads (and depends on) like the reference-scale runs; {"runs": []} until recorded.
+STUDY = REPORTS / "study"  # `reprovision study` (not a stage: git-ignored)
+# Committed results that the report stage reads (and depends on): the reference-scale runs (full
+# data, reference params), recorded by benchmarks/reference_scale.py, with the pictures of the GAN
+# runs in the folder beside the JSON; and the pre-training-set-size study's results (`reprovision
+# study --ssl-size --record`; {"runs": []} until recorded).
+REFERENCE_SCALE = Path("benchmarks/reference_scale.json")
+REFERENCE_SCALE_PICTURES = REFERENCE_SCALE.with_suffix("")
 SSL_SIZE_STUDY = Path("benchmarks/ssl_size_study.json")
-REFERENCE_SCALE = Path("benchmarks/reference_scale.json")  # `reprovision study` (not a stage: git-ignored)
 # Resume checkpoints of the training stages: git-ignored, not DVC outputs (a persist output would
 # keep them out of DVC's run-cache); a fingerprint decides whether one may be resumed.
 CHECKPOINTS = Path("checkpoints")

@@ -462,6 +462,14 @@ def reference_scale_curves(results: dict[str, dict], out: Path) -> list[tuple[Pa
     return curves
 
 
+def reference_scale_grids(results: dict[str, dict], root: Path) -> list[tuple[Path, str]]:
+    """The finished GAN runs' 10x10 grids, which `reference_scale.py record` keeps beside the JSON."""
+    return [
+        (root / r["grid"], f"{label} at reference scale: 100 samples after {r['epochs']} epochs")
+        for m, label, r in reference_scale_runs(results) if m in GANS and "grid" in r and (root / r["grid"]).exists()
+    ]
+
+
 # ---------------------------------------------------------------------------- assembling the page
 def figure(path: Path, caption: str, reports: Path) -> dict:
     # Markdown links are relative to reports/, so they work in a checkout and on a forge.
@@ -641,6 +649,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "reference_scale": reference_scale_table(reference_runs),
         "reference_scale_epochs": reference_scale_epochs(reference_runs),
         "reference_scale_curves": [figure(p, c, root / REPORTS) for p, c in reference_scale_curves(reference_runs, root / CURVES)],
+        "reference_scale_grids": [figure(p, c, root / REPORTS) for p, c in reference_scale_grids(reference_runs, root)],
         "r3_mismatch": bool(classifiers) and (params.data.classifier_dataset != "cifar10" or params.cnn.arch != "refcnn"),
         "curves": curves,
         "curve_notes": curve_notes,
