@@ -347,6 +347,12 @@ def test_reference_scale_epochs_are_shown_beside_the_figures_the_sources_printed
     assert report.reference_scale_epochs({"cnn": results["cnn"]}) is None
 
 
+def test_a_single_epoch_is_drawn_on_whole_epochs(tmp_path):
+    axes = []
+    report._figure(tmp_path / "one.png", lambda ax: axes.append(ax) or ax.plot([1], [0.5], marker="o"))
+    assert list(axes[0].get_xticks()) == [0, 1, 2]  # not 0.95, 0.96, ... around the one point
+
+
 def test_reference_scale_runs_are_drawn_epoch_by_epoch(tmp_path):
     root = tmp_path / "results"
     write_results(root, gans=False, ssl=False)

@@ -338,6 +338,9 @@ def _figure(path: Path, draw) -> Path:
         ax = fig.add_subplot()
         draw(ax)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and digits are whole numbers
+        lo, hi = ax.get_xlim()
+        if hi - lo < 2:  # a single epoch: matplotlib would tick 0.95, 0.96, ... around it
+            ax.set_xlim(round((lo + hi) / 2) - 1, round((lo + hi) / 2) + 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
