@@ -435,7 +435,8 @@ def reference_scale_curves(results: dict[str, dict], out: Path) -> list[tuple[Pa
     curves = []
 
     def accuracy(ax):
-        for m in dict.fromkeys(m for m, _, _ in classifiers):
+        models = dict.fromkeys(m for m, _, _ in classifiers)  # each once, in order
+        for m in models:
             lo, hi = REFERENCE[m]["test_acc"]
             ax.axhspan(100 * lo, 100 * hi, color=COLOURS[LABELS[m]], alpha=0.15, label=f"R3 {LABELS[m]} test")
         for m, label, r in classifiers:
@@ -443,8 +444,8 @@ def reference_scale_curves(results: dict[str, dict], out: Path) -> list[tuple[Pa
             style = {"color": COLOURS[LABELS[m]], "alpha": 1.0 if label == LABELS[m] else 0.45}
             ax.plot(epochs, [100 * row["test_acc"] for row in r["history"]], marker="o", ms=3, label=f"{label} test", **style)
             ax.plot(epochs, [100 * row["train_acc"] for row in r["history"]], ls=":", label=f"{label} train", **style)
-        for m, by_epoch in ((m, REFERENCE[m].get("train_acc_by_epoch")) for m in dict.fromkeys(m for m, _, _ in classifiers)):
-            if by_epoch:
+        for m in models:
+            if by_epoch := REFERENCE[m].get("train_acc_by_epoch"):
                 ax.plot(list(by_epoch), [100 * a for a in by_epoch.values()], "x", color="black", label=f"R3 {LABELS[m]} train")
         ax.set(title="Reference scale: accuracy per epoch (band: R3's final test)", xlabel="epoch", ylabel="accuracy (%)")
         ax.legend(ncol=2)
