@@ -148,6 +148,8 @@ def record(repo: Path, model: str) -> dict:
 
 def keep_picture(source: Path, name: str) -> str:
     """Copy a run's picture beside RESULTS (the run's clone may not outlive it); its path in a checkout."""
+    if not source.exists():
+        raise SystemExit(f"{source} not found: record a GAN run once its train-gan stage has finished in that clone")
     folder = RESULTS.with_suffix("")  # benchmarks/reference_scale/ beside benchmarks/reference_scale.json
     folder.mkdir(exist_ok=True)
     shutil.copyfile(source, folder / name)

@@ -123,13 +123,16 @@ def test_record_of_a_finished_gan_keeps_its_figures_and_its_grid(tmp_path, refer
     run = client.create_run(client.create_experiment("reprovision"), tags={
         "stage": "train-gan", "model": "gan-mlp", "git_commit": "d" * 40, "threads": "1", "device": "cpu", "dvc_exp_name": "ref-r1-mlp"})
     (repo / "models/gan/mlp/run.json").write_text(json.dumps({"tracking_uri": f"sqlite:///{repo / 'mlflow.db'}", "run_id": run.info.run_id}))
-    grid = bytes(range(256)) * 4  # the picture's bytes are copied as they are
-    (repo / "models/gan/mlp/grid_10x10.png").write_bytes(grid)
     summary = {"epochs": 50, "fid": 52.9, "fid_floor": 2.25, "inception_score": 7.95, "inception_score_real": 9.71,
                "kl_uniform": 0.016, "n": 10_000, "total_seconds": 2744.3}
     (repo / "metrics/gan/mlp/summary.json").write_text(json.dumps(summary))
     (repo / "metrics/gan/mlp/history.csv").write_text("epoch,d_loss,g_loss\n1,1.1,0.9\n2,1.3,0.8\n")
     (repo / "metrics/gan/mlp/fid.csv").write_text("epoch,fid\n0,nan\n1,\n2,60.5\n")  # measured at epoch 2 only
+    with pytest.raises(SystemExit, match="grid_10x10.png not found"):
+        reference_scale.record(repo, "mlp")
+    assert not reference_scale.RESULTS.exists()
+    grid = bytes(range(256)) * 4  # the picture's bytes are copied as they are
+    (repo / "models/gan/mlp/grid_10x10.png").write_bytes(grid)
 
     entry = reference_scale.record(repo, "mlp")
     assert (entry["fid"], entry["fid_n"], entry["inception_score"], entry["seconds"]) == (52.9, 10_000, 7.95, 2744.3)
