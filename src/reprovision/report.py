@@ -346,6 +346,23 @@ def _figure(path: Path, draw) -> Path:
     return path
 
 
+def r3_test_bands(ax, models) -> None:
+    """R3's final test accuracy of each classifier, a band in the model's colour (accuracy in %)."""
+    for m in models:
+        lo, hi = REFERENCE[m]["test_acc"]
+        ax.axhspan(100 * lo, 100 * hi, color=COLOURS[LABELS[m]], alpha=0.15, label=f"R3 {LABELS[m]} test")
+
+
+def fid_lines(ax, curves: list[tuple[str, str, list, list, float | None]], title: str) -> None:
+    """FID per epoch: a line per (label, colour, epochs, fids, floor), the floor dashed in its colour."""
+    for label, colour, epochs, fids, floor in curves:
+        ax.plot(epochs, fids, marker="o", color=colour, label=label)
+        if floor is not None:
+            ax.axhline(floor, color=colour, ls="--", lw=1, label=f"{label} floor")
+    ax.set(title=title, xlabel="epoch", ylabel="FID (LeNet features)")
+    ax.legend()
+
+
 def classifier_curves(histories: dict[str, pd.DataFrame], out: Path) -> list[tuple[Path, str]]:
     """Loss, accuracy and seconds per epoch, ViT and CNN on each plot, as in R3."""
     long = pd.concat([h.assign(model=LABELS[m]) for m, h in histories.items()], ignore_index=True)
@@ -367,9 +384,7 @@ def classifier_curves(histories: dict[str, pd.DataFrame], out: Path) -> list[tup
         ax.set(title="Loss (cross-entropy)", ylabel="loss")
 
     def accuracy(ax):
-        for m in histories:
-            lo, hi = REFERENCE[m]["test_acc"]
-            ax.axhspan(100 * lo, 100 * hi, color=palette[LABELS[m]], alpha=0.15, label=f"R3 {LABELS[m]} test")
+        r3_test_bands(ax, histories)
         lines(train_vs_test("acc", 100), ax)
         ax.set(title="Accuracy (band: R3's final test accuracy)", ylabel="accuracy (%)")
 
@@ -402,13 +417,8 @@ def gan_loss_curve(name: str, history: pd.DataFrame, out: Path) -> tuple[Path, s
 
 def gan_fid_curve(fids: dict[str, pd.DataFrame], floors: dict[str, float], out: Path) -> tuple[Path, str]:
     def draw(ax):
-        for g, curve in fids.items():
-            colour = COLOURS[LABELS[g]]
-            ax.plot(curve["epoch"], curve["fid"], marker="o", color=colour, label=LABELS[g])
-            if g in floors:
-                ax.axhline(floors[g], color=colour, ls="--", lw=1, label=f"{LABELS[g]} floor")
-        ax.set(title="FID during training (dashed: real-vs-real floor)", xlabel="epoch", ylabel="FID (LeNet features)")
-        ax.legend()
+        curves = [(LABELS[g], COLOURS[LABELS[g]], curve["epoch"], curve["fid"], floors.get(g)) for g, curve in fids.items()]
+        fid_lines(ax, curves, "FID during training (dashed: real-vs-real floor)")
 
     return _figure(out / "gan_fid.png", draw), "FID (judge features) during training"
 
@@ -436,9 +446,7 @@ def reference_scale_curves(results: dict[str, dict], out: Path) -> list[tuple[Pa
 
     def accuracy(ax):
         models = dict.fromkeys(m for m, _, _ in classifiers)  # each once, in order
-        for m in models:
-            lo, hi = REFERENCE[m]["test_acc"]
-            ax.axhspan(100 * lo, 100 * hi, color=COLOURS[LABELS[m]], alpha=0.15, label=f"R3 {LABELS[m]} test")
+        r3_test_bands(ax, models)
         for m, label, r in classifiers:
             epochs = [row["epoch"] for row in r["history"]]
             style = {"color": COLOURS[LABELS[m]], "alpha": 1.0 if label == LABELS[m] else 0.45}
@@ -451,13 +459,9 @@ def reference_scale_curves(results: dict[str, dict], out: Path) -> list[tuple[Pa
         ax.legend(ncol=2)
 
     def fid(ax):
-        for m, label, r in fids:
-            curve = r["fid_curve"]
-            ax.plot([p["epoch"] for p in curve], [p["fid"] for p in curve], marker="o", color=COLOURS[LABELS[m]], label=label)
-            if "fid_floor" in r:
-                ax.axhline(r["fid_floor"], color=COLOURS[LABELS[m]], ls="--", lw=1, label=f"{label} floor")
-        ax.set(title="Reference scale: FID during training (dashed: floor)", xlabel="epoch", ylabel="FID (LeNet features)")
-        ax.legend()
+        curves = [(label, COLOURS[LABELS[m]], [p["epoch"] for p in r["fid_curve"]], [p["fid"] for p in r["fid_curve"]], r.get("fid_floor"))
+                  for m, label, r in fids]
+        fid_lines(ax, curves, "Reference scale: FID during training (dashed: floor)")
 
     if classifiers:
         curves.append((_figure(out / "reference_scale_accuracy.png", accuracy), "Reference-scale runs: accuracy per epoch"))
