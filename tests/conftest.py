@@ -126,16 +126,3 @@ def exp_run(repo: Path, *sets: str, env: dict | None = None, check: bool = True)
         args += ["-S", s]
     return dvc(repo, *args, env=env, check=check)
 
-
-# The slowest files first, so that `pytest -n auto --dist loadfile` (make test) starts them on
-# both workers at once instead of leaving one worker alone with the last of them (measured,
-# 2 cores: a full pipeline run per file for the first two, then the kill/resume files).
-SLOWEST_FIRST = (
-    "test_pipeline_e2e.py", "test_pipeline_params_e2e.py", "test_team_server.py", "test_tracking_outage.py",
-    "test_gan_resume.py", "test_distributed.py", "test_ssl.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
