@@ -383,7 +383,12 @@ def test_reference_scale_runs_are_drawn_epoch_by_epoch(tmp_path):
     # Without per-epoch rows or a FID curve there is nothing to draw.
     assert report.reference_scale_curves({"mlp": mlp | {"fid_curve": []}}, tmp_path / "none") == []
     assert not (tmp_path / "none").exists()
-    assert report.reference_scale_grids({"mlp": mlp}, tmp_path) == []  # the picture is not there
+    # A grid the JSON names but the checkout lacks is said on the page, not left out in silence.
+    (root / mlp["grid"]).unlink()
+    report.build_report(root)
+    md, html = page(root)
+    missing = "benchmarks/reference_scale/mlp_grid_10x10.png is missing: no MLP GAN grid"
+    assert missing in md and missing in html and f"![{grid}]" not in md and f'alt="{grid}"' not in html
 
 
 def test_ssl_section_puts_the_probe_beside_the_floor_and_the_supervised_cnn(built, tmp_path):

@@ -470,12 +470,19 @@ def reference_scale_curves(results: dict[str, dict], out: Path) -> list[tuple[Pa
     return curves
 
 
-def reference_scale_grids(results: dict[str, dict], root: Path) -> list[tuple[Path, str]]:
-    """The finished GAN runs' 10x10 grids, which `reference_scale.py record` keeps beside the JSON."""
-    return [
-        (root / r["grid"], f"{label} at reference scale: 100 samples after {r['epochs']} epochs")
-        for m, label, r in reference_scale_runs(results) if m in GANS and "grid" in r and (root / r["grid"]).exists()
-    ]
+def reference_scale_grids(results: dict[str, dict], root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    """The finished GAN runs' 10x10 grids, which `reference_scale.py record` keeps beside the JSON,
+    and a note for each grid the JSON names that is not there (the page says so instead of leaving it out)."""
+    grids, notes = [], []
+    for m, label, r in reference_scale_runs(results):
+        if m not in GANS or "grid" not in r:
+            continue
+        if (root / r["grid"]).exists():
+            grids.append((root / r["grid"], f"{label} at reference scale: 100 samples after {r['epochs']} epochs"))
+        else:
+            notes.append(f"{r['grid']} is missing: no {label} grid (reference_scale.json names it; "
+                         "`reference_scale.py record` keeps it there).")
+    return grids, notes
 
 
 # ---------------------------------------------------------------------------- assembling the page
@@ -642,6 +649,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
     commit, dirty = track.git_state(root)
     cards = {LABELS[m]: path.read_text() for m in CLASSIFIERS if (path := root / model_dir(m) / "card.md").exists()}
     reference_runs = read_json(root / REFERENCE_SCALE) or {}
+    grids, grid_notes = reference_scale_grids(reference_runs, root)
     ctx = {
         "commit": commit,
         "dirty": dirty,
@@ -657,7 +665,8 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "reference_scale": reference_scale_table(reference_runs),
         "reference_scale_epochs": reference_scale_epochs(reference_runs),
         "reference_scale_curves": [figure(p, c, root / REPORTS) for p, c in reference_scale_curves(reference_runs, root / CURVES)],
-        "reference_scale_grids": [figure(p, c, root / REPORTS) for p, c in reference_scale_grids(reference_runs, root)],
+        "reference_scale_grids": [figure(p, c, root / REPORTS) for p, c in grids],
+        "reference_scale_notes": grid_notes,
         "r3_mismatch": bool(classifiers) and (params.data.classifier_dataset != "cifar10" or params.cnn.arch != "refcnn"),
         "curves": curves,
         "curve_notes": curve_notes,
