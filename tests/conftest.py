@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,6 +21,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # torch's default of 2 threads beside another busy process, 2.6 s with 1). test_runtime sets its own.
 torch.set_num_threads(1)
 MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared" / "datasets")
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_without_fsync(connection, _record) -> None:
+    """The MLflow SQLite stores the tests open in this process are thrown away: they need not wait
+    for the disk. Creating one is ~50 schema migrations, each commit an fsync: ~3.5 s of waiting
+    per test that makes a store (measured), a few ms without. Stages, in their own processes, keep
+    SQLite's defaults."""
+    if isinstance(connection, sqlite3.Connection):
+        connection.execute("PRAGMA synchronous = OFF")
 
 # A run small enough for a test. The classifiers are narrowed too (their compute would otherwise
 # be most of the suite's time); test_models checks that the defaults build the reference architectures.
