@@ -26,7 +26,7 @@ MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared
 @event.listens_for(Engine, "connect")
 def _sqlite_without_fsync(connection, _record) -> None:
     """The MLflow SQLite stores the tests open in this process are thrown away: they need not wait
-    for the disk. Creating one is ~50 schema migrations, each commit an fsync: ~3.5 s of waiting
+    for the disk. Creating one runs 68 schema migrations, each commit an fsync: ~3.5 s of waiting
     per test that makes a store (measured), a few ms without. Stages, in their own processes, keep
     SQLite's defaults."""
     if isinstance(connection, sqlite3.Connection):
