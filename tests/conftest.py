@@ -32,6 +32,7 @@ def _sqlite_without_fsync(connection, _record) -> None:
     if isinstance(connection, sqlite3.Connection):
         connection.execute("PRAGMA synchronous = OFF")
 
+
 # A run small enough for a test. The classifiers are narrowed too (their compute would otherwise
 # be most of the suite's time); test_models checks that the defaults build the reference architectures.
 # The GANs see 240 MNIST images (at least gan.fid_samples, which the FID floor needs): the DCGAN
