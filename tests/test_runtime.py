@@ -84,6 +84,25 @@ def test_fingerprint_knows_threads_and_precision():
     assert base != checkpoint.fingerprint("params", "data", 2, "bf16")
 
 
+def test_fingerprint_knows_the_cpu_kernels():
+    """A checkpoint made with one instruction set of CPU kernels is not resumed with another: float
+    sums differ between them (ATEN_CPU_CAPABILITY lowers torch's own kernels, here to the plain ones)."""
+    script = "from reprovision import checkpoint, runtime; print(runtime.cpu_kernels(), checkpoint.fingerprint('p', 'd', 1, 'fp32'))"
+
+    def kernels_and_fingerprint(**env: str) -> tuple[str, str]:
+        clean = {name: "" for name in runtime.KERNEL_VARIABLES}  # whatever the shell running the tests set
+        out = subprocess.run([sys.executable, "-c", script], env={**os.environ, **clean, **env}, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        kernels, fingerprint = out.rsplit(" ", 1)
+        return kernels, fingerprint
+
+    own_kernels, own = kernels_and_fingerprint()
+    lowered_kernels, lowered = kernels_and_fingerprint(ATEN_CPU_CAPABILITY="default")
+    assert own_kernels == torch.backends.cpu.get_cpu_capability()
+    assert lowered_kernels == "DEFAULT ATEN_CPU_CAPABILITY=default" and lowered != own
+    assert kernels_and_fingerprint() == (own_kernels, own)
+
+
 def test_fingerprint_is_the_same_in_a_clone_elsewhere_and_knows_the_code(tmp_path):
     """What lets a run resume on another machine from a copied checkpoint: the fingerprint reads the
     code's content, not where the clone lives; a changed module (or stage script) is another run."""

@@ -2,8 +2,10 @@
 
 A checkpoint carries a fingerprint of everything that shapes the result: the params sections a
 stage reads, the data's sha256, the code that ran (every module of this package and every stage
-script loaded in the process), the thread count, precision and world size. A checkpoint whose
-fingerprint differs, or that is marked complete, is never resumed: the stage starts afresh.
+script loaded in the process), the thread count, precision and world size, and the instruction
+set of the CPU kernels (runtime.cpu_kernels: resumed on another, a run would match no
+uninterrupted run). A checkpoint whose fingerprint differs, or that is marked complete, is never
+resumed: the stage starts afresh.
 Checkpoints live in the git-ignored `checkpoints/` folder, outside DVC's outputs (see layout.py).
 """
 
@@ -15,6 +17,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from .runtime import cpu_kernels
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -35,8 +39,8 @@ def code_digest() -> str:
 
 
 def fingerprint(*parts: object) -> str:
-    """One sha256 over the given parts (params digest, data sha256, threads, ...) and the code that ran."""
-    return hashlib.sha256("|".join([*map(str, parts), code_digest()]).encode()).hexdigest()
+    """One sha256 over the given parts (params digest, data sha256, threads, ...), the CPU kernels and the code that ran."""
+    return hashlib.sha256("|".join([*map(str, parts), cpu_kernels(), code_digest()]).encode()).hexdigest()
 
 
 def save(path: Path, state: dict) -> None:

@@ -11,7 +11,7 @@ workspace:
 3. `dvc repro --force --single-item <stage>`: the stage really trains again, logging a new run
    (tagged `reproduces=<run-id>`) to the same tracking store;
 4. the two runs' per-epoch metrics compared value by value. With the same code, params, data,
-   thread count and machine type they must be identical.
+   thread count and CPU kernels (`cpu_kernels` tag) they must be identical.
 """
 
 from __future__ import annotations
@@ -125,4 +125,8 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
         last = lambda h: f"{h[-1][1]:.6g}" if h else "-"
         print(f"{key:<24} {last(before[key]):>14} {last(after[key]):>14} {'' if equal else '  DIFFERS'}")
     print(f"{'identical' if same else 'NOT identical'}: {run_id} -> {replay.info.run_id}")
+    kernels = tags.get("cpu_kernels"), replay.data.tags.get("cpu_kernels")
+    if not same and kernels[0] and kernels[0] != kernels[1]:  # runs from before the tag have none
+        print(f"note: the recorded run computed with {kernels[0]} CPU kernels, the replay with {kernels[1]}, and float "
+              "sums depend on them; README, Threads and precision, says how to lower this machine's kernels", file=sys.stderr)
     return 0 if same else 1

@@ -40,6 +40,20 @@ def apply_threads(threads: int | str) -> int:
     return torch.get_num_threads()
 
 
+# What lowers the instruction set of torch's CPU kernels: its own (ATen), oneDNN's (convolutions)
+# and MKL's (matmuls). Read when each library starts, so set in the environment before the run.
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_kernels() -> str:
+    """The instruction set torch's CPU kernels run with here, "AVX512", "AVX2", ..., followed by any
+    KERNEL_VARIABLES set. Float sums depend on it as on the thread count: the same stage, params and
+    threads on an AVX2 and an AVX512 machine agree only to the last bits, unless the AVX512 one
+    lowers all three libraries to AVX2 (README, Threads and precision)."""
+    lowered = [f"{name}={os.environ[name]}" for name in KERNEL_VARIABLES if os.environ.get(name)]
+    return " ".join([torch.backends.cpu.get_cpu_capability(), *lowered])
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX): there autocast is ~1.7x faster."""
     try:

@@ -23,7 +23,7 @@ from . import track
 from .config import ConfigError, Params, load_params
 from .data import DataError, data_sha256, load_split, stratified_subset
 from .layout import PREPARED
-from .runtime import apply_threads, resolve_device
+from .runtime import apply_threads, cpu_kernels, resolve_device
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ def run_tags(ctx: Context, dataset: str) -> dict[str, str]:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": str(ctx.threads),
+        "cpu_kernels": cpu_kernels(),
         "params_sha256": ctx.params.digest(),
         "data_sha256": data_sha256(PREPARED, dataset),
         "dataset": dataset,
