@@ -12,18 +12,20 @@ ifeq ($(origin REPROVISION_DATA_MIRROR), undefined)
 endif
 
 # The whole DAG at CPU size (every override visible here, in params and in MLflow). Chosen by
-# measurement on 2 cores (AVX2, fp32; README "Measured"): 5,500 CIFAR-10 images, 550 of them held
-# out for validation (the report names the champion on them, never on the test set); a narrowed CNN
-# (3 blocks of one conv, cosine schedule: with a constant lr its last epoch swung 36-42 %) for 5
-# epochs and a 4-block, 64-wide ViT for 3, ~25 s of training each. The GANs see 19,200 MNIST images
-# once: 600 DCGAN steps, the fewest after which most of its digits read as digits (at 187 steps,
-# blobs); at R2's width that is ~140 s, at half width (gan.dcgan.width=32) ~57 s. The judge learns
-# from 12,000. SimCLR pre-trains the CNN's architecture on 2,500 images for 2 epochs: far too
-# little pre-training to show much (README "Measured" gives its probe against random weights).
+# measurement on 2 cores (README "Measured"): 5,500 CIFAR-10 images, 550 of them held out for
+# validation (the report names the champion on them, never on the test set); a narrowed CNN (3
+# blocks of one conv, cosine schedule: with a constant lr its last epoch swung 36-42 %) for 5 epochs
+# and a 4-block, 64-wide ViT for 3: ~25 s of training each in fp32 (AVX2), 8.5 s and 22 s under
+# bf16 (AVX512-BF16). The GANs see 28,800 MNIST images once: 900 DCGAN steps at half width
+# (gan.dcgan.width=32), 62 s on the AVX512 machine. 600 steps left it on the edge of drawing
+# digits (FID 93 on the AVX2 machine, 110 on the AVX512 one: float sums apart), 900 gave FID 32.5
+# and 1,200 32.4 for 14 s more (2026-12-01). The judge learns from 12,000. SimCLR pre-trains the
+# CNN's architecture on 2,500 images for 2 epochs: far too little pre-training to show much
+# (README "Measured" gives its probe against random weights).
 # The reference configurations are params.yaml's defaults.
 CPU_SIZED := -S data.train_fraction=0.11 -S data.val_fraction=0.1 -S data.test_fraction=0.2 \
   -S judge.epochs=1 -S judge.train_fraction=0.2 \
-  -S gan.epochs=1 -S gan.train_fraction=0.32 -S gan.sample_every=1 -S gan.fid_every=1 \
+  -S gan.epochs=1 -S gan.train_fraction=0.48 -S gan.sample_every=1 -S gan.fid_every=1 \
   -S gan.fid_samples_during=1000 -S gan.fid_samples=2000 -S gan.dcgan.width=32 \
   -S vit.epochs=3 -S vit.depth=4 -S vit.embed_dim=64 -S vit.heads=2 -S vit.dropout=0.0 \
   -S cnn.epochs=5 -S cnn.scheduler=cosine -S 'cnn.widths=[32,64,128]' -S cnn.convs_per_block=1 -S cnn.hidden=128 \
