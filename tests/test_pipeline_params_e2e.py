@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from reprovision.runtime import cpu_kernels
 
 from conftest import TINY, _new_copy, dvc, exp_run, pipeline_env, sh
 from imports import closure
@@ -76,7 +77,7 @@ def test_threads_are_part_of_the_configuration(module_repo):
     assert "[train-cnn] device cpu, 2 thread(s)" in two.stdout  # params win over the environment
     newest = max((r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-cnn"), key=lambda r: r.info.start_time)
     assert newest.data.params["threads"] == "2" and newest.data.tags["threads"] == "2"
-    assert newest.data.tags["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()  # the other knob of float sums
+    assert newest.data.tags["cpu_kernels"] == cpu_kernels()  # the other knob of float sums
     # Back to 1 thread (only train-cnn changed, so only it is asked for: the others' DVC checks cost ~10 s).
     back = dvc(module_repo, "exp", "run", *[arg for s in TINY for arg in ("-S", s)], "train-cnn")
     assert stages_run(back.stdout) == {"check-params"} and fingerprints(module_repo) == FIRST_RUN
