@@ -456,7 +456,8 @@ def reference_scale_curves(results: dict[str, dict], out: Path) -> list[tuple[Pa
             if by_epoch := REFERENCE[m].get("train_acc_by_epoch"):
                 ax.plot(list(by_epoch), [100 * a for a in by_epoch.values()], "x", color="black", label=f"R3 {LABELS[m]} train")
         ax.set(title="Reference scale: accuracy per epoch (band: R3's final test)", xlabel="epoch", ylabel="accuracy (%)")
-        ax.legend(ncol=2)
+        # Below the axes: inside, its many entries hid the curves wherever matplotlib put them.
+        ax.figure.legend(loc="outside lower center", ncol=3)
 
     def fid(ax):
         curves = [(label, COLOURS[LABELS[m]], [p["epoch"] for p in r["fid_curve"]], [p["fid"] for p in r["fid_curve"]], r.get("fid_floor"))
