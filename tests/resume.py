@@ -1,5 +1,6 @@
-"""Helpers of the kill / stop and resume tests (test_tracking_outage.py, test_gan_resume.py): params
-written into a copy's params.yaml, a checkpoint's progress, the stage processes under a dvc process."""
+"""Helpers of the kill / stop and resume tests (test_tracking_outage.py, test_gan_resume.py,
+test_distributed.py): params written into a copy's params.yaml, a checkpoint's progress, the processes
+under a dvc or torchrun process."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def checkpoint_state(path: Path) -> tuple[int, bool]:
 
 
 def stage_pids(root_pid: int, script: str = "train_cnn.py") -> list[int]:
-    """The `python stages/<script>` processes below the dvc process."""
+    """The python processes running `script` below `root_pid` (a stage below dvc, the ranks below torchrun)."""
     out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
     children: dict[int, list[int]] = {}
     args: dict[int, str] = {}

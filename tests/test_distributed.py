@@ -20,6 +20,7 @@ import torch
 import ddp_worker
 from reprovision.config import ConfigError, Params
 from reprovision.distributed import World, join
+from resume import stage_pids
 
 pytestmark = pytest.mark.scaleout
 
@@ -88,8 +89,14 @@ def test_cnn_ranks_agree_and_a_run_killed_and_resumed_repeats_the_uninterrupted_
             assert proc.poll() is None and time.monotonic() < deadline, "the ranks never reached the end of epoch 1"
             time.sleep(0.2)
     finally:
+        # torchrun starts each rank in a session of its own: its process group's SIGKILL would leave
+        # the ranks behind, waiting forever. So they are found below torchrun and killed by pid first.
+        rank_pids = stage_pids(proc.pid, WORKER.name)
+        for pid in rank_pids:
+            os.kill(pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+    assert len(rank_pids) == 2, "the two ranks were not found below torchrun"
     assert torch.load(out / "cnn.pt", weights_only=False)["epoch"] == 1
     assert not list(out.glob("cnn-rank*.pt"))
     torchrun(out, "--models", "cnn", "--checkpoints", str(out))
