@@ -76,5 +76,11 @@ run: install
 	dvc exp run $(CPU_SIZED)
 	@echo "report: reports/report.html   runs: mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
+# One pytest-xdist worker per core and one more: much of the suite waits (servers starting, a queue
+# polled, processes it signals), and a third worker fills that time on 2 cores. Measured on the
+# AVX512 machine (2026-12-01, BENCHMARKS.md): the tests took 445 s with 2 workers, 396 s with 3,
+# 429 s with 4. Whole files go to a worker (--dist loadfile): their tests build on each other.
+TEST_WORKERS ?= $(shell python3 -c 'import os; print((os.cpu_count() or 1) + 1)')
+
 test: install-test system-packages
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15

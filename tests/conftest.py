@@ -112,11 +112,17 @@ def _new_copy(folder: Path, cache: Path | None = None) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
-    """One DVC cache for the copies of the whole session: a stage that an earlier test ran with the
-    same deps and params (fetch-data, augment, the judge) is restored from the run-cache instead of
-    computed again. Tests that must train give their stages params no other test uses; the
+    """One DVC cache for the copies of the whole session, on every pytest-xdist worker: a stage that
+    an earlier test ran with the same deps and params (fetch-data, augment, the judge) is restored
+    from the run-cache instead of computed again. (DVC writes a cache object or run-cache entry to
+    a temporary name and renames it: copies on two workers may fill one cache at once, as a team's
+    shared cache is filled.) Tests that must train give their stages params no other test uses; the
     two-clone reproduction test uses a cache of its own."""
-    return tmp_path_factory.mktemp("dvc-cache")
+    base = tmp_path_factory.getbasetemp()
+    folder = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # shared by the workers
+    cache = folder / "dvc-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 @pytest.fixture
