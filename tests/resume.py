@@ -44,7 +44,8 @@ def checkpoint_state(path: Path) -> tuple[int, bool]:
 
 def stage_pids(root_pid: int, script: str = "train_cnn.py") -> list[int]:
     """The python processes running `script` below `root_pid` (a stage below dvc, the ranks below torchrun)."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    # -ww: whole command lines (without it ps cuts them at 80 columns when its output is a pipe).
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
     children: dict[int, list[int]] = {}
     args: dict[int, str] = {}
     for line in out.splitlines():
