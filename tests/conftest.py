@@ -118,11 +118,15 @@ def shared_cache(tmp_path_factory) -> Path:
     a temporary name and renames it: copies on two workers may fill one cache at once, as a team's
     shared cache is filled.) Tests that must train give their stages params no other test uses; the
     two-clone reproduction test uses a cache of its own."""
-    base = tmp_path_factory.getbasetemp()
-    folder = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # shared by the workers
-    cache = folder / "dvc-cache"
+    cache = workers_folder(tmp_path_factory) / "dvc-cache"
     cache.mkdir(exist_ok=True)
     return cache
+
+
+def workers_folder(tmp_path_factory) -> Path:
+    """The session's temporary folder that every pytest-xdist worker sees (each has one of its own below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture

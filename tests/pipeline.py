@@ -8,12 +8,11 @@ import fcntl
 import hashlib
 import io
 import json
-import os
 import re
 
 from mlflow import MlflowClient
 
-from conftest import TINY
+from conftest import TINY, workers_folder
 
 ALL_STAGES = {
     "check-params", "fetch-data", "augment", "train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate",
@@ -104,8 +103,7 @@ def agree_with_the_other_clone(found: dict[str, str], tmp_path_factory) -> None:
     """Two first runs, each in a fresh clone with a DVC cache of its own (test_pipeline_e2e.py and
     test_pipeline_params_e2e.py, on two pytest-xdist workers or one after the other): the first to
     finish leaves its fingerprints here, the second asserts that its own are identical."""
-    base = tmp_path_factory.getbasetemp()
-    folder = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # shared by the workers
+    folder = workers_folder(tmp_path_factory)
     with open(folder / "first-run.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         published = folder / "first-run.json"

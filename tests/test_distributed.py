@@ -89,7 +89,7 @@ def test_cnn_ranks_agree_and_a_run_killed_and_resumed_repeats_the_uninterrupted_
             assert proc.poll() is None and time.monotonic() < deadline, "the ranks never reached the end of epoch 1"
             time.sleep(0.2)
     finally:
-        # torchrun starts each rank in a session of its own: its process group's SIGKILL would leave
+        # torchrun starts each rank in a process group of its own: SIGKILL to torchrun's group leaves
         # the ranks behind, waiting forever. So they are found below torchrun and killed by pid first.
         rank_pids = stage_pids(proc.pid, WORKER.name)
         for pid in rank_pids:
