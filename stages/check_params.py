@@ -14,13 +14,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reprovision.config import load_params  # noqa: E402
 from reprovision.layout import PARAMS_CHECKED  # noqa: E402
-from reprovision.runtime import resolve_device  # noqa: E402
 from reprovision.stage import main  # noqa: E402
 
 
 def check_params() -> None:
     params = load_params()
-    resolve_device(params.device)  # `device: cuda` on a machine without one is a params mistake too
+    if params.device not in ("auto", "cpu"):  # every machine has these two; asking torch costs ~1 s of CPU
+        from reprovision.runtime import resolve_device
+
+        resolve_device(params.device)  # `device: cuda` on a machine without one is a params mistake too
     PARAMS_CHECKED.parent.mkdir(parents=True, exist_ok=True)
     PARAMS_CHECKED.write_text("params.yaml passed its checks (reprovision/config.py)\n")
     print("[check-params] params.yaml is valid")

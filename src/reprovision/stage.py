@@ -14,16 +14,19 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from . import track
 from .config import ConfigError, Params, load_params
 from .data import DataError, data_sha256, load_split, stratified_subset
 from .layout import PREPARED
-from .runtime import apply_threads, cpu_kernels, resolve_device
+
+# torch is imported where it is used: check-params and fetch-data compute nothing with it, and
+# importing it is ~1 s of CPU per process (measured), paid on every `dvc exp run` by check-params.
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Context:
 
 
 def start(stage: str) -> Context:
+    from .runtime import apply_threads, resolve_device
+
     params = load_params()
     device = resolve_device(params.device)
     threads = apply_threads(params.threads)
@@ -67,6 +72,8 @@ def main(stage: Callable[..., None], *args) -> None:
 
 def load_subset(name: str, split: str, fraction: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The class-stratified `fraction` of a prepared split, on `device`: uint8 images, int64 labels, class names."""
+    import torch
+
     data = load_split(PREPARED, name, split)
     idx = stratified_subset(data.y, fraction, seed)
     x = torch.from_numpy(np.ascontiguousarray(data.x[idx])).to(device)
@@ -76,6 +83,10 @@ def load_subset(name: str, split: str, fraction: float, seed: int, device: torch
 
 def run_tags(ctx: Context, dataset: str) -> dict[str, str]:
     """Tags every training run carries: where it ran and on exactly which data and params."""
+    import torch
+
+    from .runtime import cpu_kernels
+
     device = ctx.device
     return {
         "device": str(device),
