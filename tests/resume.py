@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 
@@ -42,7 +43,15 @@ def checkpoint_state(path: Path) -> tuple[int, bool]:
     return state["epoch"], state["complete"]
 
 
-def stage_pids(root_pid: int, script: str = "train_cnn.py") -> list[int]:
+def signal_below(root_pid: int, script: str, sig: int) -> list[int]:
+    """Send `sig` to each python process running `script` below `root_pid`; their pids, [] if none was found."""
+    pids = stage_pids(root_pid, script)
+    for pid in pids:
+        os.kill(pid, sig)
+    return pids
+
+
+def stage_pids(root_pid: int, script: str) -> list[int]:
     """The python processes running `script` below `root_pid` (a stage below dvc, the ranks below torchrun)."""
     # -ww: whole command lines (without it ps cuts them at 80 columns when its output is a pipe).
     out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout

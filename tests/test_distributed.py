@@ -20,7 +20,7 @@ import torch
 import ddp_worker
 from reprovision.config import ConfigError, Params
 from reprovision.distributed import World, join
-from resume import stage_pids
+from resume import signal_below
 
 pytestmark = pytest.mark.scaleout
 
@@ -91,9 +91,7 @@ def test_cnn_ranks_agree_and_a_run_killed_and_resumed_repeats_the_uninterrupted_
     finally:
         # torchrun starts each rank in a process group of its own: SIGKILL to torchrun's group leaves
         # the ranks behind, waiting forever. So they are found below torchrun and killed by pid first.
-        rank_pids = stage_pids(proc.pid, WORKER.name)
-        for pid in rank_pids:
-            os.kill(pid, signal.SIGKILL)
+        rank_pids = signal_below(proc.pid, WORKER.name, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert len(rank_pids) == 2, "the two ranks were not found below torchrun"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import torch
 from conftest import dvc, pipeline_env
 from reprovision.gan_train import train_gan
 from reprovision.models.gan import MLPDiscriminator, MLPGenerator
-from resume import checkpoint_state, set_params, stage_pids
+from resume import checkpoint_state, set_params, signal_below
 
 # ------------------------------------------------------------------ the loop, on a tiny in-memory dataset
 
@@ -135,10 +134,7 @@ def start_repro(repo: Path, *options: str) -> subprocess.Popen:
 
 
 def kill_stage(proc: subprocess.Popen) -> None:
-    pids = stage_pids(proc.pid, "train_gan.py")
-    assert pids, "training process not found"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
+    assert signal_below(proc.pid, "train_gan.py", signal.SIGKILL), "training process not found"
 
 
 def repro_and_kill(repo: Path, after_epoch: int) -> int:

@@ -22,7 +22,7 @@ import mlflow
 import pytest
 
 from conftest import dvc, pipeline_env
-from resume import checkpoint_state, history, set_params, sha256, stage_pids
+from resume import checkpoint_state, history, set_params, sha256, signal_below
 
 from reprovision import server, track
 
@@ -210,10 +210,7 @@ def test_interrupted_run_ends_killed_not_running(module_repo, how):
     if how == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)
     else:
-        pids = stage_pids(proc.pid)
-        assert pids, "training process not found"
-        for pid in pids:
-            os.kill(pid, signal.SIGTERM)
+        assert signal_below(proc.pid, "train_cnn.py", signal.SIGTERM), "training process not found"
     output, seconds, message_at = finish(proc, timeout=60)
 
     assert proc.returncode != 0 and message_at is not None and "Traceback" not in output, output
