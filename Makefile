@@ -79,8 +79,9 @@ run: install
 # One pytest-xdist worker per core and one more: much of the suite waits (servers starting, a queue
 # polled, processes it signals), and a third worker fills that time on 2 cores. Measured on the
 # AVX512 machine (2026-12-01, BENCHMARKS.md): the tests took 445 s with 2 workers, 396 s with 3,
-# 429 s with 4. Whole files go to a worker (--dist loadfile): their tests build on each other; the
-# longest files first (tests/conftest.py LONGEST_FILES, kept in that order by --no-loadscope-reorder).
+# 429 s with 4; later, with the longest files first, 406 s with 3 and 420 s with 4. Whole files go
+# to a worker (--dist loadfile): their tests build on each other. The longest go first
+# (tests/conftest.py LONGEST_FILES, kept in that order by --no-loadscope-reorder).
 TEST_WORKERS ?= $(shell python3 -c 'import os; print((os.cpu_count() or 1) + 1)')
 
 test: install-test system-packages
