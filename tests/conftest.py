@@ -129,12 +129,14 @@ def _new_copy(folder: Path, cache: Path | None = None) -> Path:
 
 
 # The mirror the tests' stages read: MIRROR with CIFAR-10's batches decompressed once per session
-# (the other layout data.py reads, the same md5-checked bytes). fetch-data runs in five test files;
-# each would spend ~8 s of CPU xz-decompressing the same 180 MB. test_data reads the .xz files.
+# (the other layout data.py reads, the same md5-checked bytes). fetch-data runs in four test files
+# and test_ssl fetches CIFAR-10 itself; each would spend ~8 s of CPU xz-decompressing the same
+# 180 MB. The fixtures that make repository copies request it (a test without one reads MIRROR, as
+# test_data's real-mirror tests do); pipeline_env() points the stages at it.
 STAGE_MIRROR: Path | None = None
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def stage_mirror(tmp_path_factory) -> Path | None:
     global STAGE_MIRROR
     if not (MIRROR / "cifar10" / "cifar-10-batches-bin").is_dir():
@@ -184,12 +186,12 @@ def workers_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def repo_copy(tmp_path: Path, shared_cache: Path) -> Path:
+def repo_copy(tmp_path: Path, shared_cache: Path, stage_mirror) -> Path:
     return _new_copy(tmp_path / "repo", shared_cache)
 
 
 @pytest.fixture(scope="module")
-def module_repo(tmp_path_factory, shared_cache: Path) -> Path:
+def module_repo(tmp_path_factory, shared_cache: Path, stage_mirror) -> Path:
     """One copy shared by the tests of a module that build on each other's runs."""
     return _new_copy(tmp_path_factory.mktemp("repo"), shared_cache)
 

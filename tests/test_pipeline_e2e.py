@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 FIRST_RUN: dict[str, str] = {}  # result fingerprints of the first run, which later runs of its params must match
 
 @pytest.fixture(scope="module")
-def module_repo(tmp_path_factory) -> Path:
+def module_repo(tmp_path_factory, stage_mirror) -> Path:
     """A DVC cache of its own (not the session's shared one): these tests count what runs and what
     comes back from the run-cache, starting from nothing."""
     return _new_copy(tmp_path_factory.mktemp("repo"))

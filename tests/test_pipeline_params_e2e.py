@@ -24,7 +24,7 @@ FIRST_RUN: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
-def module_repo(tmp_path_factory) -> Path:
+def module_repo(tmp_path_factory, stage_mirror) -> Path:
     """A DVC cache of its own (not the session's shared one): these tests count what runs and what
     comes back from the run-cache, starting from nothing."""
     return _new_copy(tmp_path_factory.mktemp("repo"))

@@ -143,7 +143,7 @@ QUEUED = {"alice-lr-1e-3": "1e-3", "alice-lr-4e-4": "4e-4"}  # experiment name -
 
 
 @pytest.fixture(scope="module")
-def origin(team, tmp_path_factory) -> Path:
+def origin(team, tmp_path_factory, stage_mirror) -> Path:
     """The team's bare git repository: this checkout's code with `dvc remote add -d shared s3://<bucket>/dvc`."""
     _, store, server = team
     server.create_user(TEAMMATE, TEAMMATE_PASSWORD)
