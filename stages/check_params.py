@@ -19,7 +19,7 @@ from reprovision.stage import main  # noqa: E402
 
 def check_params() -> None:
     params = load_params()
-    if params.device not in ("auto", "cpu"):  # every machine has these two; asking torch costs ~1 s of CPU
+    if params.device not in ("auto", "cpu"):  # every machine has these two; asking torch costs ~1.3 s of CPU
         from reprovision.runtime import resolve_device
 
         resolve_device(params.device)  # `device: cuda` on a machine without one is a params mistake too
