@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MIRROR
+from conftest import require_mirror
 from reprovision import data
 from reprovision.data import DataError
 
@@ -381,15 +381,8 @@ def test_stratified_subset_edges():
 # ------------------------------------------------------------------------------ the real mirror
 
 
-def real_mirror() -> Path:
-    """The mirror as it is shipped (CIFAR-10's batches .xz, MNIST's files .gz), which the suite needs anyway."""
-    if not MIRROR.is_dir():
-        pytest.fail(f"the dataset mirror {MIRROR} is missing: set REPROVISION_DATA_MIRROR (see README)")
-    return MIRROR
-
-
 def test_real_mnist(tmp_path):
-    entry = data.fetch_dataset("mnist", tmp_path, real_mirror())
+    entry = data.fetch_dataset("mnist", tmp_path, require_mirror())
     assert (entry["train"], entry["test"]) == (60000, 10000)
     train = data.load_split(tmp_path, "mnist", "train")
     assert train.x.shape == (60000, 1, 28, 28) and train.x.dtype == np.uint8
@@ -401,7 +394,7 @@ def test_real_mnist(tmp_path):
 
 @pytest.mark.slow  # ~11 s of CPU (xz-decompressing 180 MB); over 20 s wall on a busy 2-core machine
 def test_real_cifar10(tmp_path):
-    entry = data.fetch_dataset("cifar10", tmp_path, real_mirror())
+    entry = data.fetch_dataset("cifar10", tmp_path, require_mirror())
     assert (entry["train"], entry["test"]) == (50000, 10000)
     assert entry["classes"] == data.CIFAR10_CLASSES
     train = data.load_split(tmp_path, "cifar10", "train")

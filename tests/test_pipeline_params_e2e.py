@@ -1,6 +1,6 @@
 """The DAG's first run again, in a second clone with a cache of its own: bit for bit the same as
-test_pipeline_e2e.py's. Then, on that clone, what a change re-runs: GAN params, the thread count, a
-code file, a rejected param.
+test_pipeline_e2e.py's. Then, on that clone, what a change re-runs: GAN and SSL params, the thread
+count, a code file, a rejected param.
 
 The tests run in order on one copy of the repository and build on each other's results.
 """
@@ -39,9 +39,12 @@ def test_second_clone_reproduces_bit_for_bit(module_repo, tmp_path_factory):
     agree_with_the_other_clone(FIRST_RUN, tmp_path_factory)
 
 
-def test_gan_and_ssl_params_rerun_only_their_stages(module_repo):
-    # Which stages each param alone touches (`dvc status`: the stages whose own deps changed; the
-    # ones downstream of them, linear-probe after pretrain-ssl, follow when their outputs change)...
+def test_gan_and_ssl_params_mark_only_their_stages(module_repo):
+    """Which stages each param alone marks (`dvc status`: the stages whose own deps changed; the ones
+    downstream of them, linear-probe after pretrain-ssl, follow when their outputs change). That DVC
+    then runs exactly what it marks, and brings earlier params back from the run-cache bit for bit,
+    test_pipeline_e2e.py checks for real with `-S lr=...`: running these two stages as well cost
+    ~50 s of the suite's CPU (measured), for DVC behaviour that test already exercises."""
     params = module_repo / "params.yaml"
     text = params.read_text()
     try:
@@ -53,12 +56,7 @@ def test_gan_and_ssl_params_rerun_only_their_stages(module_repo):
             assert set(status) == {"check-params", stage, "report"}, (new, status)  # the two read all of params.yaml
     finally:
         params.write_text(text)
-    # ...then both for real in one run (one report instead of two: ~25 s of the suite).
-    both = exp_run(module_repo, "gan.mlp.lr_g=0.0002", "ssl.temperature=0.2")
-    assert stages_run(both.stdout) == {"check-params", "train-gan@mlp", "pretrain-ssl", "linear-probe", "report"}, both.stdout
-    # Both back at once: everything comes back from the run-cache, bit for bit.
-    back = exp_run(module_repo, "gan.mlp.lr_g=0.0001", "ssl.temperature=0.5")
-    assert stages_run(back.stdout) == {"check-params"} and fingerprints(module_repo) == FIRST_RUN
+    assert dvc(module_repo, "status", "--json").stdout.strip() in ("{}", "")
 
 
 def test_threads_are_part_of_the_configuration(module_repo):
