@@ -1,6 +1,6 @@
 """The DAG's first run again, in a second clone with a cache of its own: bit for bit the same as
-test_pipeline_e2e.py's. Then, on that clone, what a change re-runs: GAN and SSL params, the thread
-count, a code file, a rejected param.
+test_pipeline_e2e.py's. Then, on that clone, what a change marks or re-runs: GAN and SSL params, the
+thread count, a code file, a rejected param.
 
 The tests run in order on one copy of the repository and build on each other's results.
 """
