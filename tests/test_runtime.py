@@ -120,10 +120,11 @@ def test_fingerprint_is_the_same_in_a_clone_elsewhere_and_knows_the_code(tmp_pat
                               capture_output=True, text=True, check=True).stdout.strip()
 
     here, there = clone_at(tmp_path / "a"), clone_at(tmp_path / "somewhere" / "else")
-    assert fingerprint_in(here) == fingerprint_in(there)
+    original = fingerprint_in(here)
+    assert fingerprint_in(there) == original
     with (there / "src" / "reprovision" / "checkpoint.py").open("a") as fh:
         fh.write("# an edit\n")
-    assert fingerprint_in(here) != fingerprint_in(there)
+    assert fingerprint_in(there) != original
     (tmp_path / "a" / "stages" / "fingerprint.py").write_text(script + "  # the stage script edited\n")
     assert fingerprint_in(here) != fingerprint_in(clone_at(tmp_path / "third"))
 
