@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 
@@ -38,6 +39,34 @@ def apply_threads(threads: int | str) -> int:
     if threads != "auto":
         torch.set_num_threads(int(threads))
     return torch.get_num_threads()
+
+
+# glibc's mallopt() parameters (malloc.h) and the values reuse_freed_memory() sets.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD = 256 << 20
+TRIM_THRESHOLD = 512 << 20
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc's malloc keep freed memory for the next batch instead of handing it back to the
+    kernel; True where it applies (glibc), False elsewhere. Results do not change, only where the
+    bytes live (a stage's weights and metrics are bit for bit the same either way, measured).
+
+    By default glibc serves blocks above a threshold (128 KB, rising to 32 MB at most) with an mmap()
+    of their own, unmapped on free(), and hands back the heap's free top beyond 128 KB: memory a
+    stage frees and allocates again comes back as fresh pages, each faulted in and zeroed by the
+    kernel. Measured on the AVX512 machine (2026-12-02), `make run` in fresh clones: 12.0 million page
+    faults and 53 s of system CPU without these settings, 2.2 million and 26 s with them, the same
+    395 s of user CPU and the same outputs bit for bit. At reference scale it matters less: the R3
+    CNN's and ViT's bf16 steps at batch 128 spent 0.02-0.06 s of their 1-5 s in the kernel. The cost:
+    a stage keeps up to 512 MB it has freed. PyTorch's tuning guide gets the same effect by
+    preloading jemalloc or tcmalloc.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc: macOS, Windows (musl's mallopt returns 0)
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 # What lowers the instruction set of torch's CPU kernels: its own (ATen), oneDNN's (convolutions)

@@ -39,11 +39,12 @@ class Context:
 
 
 def start(stage: str) -> Context:
-    from .runtime import apply_threads, resolve_device
+    from .runtime import apply_threads, resolve_device, reuse_freed_memory
 
     params = load_params()
     device = resolve_device(params.device)
     threads = apply_threads(params.threads)
+    reuse_freed_memory()
     track.check_store(track.tracking_uri())
     print(f"[{stage}] device {device}, {threads} thread(s), params sha256 {params.digest()[:12]}", flush=True)
     return Context(params, device, threads)
