@@ -32,7 +32,7 @@ HEADLINE = ("accuracy", "macro_f1")
 def evaluate() -> None:
     ctx = start("evaluate")
     params, device = ctx.params, ctx.device
-    rng = seed_everything(params.seed, device)
+    rng = seed_everything(params.seed, device, params.deterministic)
     dataset = params.data.classifier_dataset
     channels, size, _, num_classes = DATASET_SHAPES[dataset]
     test_x, test_y, classes = load_subset(dataset, "test", params.data.test_fraction, params.seed, device)

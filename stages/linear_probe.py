@@ -35,7 +35,7 @@ HEADLINE = ("probe_test", "knn_test", "random_probe_test", "random_knn_test")  #
 def linear_probe() -> None:
     ctx = start("linear-probe")
     params, device = ctx.params, ctx.device
-    seed_everything(params.seed, device)  # the random encoder's initial weights come from it
+    seed_everything(params.seed, device, params.deterministic)  # the random encoder's initial weights come from it
     data = params.data
     channels = DATASET_SHAPES[data.classifier_dataset][0]
     x, y, _ = load_subset(data.classifier_dataset, "train", data.train_fraction, params.seed, device)

@@ -47,7 +47,7 @@ def pretraining_images(params, y: np.ndarray) -> np.ndarray:
 def pretrain_ssl() -> None:
     ctx = start("pretrain-ssl")
     params, device = ctx.params, ctx.device
-    rng = seed_everything(params.seed, device)
+    rng = seed_everything(params.seed, device, params.deterministic)
     cfg = params.ssl
     dataset = params.data.classifier_dataset
     channels = DATASET_SHAPES[dataset][0]

@@ -20,7 +20,7 @@ from reprovision.stage import load_subset, main, run_tags, start, write_json  # 
 def train_judge() -> None:
     ctx = start("train-judge")
     params, device = ctx.params, ctx.device
-    rng = seed_everything(params.seed, device)
+    rng = seed_everything(params.seed, device, params.deterministic)
     cfg = params.judge
     train_x, train_y, _ = load_subset("mnist", "train", cfg.train_fraction, params.seed, device)
     test_x, test_y, _ = load_subset("mnist", "test", 1.0, params.seed, device)

@@ -145,7 +145,7 @@ def test_every_mistake_is_reported_at_once():
 
 
 def test_top_level_not_a_mapping():
-    with pytest.raises(ConfigError, match=r"expected a mapping of the sections seed, device, threads, lr, data.*got list \[1, 2\]"):
+    with pytest.raises(ConfigError, match=r"expected a mapping of the sections seed, device, threads, deterministic, lr, data.*got list \[1, 2\]"):
         parse_params([1, 2])
 
 

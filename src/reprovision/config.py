@@ -249,6 +249,9 @@ class Params(Section):
     # CPU threads of every computing stage. Float sums depend on it, so it is a param (DVC re-runs on a
     # change) rather than whatever the machine offers; "auto" takes torch's default, recorded per run.
     threads: Threads = 2
+    # Deterministic kernels, or an error naming the op that has none (runtime.seed_everything); false
+    # is the explicit, recorded opt-out for speed studies, never a default.
+    deterministic: bool = True
     lr: PositiveFloat = 1e-3
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import random
@@ -106,8 +107,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else None
 
 
-def seed_everything(seed: int, device: torch.device) -> torch.Generator:
-    """Seed every RNG and ask for deterministic kernels; returns a generator for data order."""
+def seed_everything(seed: int, device: torch.device, deterministic: bool = True) -> torch.Generator:
+    """Seed every RNG and ask for deterministic kernels (params.yaml `deterministic`); returns a
+    generator for data order.
+
+    Deterministic means an error, never a warning: an op with no deterministic kernel on `device`
+    stops the run at its first call (`nondeterministic_op` words it), so a run that finishes is
+    one that repeats bit for bit. `deterministic: false` is the explicit, recorded opt-out."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -116,9 +122,47 @@ def seed_everything(seed: int, device: torch.device) -> torch.Generator:
     # The switch itself, not torch.use_deterministic_algorithms: that one also imports
     # torch._inductor to set its own flag, ~3 s of every stage's start on this CPU, and only
     # torch.compile reads that flag (compiled_for_determinism sets it where a model is compiled).
-    torch._C._set_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    torch._C._set_deterministic_algorithms(deterministic, warn_only=False)
     torch.backends.cudnn.benchmark = False
     return torch.Generator(device=device).manual_seed(seed)
+
+
+NO_DETERMINISTIC_KERNEL = " does not have a deterministic implementation"
+
+
+def nondeterministic_op(err: BaseException) -> ConfigError | None:
+    """torch's error for an op with no deterministic kernel, as one line naming the op and the param
+    that opts out; None for any other error."""
+    text = str(err)
+    if NO_DETERMINISTIC_KERNEL not in text:
+        return None
+    op = text.split(NO_DETERMINISTIC_KERNEL)[0].strip().split()[-1]
+    return ConfigError(
+        f"{op} has no deterministic kernel on this device, so this run could not repeat bit for bit; "
+        "use a model without that op, or set `deterministic: false` in params.yaml (recorded with the run)"
+    )
+
+
+def attention_backend(device: torch.device, amp: torch.dtype | None) -> str:
+    """The scaled-dot-product attention kernel a classifier uses on CUDA, chosen here, not by torch.
+
+    torch's own first choice there can be cuDNN's attention, whose backward has no deterministic
+    mode. Flash attention's and the memory-efficient kernel's backward switch to one under
+    deterministic algorithms (attention_backward.cu); flash takes bf16 and fp16, the other fp32 too.
+    Elsewhere torch's choice stands ("default"): the CPU's results stay those recorded so far."""
+    if device.type != "cuda":
+        return "default"
+    return "flash" if amp in (torch.bfloat16, torch.float16) else "efficient"
+
+
+def attention_kernels(device: torch.device, amp: torch.dtype | None):
+    """A context that makes `F.scaled_dot_product_attention` use `attention_backend(device, amp)`."""
+    name = attention_backend(device, amp)
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}[name])
 
 
 def compiled_for_determinism(model: torch.nn.Module) -> torch.nn.Module:

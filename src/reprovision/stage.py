@@ -59,6 +59,14 @@ def main(stage: Callable[..., None], *args) -> None:
     except (ConfigError, DataError, track.TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
+    except RuntimeError as err:  # an op with no deterministic kernel: one line naming it and the opt-out
+        from .runtime import nondeterministic_op
+
+        explained = nondeterministic_op(err)
+        if explained is None:
+            raise
+        print(f"error: {explained}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt as err:  # its MLflow run is already ended KILLED (track.stage_run)
         how = "SIGTERM" if isinstance(err, track.Terminated) else "Ctrl-C (SIGINT)"
         print(f"error: interrupted by {how}. {track.resume_hint()}", file=sys.stderr)
