@@ -20,7 +20,7 @@ from reprovision.config import DATASET_SHAPES, Params
 from reprovision.data import validation_split
 from reprovision.layout import CHECKPOINTS, METRICS, MODELS, POLICY, REGISTERED_MODELS, SUMMARY
 from reprovision.models import count_parameters
-from reprovision.runtime import resolve_precision, seed_everything
+from reprovision.runtime import attention_backend, autocast_dtype, resolve_precision, seed_everything
 from reprovision.serving import RawImageClassifier
 from reprovision.stage import load_subset, run_tags, start, write_csv, write_json
 from reprovision.train import DeviceData, fit
@@ -57,7 +57,7 @@ def train(name: str, build: Builder) -> None:
     params = ctx.params
     distributed.relaunch(params.dist.nproc)  # dist.nproc > 1: this process becomes torchrun
     world, device = distributed.join(params.dist.nnodes, params.dist.nproc, ctx.device)
-    rng = seed_everything(params.seed, device)
+    rng = seed_everything(params.seed, device, params.deterministic)
     cfg = params.classifier(name)
     data = params.data
     precision = resolve_precision(cfg.precision, device)
@@ -69,7 +69,8 @@ def train(name: str, build: Builder) -> None:
     tags = run_tags(ctx, data.classifier_dataset)
     # The resume fingerprint: everything that shapes the result (checkpoint.py adds the code).
     fingerprint = checkpoint.fingerprint(
-        params.digest("seed", "lr", "data", name), policy.to_json(), tags["data_sha256"], ctx.threads, precision, world.size
+        params.digest("seed", "lr", "data", name), policy.to_json(), tags["data_sha256"], ctx.threads, precision, world.size,
+        params.deterministic,
     )
     if not world.is_main:
         # The other ranks train beside rank 0 and leave outputs, checkpoint and MLflow run to it.
@@ -98,6 +99,8 @@ def train(name: str, build: Builder) -> None:
         "threads": ctx.threads,
         "world_size": world.size,
         "precision_resolved": precision,
+        "deterministic": params.deterministic,
+        "attention_kernel": attention_backend(device, autocast_dtype(cfg.precision, device)),
         "dataset": data.classifier_dataset,
         "train_fraction": data.train_fraction,
         "val_fraction": data.val_fraction,

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from reprovision import cards, checkpoint, track  # noqa: E402
 from reprovision import gan_metrics as gm  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
+from reprovision.gan_train import gan_optimizers  # noqa: E402
 from reprovision.gan_train import train_gan as fit_gan  # noqa: E402
 from reprovision.layout import CHECKPOINTS, GAN_METRICS, GANS, METRICS, MODELS, SUMMARY  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
@@ -49,7 +50,7 @@ def train_gan(name: str) -> None:
         raise SystemExit(f"unknown GAN {name!r}; allowed: {', '.join(GANS)}")
     ctx = start(f"train-gan {name}")
     params, device = ctx.params, ctx.device
-    rng = seed_everything(params.seed, device)
+    rng = seed_everything(params.seed, device, params.deterministic)
     gcfg = params.gan
     mcfg = getattr(gcfg, name)
     train_x, train_y, _ = load_subset("mnist", "train", gcfg.train_fraction, params.seed, device)
@@ -57,8 +58,7 @@ def train_gan(name: str) -> None:
     judge = load_judge(device)
     gen, disc = build_gan(name, mcfg, DATASET_SHAPES[params.data.gan_dataset][:3])
     gen, disc = gen.to(device), disc.to(device)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=mcfg.lr_g, betas=(mcfg.beta1, mcfg.beta2))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=mcfg.lr_d, betas=(mcfg.beta1, mcfg.beta2))
+    opt_g, opt_d = gan_optimizers(gen, disc, mcfg, device)
 
     out = MODELS / "gan" / name
     samples = out / "samples"
@@ -133,7 +133,7 @@ def train_gan(name: str) -> None:
     }
     fingerprint = checkpoint.fingerprint(
         json.dumps(reads, sort_keys=True), tags["data_sha256"], hashlib.sha256(JUDGE_WEIGHTS.read_bytes()).hexdigest(),
-        ctx.threads, device,
+        ctx.threads, device, params.deterministic,
     )
 
     run_params = {
@@ -141,6 +141,7 @@ def train_gan(name: str) -> None:
         **{k: v for k, v in gcfg.model_dump().items() if k not in GANS},
         "seed": params.seed,
         "threads": ctx.threads,
+        "deterministic": params.deterministic,
         "dataset": "mnist",
         "model": name,
         "g_params": count_parameters(gen),

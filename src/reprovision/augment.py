@@ -12,6 +12,7 @@ The augment stage measures the channel statistics once and writes a `Policy` to
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,9 +131,15 @@ def _channel_vectors(policy: Policy, x: torch.Tensor, dtype: torch.dtype) -> tup
             f"batch has {x.shape[1]} channels but the {policy.dataset} policy has {len(policy.mean)}; "
             "the policy was measured on another dataset: re-run `dvc repro augment`"
         )
-    mean = torch.tensor(policy.mean, dtype=dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(policy.std, dtype=dtype, device=x.device).view(1, -1, 1, 1)
-    return mean, std
+    return _vectors(policy.mean, policy.std, dtype, x.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _vectors(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (1, C, 1, 1) mean and std, made once per device: copying a Python list to a GPU waits for
+    the GPU to finish its queue, which every training step would otherwise pay."""
+    shape = (1, -1, 1, 1)
+    return torch.tensor(mean, dtype=dtype, device=device).view(shape), torch.tensor(std, dtype=dtype, device=device).view(shape)
 
 
 def normalize(x_uint8: torch.Tensor, policy: Policy, dtype: torch.dtype = torch.float32) -> torch.Tensor:

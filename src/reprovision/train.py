@@ -25,8 +25,9 @@ from . import checkpoint as ckpt
 from .augment import BatchAugment
 from .config import TrainConfig
 from .distributed import World, sum_over_ranks, sync_buffers, wrap
+from .graphs import CapturedStep
 from .optim import SAM, build_optimizer, build_scheduler, clip_gradients
-from .runtime import autocast_dtype, compiled_for_determinism
+from .runtime import attention_kernels, autocast_dtype, compiled_for_determinism
 
 
 @dataclass
@@ -41,7 +42,9 @@ class DeviceData:
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    # On CUDA without autocast's cache of cast weights, which a CUDA graph cannot hold (torch's
+    # CUDA-graph notes); the cache saves work only when one weight is used twice in a forward.
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=device.type != "cuda")
 
 
 @torch.no_grad()
@@ -58,7 +61,7 @@ def evaluate(
     for start in range(0, len(labels), batch_size):
         x, _ = augment(images[start : start + batch_size], labels[start : start + batch_size], train=False)
         y = labels[start : start + batch_size]
-        with _autocast(device, amp):
+        with _autocast(device, amp), attention_kernels(device, amp):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
@@ -80,6 +83,7 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     progress: bool = True,
     world: World = World(),
+    cuda_graphs: bool = True,
 ) -> list[dict]:
     """Train for cfg.epochs; return one dict per epoch (the columns of the per-epoch table).
 
@@ -87,6 +91,9 @@ def fit(
     every epoch for R3's learning curve, and only reported. With several ranks (`world`, see
     distributed.py) each trains on its share of every global batch of cfg.batch_size images;
     only rank 0 writes the checkpoint and prints; every rank returns the same history.
+
+    On one CUDA device the step is replayed as a CUDA graph (graphs.py) unless `cuda_graphs` is
+    False or the step cannot be captured (several ranks, SAM's two passes, torch.compile).
     """
     device = train.x.device
     amp = autocast_dtype(cfg.precision, device)
@@ -120,13 +127,34 @@ def fit(
                 on_epoch(row)
 
     def loss_of(x, target):
-        with _autocast(device, amp):
+        with _autocast(device, amp), attention_kernels(device, amp):
             logits = step_model(x)
         return F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing), logits
 
     def backward(loss, weight: float) -> None:
         """Gradients of the share's mean loss times `weight`, its part of the global batch's mean (1.0 alone)."""
         (loss * weight if weight != 1.0 else loss).backward()
+
+    def train_step(x, target, y, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update on the device, no host sync; returns the batch's mean loss and its correct count."""
+        loss, logits = loss_of(x, target)
+        backward(loss, weight)
+        if isinstance(optimizer, SAM):
+            # SAM: ascend to w + e(w), take the gradient there, come back and step.
+            clip_gradients(model, cfg.grad_clip)
+            optimizer.first_step(zero_grad=True)
+            backward(loss_of(x, target)[0], weight)
+            clip_gradients(model, cfg.grad_clip)
+            optimizer.second_step(zero_grad=True)
+        else:
+            clip_gradients(model, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        # Accuracy against the original labels, also under CutMix/MixUp (the references' convention).
+        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+    graphed = cuda_graphs and device.type == "cuda" and world.size == 1 and not cfg.compile and not isinstance(optimizer, SAM)
+    step_fn = CapturedStep(train_step, [model], [optimizer]) if graphed else train_step
 
     for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
@@ -147,24 +175,11 @@ def fit(
                 # DDP averages the ranks' gradients: weighting each share's mean loss by its size
                 # makes that average the gradient of the global batch's mean loss.
                 weight = len(y) * world.size / len(idx)
-            loss, logits = loss_of(x, target)
-            backward(loss, weight)
-            if isinstance(optimizer, SAM):
-                # SAM: ascend to w + e(w), take the gradient there, come back and step.
-                clip_gradients(model, cfg.grad_clip)
-                optimizer.first_step(zero_grad=True)
-                backward(loss_of(x, target)[0], weight)
-                clip_gradients(model, cfg.grad_clip)
-                optimizer.second_step(zero_grad=True)
-            else:
-                clip_gradients(model, cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            loss, hits = step_fn(x, target, y) if graphed else step_fn(x, target, y, weight)
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += loss.detach() * len(y)
-            # Accuracy against the original labels, also under CutMix/MixUp (the references' convention).
-            correct += (logits.detach().argmax(1) == y).sum()
+            loss_sum += loss * len(y)
+            correct += hits
             seen += len(y)
         lr_now = optimizer.param_groups[0]["lr"]
         if device.type == "cuda":
