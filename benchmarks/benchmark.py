@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from reprovision.augment import make_policy, normalize
 from reprovision.config import DATASET_SHAPES, ConfigError, Params, parse_params
 from reprovision.data import stratified_subset
-from reprovision.gan_train import train_gan
+from reprovision.gan_train import gan_optimizers, train_gan
 from reprovision.models import count_parameters
 from reprovision.models.cnn import build_cnn
 from reprovision.models.gan import build_gan
@@ -113,6 +114,10 @@ def _cifar10_binary(folder: Path) -> dict[str, np.ndarray]:
     }
 
 
+def _decode_rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 def _cifar10_jpeg(tar_path: Path) -> dict[str, np.ndarray]:
     """CIFAR-10-images/{train,test}/<class>/NNNN.jpg, decoded with PIL; classes in alphabetical order,
     which is CIFAR-10's label order. Images come class by class (the official interleaving is lost)."""
@@ -128,7 +133,8 @@ def _cifar10_jpeg(tar_path: Path) -> dict[str, np.ndarray]:
     arrays = {}
     for split, entries in files.items():
         entries.sort(key=lambda e: (e[0], e[1]))
-        x = np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for _, _, data in entries])
+        with ThreadPoolExecutor(os.cpu_count()) as pool:  # Pillow decodes with the GIL released
+            x = np.stack(list(pool.map(_decode_rgb, [data for _, _, data in entries])))
         arrays[f"{split}_x"] = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
         arrays[f"{split}_y"] = np.array([classes.index(name) for name, _, _ in entries], np.int64)
     return arrays
@@ -226,7 +232,8 @@ def gan_flops(gen, disc, images: torch.Tensor, latent_dim: int) -> float:
     opt_g, opt_d = torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters())
     rng = torch.Generator(device=images.device).manual_seed(0)
     with FlopCounterMode(display=False) as counter, contextlib.redirect_stdout(io.StringIO()):
-        train_gan(gen, disc, opt_g, opt_d, images[:FLOP_BATCH], latent_dim, FLOP_BATCH, 1, rng, max_steps=1, progress=False)
+        train_gan(gen, disc, opt_g, opt_d, images[:FLOP_BATCH], latent_dim, FLOP_BATCH, 1, rng, max_steps=1, progress=False,
+                  cuda_graphs=False)
     return counter.get_total_flops() / FLOP_BATCH
 
 
@@ -251,30 +258,36 @@ def _timing(seconds: list[float], images_per_epoch: int) -> dict[str, float | No
     }
 
 
-def run_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device) -> dict:
+def train_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device,
+                     cuda_graphs: bool = True) -> tuple[torch.nn.Module, list[dict], int, int, float]:
+    """The train-<name> stage's set-up and loop: (model, history, train images, test images, seconds)."""
     cfg = params.classifier(name)
-    ds = params.data.classifier_dataset
-    channels, size, _, classes = DATASET_SHAPES[ds]
-    build = BUILDERS[name]
-    flops = classifier_flops(build(cfg, num_classes=classes, channels=channels, image_size=size).to(device), channels, size, classes, device)
-    # From here on, the train-vit / train-cnn stage's own set-up.
-    rng = seed_everything(params.seed, device)
+    rng = seed_everything(params.seed, device, params.deterministic)
     train_x, train_y = subset(arrays, "train", params.data.train_fraction, params.seed, device)
     test_x, test_y = subset(arrays, "test", params.data.test_fraction, params.seed, device)
-    policy = make_policy(ds, params.augment, train_x)
-    model, train, val, augmenter = classifier_setup(name, build, params, device, rng, train_x, train_y, policy)
+    policy = make_policy(params.data.classifier_dataset, params.augment, train_x)
+    model, train, val, augmenter = classifier_setup(name, BUILDERS[name], params, device, rng, train_x, train_y, policy)
     reset_peak_memory(device)
     started = time.perf_counter()
-    history = fit(model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng, progress=False)
-    total = time.perf_counter() - started
+    history = fit(model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng,
+                  progress=False, cuda_graphs=cuda_graphs)
+    return model, history, len(train), len(test_y), time.perf_counter() - started
+
+
+def run_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device) -> dict:
+    cfg = params.classifier(name)
+    channels, size, _, classes = DATASET_SHAPES[params.data.classifier_dataset]
+    flops = classifier_flops(BUILDERS[name](cfg, num_classes=classes, channels=channels, image_size=size).to(device),
+                             channels, size, classes, device)
+    model, history, train_images, test_images, total = train_classifier(name, params, arrays, device)
     amp = autocast_dtype(cfg.precision, device)
     return {
-        **_timing([row["epoch_seconds"] for row in history], len(train)),
+        **_timing([row["epoch_seconds"] for row in history], train_images),
         "total_s": total,
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
-        "train_images": len(train),
-        "test_images": len(test_y),
+        "train_images": train_images,
+        "test_images": test_images,
         "full_epoch_images": len(arrays["train_y"]),
         "test_acc": history[-1]["test_acc"],
         "flops_per_image": flops,
@@ -284,6 +297,25 @@ def run_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], dev
     }
 
 
+def train_gan_pair(name: str, params: Params, images: torch.Tensor, device: torch.device, compile_: bool = False,
+                   cuda_graphs: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, list[dict], float]:
+    """The train-gan stage's set-up (stages/train_gan.py) and loop, without its FID/sampling side work:
+    (generator, discriminator, history, seconds)."""
+    gcfg = params.gan
+    mcfg = getattr(gcfg, name)
+    rng = seed_everything(params.seed, device, params.deterministic)
+    gen, disc = (net.to(device) for net in build_gan(name, mcfg, DATASET_SHAPES[params.data.gan_dataset][:3]))
+    opt_g, opt_d = gan_optimizers(gen, disc, mcfg, device)
+    step_gen, step_disc = (compiled_for_determinism(gen), compiled_for_determinism(disc)) if compile_ else (gen, disc)
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    history = train_gan(
+        step_gen, step_disc, opt_g, opt_d, images, mcfg.latent_dim, mcfg.batch_size, gcfg.epochs, rng,
+        max_steps=gcfg.steps_per_epoch_max, progress=False, cuda_graphs=cuda_graphs and not compile_,
+    )
+    return gen, disc, history, time.perf_counter() - started
+
+
 def run_gan(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, compile_: bool) -> dict:
     gcfg = params.gan
     mcfg = getattr(gcfg, name)
@@ -291,19 +323,7 @@ def run_gan(name: str, params: Params, arrays: dict[str, np.ndarray], device: to
     # Counted on a separate pair before seeding: the timed run then draws the stage's exact RNG stream.
     shape = DATASET_SHAPES[params.data.gan_dataset][:3]
     flops = gan_flops(*(net.to(device) for net in build_gan(name, mcfg, shape)), images, mcfg.latent_dim)
-    # The train-gan stage's set-up (stages/train_gan.py), without its FID/sampling side work.
-    rng = seed_everything(params.seed, device)
-    gen, disc = (net.to(device) for net in build_gan(name, mcfg, shape))
-    opt_g = torch.optim.Adam(gen.parameters(), lr=mcfg.lr_g, betas=(mcfg.beta1, mcfg.beta2))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=mcfg.lr_d, betas=(mcfg.beta1, mcfg.beta2))
-    step_gen, step_disc = (compiled_for_determinism(gen), compiled_for_determinism(disc)) if compile_ else (gen, disc)
-    reset_peak_memory(device)
-    started = time.perf_counter()
-    history = train_gan(
-        step_gen, step_disc, opt_g, opt_d, images, mcfg.latent_dim, mcfg.batch_size, gcfg.epochs, rng,
-        max_steps=gcfg.steps_per_epoch_max, progress=False,
-    )
-    total = time.perf_counter() - started
+    gen, disc, history, total = train_gan_pair(name, params, images, device, compile_)
     steps = len(images) // mcfg.batch_size
     if gcfg.steps_per_epoch_max:
         steps = min(steps, gcfg.steps_per_epoch_max)
@@ -321,7 +341,7 @@ def run_gan(name: str, params: Params, arrays: dict[str, np.ndarray], device: to
         "g_loss": history[-1]["g_loss"],
         "flops_per_image": flops,
         "params": count_parameters(gen) + count_parameters(disc),
-        "precision": "fp32",  # train_gan has no autocast
+        "precision": "fp32",  # train_gan has no autocast (cuDNN's convolutions may use TF32, torch's default)
         "history": history,
     }
 
@@ -628,6 +648,127 @@ def cpu_table_markdown(env: dict, rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# ------------------------------------------------------------------------------------- gpu table
+# `--gpu-table`: the project's loops (graph-captured, deterministic) against minimal hand-written
+# eager loops, the same model, batch and precision, on the GPU, in one run. gpu_check.py prints it too.
+
+GPU_TABLE = {"project_epochs": 3, "plain_warmup_steps": 20, "plain_timed_steps": 200}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_steps(step, batches: int, warmup: int, timed: int, device: torch.device) -> float:
+    """Seconds for `timed` calls of step(i) after `warmup` untimed ones, the device's queue drained."""
+    for i in range(warmup):
+        step(i % batches)
+    _synchronize(device)
+    started = time.perf_counter()
+    for i in range(warmup, warmup + timed):
+        step(i % batches)
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
+def plain_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device,
+                     warmup: int, timed: int) -> dict:
+    """What a user writes by hand: normalised images on the device, no augmentation, torch's default
+    optimiser implementation, autocast forward, cross-entropy, zero_grad, backward, step; eager,
+    no determinism flag, no scheduler, no metrics."""
+    cfg = params.classifier(name)
+    channels, size, _, classes = DATASET_SHAPES[params.data.classifier_dataset]
+    amp = autocast_dtype(cfg.precision, device)
+    torch._C._set_deterministic_algorithms(False, warn_only=False)
+    torch.manual_seed(params.seed)
+    train_x, train_y = subset(arrays, "train", params.data.train_fraction, params.seed, device)
+    x = normalize(train_x, make_policy(params.data.classifier_dataset, params.augment, train_x))
+    batches = list(zip(x.split(cfg.batch_size), train_y.split(cfg.batch_size)))[: len(train_y) // cfg.batch_size]
+    model = BUILDERS[name](cfg, num_classes=classes, channels=channels, image_size=size).to(device)
+    if name == "cnn":  # the model as the stage builds it
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](
+        model.parameters(), lr=params.learning_rate(name), weight_decay=cfg.weight_decay
+    )
+    model.train()
+
+    def step(i: int) -> None:
+        xb, yb = batches[i]
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(xb)
+        loss = F.cross_entropy(logits.float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    seconds = _time_steps(step, len(batches), warmup, timed, device)
+    return {"images_per_s": timed * cfg.batch_size / seconds, "timed_steps": timed, "seconds": seconds}
+
+
+def plain_gan(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, warmup: int, timed: int) -> dict:
+    """A minimal hand-written GAN loop: real batches in [-1, 1] on the device, noise from torch's global
+    RNG, Adam with torch's default implementation, one D then one G update per step; eager."""
+    mcfg = getattr(params.gan, name)
+    torch._C._set_deterministic_algorithms(False, warn_only=False)
+    torch.manual_seed(params.seed)
+    images, _ = subset(arrays, "train", params.gan.train_fraction, params.seed, device)
+    real = images.float() / 127.5 - 1
+    batches = real[: len(real) // mcfg.batch_size * mcfg.batch_size].split(mcfg.batch_size)
+    gen, disc = (net.to(device) for net in build_gan(name, mcfg, DATASET_SHAPES[params.data.gan_dataset][:3]))
+    opt_g = torch.optim.Adam(gen.parameters(), lr=mcfg.lr_g, betas=(mcfg.beta1, mcfg.beta2))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=mcfg.lr_d, betas=(mcfg.beta1, mcfg.beta2))
+    bce = F.binary_cross_entropy_with_logits
+
+    def step(i: int) -> None:
+        fake = gen(torch.randn(mcfg.batch_size, mcfg.latent_dim, device=device))
+        d_real, d_fake = disc(batches[i]), disc(fake.detach())
+        d_loss = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        d_fake_for_g = disc(fake)
+        g_loss = bce(d_fake_for_g, torch.ones_like(d_fake_for_g))
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+
+    seconds = _time_steps(step, len(batches), warmup, timed, device)
+    return {"images_per_s": timed * mcfg.batch_size / seconds, "timed_steps": timed, "seconds": seconds}
+
+
+def plain_loop(model: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, warmup: int, timed: int) -> dict:
+    run = plain_classifier if model in CLASSIFIERS else plain_gan
+    return run(model, params, arrays, device, warmup, timed)
+
+
+def gpu_table(args: argparse.Namespace, device: torch.device, env: dict, data: dict) -> None:
+    rows = []
+    for model in args.models:
+        overrides = {f"{model}.epochs": GPU_TABLE["project_epochs"]} if model in CLASSIFIERS else {"gan.epochs": GPU_TABLE["project_epochs"]}
+        params = apply(overrides, f"--gpu-table {model}")
+        arrays = data[dataset_of(model, params)][0]
+        print(f"\n== {model}: project loop, {GPU_TABLE['project_epochs']} epochs", flush=True)
+        project = run_classifier(model, params, arrays, device) if model in CLASSIFIERS else run_gan(model, params, arrays, device, False)
+        print(f"== {model}: plain loop, {GPU_TABLE['plain_timed_steps']} timed steps", flush=True)
+        plain = plain_loop(model, params, arrays, device, GPU_TABLE["plain_warmup_steps"], GPU_TABLE["plain_timed_steps"])
+        rows.append({"model": model, "batch_size": project["batch_size"], "precision": project["precision"],
+                     "project_images_per_s": project["images_per_s"], "plain_images_per_s": plain["images_per_s"],
+                     "project_s_per_epoch": project["s_per_epoch"], "ratio": project["images_per_s"] / plain["images_per_s"]})
+        if args.json:
+            write_results(args.json, env, "gpu-table", args, rows)
+    print(f"\n{env['device']} | torch {env['torch']} | {env['date']}\n")
+    print(gpu_table_markdown(rows))
+
+
+def gpu_table_markdown(rows: list[dict]) -> str:
+    out = ["| model | batch | precision | project img/s | plain img/s | project / plain |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['batch_size']} | {r['precision']} | {r['project_images_per_s']:,.0f} | "
+                   f"{r['plain_images_per_s']:,.0f} | x{r['ratio']:.2f} |")
+    return "\n".join(out)
+
+
 # ------------------------------------------------------------------------------------------- cli
 
 
@@ -656,6 +797,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "default: data/prepared, else $REPROVISION_DATA_MIRROR")
     p.add_argument("--compile", action="store_true", help="torch.compile the models; compile time shows as warm-up s")
     p.add_argument("--json", type=Path, help="also write every result, with per-epoch history, here")
+    p.add_argument("--gpu-table", action="store_true",
+                   help="the project's loop against a minimal eager loop, same model, batch and precision, on --device "
+                   f"(reference recipes, full data: {GPU_TABLE['project_epochs']} project epochs, "
+                   f"{GPU_TABLE['plain_timed_steps']} plain steps); honours --models, --data and --json")
     p.add_argument("--cpu-mode", action="store_true",
                    help=f"a CPU-sized run, labelled as such: device cpu and, unless given, {CPU_MODE}")
     table = p.add_argument_group("--cpu-table: the CPU speed table of BENCHMARKS.md (ignores the options above but --data and --json)")
@@ -741,10 +886,14 @@ def main(argv: list[str] | None = None) -> None:
           f"| {env['date']} | {mode}", flush=True)
 
     data = {}
-    for name in sorted({dataset_of(model, params) for model, _, _, params in plan}):
+    datasets = {dataset_of(model, Params()) for model in args.models} if args.gpu_table else {dataset_of(m, p) for m, _, _, p in plan}
+    for name in sorted(datasets):
         started = time.perf_counter()
         data[name] = load_dataset(args.data, name)
         print(f"{name}: {data[name][1]} from {args.data}, {time.perf_counter() - started:.1f} s", flush=True)
+    if args.gpu_table:
+        gpu_table(args, device, env, data)
+        return
 
     rows = []
     for run in plan:

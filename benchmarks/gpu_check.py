@@ -1,0 +1,306 @@
+"""The one command a GPU owner runs: is this GPU exact, and how fast, on the four reference models?
+
+    python benchmarks/gpu_check.py --data <mirror>            # on one CUDA GPU, <= 8 minutes on an H200
+    python benchmarks/gpu_check.py --data <mirror> --smoke    # the same checks at tiny sizes, on the CPU (~2 min)
+
+For each of R3's ViT and CNN and R2's DCGAN and R1's MLP GAN, under their reference recipes and
+full epochs (50,000 CIFAR-10 or 60,000 MNIST images), it measures, in this order:
+
+1. determinism: two short runs of the project's loop from the same seed, compared tensor by tensor
+   ("identical", or the first tensor that differs); on CUDA also a third run with the step eager
+   instead of graph-captured, which must give the same bits too;
+2. speed: the project's loop (`fit`, `train_gan`) for 3 epochs; s/epoch is the median of epochs 2-3
+   (the first one captures the graphs), against the reference's figure and the H200 target;
+   images/s, counted TFLOP/s (FlopCounterMode), peak GPU memory;
+3. the project loop against a minimal hand-written eager loop (benchmark.py's `--gpu-table`);
+4. then, while the budget lasts, R3's CNN and ViT for their full 30 epochs with test accuracy.
+
+It prints one Markdown table per part and writes every figure to --json after each step, so a run
+cut short keeps what it finished. Reads MNIST's idx files and CIFAR-10 (the lossless binary or the
+lossy JPEG copy, ~31 MB together) from a mirror or data/prepared; imports neither MLflow nor DVC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import benchmark  # benchmarks/benchmark.py: this script's folder is on sys.path
+from benchmark import CLASSIFIERS, GPU_TABLE, apply, dataset_of, load_dataset, plain_loop, subset
+from reprovision.config import Params
+from reprovision.references import REFERENCE, midpoint
+from reprovision.runtime import attention_backend, autocast_dtype, nondeterministic_op
+
+MODELS = ("vit", "cnn", "dcgan", "mlp")
+# The issue's targets for one H200 (reference recipes, full epochs), s/epoch.
+H200_TARGET_S_PER_EPOCH = {"vit": 3.0, "cnn": 1.5, "dcgan": 5.0, "mlp": 3.0}
+FULL_RUNS = ("cnn", "vit")  # the last part, in this order, while the budget lasts
+
+# How much each part trains. Determinism: a few dozen steps and an epoch boundary, with the last
+# partial batch (its own graph) in it. --smoke shrinks everything to a CPU-sized slice.
+SIZES = {
+    "gpu": {"determinism_images": 2_600, "determinism_gan_steps": 40, "determinism_epochs": 2, "test_images": None,
+            "speed_epochs": 3, "gan_steps": 0, "train_images": None, "plain_warmup": GPU_TABLE["plain_warmup_steps"],
+            "plain_timed": GPU_TABLE["plain_timed_steps"], "full_epochs": None},
+    "smoke": {"determinism_images": 300, "determinism_gan_steps": 3, "determinism_epochs": 1, "test_images": 100,
+              "speed_epochs": 3, "gan_steps": 4, "train_images": 300, "plain_warmup": 1, "plain_timed": 2, "full_epochs": 2},
+}
+
+
+def fraction(images: int | None, total: int) -> float:
+    return 1.0 if images is None else benchmark._fraction(images, total)
+
+
+def overrides_for(model: str, size: dict, arrays, *, images: int | None, epochs: int, gan_steps: int) -> dict:
+    """params.yaml overrides of the reference recipe for one part of the check."""
+    if model in CLASSIFIERS:
+        return {
+            "data.train_fraction": fraction(images, len(arrays["train_y"])),
+            "data.test_fraction": fraction(size["test_images"], len(arrays["test_y"])),
+            f"{model}.epochs": epochs,
+        }
+    # gan.fid_samples only so that params validate (its FID floor needs as many training images); no FID is computed here.
+    return {"gan.train_fraction": fraction(images, len(arrays["train_y"])), "gan.epochs": epochs, "gan.steps_per_epoch_max": gan_steps,
+            "gan.fid_samples": min(images or len(arrays["train_y"]), Params().gan.fid_samples)}
+
+
+# ------------------------------------------------------------------------------------ determinism
+
+
+def trained_state(model: str, params: Params, arrays, device: torch.device, cuda_graphs: bool) -> tuple[dict, list[dict]]:
+    """Every tensor a short run ends with (weights, buffers), on the CPU, and its per-epoch history."""
+    if model in CLASSIFIERS:
+        net, history, *_ = benchmark.train_classifier(model, params, arrays, device, cuda_graphs)
+        state = {f"{model}.{k}": v for k, v in net.state_dict().items()}
+    else:
+        images, _ = subset(arrays, "train", params.gan.train_fraction, params.seed, device)
+        gen, disc, history, _ = benchmark.train_gan_pair(model, params, images, device, cuda_graphs=cuda_graphs)
+        state = {**{f"G.{k}": v for k, v in gen.state_dict().items()}, **{f"D.{k}": v for k, v in disc.state_dict().items()}}
+    timeless = [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
+    return {k: v.detach().cpu().clone() for k, v in state.items()}, timeless
+
+
+def compare(a: tuple[dict, list[dict]], b: tuple[dict, list[dict]]) -> str:
+    """"identical", or the first tensor (or history row) that differs and by how much."""
+    (state_a, history_a), (state_b, history_b) = a, b
+    for name, tensor in state_a.items():
+        other = state_b[name]
+        if not torch.equal(tensor, other):
+            gap = (tensor.double() - other.double()).abs().max().item() if tensor.is_floating_point() else "n/a"
+            return f"differs: {name} (max |diff| {gap:.3g})" if isinstance(gap, float) else f"differs: {name}"
+    for row_a, row_b in zip(history_a, history_b):
+        if row_a != row_b:
+            return f"differs: history of epoch {row_a['epoch']}"
+    return "identical"
+
+
+def determinism(model: str, size: dict, arrays, device: torch.device) -> dict:
+    params = apply(overrides_for(model, size, arrays, images=size["determinism_images"], epochs=size["determinism_epochs"],
+                                 gan_steps=size["determinism_gan_steps"]), f"gpu_check determinism {model}")
+    first = trained_state(model, params, arrays, device, cuda_graphs=True)
+    second = trained_state(model, params, arrays, device, cuda_graphs=True)
+    result = {"repeat": compare(first, second)}
+    if device.type == "cuda":
+        result["graph_vs_eager"] = compare(first, trained_state(model, params, arrays, device, cuda_graphs=False))
+    else:
+        result["graph_vs_eager"] = "n/a (CPU: no graphs)"
+    return result
+
+
+# ------------------------------------------------------------------------------------------ speed
+
+
+def speed(model: str, size: dict, arrays, device: torch.device) -> dict:
+    params = apply(overrides_for(model, size, arrays, images=size["train_images"], epochs=size["speed_epochs"],
+                                 gan_steps=size["gan_steps"]), f"gpu_check speed {model}")
+    run = benchmark.run_classifier(model, params, arrays, device) if model in CLASSIFIERS else benchmark.run_gan(model, params, arrays, device, False)
+    row = {key: run[key] for key in ("s_per_epoch", "images_per_s", "warmup_s", "total_s", "epochs", "batch_size", "train_images",
+                                     "full_epoch_images", "flops_per_image", "precision", "params")}
+    seconds = [r["epoch_seconds"] for r in run["history"]]
+    row["epoch_seconds"] = seconds
+    row["s_per_full_epoch"] = run["full_epoch_images"] / run["images_per_s"]
+    row["tflop_per_s"] = run["flops_per_image"] * run["images_per_s"] / 1e12
+    row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    row["test_acc"] = run.get("test_acc")
+    if model in CLASSIFIERS:
+        row["attention"] = attention_backend(device, autocast_dtype(params.classifier(model).precision, device)) if model == "vit" else "-"
+        row["eval_s_per_epoch"] = (run["total_s"] - sum(seconds)) / len(seconds)
+    plain = plain_loop(model, params, arrays, device, size["plain_warmup"], size["plain_timed"])
+    row["plain_images_per_s"] = plain["images_per_s"]
+    row["plain_ratio"] = run["images_per_s"] / plain["images_per_s"]
+    return row
+
+
+def full_run(model: str, size: dict, arrays, device: torch.device) -> dict:
+    epochs = size["full_epochs"] or Params().classifier(model).epochs
+    params = apply(overrides_for(model, size, arrays, images=size["train_images"], epochs=epochs, gan_steps=0), f"gpu_check full {model}")
+    _, history, train_images, test_images, total = benchmark.train_classifier(model, params, arrays, device)
+    seconds = [r["epoch_seconds"] for r in history]
+    return {"epochs": epochs, "train_images": train_images, "test_images": test_images, "total_s": total,
+            "train_s": sum(seconds), "s_per_epoch": statistics.median(seconds[1:] or seconds),
+            "test_acc": history[-1]["test_acc"], "train_acc": history[-1]["train_acc"],
+            "history": [{k: row[k] for k in ("epoch", "train_acc", "test_acc", "epoch_seconds")} for row in history]}
+
+
+# ------------------------------------------------------------------------------------------ table
+
+
+def _f(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    out = [f"GPU check: {env['device']}, torch {env['torch']}, {env['date']}, {report['mode']}", "",
+           "| model | batch | precision | s/epoch (full epoch) | reference s/epoch | H200 target | img/s | TFLOP/s counted | "
+           "peak GiB | project / plain loop | repeat run | graph vs eager |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model in MODELS:
+        r = report["models"].get(model, {})
+        s, d = r.get("speed", {}), r.get("determinism", {})
+        if "error" in r:
+            out.append(f"| {model} | error: {r['error']} |" + " |" * 10)
+            continue
+        out.append("| " + " | ".join([
+            model, str(s.get("batch_size", "-")), s.get("precision", "-"), _f(s.get("s_per_full_epoch"), ".2f"),
+            _f(midpoint(REFERENCE[model].get("s_per_epoch")), ".0f"), _f(H200_TARGET_S_PER_EPOCH[model], ".1f"),
+            _f(s.get("images_per_s"), ",.0f"), _f(s.get("tflop_per_s"), ".1f"), _f(s.get("peak_gib"), ".2f"),
+            "-" if "plain_ratio" not in s else f"x{s['plain_ratio']:.2f} ({s['plain_images_per_s']:,.0f} img/s)",
+            d.get("repeat", "-"), d.get("graph_vs_eager", "-"),
+        ]) + " |")
+    if report["full_runs"]:
+        out += ["", "| model | epochs | s/epoch | total s (train + eval) | test acc | reference test acc | reference train s |",
+                "|---|---|---|---|---|---|---|"]
+        for model, r in report["full_runs"].items():
+            ref = REFERENCE[model]
+            if "skipped" in r or "error" in r:
+                out.append(f"| {model} | {r.get('skipped') or 'error: ' + r['error']} | | | | | |")
+                continue
+            acc = ref["test_acc"]
+            seconds = ref["train_seconds"]
+            out.append(f"| {model} | {r['epochs']} | {r['s_per_epoch']:.2f} | {r['total_s']:.0f} | {r['test_acc']:.2%} | "
+                       f"{acc[0]:.0%}-{acc[1]:.0%} | {seconds if isinstance(seconds, int) else f'{seconds[0]}-{seconds[1]}'} |")
+    return "\n".join(out)
+
+
+# -------------------------------------------------------------------------------------------- run
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, help="a raw mirror (mnist/MNIST/raw, cifar10/...) or data/prepared; "
+                   "default: data/prepared, else $REPROVISION_DATA_MIRROR")
+    p.add_argument("--json", type=Path, default=Path("gpu_check.json"), help="where every figure goes (default: %(default)s)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (~2 min): proves the check runs, measures nothing")
+    p.add_argument("--budget-min", type=float, default=8.0,
+                   help="stop starting new parts once this many minutes have passed (default: %(default)s)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown or not args.models:
+        p.error(f"--models {unknown or args.models}: allowed {', '.join(MODELS)}")
+    if args.data is None:
+        mirror = os.environ.get("REPROVISION_DATA_MIRROR")
+        args.data = Path("data/prepared") if Path("data/prepared").is_dir() else Path(mirror) if mirror else None
+        if args.data is None:
+            p.error("no --data, data/prepared or $REPROVISION_DATA_MIRROR: pass --data <mirror holding MNIST and CIFAR-10>")
+    if not args.data.is_dir():
+        p.error(f"--data {args.data}: not a directory")
+    if args.budget_min <= 0:
+        p.error("--budget-min must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Before any CUDA work: cuBLAS reads it when it starts, and deterministic mode refuses cuBLAS without it.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if args.smoke:
+        device, size = torch.device("cpu"), SIZES["smoke"]
+    elif torch.cuda.is_available():
+        device, size = torch.device("cuda"), SIZES["gpu"]
+    else:
+        raise SystemExit("gpu_check: no CUDA GPU here; `--smoke` runs the check at tiny sizes on the CPU")
+    started = time.perf_counter()
+    deadline = started + args.budget_min * 60
+    env = benchmark.environment(device)
+    report = {"environment": env, "mode": "SMOKE (tiny sizes: measures nothing)" if args.smoke else "reference recipes, full epochs",
+              "budget_min": args.budget_min, "models": {}, "full_runs": {}, "data": {}}
+
+    def save() -> None:
+        report["wall_s"] = time.perf_counter() - started
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
+
+    print(f"{env['device']} | torch {env['torch']} | {report['mode']} | budget {args.budget_min} min", flush=True)
+    data = {}
+    for name in sorted({dataset_of(m, Params()) for m in args.models}):
+        t = time.perf_counter()
+        arrays, source = load_dataset(args.data, name)
+        data[name] = arrays
+        report["data"][name] = {"source": source, "seconds": time.perf_counter() - t}
+        print(f"{name}: {source}, {time.perf_counter() - t:.1f} s", flush=True)
+
+    failed = False
+    for model in args.models:
+        arrays = data[dataset_of(model, Params())]
+        entry = report["models"].setdefault(model, {})
+        for part, run in (("determinism", determinism), ("speed", speed)):
+            if time.perf_counter() > deadline:
+                entry[part] = {"skipped": "budget spent"}
+                continue
+            t = time.perf_counter()
+            try:
+                entry[part] = run(model, size, arrays, device)
+            except Exception as err:  # one model's failure must not hide the others' figures
+                explained = nondeterministic_op(err)
+                entry["error"] = str(explained or err).splitlines()[0][:300]
+                entry["traceback"] = traceback.format_exc()
+                print(entry["traceback"], flush=True)
+                failed = True
+                break
+            finally:
+                save()
+            print(f"{model} {part} ({time.perf_counter() - t:.1f} s): "
+                  + json.dumps({k: v for k, v in entry[part].items() if k != "epoch_seconds"}, default=str), flush=True)
+
+    for model in (m for m in FULL_RUNS if m in args.models):
+        s = report["models"].get(model, {}).get("speed", {})
+        if "s_per_epoch" not in s:
+            report["full_runs"][model] = {"skipped": "no speed figure"}
+            continue
+        epochs = size["full_epochs"] or Params().classifier(model).epochs
+        estimate = epochs * (s["s_per_epoch"] + s["eval_s_per_epoch"]) + max(s["warmup_s"], 0) + 10
+        left = deadline - time.perf_counter()
+        if estimate > left:
+            report["full_runs"][model] = {"skipped": f"skipped: ~{estimate:.0f} s needed, {max(left, 0):.0f} s left"}
+            save()
+            continue
+        t = time.perf_counter()
+        try:
+            report["full_runs"][model] = full_run(model, size, data[dataset_of(model, Params())], device)
+        except Exception as err:
+            report["full_runs"][model] = {"error": str(err).splitlines()[0][:300], "traceback": traceback.format_exc()}
+            failed = True
+        save()
+        print(f"{model} full run ({time.perf_counter() - t:.1f} s): test acc {report['full_runs'][model].get('test_acc')}", flush=True)
+
+    report["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    save()
+    print("\n" + markdown(report))
+    print(f"\nwrote {args.json} ({report['wall_s']:.0f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
