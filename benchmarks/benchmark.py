@@ -59,7 +59,7 @@ from reprovision.models.cnn import build_cnn
 from reprovision.models.gan import build_gan
 from reprovision.models.vit import build_vit
 from reprovision.references import REFERENCE, midpoint
-from reprovision.runtime import autocast_dtype, compiled_for_determinism, cpu_has_native_bf16, resolve_device, seed_everything
+from reprovision.runtime import attention_kernels, autocast_dtype, compiled_for_determinism, cpu_has_native_bf16, resolve_device, seed_everything
 from reprovision.train import DeviceData, fit
 
 # The train-vit / train-cnn stages' own set-up (stages/train_classifier.py), not a copy of it.
@@ -222,7 +222,7 @@ def classifier_flops(model: torch.nn.Module, channels: int, size: int, classes: 
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(FLOP_BATCH, channels, size, size, device=device, generator=g)
     y = torch.randint(classes, (FLOP_BATCH,), device=device, generator=g)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, attention_kernels(device, None):
         F.cross_entropy(model(x), y).backward()
     return counter.get_total_flops() / FLOP_BATCH
 

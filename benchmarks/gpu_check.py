@@ -200,7 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, help="a raw mirror (mnist/MNIST/raw, cifar10/...) or data/prepared; "
                    "default: data/prepared, else $REPROVISION_DATA_MIRROR")
     p.add_argument("--json", type=Path, default=Path("gpu_check.json"), help="where every figure goes (default: %(default)s)")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (~2 min): proves the check runs, measures nothing")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (~1 min on 2 CPU cores): proves the check runs, measures nothing")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda, or cpu with --smoke")
     p.add_argument("--budget-min", type=float, default=8.0,
                    help="stop starting new parts once this many minutes have passed (default: %(default)s)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
@@ -225,12 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Before any CUDA work: cuBLAS reads it when it starts, and deterministic mode refuses cuBLAS without it.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if args.smoke:
-        device, size = torch.device("cpu"), SIZES["smoke"]
-    elif torch.cuda.is_available():
-        device, size = torch.device("cuda"), SIZES["gpu"]
-    else:
+    device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA GPU here; `--smoke` runs the check at tiny sizes on the CPU")
+    if device.type == "cpu" and not args.smoke:
+        raise SystemExit("gpu_check: full sizes on a CPU would take hours; add --smoke, or run it on a CUDA GPU")
+    size = SIZES["smoke" if args.smoke else "gpu"]
     started = time.perf_counter()
     deadline = started + args.budget_min * 60
     env = benchmark.environment(device)

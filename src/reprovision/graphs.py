@@ -19,6 +19,7 @@ returns lives in the graph's buffers too and is overwritten by the next replay: 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -72,27 +73,33 @@ class CapturedStep:
             tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, Tensor)]
         return tensors
 
-    @torch.no_grad()
-    def _rewind(self, saved: dict[int, tuple[Tensor, Tensor]], rng: Tensor) -> None:
-        for t in self._state():
-            if id(t) in saved:
-                t.copy_(saved[id(t)][1])
-            else:  # created by the warm-up: Adam's moments and step count, SGD's momentum start at zero
-                t.zero_()
-        torch.cuda.set_rng_state(rng)
+    def warm_up(self, inputs: Sequence[Tensor]) -> None:
+        """Run the step WARMUP_STEPS times on `inputs` (on a side stream on CUDA, as capture needs),
+        then put back every parameter, buffer, optimiser state and the RNG as they were: the state
+        the warm-up created is zeroed, which is where Adam, AdamW and SGD (no dampening) start."""
+        cuda = inputs[0].is_cuda
+        with torch.no_grad():
+            saved = {id(t): (t, t.detach().clone()) for t in self._state()}  # (t, ...) keeps each id alive
+        rng = torch.cuda.get_rng_state() if cuda else torch.get_rng_state()
+        side = torch.cuda.Stream() if cuda else None
+        if cuda:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            for _ in range(WARMUP_STEPS):
+                self.step(*inputs)
+        if cuda:
+            torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for t in self._state():
+                if id(t) in saved:
+                    t.copy_(saved[id(t)][1])
+                else:
+                    t.zero_()
+        (torch.cuda.set_rng_state if cuda else torch.set_rng_state)(rng)
 
     def _capture(self, inputs: Sequence[Tensor]):
         static_inputs = [t.detach().clone() for t in inputs]
-        with torch.no_grad():
-            saved = {id(t): (t, t.detach().clone()) for t in self._state()}  # (t, ...) keeps each id alive
-        rng = torch.cuda.get_rng_state()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self.step(*static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        self._rewind(saved, rng)
+        self.warm_up(static_inputs)
 
         groups = [group for opt in self.optimizers for group in opt.param_groups]
         lrs = [(torch.tensor(float(group["lr"]), device=static_inputs[0].device), group) for group in groups]
