@@ -13,6 +13,14 @@ recipe (torch.cuda.graphs docs, "Whole-network capture"), with three changes tha
 - One graph per input shape: an epoch's last, smaller batch gets its own graph (and memory pool)
   instead of a recompile or padding.
 
+Under deterministic algorithms torch fills every tensor made by `torch.empty` and its kin with NaN
+(integers: their largest value), so that a kernel reading memory nothing wrote gives the same,
+poisoned, bits every run (torch.utils.deterministic.fill_uninitialized_memory). In a captured step
+those fills are hundreds of extra kernels, and they are left out (FILL_UNINITIALIZED_MEMORY). That
+is safe only if no kernel of the step reads unwritten memory, which benchmarks/gpu_check.py proves
+per model on the GPU at hand: a step captured with the fills gives the same bits as one without
+(had a kernel read a NaN-filled buffer, the NaN would have reached the weights).
+
 What the step reads (its inputs) is copied into the graph's own buffers before each replay; what it
 returns lives in the graph's buffers too and is overwritten by the next replay: read it first.
 """
@@ -27,6 +35,7 @@ from torch import Tensor, nn
 
 WARMUP_STEPS = 3  # PyTorch's recipe warms up on a side stream; 3 is its example's count
 ABSENT = object()
+FILL_UNINITIALIZED_MEMORY = False  # in captured steps only; gpu_check sets it True to prove it unneeded
 
 
 def capturable(optimizers: Sequence[torch.optim.Optimizer]) -> str | None:
@@ -98,6 +107,14 @@ class CapturedStep:
         (torch.cuda.set_rng_state if cuda else torch.set_rng_state)(rng)
 
     def _capture(self, inputs: Sequence[Tensor]):
+        fill = torch.utils.deterministic.fill_uninitialized_memory
+        torch.utils.deterministic.fill_uninitialized_memory = FILL_UNINITIALIZED_MEMORY
+        try:
+            return self._warm_up_and_capture(inputs)
+        finally:
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+
+    def _warm_up_and_capture(self, inputs: Sequence[Tensor]):
         static_inputs = [t.detach().clone() for t in inputs]
         self.warm_up(static_inputs)
 
