@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import statistics
@@ -91,6 +92,16 @@ def trained_state(model: str, params: Params, arrays, device: torch.device, cuda
     return {k: v.detach().cpu().clone() for k, v in state.items()}, timeless
 
 
+def digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes: two runs, anywhere, compare by this."""
+    h = hashlib.sha256()
+    for name, tensor in state.items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def compare(a: tuple[dict, list[dict]], b: tuple[dict, list[dict]]) -> str:
     """"identical", or the first tensor (or history row) that differs and by how much."""
     (state_a, history_a), (state_b, history_b) = a, b
@@ -113,7 +124,7 @@ def determinism(model: str, size: dict, arrays, device: torch.device) -> dict:
                                  gan_steps=size["determinism_gan_steps"]), f"gpu_check determinism {model}")
     first = trained_state(model, params, arrays, device, cuda_graphs=True)
     second = trained_state(model, params, arrays, device, cuda_graphs=True)
-    result = {"repeat": compare(first, second)}
+    result = {"repeat": compare(first, second), "weights_sha256": digest(first[0])}
     if device.type != "cuda":
         return {**result, "nan_fill": "n/a (CPU: no graphs)", "graph_vs_eager": "n/a (CPU: no graphs)"}
     graphs.FILL_UNINITIALIZED_MEMORY = True
@@ -152,11 +163,11 @@ def speed(model: str, size: dict, arrays, device: torch.device) -> dict:
 def full_run(model: str, size: dict, arrays, device: torch.device) -> dict:
     epochs = size["full_epochs"] or Params().classifier(model).epochs
     params = apply(overrides_for(model, size, arrays, images=size["train_images"], epochs=epochs, gan_steps=0), f"gpu_check full {model}")
-    _, history, train_images, test_images, total = benchmark.train_classifier(model, params, arrays, device)
+    net, history, train_images, test_images, total = benchmark.train_classifier(model, params, arrays, device)
     seconds = [r["epoch_seconds"] for r in history]
     return {"epochs": epochs, "train_images": train_images, "test_images": test_images, "total_s": total,
             "train_s": sum(seconds), "s_per_epoch": statistics.median(seconds[1:] or seconds),
-            "test_acc": history[-1]["test_acc"], "train_acc": history[-1]["train_acc"],
+            "test_acc": history[-1]["test_acc"], "train_acc": history[-1]["train_acc"], "weights_sha256": digest(net.state_dict()),
             "history": [{k: row[k] for k in ("epoch", "train_acc", "test_acc", "epoch_seconds")} for row in history]}
 
 
