@@ -32,7 +32,7 @@ MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared
 # at once, and the many short files fill the end instead of the long ones starting late.
 LONGEST_FILES = [
     "test_pipeline_e2e.py", "test_pipeline_params_e2e.py", "test_team_server.py", "test_tracking_outage.py",
-    "test_gan_resume.py", "test_ssl.py", "test_runtime.py", "test_distributed.py", "test_report.py",
+    "test_gan_resume.py", "test_ssl.py", "test_gpu_path.py", "test_runtime.py", "test_distributed.py", "test_report.py",
 ]
 
 
