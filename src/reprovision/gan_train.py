@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .graphs import CapturedStep
+from .graphs import CapturedStep, capturable
 from .pixels import to_pm1
 
 
@@ -67,7 +67,8 @@ def train_gan(
     on_resume(epoch, extra) hands the caller back its saved state, then the earlier rows are
     replayed through on_epoch (the caller tells a replayed epoch from a new one by on_resume's epoch).
 
-    On CUDA the D + G update is replayed as one CUDA graph (graphs.py) unless `cuda_graphs` is False.
+    On CUDA the D + G update is replayed as one CUDA graph (graphs.py) unless `cuda_graphs` is False
+    or an optimiser is one `graphs.capturable` refuses (e.g. not fused): then it runs eagerly.
     """
     device = images.device
     n = len(images)
@@ -120,7 +121,7 @@ def train_gan(
         with torch.no_grad():
             return torch.stack([d_loss, g_loss, torch.sigmoid(d_real).mean(), torch.sigmoid(d_fake).mean()])
 
-    graphed = cuda_graphs and device.type == "cuda"
+    graphed = cuda_graphs and device.type == "cuda" and capturable([opt_g, opt_d]) is None
     step_fn = CapturedStep(lambda real, z: (train_step(real, z),), [generator_net, discriminator], [opt_g, opt_d]) if graphed else None
 
     for epoch in range(first_epoch, epochs + 1):

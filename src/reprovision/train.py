@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from .augment import BatchAugment
 from .config import TrainConfig
 from .distributed import World, sum_over_ranks, sync_buffers, wrap
-from .graphs import CapturedStep
+from .graphs import CapturedStep, capturable
 from .optim import SAM, build_optimizer, build_scheduler, clip_gradients
 from .runtime import attention_kernels, autocast_dtype, compiled_for_determinism
 
@@ -93,7 +93,8 @@ def fit(
     only rank 0 writes the checkpoint and prints; every rank returns the same history.
 
     On one CUDA device the step is replayed as a CUDA graph (graphs.py) unless `cuda_graphs` is
-    False or the step cannot be captured (several ranks, SAM's two passes, torch.compile).
+    False or the step cannot be captured (several ranks, SAM's two passes, torch.compile, an
+    optimiser `graphs.capturable` refuses): then it runs eagerly.
     """
     device = train.x.device
     amp = autocast_dtype(cfg.precision, device)
@@ -153,7 +154,8 @@ def fit(
         # Accuracy against the original labels, also under CutMix/MixUp (the references' convention).
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
-    graphed = cuda_graphs and device.type == "cuda" and world.size == 1 and not cfg.compile and not isinstance(optimizer, SAM)
+    graphed = (cuda_graphs and device.type == "cuda" and world.size == 1 and not cfg.compile
+               and not isinstance(optimizer, SAM) and capturable([optimizer]) is None)
     step_fn = CapturedStep(train_step, [model], [optimizer]) if graphed else train_step
 
     for epoch in range(first_epoch, cfg.epochs + 1):
