@@ -230,3 +230,12 @@ def test_stage_stops_on_bad_params_before_any_compute(tmp_path):
         assert "Traceback" not in stderr
         assert sorted(p.name for p in run_dir.iterdir()) == ["params.yaml"]  # no models/, metrics/, mlflow.db
     assert not (tmp_path / "no-such-folder").exists()
+
+
+@pytest.mark.parametrize("key, text", [("lr", ".inf"), ("vit.lr_mult", ".inf"), ("cnn.weight_decay", ".inf"),
+                                        ("gan.mlp.lr_g", ".nan"), ("augment.mixup_alpha", "-.inf")])
+def test_an_infinite_or_nan_float_is_a_config_error(key, text):
+    """`-S lr=inf` writes `lr: .inf` to params.yaml: it must stop at the check, not train into NaN."""
+    value = yaml.safe_load(f"v: {text}")["v"]
+    message = config_error(set_key(real_params(), key, value))
+    assert f"{key} = " in message and "finite number" in message, message

@@ -63,8 +63,9 @@ NonNegativeInt = Annotated[int, Field(ge=0), NotBool]
 
 
 class Section(BaseModel):
-    # extra="forbid" turns a typo into an error instead of a silently ignored key.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # extra="forbid" turns a typo into an error instead of a silently ignored key; allow_inf_nan=False
+    # a `-S lr=inf` (or nan) into one, instead of a run that trains into NaN.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
