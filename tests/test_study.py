@@ -142,6 +142,19 @@ def test_queue_data_size_dry_run_prints_the_commands(capsys):
         data_size_commands([0.0, 1.5])
 
 
+@pytest.mark.parametrize("bad, message", [
+    ("novalue", "--set 'novalue': expected key=value"),
+    ("vit.epochs=0", "vit.epochs = 0"),
+    ("vit.epoch=3", "did you mean 'vit.epochs'?"),
+    ("lr=inf", "lr = \"inf\": Input should be a finite number"),
+])
+def test_queue_data_size_checks_every_set_before_queueing(bad, message, capsys):
+    """A malformed or invalid `--set` is one line naming it, and nothing is queued (the dry run is not even printed)."""
+    assert cli.main(["study", "--queue-data-size", "--dry-run", "--set", bad]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "would run" not in captured.out
+
+
 def test_weight_decay_with_zero_is_plotted_on_a_symlog_axis(tmp_path):
     # write_study needs only the table: a weight-decay sweep that includes "no weight decay".
     # No validation split was held out: the study plots test accuracy and chooses nothing.

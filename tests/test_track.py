@@ -87,3 +87,13 @@ def test_the_experiment_is_mlflow_experiment_name_when_set(monkeypatch):
     assert track.experiment_name() == "reprovision"
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team-vit")
     assert track.experiment_name() == "team-vit"
+
+
+def test_reproducing_an_unknown_run_id_is_one_clear_error(tmp_path, monkeypatch):
+    """`reprovision reproduce <a run id the store lacks>` names the id and the store, no MLflow traceback."""
+    from reprovision.reproduce import ReproduceError, reproduce
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(ReproduceError, match=rf"no run 'no-such-run' in the tracking store {uri} .*MLFLOW_TRACKING_URI"):
+        reproduce("no-such-run")

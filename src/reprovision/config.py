@@ -415,6 +415,23 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         raise ConfigError(explain(err, source)) from None
 
 
+def with_overrides(raw: dict[str, Any], sets: list[str] | tuple[str, ...], source: str) -> dict[str, Any]:
+    """`raw` (params.yaml as read) with `key=value` overrides set in place, values read as YAML (as
+    `dvc exp run -S` reads them); a malformed override or one into a non-section is a ConfigError."""
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{source}: --set {item!r}: expected key=value, e.g. --set data.train_fraction=0.1")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: --set {key}: {'.'.join(parents)} is not a section of params.yaml")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.exists():

@@ -65,7 +65,13 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
 
     root, uri = project_root(), tracking_uri()
     client = mlflow.MlflowClient(uri)
-    recorded_run = client.get_run(run_id)
+    try:
+        recorded_run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        raise ReproduceError(
+            f"no run {run_id!r} in the tracking store {uri} ({str(err).splitlines()[0]}); "
+            "copy the run id from the MLflow UI or a stage's models/<name>/run.json, and check MLFLOW_TRACKING_URI"
+        ) from None
     tags = recorded_run.data.tags
     if tags.get("stage") not in ("train-judge", "train-gan", "train-vit", "train-cnn"):
         raise ReproduceError(f"run {run_id} is a {tags.get('stage', 'untagged')!r} run; reproduce replays training runs")

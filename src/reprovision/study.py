@@ -378,11 +378,30 @@ def data_size_commands(
     return [queue, ["reprovision", "mlflow-server", "start"], ["dvc", "queue", "start", "-j", "2"]]
 
 
+def check_sets(sets: Sequence[str]) -> None:
+    """Every `--set key=value` well formed, and params.yaml valid with them, before anything is queued."""
+    import yaml
+
+    from .config import PARAMS_FILE, ConfigError, parse_params, with_overrides
+
+    if not sets:
+        return
+    source = f"{PARAMS_FILE} with --set {' '.join(sets)}"
+    try:
+        if not PARAMS_FILE.exists():  # outside the repository: the form of each --set, at least
+            with_overrides({}, list(sets), source)
+            return
+        parse_params(with_overrides(yaml.safe_load(PARAMS_FILE.read_text()) or {}, list(sets), source), source)
+    except ConfigError as err:
+        raise StudyError(str(err)) from None
+
+
 def queue_data_size(
     fractions: Sequence[float] = DATA_SIZE_FRACTIONS, sets: Sequence[str] = (), dry_run: bool = False, ssl: bool = False,
 ) -> list[list[str]]:
     """Queue the study (unless dry_run) and print what to run next; returns the commands. `ssl`: the
     pre-training-set-size study (ssl.train_fraction) instead of the classifiers' training-set size."""
+    check_sets(sets)
     commands = data_size_commands(fractions, sets, "ssl.train_fraction" if ssl else "data.train_fraction")
     queued_at = datetime.now().isoformat(timespec="seconds")
     print(f"{'would run' if dry_run else 'running'}: {shlex.join(commands[0])}")

@@ -43,7 +43,7 @@ import optuna
 import yaml
 
 from . import track
-from .config import PARAMS_FILE, ConfigError, Params, parse_params
+from .config import PARAMS_FILE, ConfigError, Params, parse_params, with_overrides
 from .layout import CLASSIFIERS, METRICS
 from .study import executable
 
@@ -98,21 +98,12 @@ def check_overrides(sets: Sequence[str], model: str, path: Path = PARAMS_FILE) -
     path = Path(path)
     if not path.exists():
         raise TuneError(f"{path} not found: run `reprovision tune` from the repository root (where dvc.yaml is)")
-    raw = yaml.safe_load(path.read_text()) or {}
     for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise TuneError(f"--set {item!r}: expected key=value, e.g. --set data.train_fraction=0.1")
+        key = item.partition("=")[0]
         if key in searched:
             raise TuneError(f"--set {key}: tune searches {key} itself; drop it from --set (searched: {', '.join(sorted(searched))})")
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {}) if isinstance(node, dict) else None
-        if not isinstance(node, dict):
-            raise TuneError(f"--set {key}: {'.'.join(parents)} is not a section of {path}")
-        node[leaf] = yaml.safe_load(value)
     try:
+        raw = with_overrides(yaml.safe_load(path.read_text()) or {}, sets, str(path))
         params = parse_params(raw, f"{path} with --set {' '.join(sets)}" if sets else str(path))
     except ConfigError as err:
         raise TuneError(str(err)) from None
