@@ -31,7 +31,7 @@ CPU_SIZED := -S data.train_fraction=0.11 -S data.val_fraction=0.1 -S data.test_f
   -S cnn.epochs=5 -S cnn.scheduler=cosine -S 'cnn.widths=[32,64,128]' -S cnn.convs_per_block=1 -S cnn.hidden=128 \
   -S ssl.arch=refcnn -S 'ssl.widths=[32,64,128]' -S ssl.convs_per_block=1 -S ssl.epochs=2 -S ssl.train_fraction=0.05
 
-.PHONY: install install-test system-packages run test
+.PHONY: install install-test system-packages run test deps
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -96,3 +96,8 @@ TEST_WORKERS ?= $(shell python3 -c 'import os; print((os.cpu_count() or 1) + 1)'
 
 test: install-test system-packages
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
+
+# dvc.yaml's code deps, written from each stage's import closure (reprovision/tools/deps.py); the
+# tests check they are current (tests/test_stage_deps.py).
+deps: install
+	$(PY) -m reprovision.tools.deps

@@ -1,7 +1,8 @@
 """Each stage's `deps:` in dvc.yaml are exactly its script, the library files it imports and its data.
 
-The import closure comes from the source (tests/imports.py: ast, nothing executed), so a new
-import anywhere in a stage's code path fails here until dvc.yaml declares the file. The real-run
+The import closure comes from the source (reprovision.tools.deps: ast, nothing executed), so a new
+import anywhere in a stage's code path fails here until dvc.yaml declares the file: `make deps`
+writes them. The real-run
 half of the promise (editing any one library file makes `dvc status` name exactly the stages
 that import it) is in test_pipeline_params_e2e.py.
 """
@@ -9,6 +10,7 @@ that import it) is in test_pipeline_params_e2e.py.
 from __future__ import annotations
 
 import shlex
+import shutil
 
 import pytest
 import yaml
@@ -41,8 +43,9 @@ def test_deps_are_exactly_the_import_closure(name):
 def test_every_library_file_belongs_to_some_stage():
     used = set().union(*(imported(stage) for stage in DVC_YAML.values()))
     library = {str(p.relative_to(ROOT)) for p in (ROOT / "src" / "reprovision").rglob("*.py")}
-    # Tools around the pipeline, run by `reprovision <command>`, never inside a stage.
+    # Tools around the pipeline, run by `reprovision <command>` or `make`, never inside a stage.
     tools = {f"src/reprovision/{name}.py" for name in ("cli", "reproduce", "server", "study", "tune", "worker")}
+    tools |= {str(p.relative_to(ROOT)) for p in (ROOT / "src" / "reprovision" / "tools").rglob("*.py")}
     assert library - used == tools
 
 
@@ -66,3 +69,20 @@ def test_a_lazy_import_counts(tmp_path):
     (tmp_path / "stages" / "s.py").write_text("from pkg import eager\n")
     found = {str(p.relative_to(tmp_path)) for p in imports.closure(tmp_path / "stages" / "s.py", tmp_path)}
     assert found == {"stages/s.py", "src/pkg/__init__.py", "src/pkg/eager.py", "src/pkg/lazy.py"}
+
+
+def test_make_deps_writes_what_this_checks(tmp_path):
+    """The generator restores a dropped dep and drops a stray one, and leaves the rest of dvc.yaml alone."""
+    from reprovision.tools import deps
+
+    current = (ROOT / "dvc.yaml").read_text()
+    assert deps.rewrite(ROOT, current) == (current, [])
+    damaged = current.replace("      - src/reprovision/graphs.py\n", "", 1).replace(
+        "      - stages/augment.py\n", "      - stages/augment.py\n      - src/reprovision/report.py\n", 1)
+    (tmp_path / "dvc.yaml").write_text(damaged)
+    for name in ("src", "stages"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    assert deps.main(["--check", "--root", str(tmp_path)]) == 1
+    assert deps.main(["--root", str(tmp_path)]) == 0
+    assert (tmp_path / "dvc.yaml").read_text() == current
+    assert deps.main(["--check", "--root", str(tmp_path)]) == 0
