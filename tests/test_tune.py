@@ -153,3 +153,48 @@ def test_numbers_and_overrides_are_checked_before_any_trial(workspace):
         check_overrides(["vit.epochs"], "vit")
     with pytest.raises(TuneError, match="--model 'resnet'"):
         tune("resnet", trials=1)
+
+
+KILLED_SEARCH = '''
+import sys
+from reprovision import tune
+tune.HEARTBEAT_S, tune.GRACE_S = 1, 2
+fake = lambda exp_name, sets: [sys.executable, "fake_dvc.py", "dvc", exp_name, *sets]
+tune.tune("vit", trials=4, epochs=3, sets=["data.val_fraction=0.1"], name="k", command=fake, poll=0.05)
+'''
+
+
+def test_a_killed_search_resumes_from_its_database(workspace, monkeypatch, capsys):
+    """kill -9 in the middle of trial 1, then the same command again: trial 0 is kept, trial 1 is marked
+    failed once its heartbeat is stale, and the search runs to 4 finished trials with new numbers."""
+    import signal
+    import subprocess
+
+    (workspace / "killed_search.py").write_text(KILLED_SEARCH)
+    (workspace / "fake_dvc.py").write_text(FAKE_DVC.replace('hopeless = name.endswith("-2")', "hopeless = False"))
+    proc = subprocess.Popen([sys.executable, "killed_search.py"], cwd=workspace, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (workspace / "pids" / "tune-k-1.train").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert (workspace / "pids" / "tune-k-1.train").exists(), "trial 1 never started"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for role in ("dvc", "train"):  # the trial's own process group outlives the search it belonged to
+        pid = int((workspace / "pids" / f"tune-k-1.{role}").read_text())
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert (workspace / "optuna.db").exists()
+
+    monkeypatch.setattr("reprovision.tune.HEARTBEAT_S", 1)
+    monkeypatch.setattr("reprovision.tune.GRACE_S", 2)
+    time.sleep(3)  # the killed trial's heartbeat is now older than GRACE_S
+    study = tune("vit", trials=4, epochs=3, sets=["data.val_fraction=0.1"], name="k", command=fake_dvc, poll=0.05)
+    states = {t.number: t.state for t in study.trials}
+    S = optuna.trial.TrialState
+    assert states == {0: S.COMPLETE, 1: S.FAIL, 2: S.COMPLETE, 3: S.COMPLETE, 4: S.COMPLETE}
+    assert len({t.user_attrs["exp_name"] for t in study.trials}) == 5
+    assert "[tune k] resuming: 2 trials on record" in capsys.readouterr().out
+    # Run again: nothing left to do, the same best.
+    again = tune("vit", trials=4, epochs=3, sets=["data.val_fraction=0.1"], name="k", command=fake_dvc, poll=0.05)
+    assert len(again.trials) == 5 and again.best_trial.number == study.best_trial.number

@@ -73,7 +73,7 @@ def _tune(args: argparse.Namespace) -> int:
     from . import tune
 
     try:
-        tune.tune(args.model, args.trials, args.epochs, args.set, args.timeout, args.name, args.seed)
+        tune.tune(args.model, args.trials, args.epochs, args.set, args.timeout, args.name, args.seed, storage=args.storage)
     except tune.TuneError as err:
         print(f"reprovision tune: {err}", file=sys.stderr)
         return 2
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     tun.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
     tun.add_argument("--name", help="study name; trials are DVC experiments tune-<name>-<k> (default: <model>-<MMDD-HHMM>)")
     tun.add_argument("--seed", type=int, default=0, help="seed of Optuna's TPE sampler")
+    tun.add_argument("--storage", help="the study's database URL (default: sqlite:///optuna.db here); the same --name resumes it")
     tun.set_defaults(func=_tune)
 
     wrk = sub.add_parser("exp-worker", help="on any machine: clone the origin, run one DVC experiment, push it and its run-cache back",

@@ -16,6 +16,12 @@ stopped there (MedianPruner), its whole process group terminated.
     reprovision study --name "tune vit" --exp-names 'tune-<study>-*'    # the trials' runs, plotted
 
 `--timeout S` stops starting new trials after S seconds (the running one finishes).
+
+The study lives in a database, not in memory: `optuna.db` in the workspace (SQLite, git-ignored) or
+`--storage URL` (e.g. the team's PostgreSQL). Run the same `--name` again after a crash, a Ctrl-C
+or a kill -9 and the search goes on from the trials on record, the sampler seeing all of them:
+`--trials` is the study's total of finished (complete or pruned) trials. A trial whose process died
+stops sending its heartbeat and is marked failed by the next start, once GRACE_S have passed.
 At the end it prints the best settings and the `dvc exp run` that reproduces the best trial, and
 logs one MLflow run "tune" (tags stage=tune, model, study): `trial_value` per finished trial
 (step = trial number), `trials.csv`, the best settings as params `best.<name>`, `best_value`.
@@ -35,6 +41,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
@@ -48,6 +55,8 @@ from .layout import CLASSIFIERS, METRICS
 from .study import executable
 
 POLL_SECONDS = 2.0
+STORAGE_FILE = "optuna.db"  # the default storage, in the workspace
+HEARTBEAT_S, GRACE_S = 60, 180  # a RUNNING trial silent for GRACE_S died with its process
 # name: (low, high, log scale). `lr` is the top-level lr (each model uses lr x lr_mult);
 # the others are set in the tuned model's section.
 SEARCH_SPACE: dict[str, tuple[float, float, bool]] = {
@@ -210,6 +219,7 @@ def tune(
     seed: int = 0,
     command: CommandBuilder | None = None,
     poll: float = POLL_SECONDS,
+    storage: str | None = None,
 ) -> optuna.Study:
     """Search SEARCH_SPACE for `model` with `trials` DVC experiments; logs the "tune" MLflow run and prints the best."""
     import mlflow
@@ -224,12 +234,22 @@ def tune(
     params = check_overrides(fixed, model)
     name = name or f"{model}-{datetime.now():%m%d-%H%M}"
     build = command or (lambda exp_name, overrides_: dvc_command(exp_name, overrides_, f"train-{model}"))
+    storage = storage or f"sqlite:///{Path.cwd() / STORAGE_FILE}"
     study = optuna.create_study(
         study_name=name,
+        storage=optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S),
+        load_if_exists=True,
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9; what its own heartbeat runs
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # trials of a process that died (kill -9, a lost machine)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    remaining = trials - len(study.get_trials(deepcopy=False, states=finished))
+    if len(study.trials):
+        print(f"[tune {name}] resuming: {len(study.trials)} trials on record in {storage}, {max(remaining, 0)} to run", flush=True)
 
     def objective(trial: optuna.Trial) -> float:
         values = {n: trial.suggest_float(n, low, high, log=log) for n, (low, high, log) in SEARCH_SPACE.items()}
@@ -244,14 +264,15 @@ def tune(
         if trial.state == optuna.trial.TrialState.COMPLETE:
             mlflow.log_metric("trial_value", trial.value, step=trial.number)
 
-    run_params = {"model": model, "trials": trials, "epochs": epochs or "params.yaml", "sets": " ".join(sets),
+    run_params = {"model": model, "trials": trials, "epochs": epochs or "params.yaml", "sets": " ".join(sets), "storage": storage,
                   "timeout": timeout or "none", "seed": seed, "sampler": "TPE", "pruner": "median(2 startup, 1 warmup)"}
     tags = {"study": name, "search_space": json.dumps(SEARCH_SPACE)}
     with track.stage_run("tune", model, run_params, tags, params) as run:
         # Each trial's `dvc exp run` groups its stage runs under a run that nests under this one.
         os.environ[track.PARENT_RUN_ENV] = run.info.run_id
         try:
-            study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[log_trial])
+            if remaining > 0:
+                study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[log_trial])
         finally:  # a failed or interrupted search still leaves its trials on record
             os.environ.pop(track.PARENT_RUN_ENV, None)
             with tempfile.TemporaryDirectory() as tmp:
