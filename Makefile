@@ -84,7 +84,7 @@ system-packages:
 
 run: install
 	dvc exp run $(CPU_SIZED)
-	@echo "report: reports/report.html   runs: mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+	@echo "report: reports/report.html   runs: mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db (the report links their page)"
 
 # One pytest-xdist worker per core and one more: much of the suite waits (servers starting, a queue
 # polled, processes it signals), and a third worker fills that time on 2 cores. Measured on the

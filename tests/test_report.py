@@ -148,6 +148,9 @@ def test_mlflow_links(built):
     assert f'href="http://mlflow.example:5000/#/experiments/1/runs/{RUN_IDS["cnn"]}"' in html
     assert RUN_IDS["vit"] in html and RUN_IDS["vit"] in md
     assert "mlflow ui --backend-store-uri sqlite:////tmp/store/mlflow.db" in html
+    # ...and the page of the local store's training runs, not MLflow 3's GenAI overview.
+    runs_page = "http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"
+    assert f'href="{runs_page}"' in html and runs_page in md
 
 
 def test_provenance(built):

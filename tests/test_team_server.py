@@ -31,6 +31,7 @@ import servers
 from conftest import TINY, copy_repo, dvc, pipeline_env, sh
 from pipeline import stages_cached, stages_run
 from test_report import chromium
+
 from reprovision import track
 
 pytestmark = pytest.mark.scaleout
@@ -240,6 +241,11 @@ def test_a_queue_of_two_experiments_logs_through_the_team_server(team, alice, tm
         # counted by colour: the UI derives a run's colour from its id, and two runs can get the same one.
         lines = re.findall(r'<path class="js-line" d="M[^"]*L[^"]*" style="[^"]*stroke-opacity: 1;', curves)
         assert len(lines) == 2, curves[-3000:]
+        # The experiment's page as the report links it opens on its training runs, not MLflow 3's GenAI overview.
+        runs_page = chromium("--virtual-time-budget=20000", "--dump-dom",
+                             track.training_runs_url(ui, runs[0].info.experiment_id), profile=tmp_path / "fresh-profile")
+        parents = {groups[r.data.tags["mlflow.parentRunId"]] for r in runs}  # the table lists the top-level runs
+        assert "<title>Runs - Experiment" in runs_page and all(name in runs_page for name in parents), runs_page[-3000:]
 
 
 def test_the_run_cache_and_experiments_move_between_teammates_through_the_remote(team, alice, tmp_path_factory):

@@ -199,15 +199,17 @@ def reference_scale_epochs(results: dict[str, dict]) -> dict | None:
 
 
 
-def run_link(ref: dict | None) -> tuple[dict | str, str | None]:
-    """The cell pointing at an MLflow run, and the `mlflow ui` command that opens a local store."""
+def run_link(ref: dict | None) -> tuple[dict | str, dict | None]:
+    """The cell pointing at an MLflow run, and for a local store the `mlflow ui` command that serves it
+    with the page of its training runs."""
     if ref is None:
         return DASH, None
     uri = ref.get("tracking_uri", "")
     if uri.startswith(("http://", "https://")):
         href = f"{uri.rstrip('/')}/#/experiments/{ref['experiment_id']}/runs/{ref['run_id']}"
         return cell(ref.get("run_name", "run"), href=href), None
-    return cell(ref["run_id"], code=True), f"mlflow ui --backend-store-uri {uri}"
+    store = {"command": f"mlflow ui --backend-store-uri {uri}", "url": track.training_runs_url(track.LOCAL_UI, ref["experiment_id"])}
+    return cell(ref["run_id"], code=True), store
 
 
 def scale_of(model: str, params: Params, metrics: dict) -> tuple[str, bool]:

@@ -99,6 +99,17 @@ def server_uri(root: Path) -> str | None:
     return info["uri"]
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def training_runs_url(ui: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's training runs. MLflow 3.17's UI opens an experiment on its
+    GenAI overview (traces, tokens) unless the URL, or the browser's last choice, says
+    `workflowType=machine_learning`: the experiment's `mlflow.experimentKind` tag does not decide it
+    (read in its JS bundle; tests/test_team_server.py checks the page in headless Chromium)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def tracking_uri(root: Path | None = None) -> str:
     root = root or project_root()
     return os.environ.get("MLFLOW_TRACKING_URI") or server_uri(root) or f"sqlite:///{root / 'mlflow.db'}"
