@@ -5,8 +5,8 @@
     python benchmarks/benchmark.py --cpu-table              # the CPU speed table of BENCHMARKS.md
     (add --data <dir> unless data/prepared exists: see --help)
 
-For every model x recipe it trains with the library's own loops (`reprovision.train.fit`,
-`reprovision.gan_train.train_gan`), set up as the pipeline's stages set them up, and prints
+For every model x recipe it trains with the library's own loops (`reprovision.training.fit_classifier`,
+`reprovision.training.fit_gan`), set up as the pipeline's stages set them up, and prints
 one Markdown table row: throughput, seconds per epoch (measured, and extrapolated to a full
 epoch when only a fraction of the data or of the steps was used), total time, final test
 accuracy, achieved TFLOP/s against FLOPs counted with `FlopCounterMode`, peak GPU memory,
@@ -16,7 +16,7 @@ and the speed-up over the time the reference reported. Recipes live in recipes.p
 project's loop (`fit`, set up by the stage's own `setup`) and in a minimal hand-written PyTorch
 loop, each in fp32 and under bf16 autocast, and prints one Markdown table with the machine it ran on.
 
-Imports only torch, numpy, PIL, PyYAML, scikit-learn/torchvision (through reprovision.data)
+Imports only torch, numpy, PIL, PyYAML, scikit-learn/torchvision (through reprovision.data.datasets)
 and pydantic (through reprovision.config); no dvc, no mlflow. Reads data from prepared
 arrays (`dvc repro fetch-data` writes them to data/prepared) or straight from a raw mirror of the
 official files (see BENCHMARKS.md).
@@ -50,17 +50,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from reprovision.augment import make_policy, normalize
+from reprovision.data.augment import make_policy, normalize
 from reprovision.config import DATASET_SHAPES, ConfigError, Params, parse_params
-from reprovision.data import stratified_subset
-from reprovision.gan_train import gan_optimizers, train_gan
+from reprovision.data.datasets import stratified_subset
+from reprovision.training.fit_gan import gan_optimizers, fit_gan
 from reprovision.models import count_parameters
 from reprovision.models.cnn import build_cnn
 from reprovision.models.gan import build_gan
 from reprovision.models.vit import build_vit
-from reprovision.references import REFERENCE, midpoint
-from reprovision.runtime import attention_kernels, autocast_dtype, compiled_for_determinism, cpu_has_native_bf16, resolve_device, seed_everything
-from reprovision.train import DeviceData, fit
+from reprovision.publish.references import REFERENCE, midpoint
+from reprovision.core.runtime import attention_kernels, autocast_dtype, compiled_for_determinism, cpu_has_native_bf16, resolve_device, seed_everything
+from reprovision.training.fit_classifier import DeviceData, fit_classifier
 
 # The train-vit / train-cnn stages' own set-up (stages/train_classifier.py), not a copy of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
@@ -68,7 +68,7 @@ from train_classifier import setup as classifier_setup  # noqa: E402
 
 BUILDERS = {"vit": build_vit, "cnn": build_cnn}
 
-# Seconds per epoch the references reported on their own hardware (reprovision/references.py), a
+# Seconds per epoch the references reported on their own hardware (reprovision/publish/references.py), a
 # range taken as its middle; None where the source reported none (R1's MLP GAN).
 REFERENCE_S_PER_EPOCH: dict[str, float | None] = {m: midpoint(ref.get("s_per_epoch")) for m, ref in REFERENCE.items()}
 # The issue's back-of-envelope training cost, GFLOP per image (forward + backward).
@@ -228,11 +228,11 @@ def classifier_flops(model: torch.nn.Module, channels: int, size: int, classes: 
 
 
 def gan_flops(gen, disc, images: torch.Tensor, latent_dim: int) -> float:
-    """FLOPs of one whole D + G step of `train_gan`, per real image."""
+    """FLOPs of one whole D + G step of `fit_gan`, per real image."""
     opt_g, opt_d = torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters())
     rng = torch.Generator(device=images.device).manual_seed(0)
     with FlopCounterMode(display=False) as counter, contextlib.redirect_stdout(io.StringIO()):
-        train_gan(gen, disc, opt_g, opt_d, images[:FLOP_BATCH], latent_dim, FLOP_BATCH, 1, rng, max_steps=1, progress=False,
+        fit_gan(gen, disc, opt_g, opt_d, images[:FLOP_BATCH], latent_dim, FLOP_BATCH, 1, rng, max_steps=1, progress=False,
                   cuda_graphs=False)
     return counter.get_total_flops() / FLOP_BATCH
 
@@ -269,7 +269,7 @@ def train_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], d
     model, train, val, augmenter = classifier_setup(name, BUILDERS[name], params, device, rng, train_x, train_y, policy)
     reset_peak_memory(device)
     started = time.perf_counter()
-    history = fit(model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng,
+    history = fit_classifier(model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng,
                   progress=False, cuda_graphs=cuda_graphs)
     return model, history, len(train), len(test_y), time.perf_counter() - started
 
@@ -309,7 +309,7 @@ def train_gan_pair(name: str, params: Params, images: torch.Tensor, device: torc
     step_gen, step_disc = (compiled_for_determinism(gen), compiled_for_determinism(disc)) if compile_ else (gen, disc)
     reset_peak_memory(device)
     started = time.perf_counter()
-    history = train_gan(
+    history = fit_gan(
         step_gen, step_disc, opt_g, opt_d, images, mcfg.latent_dim, mcfg.batch_size, gcfg.epochs, rng,
         max_steps=gcfg.steps_per_epoch_max, progress=False, cuda_graphs=cuda_graphs and not compile_,
     )
@@ -341,7 +341,7 @@ def run_gan(name: str, params: Params, arrays: dict[str, np.ndarray], device: to
         "g_loss": history[-1]["g_loss"],
         "flops_per_image": flops,
         "params": count_parameters(gen) + count_parameters(disc),
-        "precision": "fp32",  # train_gan has no autocast (cuDNN's convolutions may use TF32, torch's default)
+        "precision": "fp32",  # fit_gan has no autocast (cuDNN's convolutions may use TF32, torch's default)
         "history": history,
     }
 
@@ -358,7 +358,7 @@ def benchmark(
     if model in CLASSIFIERS:
         row = run_classifier(model, params, arrays, device)
     else:
-        row = run_gan(model, params, arrays, device, compile_)  # fit() compiles the classifiers from their config
+        row = run_gan(model, params, arrays, device, compile_)  # fit_classifier() compiles the classifiers from their config
     s_full = row["full_epoch_images"] / row["images_per_s"]
     reference = REFERENCE_S_PER_EPOCH[model]
     return {
@@ -500,7 +500,7 @@ def table_project(name: str, params: Params, arrays: dict[str, np.ndarray], devi
     policy = make_policy(params.data.classifier_dataset, params.augment, train_x)
     model, train, val, augmenter = classifier_setup(name, BUILDERS[name], params, device, rng, train_x, train_y, policy)
     wall, cpu = time.perf_counter(), time.process_time()
-    history = fit(model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng, progress=False)
+    history = fit_classifier(model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng, progress=False)
     cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
     return {**_timed([row["epoch_seconds"] for row in history], warmup, len(train)), "cores_busy": cores, "train_images": len(train)}
 

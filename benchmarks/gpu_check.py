@@ -10,7 +10,7 @@ full epochs (50,000 CIFAR-10 or 60,000 MNIST images), it measures, in this order
    ("identical", or the first tensor that differs); on CUDA also one with torch's NaN fill of
    unwritten memory kept in the captured step (graphs.py leaves it out: the same bits prove that
    safe) and one with the step eager instead of captured, which must give the same bits too;
-2. speed: the project's loop (`fit`, `train_gan`) for 3 epochs; s/epoch is the median of epochs 2-3
+2. speed: the project's loop (`fit`, `fit_gan`) for 3 epochs; s/epoch is the median of epochs 2-3
    (the first one captures the graphs), against the reference's figure and the H200 target;
    images/s, counted TFLOP/s (FlopCounterMode), peak GPU memory;
 3. the project loop against a minimal hand-written eager loop (benchmark.py's `--gpu-table`);
@@ -38,10 +38,10 @@ import torch
 
 import benchmark  # benchmarks/benchmark.py: this script's folder is on sys.path
 from benchmark import CLASSIFIERS, GPU_TABLE, apply, dataset_of, load_dataset, plain_loop, subset
-from reprovision import graphs
+from reprovision.core import graphs
 from reprovision.config import Params
-from reprovision.references import REFERENCE, midpoint
-from reprovision.runtime import attention_backend, autocast_dtype, nondeterministic_op
+from reprovision.publish.references import REFERENCE, midpoint
+from reprovision.core.runtime import attention_backend, autocast_dtype, nondeterministic_op
 
 MODELS = ("vit", "cnn", "dcgan", "mlp")
 # The targets for one H200 (reference recipes, full epochs), s/epoch.

@@ -34,8 +34,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from reprovision.layout import CHECKPOINTS, CLASSIFIERS, GAN_MODELS, GANS, METRICS, MODELS, REFERENCE_SCALE, REFERENCE_SCALE_PICTURES, SUMMARY  # noqa: E402
-from reprovision.track import experiment_name, tracking_uri  # noqa: E402
-from reprovision.references import REFERENCE  # noqa: E402
+from reprovision.core.track import experiment_name, tracking_uri  # noqa: E402
+from reprovision.publish.references import REFERENCE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / REFERENCE_SCALE
 
@@ -203,9 +203,9 @@ def stopped(model: str, why: str) -> dict:
 
 
 def table() -> str:
-    """The report's tables of these runs (reprovision.report builds them), as Markdown for BENCHMARKS.md:
+    """The report's tables of these runs (reprovision.publish.report builds them), as Markdown for BENCHMARKS.md:
     the runs, then their epochs beside the figures the sources printed for the same epochs."""
-    from reprovision.report import md_cell, reference_scale_epochs, reference_scale_table
+    from reprovision.publish.report import md_cell, reference_scale_epochs, reference_scale_table
 
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     tables = [t for t in (reference_scale_table(results), reference_scale_epochs(results)) if t is not None]

@@ -1,6 +1,6 @@
 """DVC stage `augment`: the classifier augmentation policy (normalisation stats of the training
 subset + the random transforms) and a preview grid. The transforms themselves run batched on the
-device inside the training loop (reprovision/augment.py).
+device inside the training loop (reprovision/data/augment.py).
 """
 
 import sys
@@ -12,11 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from reprovision.augment import make_policy, preview_grid  # noqa: E402
+from reprovision.data.augment import make_policy, preview_grid  # noqa: E402
 from reprovision.config import load_params  # noqa: E402
-from reprovision.data import load_split, stratified_subset, validation_split  # noqa: E402
+from reprovision.data.datasets import load_split, stratified_subset, validation_split  # noqa: E402
 from reprovision.layout import POLICY, PREPARED, PREVIEW  # noqa: E402
-from reprovision.stage import main, write_json  # noqa: E402
+from reprovision.core.stage import main, write_json  # noqa: E402
 
 
 def augment() -> None:

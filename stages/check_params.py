@@ -14,13 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reprovision.config import load_params  # noqa: E402
 from reprovision.layout import PARAMS_CHECKED  # noqa: E402
-from reprovision.stage import main  # noqa: E402
+from reprovision.core.stage import main  # noqa: E402
 
 
 def check_params() -> None:
     params = load_params()
     if params.device not in ("auto", "cpu"):  # every machine has these two; asking torch costs ~1.3 s of CPU
-        from reprovision.runtime import resolve_device
+        from reprovision.core.runtime import resolve_device
 
         resolve_device(params.device)  # `device: cuda` on a machine without one is a params mistake too
     PARAMS_CHECKED.parent.mkdir(parents=True, exist_ok=True)

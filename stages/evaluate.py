@@ -13,16 +13,16 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from reprovision import evaluation as ev  # noqa: E402
-from reprovision import track  # noqa: E402
-from reprovision.augment import BatchAugment, Policy  # noqa: E402
+from reprovision.measure import evaluation as ev  # noqa: E402
+from reprovision.core import track  # noqa: E402
+from reprovision.data.augment import BatchAugment, Policy  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
-from reprovision.heatmaps import attention_rollout, grad_cam, save_heatmap_grid  # noqa: E402
+from reprovision.measure.heatmaps import attention_rollout, grad_cam, save_heatmap_grid  # noqa: E402
 from reprovision.layout import CLASSIFIERS, EVAL_METRICS, FIGURES, METRICS, MODELS, POLICY, RUN_REF, SUMMARY  # noqa: E402
 from reprovision.models.cnn import build_cnn  # noqa: E402
 from reprovision.models.vit import build_vit  # noqa: E402
-from reprovision.runtime import seed_everything  # noqa: E402
-from reprovision.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
+from reprovision.core.runtime import seed_everything  # noqa: E402
+from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
 
 BUILDERS = {"vit": build_vit, "cnn": build_cnn}
 SCORES = ("accuracy", "macro_precision", "macro_recall", "macro_f1")

@@ -1,7 +1,7 @@
 """DVC stage `fetch-data`: MNIST and the classifier dataset as verified .npy arrays + manifest.json.
 
 From the mirror named by REPROVISION_DATA_MIRROR (offline), else torchvision's downloaders;
-every file md5-checked, the same bytes either way (see reprovision/data.py).
+every file md5-checked, the same bytes either way (see reprovision/data/datasets.py).
 """
 
 import sys
@@ -11,9 +11,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reprovision.config import load_params  # noqa: E402
-from reprovision.data import fetch_all, mirror_from_env  # noqa: E402
+from reprovision.data.datasets import fetch_all, mirror_from_env  # noqa: E402
 from reprovision.layout import PREPARED  # noqa: E402
-from reprovision.stage import main  # noqa: E402
+from reprovision.core.stage import main  # noqa: E402
 
 
 def fetch_data() -> None:

@@ -19,15 +19,15 @@ import json  # noqa: E402
 
 import torch  # noqa: E402
 
-from reprovision import track  # noqa: E402
-from reprovision.augment import Policy  # noqa: E402
+from reprovision.core import track  # noqa: E402
+from reprovision.data.augment import Policy  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
-from reprovision.data import validation_split  # noqa: E402
+from reprovision.data.datasets import validation_split  # noqa: E402
 from reprovision.layout import METRICS, POLICY, SSL_ENCODER, SUMMARY  # noqa: E402
 from reprovision.models.cnn import build_encoder  # noqa: E402
-from reprovision.probe import extract_features, probe_accuracy  # noqa: E402
-from reprovision.runtime import seed_everything  # noqa: E402
-from reprovision.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
+from reprovision.measure.probe import extract_features, probe_accuracy  # noqa: E402
+from reprovision.core.runtime import seed_everything  # noqa: E402
+from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
 
 HEADLINE = ("probe_test", "knn_test", "random_probe_test", "random_knn_test")  # metrics/probe.json, in this order
 

@@ -1,4 +1,4 @@
-"""DVC stage `pretrain-ssl`: R4's self-supervised pre-training. SimCLR (simclr.py) trains an encoder
+"""DVC stage `pretrain-ssl`: R4's self-supervised pre-training. SimCLR (training/fit_simclr.py) trains an encoder
 (`ssl.arch`, the CIFAR stem) on `ssl.train_fraction` of the classifier dataset's training images,
 without their labels and without the validation images; the linear-probe stage measures it.
 
@@ -19,17 +19,17 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from reprovision import checkpoint, track  # noqa: E402
-from reprovision.augment import Policy  # noqa: E402
+from reprovision.core import checkpoint, track  # noqa: E402
+from reprovision.data.augment import Policy  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
-from reprovision.data import load_split, stratified_subset, validation_split  # noqa: E402
+from reprovision.data.datasets import load_split, stratified_subset, validation_split  # noqa: E402
 from reprovision.layout import CHECKPOINTS, METRICS, POLICY, PREPARED, SSL_ENCODER, SUMMARY  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
 from reprovision.models.cnn import build_encoder  # noqa: E402
-from reprovision.runtime import resolve_precision, seed_everything  # noqa: E402
-from reprovision.serving import RawImageEncoder  # noqa: E402
-from reprovision.simclr import SimCLR, pretrain  # noqa: E402
-from reprovision.stage import main, run_tags, start, write_csv, write_json  # noqa: E402
+from reprovision.core.runtime import resolve_precision, seed_everything  # noqa: E402
+from reprovision.publish.serving import RawImageEncoder  # noqa: E402
+from reprovision.training.fit_simclr import SimCLR, fit_simclr  # noqa: E402
+from reprovision.core.stage import main, run_tags, start, write_csv, write_json  # noqa: E402
 
 HEADLINE = ("loss", "train_seconds")  # metrics/ssl.json: what `dvc exp show` shows
 
@@ -79,7 +79,7 @@ def pretrain_ssl() -> None:
     with track.stage_run("pretrain-ssl", "ssl", run_params, tags, params, system_metrics=True) as run:
         track.log_datasets(Path.cwd(), dataset, tags["data_sha256"], {"train": len(images)})
         started = time.perf_counter()
-        history = pretrain(model, images, policy, cfg, rng, checkpoint=CHECKPOINTS / "ssl.pt", fingerprint=fingerprint, on_epoch=on_epoch)
+        history = fit_simclr(model, images, policy, cfg, rng, checkpoint=CHECKPOINTS / "ssl.pt", fingerprint=fingerprint, on_epoch=on_epoch)
         final = history[-1]
         train_seconds = sum(r["epoch_seconds"] for r in history)
         metrics = {

@@ -1,6 +1,6 @@
 """DVC stage `report`: every result on one page beside the reference figures (reports/report.html,
-reports/report.md), an MLflow summary run linked to the model runs (reprovision/report.py), and the
-registry alias `champion` on the better classifier by validation accuracy (reprovision/registry.py);
+reports/report.md), an MLflow summary run linked to the model runs (reprovision/publish/report.py), and the
+registry alias `champion` on the better classifier by validation accuracy (reprovision/publish/registry.py);
 without a validation split no champion is named and the alias stays where it was.
 """
 
@@ -10,9 +10,9 @@ from pathlib import Path
 # This checkout's library, also inside DVC's temporary experiment copies.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reprovision.registry import promote, read_champion, read_records, why_no_champion  # noqa: E402
-from reprovision.report import build_report, log_summary_run  # noqa: E402
-from reprovision.stage import main, start  # noqa: E402
+from reprovision.publish.registry import promote, read_champion, read_records, why_no_champion  # noqa: E402
+from reprovision.publish.report import build_report, log_summary_run  # noqa: E402
+from reprovision.core.stage import main, start  # noqa: E402
 
 
 def report() -> None:

@@ -14,16 +14,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from reprovision import cards, checkpoint, distributed, track
-from reprovision.augment import BatchAugment, Policy
+from reprovision.publish import cards
+from reprovision.core import checkpoint, distributed, track
+from reprovision.data.augment import BatchAugment, Policy
 from reprovision.config import DATASET_SHAPES, Params
-from reprovision.data import validation_split
+from reprovision.data.datasets import validation_split
 from reprovision.layout import CHECKPOINTS, METRICS, MODELS, POLICY, REGISTERED_MODELS, SUMMARY
 from reprovision.models import count_parameters
-from reprovision.runtime import attention_backend, autocast_dtype, resolve_precision, seed_everything
-from reprovision.serving import RawImageClassifier
-from reprovision.stage import load_subset, run_tags, start, write_csv, write_json
-from reprovision.train import DeviceData, fit
+from reprovision.core.runtime import attention_backend, autocast_dtype, resolve_precision, seed_everything
+from reprovision.publish.serving import RawImageClassifier
+from reprovision.core.stage import load_subset, run_tags, start, write_csv, write_json
+from reprovision.training.fit_classifier import DeviceData, fit_classifier
 
 # metrics/<name>.json: what `dvc exp show` shows of this stage (the validation figures only when held out).
 HEADLINE = ("test_acc", "val_acc", "best_val_acc", "train_acc", "test_loss", "train_seconds")
@@ -74,7 +75,7 @@ def train(name: str, build: Builder) -> None:
     )
     if not world.is_main:
         # The other ranks train beside rank 0 and leave outputs, checkpoint and MLflow run to it.
-        fit(model, train, val, test, augmenter, cfg, lr, rng, checkpoint=CHECKPOINTS / f"{name}.pt",
+        fit_classifier(model, train, val, test, augmenter, cfg, lr, rng, checkpoint=CHECKPOINTS / f"{name}.pt",
             fingerprint=fingerprint, progress=False, world=world)
         distributed.leave(world)
         return
@@ -115,7 +116,7 @@ def train(name: str, build: Builder) -> None:
         images = {"train": len(train), **({"val": len(val)} if val is not None else {}), "test": len(test)}
         track.log_datasets(Path.cwd(), data.classifier_dataset, tags["data_sha256"], images)
         started = time.perf_counter()
-        history = fit(
+        history = fit_classifier(
             model, train, val, test, augmenter, cfg, lr, rng,
             checkpoint=CHECKPOINTS / f"{name}.pt", fingerprint=fingerprint, on_epoch=on_epoch, world=world,
         )

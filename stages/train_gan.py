@@ -20,19 +20,20 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from reprovision import cards, checkpoint, track  # noqa: E402
-from reprovision import gan_metrics as gm  # noqa: E402
+from reprovision.publish import cards  # noqa: E402
+from reprovision.core import checkpoint, track  # noqa: E402
+from reprovision.measure import gan_metrics as gm  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
-from reprovision.gan_train import gan_optimizers  # noqa: E402
-from reprovision.gan_train import train_gan as fit_gan  # noqa: E402
+from reprovision.training.fit_gan import gan_optimizers  # noqa: E402
+from reprovision.training.fit_gan import fit_gan  # noqa: E402
 from reprovision.layout import CHECKPOINTS, GAN_METRICS, GANS, METRICS, MODELS, SUMMARY  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
 from reprovision.models.gan import build_gan  # noqa: E402
 from reprovision.models.judge import LeNet  # noqa: E402
-from reprovision.pixels import to_pm1  # noqa: E402
-from reprovision.runtime import seed_everything  # noqa: E402
-from reprovision.serving import RawImageGenerator  # noqa: E402
-from reprovision.stage import load_subset, main, run_tags, start, write_csv, write_json  # noqa: E402
+from reprovision.data.pixels import to_pm1  # noqa: E402
+from reprovision.core.runtime import seed_everything  # noqa: E402
+from reprovision.publish.serving import RawImageGenerator  # noqa: E402
+from reprovision.core.stage import load_subset, main, run_tags, start, write_csv, write_json  # noqa: E402
 
 
 JUDGE_WEIGHTS = MODELS / "judge" / "model.pt"

@@ -8,13 +8,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from reprovision import cards, track  # noqa: E402
-from reprovision.judge import train_judge as fit_judge  # noqa: E402
+from reprovision.publish import cards  # noqa: E402
+from reprovision.core import track  # noqa: E402
+from reprovision.training.fit_judge import fit_judge  # noqa: E402
 from reprovision.layout import METRICS, MODELS, SUMMARY  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
-from reprovision.runtime import seed_everything  # noqa: E402
-from reprovision.serving import RawImageClassifier  # noqa: E402
-from reprovision.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
+from reprovision.core.runtime import seed_everything  # noqa: E402
+from reprovision.publish.serving import RawImageClassifier  # noqa: E402
+from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
 
 
 def train_judge() -> None:

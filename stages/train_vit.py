@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reprovision.models.vit import build_vit  # noqa: E402
-from reprovision.stage import main  # noqa: E402
+from reprovision.core.stage import main  # noqa: E402
 from train_classifier import train  # noqa: E402  (stages/train_classifier.py, beside this script)
 
 if __name__ == "__main__":

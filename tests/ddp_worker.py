@@ -1,4 +1,4 @@
-"""Trainings by train.fit on a tiny synthetic task, alone or as torchrun's ranks (test_distributed.py).
+"""Trainings by fit_classifier on a tiny synthetic task, alone or as torchrun's ranks (test_distributed.py).
 
     torchrun --nproc-per-node=2 ... tests/ddp_worker.py OUT --models vit,cnn [--checkpoints DIR] [--pause-after EPOCH]
 
@@ -20,13 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reprovision import distributed, runtime  # noqa: E402
-from reprovision.distributed import World  # noqa: E402
-from reprovision.augment import BatchAugment, Policy  # noqa: E402
+from reprovision.core import distributed, runtime  # noqa: E402
+from reprovision.core.distributed import World  # noqa: E402
+from reprovision.data.augment import BatchAugment, Policy  # noqa: E402
 from reprovision.config import CNNConfig, ViTConfig  # noqa: E402
 from reprovision.models.cnn import RefCNN  # noqa: E402
 from reprovision.models.vit import build_vit  # noqa: E402
-from reprovision.train import DeviceData, fit  # noqa: E402
+from reprovision.training.fit_classifier import DeviceData, fit_classifier  # noqa: E402
 
 CPU = torch.device("cpu")
 POLICY = Policy("tiny", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 2, True, 0.0, 1.0, 0.0, 0.2, 0.0, 8)
@@ -55,7 +55,7 @@ def train(name: str, world: World, checkpoint: Path | None = None, on_epoch=None
         cfg = CNNConfig(epochs=EPOCHS, batch_size=16, eval_batch_size=16, widths=[8, 16], hidden=16, precision="fp32")
         model = RefCNN(channels=3, num_classes=CLASSES, widths=(8, 16), hidden=16, dropout=0.0)
     train_data, test = task()
-    history = fit(model, train_data, None, test, BatchAugment(POLICY, CLASSES, rng), cfg, 1e-3, rng,
+    history = fit_classifier(model, train_data, None, test, BatchAugment(POLICY, CLASSES, rng), cfg, 1e-3, rng,
                   checkpoint=checkpoint, fingerprint="ddp-worker", on_epoch=on_epoch, progress=False, world=world)
     return {"model": model.state_dict(), "history": history, "world_size": world.size}
 

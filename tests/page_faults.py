@@ -6,7 +6,7 @@ import resource
 
 import torch
 
-from reprovision.runtime import reuse_freed_memory
+from reprovision.core.runtime import reuse_freed_memory
 
 
 def faults() -> int:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reprovision.augment import (
+from reprovision.data.augment import (
     BatchAugment,
     Policy,
     channel_stats,

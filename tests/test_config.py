@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from reprovision import track
+from reprovision.core import track
 from reprovision.config import ConfigError, Params, flatten, load_params, parse_params
-from reprovision.data import DataError, mirror_from_env
-from reprovision.runtime import resolve_device
+from reprovision.data.datasets import DataError, mirror_from_env
+from reprovision.core.runtime import resolve_device
 
 from conftest import committed_params
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import require_mirror
-from reprovision import data
-from reprovision.data import DataError
+from reprovision.data import datasets as data
+from reprovision.data.datasets import DataError
 
 SIZES = {"train": 12, "test": 6}  # CIFAR-10: per batch file
 CIFAR100_NAMES = [f"class_{i:02d}" for i in range(100)]

@@ -1,7 +1,7 @@
 """Data-parallel training with torchrun + DDP (gloo, 2 CPU processes, loopback only): the ranks train
 as one process would on the same global batches, agree with each other, repeat bit for bit and resume.
 
-Each run is tests/ddp_worker.py: train.fit on a tiny synthetic task (100 images, batches of 16, so
+Each run is tests/ddp_worker.py: fit_classifier on a tiny synthetic task (100 images, batches of 16, so
 the last batch of 4 is split 2 + 2), as the ranks of `torchrun --standalone` or in this process.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 import ddp_worker
 from reprovision.config import ConfigError, Params
-from reprovision.distributed import World, join
+from reprovision.core.distributed import World, join
 from resume import signal_below
 
 pytestmark = pytest.mark.scaleout

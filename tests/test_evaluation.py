@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
-from reprovision.evaluation import (
+from reprovision.measure.evaluation import (
     classification_metrics,
     confusion_records,
     misclassified_grid,
@@ -22,7 +22,7 @@ from reprovision.evaluation import (
     plot_per_class_accuracy,
     predict,
 )
-from reprovision.heatmaps import attention_rollout, grad_cam, rollout, save_heatmap_grid
+from reprovision.measure.heatmaps import attention_rollout, grad_cam, rollout, save_heatmap_grid
 from reprovision.models.cnn import RefCNN
 from reprovision.models.resnet import resnet18_cifar
 from reprovision.models.vit import ViT

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from reprovision.config import JudgeConfig
-from reprovision.gan_metrics import (
+from reprovision.measure.gan_metrics import (
     class_coverage,
     frechet_distance,
     gan_quality,
@@ -18,8 +18,8 @@ from reprovision.gan_metrics import (
     save_neighbour_grid,
     save_progression_gif,
 )
-from reprovision.judge import train_judge
-from reprovision.pixels import to_pm1
+from reprovision.training.fit_judge import fit_judge
+from reprovision.data.pixels import to_pm1
 from reprovision.models.judge import LeNet
 
 CPU = torch.device("cpu")
@@ -185,7 +185,7 @@ def test_train_judge_learns_a_toy_task_and_is_deterministic_given_the_generator(
     def run(seed: int, epochs: int = 3):
         gen = torch.Generator().manual_seed(seed)
         cfg = JudgeConfig(epochs=epochs, batch_size=32, lr=3e-3)
-        return train_judge(train_x, train_y, test_x, test_y, cfg, CPU, gen, progress=False)
+        return fit_judge(train_x, train_y, test_x, test_y, cfg, CPU, gen, progress=False)
 
     model, history = run(0)
     assert not model.training
@@ -205,7 +205,7 @@ def test_train_judge_learns_a_toy_task_and_is_deterministic_given_the_generator(
 def test_train_judge_rejects_scaled_images():
     x, y = striped_digits(10, seed=0)
     with pytest.raises(ValueError, match="uint8"):
-        train_judge(to_pm1(x), y, x, y, JudgeConfig(), CPU, torch.Generator(), progress=False)
+        fit_judge(to_pm1(x), y, x, y, JudgeConfig(), CPU, torch.Generator(), progress=False)
 
 
 # ------------------------------------------------------------------------------- pictures

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import dvc, pipeline_env
-from reprovision.gan_train import train_gan
+from reprovision.training.fit_gan import fit_gan
 from reprovision.models.gan import MLPDiscriminator, MLPGenerator
 from resume import checkpoint_state, set_params, signal_below
 
@@ -59,7 +59,7 @@ def run(checkpoint: Path | None, fingerprint: str = "fp", kill_after: int = 0, e
         seen.append((epoch, {k: v for k, v in row.items() if k != "epoch_seconds"}))
 
     try:
-        history = train_gan(
+        history = fit_gan(
             gen, disc, opt_g, opt_d, images, LATENT, 16, EPOCHS, rng, on_epoch, progress=False,
             checkpoint=checkpoint, fingerprint=fingerprint, extra=extra, on_resume=on_resume,
         )

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from reprovision import runtime
-from reprovision.graphs import CapturedStep, capturable
-from reprovision.optim import SAM
+from reprovision.core import runtime
+from reprovision.core.graphs import CapturedStep, capturable
+from reprovision.training.optim import SAM
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -179,7 +179,7 @@ def test_judge_learns() -> None:
 
 
 def test_the_dcgan_card_names_its_width() -> None:
-    from reprovision.cards import gan_card
+    from reprovision.publish.cards import gan_card
 
     metrics = {"g_params": 1, "d_params": 1, "n": 2, "fid": 1.0}
     reference = gan_card("dcgan", Params(), metrics)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from reprovision.config import CNNConfig, ViTConfig
-from reprovision.optim import SAM, build_optimizer, build_scheduler, clip_gradients
+from reprovision.training.optim import SAM, build_optimizer, build_scheduler, clip_gradients
 
 CPU = torch.device("cpu")
 

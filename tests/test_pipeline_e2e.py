@@ -25,8 +25,8 @@ import requests
 import yaml
 
 from conftest import _new_copy, dvc, exp_run, pipeline_env, sh
-from reprovision.data import load_split, stratified_subset
-from reprovision.registry import read_champion
+from reprovision.data.datasets import load_split, stratified_subset
+from reprovision.publish.registry import read_champion
 from pipeline import (
     ALL_STAGES, agree_with_the_other_clone, all_runs, fingerprints, metric_columns, outputs_sha256, stages_cached,
     stages_run, tiny_parameters, training_runs,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reprovision.runtime import cpu_kernels
+from reprovision.core.runtime import cpu_kernels
 
 from conftest import TINY, _new_copy, dvc, exp_run, pipeline_env, sh
 from imports import closure

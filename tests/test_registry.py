@@ -8,7 +8,7 @@ import json
 import mlflow
 import pytest
 
-from reprovision import registry
+from reprovision.publish import registry
 
 
 def test_validation_accuracy_decides_even_against_the_test_set():
@@ -71,7 +71,7 @@ def test_the_alias_moves_to_the_new_champion_and_leaves_the_old_one(tmp_path, st
 
 
 def test_without_a_validation_split_promote_moves_no_alias_and_says_why(tmp_path, store, monkeypatch, capsys):
-    from reprovision import cli
+    from reprovision.tools import cli
 
     uri, client = store
     write_checkout(tmp_path, {"vit": 0.7, "cnn": 0.5}, {"vit": "1", "cnn": "1"}, uri)

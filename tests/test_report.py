@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from reprovision import registry, report
+from reprovision.publish import registry, report
 
 CHROMIUM = Path("/usr/bin/chromium")
 RUN_IDS = {"vit": "a" * 32, "cnn": "b" * 32, "mlp": "c" * 32, "dcgan": "d" * 32, "judge": "e" * 32}

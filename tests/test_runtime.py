@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from reprovision import checkpoint, runtime
-from reprovision.augment import BatchAugment, Policy
+from reprovision.core import checkpoint, runtime
+from reprovision.data.augment import BatchAugment, Policy
 from reprovision.config import CNNConfig
-from reprovision.data import DataError, validation_split
+from reprovision.data.datasets import DataError, validation_split
 from reprovision.models.cnn import RefCNN
-from reprovision.train import DeviceData, fit
+from reprovision.training.fit_classifier import DeviceData, fit_classifier
 
 CPU = torch.device("cpu")
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def _train(precision: str) -> dict[str, torch.Tensor]:
     cfg = CNNConfig(epochs=2, batch_size=16, precision=precision, widths=[8, 16], hidden=16)
     rng = runtime.seed_everything(0, CPU)
     model = RefCNN(channels=3, num_classes=4, widths=(8, 16), hidden=16)
-    fit(model, DeviceData(x[:48], y[:48]), DeviceData(x[48:56], y[48:56]), DeviceData(x[56:], y[56:]),
+    fit_classifier(model, DeviceData(x[:48], y[:48]), DeviceData(x[48:56], y[48:56]), DeviceData(x[56:], y[56:]),
         BatchAugment(policy, 4, rng), cfg, 1e-3, rng, progress=False)
     return model.state_dict()
 
@@ -97,7 +97,7 @@ def test_fingerprint_knows_threads_and_precision():
 def test_fingerprint_knows_the_cpu_kernels():
     """A checkpoint made with one instruction set of CPU kernels is not resumed with another: float
     sums differ between them (ATEN_CPU_CAPABILITY lowers torch's own kernels, here to the plain ones)."""
-    script = "from reprovision import checkpoint, runtime; print(runtime.cpu_kernels(), checkpoint.fingerprint('p', 'd', 1, 'fp32'))"
+    script = "from reprovision.core import checkpoint, runtime; print(runtime.cpu_kernels(), checkpoint.fingerprint('p', 'd', 1, 'fp32'))"
 
     def kernels_and_fingerprint(**env: str) -> tuple[str, str]:
         clean = {name: "" for name in runtime.KERNEL_VARIABLES}  # whatever the shell running the tests set
@@ -116,7 +116,7 @@ def test_fingerprint_knows_the_cpu_kernels():
 def test_fingerprint_is_the_same_in_a_clone_elsewhere_and_knows_the_code(tmp_path):
     """What lets a run resume on another machine from a copied checkpoint: the fingerprint reads the
     code's content, not where the clone lives; a changed module (or stage script) is another run."""
-    script = "from reprovision import checkpoint; print(checkpoint.fingerprint('params', 'data', 1, 'fp32'))"
+    script = "from reprovision.core import checkpoint; print(checkpoint.fingerprint('params', 'data', 1, 'fp32'))"
 
     def clone_at(folder: Path) -> Path:
         shutil.copytree(ROOT / "src" / "reprovision", folder / "src" / "reprovision", ignore=shutil.ignore_patterns("__pycache__"))
@@ -132,7 +132,7 @@ def test_fingerprint_is_the_same_in_a_clone_elsewhere_and_knows_the_code(tmp_pat
     here, there = clone_at(tmp_path / "a"), clone_at(tmp_path / "somewhere" / "else")
     original = fingerprint_in(here)
     assert fingerprint_in(there) == original
-    with (there / "src" / "reprovision" / "checkpoint.py").open("a") as fh:
+    with (there / "src" / "reprovision" / "core" / "checkpoint.py").open("a") as fh:
         fh.write("# an edit\n")
     assert fingerprint_in(there) != original
     (tmp_path / "a" / "stages" / "fingerprint.py").write_text(script + "  # the stage script edited\n")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from reprovision import cli, server, track
+from reprovision.tools import cli, server
+from reprovision.core import track
 
 
 @pytest.fixture

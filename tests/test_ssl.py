@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from reprovision.augment import Policy
+from reprovision.data.augment import Policy
 from reprovision.config import Params, ProbeConfig
 from reprovision.models.cnn import build_encoder
-from reprovision.probe import extract_features, probe_accuracy
-from reprovision.simclr import SimCLR, ViewParams, nt_xent, pretrain, two_views
+from reprovision.measure.probe import extract_features, probe_accuracy
+from reprovision.training.fit_simclr import SimCLR, ViewParams, nt_xent, fit_simclr, two_views
 
 POLICY = Policy("cifar10", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 4, True, 0.0, 1.0, 0.0, 0.2, 0.0, 8)
 
@@ -105,7 +105,7 @@ def test_pretraining_resumes_to_the_uninterrupted_result(tmp_path, capsys):
                 raise Stop
 
         try:
-            history = pretrain(model, images, POLICY, params.ssl, g, checkpoint=path, fingerprint="fp", on_epoch=on_epoch, progress=False)
+            history = fit_simclr(model, images, POLICY, params.ssl, g, checkpoint=path, fingerprint="fp", on_epoch=on_epoch, progress=False)
         except Stop:
             return None, None
         return history, model.state_dict()
@@ -128,8 +128,8 @@ def test_pretraining_beats_the_random_floor_on_real_images(tmp_path, stage_mirro
     the wrong expectation for it. The linear probe gains too, but by less than its noise at this size
     (measured: +1.1 points on one thread, +3.6 on two; 1,000 test images, standard error ~1.5), so
     this test does not assert it; 15 epochs on 10,000 images gave +7.9 (README)."""
-    from reprovision import data
-    from reprovision.augment import make_policy
+    from reprovision.data import datasets as data
+    from reprovision.data.augment import make_policy
 
     data.fetch_dataset("cifar10", tmp_path, stage_mirror)
     train, test = data.load_split(tmp_path, "cifar10", "train"), data.load_split(tmp_path, "cifar10", "test")
@@ -151,7 +151,7 @@ def test_pretraining_beats_the_random_floor_on_real_images(tmp_path, stage_mirro
     torch.manual_seed(0)
     encoder, features = build_encoder(params.ssl, channels=3)
     floor = probe(encoder)
-    pretrain(SimCLR(encoder, features=features, hidden=128, out=64), unlabelled, policy, params.ssl,
+    fit_simclr(SimCLR(encoder, features=features, hidden=128, out=64), unlabelled, policy, params.ssl,
              torch.Generator().manual_seed(0), progress=False)
     pretrained = probe(encoder)
     print(f"random weights {floor}, after SimCLR {pretrained}")

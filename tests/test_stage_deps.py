@@ -44,8 +44,7 @@ def test_every_library_file_belongs_to_some_stage():
     used = set().union(*(imported(stage) for stage in DVC_YAML.values()))
     library = {str(p.relative_to(ROOT)) for p in (ROOT / "src" / "reprovision").rglob("*.py")}
     # Tools around the pipeline, run by `reprovision <command>` or `make`, never inside a stage.
-    tools = {f"src/reprovision/{name}.py" for name in ("cli", "reproduce", "server", "study", "tune", "worker")}
-    tools |= {str(p.relative_to(ROOT)) for p in (ROOT / "src" / "reprovision" / "tools").rglob("*.py")}
+    tools = {str(p.relative_to(ROOT)) for p in (ROOT / "src" / "reprovision" / "tools").rglob("*.py")}
     assert library - used == tools
 
 
@@ -54,7 +53,7 @@ def test_stages_import_only_the_architectures_they_run():
     vit, cnn, gan = (imported(DVC_YAML[stage]) for stage in ("train-vit", "train-cnn", "train-gan"))
     assert vit & set(models.values()) == {models["vit"]}
     assert cnn & set(models.values()) == {models["cnn"], models["resnet"]}  # resnet.py: only when cnn.arch asks for it
-    assert gan & set(models.values()) == {models["gan"], models["judge"]} and "src/reprovision/train.py" not in gan
+    assert gan & set(models.values()) == {models["gan"], models["judge"]} and "src/reprovision/training/fit_classifier.py" not in gan
 
 
 def test_a_lazy_import_counts(tmp_path):
@@ -77,8 +76,8 @@ def test_make_deps_writes_what_this_checks(tmp_path):
 
     current = (ROOT / "dvc.yaml").read_text()
     assert deps.rewrite(ROOT, current) == (current, [])
-    damaged = current.replace("      - src/reprovision/graphs.py\n", "", 1).replace(
-        "      - stages/augment.py\n", "      - stages/augment.py\n      - src/reprovision/report.py\n", 1)
+    damaged = current.replace("      - src/reprovision/core/graphs.py\n", "", 1).replace(
+        "      - stages/augment.py\n", "      - stages/augment.py\n      - src/reprovision/publish/report.py\n", 1)
     (tmp_path / "dvc.yaml").write_text(damaged)
     for name in ("src", "stages"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

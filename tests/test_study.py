@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from reprovision import cli, track
-from reprovision.study import StudyError, best_settings, data_size_commands, run_study, write_study
+from reprovision.tools import cli
+from reprovision.core import track
+from reprovision.tools.study import StudyError, best_settings, data_size_commands, run_study, write_study
 
 # Final validation accuracy of each fabricated run: (model, lr, train_fraction) -> one value per seed.
 # ViT is best at lr 4e-4 (mean of two seeds, 0.60), CNN at 1e-3; both grow with the training set.

@@ -32,7 +32,7 @@ from conftest import TINY, copy_repo, dvc, pipeline_env, sh
 from pipeline import stages_cached, stages_run
 from test_report import chromium
 
-from reprovision import track
+from reprovision.core import track
 
 pytestmark = pytest.mark.scaleout
 
@@ -86,7 +86,7 @@ def test_a_teammate_logs_runs_models_and_figures_to_postgres_and_s3_with_a_login
     from torch import nn
 
     from reprovision.config import Params
-    from reprovision.serving import RawImageClassifier
+    from reprovision.publish.serving import RawImageClassifier
 
     database, store, server = team
     experiment = "team-vit"  # through MLFLOW_EXPERIMENT_NAME, as a team would pick its own

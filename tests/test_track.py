@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from reprovision import track
+from reprovision.core import track
 
 
 def test_project_root_sees_through_dvc_temporary_copies(tmp_path):
@@ -91,7 +91,7 @@ def test_the_experiment_is_mlflow_experiment_name_when_set(monkeypatch):
 
 def test_reproducing_an_unknown_run_id_is_one_clear_error(tmp_path, monkeypatch):
     """`reprovision reproduce <a run id the store lacks>` names the id and the store, no MLflow traceback."""
-    from reprovision.reproduce import ReproduceError, reproduce
+    from reprovision.tools.reproduce import ReproduceError, reproduce
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

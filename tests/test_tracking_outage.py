@@ -24,7 +24,8 @@ import pytest
 from conftest import dvc, pipeline_env
 from resume import checkpoint_state, history, set_params, sha256, signal_below
 
-from reprovision import server, track
+from reprovision.tools import server
+from reprovision.core import track
 
 # 2,500 images: an epoch of about a second, so that the test sees epoch 2 checkpointed before epoch 3
 # ends (with 500 images a quiet machine ran epochs so fast that it noticed epoch 2 two epochs late).
@@ -119,7 +120,7 @@ def cnn_runs(uri: str) -> list:
 
 
 def test_bounds_are_defaults_the_environment_overrides():
-    code = "import os, reprovision.track; print(os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES'], os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT'])"
+    code = "import os, reprovision.core.track; print(os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES'], os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT'])"
     env = {**stage_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["7", track.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"]]

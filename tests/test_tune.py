@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from conftest import committed_params
-from reprovision import track
-from reprovision.tune import TrialFailed, TuneError, check_overrides, read_history, tune, yaml_number
+from reprovision.core import track
+from reprovision.tools.tune import TrialFailed, TuneError, check_overrides, read_history, tune, yaml_number
 
 
 # Stands in for `dvc exp run -n NAME -S k=v ... train-vit`: like dvc, it starts the training as a
@@ -157,7 +157,7 @@ def test_numbers_and_overrides_are_checked_before_any_trial(workspace):
 
 KILLED_SEARCH = '''
 import sys
-from reprovision import tune
+from reprovision.tools import tune
 tune.HEARTBEAT_S, tune.GRACE_S = 1, 2
 fake = lambda exp_name, sets: [sys.executable, "fake_dvc.py", "dvc", exp_name, *sets]
 tune.tune("vit", trials=4, epochs=3, sets=["data.val_fraction=0.1"], name="k", command=fake, poll=0.05)
@@ -186,8 +186,8 @@ def test_a_killed_search_resumes_from_its_database(workspace, monkeypatch, capsy
             os.kill(pid, signal.SIGKILL)
     assert (workspace / "optuna.db").exists()
 
-    monkeypatch.setattr("reprovision.tune.HEARTBEAT_S", 1)
-    monkeypatch.setattr("reprovision.tune.GRACE_S", 2)
+    monkeypatch.setattr("reprovision.tools.tune.HEARTBEAT_S", 1)
+    monkeypatch.setattr("reprovision.tools.tune.GRACE_S", 2)
     time.sleep(3)  # the killed trial's heartbeat is now older than GRACE_S
     study = tune("vit", trials=4, epochs=3, sets=["data.val_fraction=0.1"], name="k", command=fake_dvc, poll=0.05)
     states = {t.number: t.state for t in study.trials}

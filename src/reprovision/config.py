@@ -193,7 +193,7 @@ class CNNConfig(TrainConfig):
 
 
 class SSLConfig(Section):
-    """Self-supervised pre-training of an encoder (SimCLR, simclr.py) on the classifier dataset's training
+    """Self-supervised pre-training of an encoder (SimCLR, training/fit_simclr.py) on the classifier dataset's training
     images without their labels; the linear-probe stage measures it. Defaults: SimCLR's CIFAR-10 recipe
     with a small-batch optimiser (Adam) and R4's ResNet-18; `arch: refcnn` takes R3's CNN layout instead."""
 

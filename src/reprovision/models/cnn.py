@@ -65,7 +65,7 @@ class RefCNN(nn.Module):
 def build_cnn(cfg, *, num_classes: int, channels: int, image_size: int) -> nn.Module:
     """The CNN that the `cnn` section of params.yaml describes: `arch` refcnn (R3) or resnet18 (R4)."""
     if cfg.arch == "resnet18":
-        from .resnet import resnet18_cifar  # torchvision is imported only when ResNet-18 is asked for
+        from reprovision.models.resnet import resnet18_cifar  # torchvision is imported only when ResNet-18 is asked for
 
         return resnet18_cifar(num_classes=num_classes, channels=channels)
     # params.yaml's check (config.py) already matched len(widths) to image_size.
@@ -83,7 +83,7 @@ def build_encoder(cfg, *, channels: int) -> tuple[nn.Module, int]:
     """(encoder, feature size): the CNN that `cfg` (the `ssl` section: arch, widths, convs_per_block)
     describes, without its classifier: images in, globally pooled features out."""
     if cfg.arch == "resnet18":
-        from .resnet import resnet18_cifar
+        from reprovision.models.resnet import resnet18_cifar
 
         model = resnet18_cifar(channels=channels)
         features = model.fc.in_features

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .compat import import_torchvision
-from .config import AugmentConfig
+from reprovision.core.compat import import_torchvision
+from reprovision.config import AugmentConfig
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import Params
-from .layout import CHECKPOINTS, PREPARED
+from reprovision.config import Params
+from reprovision.layout import CHECKPOINTS, PREPARED
 
 DEFAULT_EXPERIMENT = "reprovision"
 RESOLVED_PARAMS = "resolved_params.json"

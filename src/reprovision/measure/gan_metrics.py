@@ -29,8 +29,8 @@ from PIL import Image
 from scipy.stats import entropy
 from torch import Tensor, nn
 
-from .compat import import_torchvision
-from .models.judge import LeNet
+from reprovision.core.compat import import_torchvision
+from reprovision.models.judge import LeNet
 
 import_torchvision()  # before torchmetrics too: its image package imports torchvision
 from torchmetrics.image.fid import FrechetInceptionDistance  # noqa: E402

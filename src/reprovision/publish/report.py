@@ -26,15 +26,15 @@ from markupsafe import Markup, escape
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from . import track
-from .config import Params, load_params
-from .registry import read_champion, read_records, why_no_champion
-from .layout import (
+from reprovision.core import track
+from reprovision.config import Params, load_params
+from reprovision.publish.registry import read_champion, read_records, why_no_champion
+from reprovision.layout import (
     CLASSIFIERS, CURVES, EVAL_METRICS, FIGURES, GAN_METRICS, GAN_MODELS, GANS, LABELS, MANIFEST, METRICS, MODELS, PARAMS,
     REFERENCE_SCALE, REPORTS, RUN_REF, SSL_SIZE_STUDY, SUMMARY,
 )
-from .palette import COLOURS
-from .references import REFERENCE, midpoint
+from reprovision.publish.palette import COLOURS
+from reprovision.publish.references import REFERENCE, midpoint
 
 # report.md.j2, report.html.j2 and the CSS the HTML inlines; package data in a wheel (pyproject.toml).
 # Found beside this module, which works in a checkout and any install (PackageLoader trips on some

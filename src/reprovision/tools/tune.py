@@ -49,10 +49,10 @@ from typing import Callable, Sequence
 import optuna
 import yaml
 
-from . import track
-from .config import PARAMS_FILE, ConfigError, Params, parse_params, with_overrides
-from .layout import CLASSIFIERS, METRICS
-from .study import executable
+from reprovision.core import track
+from reprovision.config import PARAMS_FILE, ConfigError, Params, parse_params, with_overrides
+from reprovision.layout import CLASSIFIERS, METRICS
+from reprovision.tools.study import executable
 
 POLL_SECONDS = 2.0
 STORAGE_FILE = "optuna.db"  # the default storage, in the workspace

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import Params
+from reprovision.config import Params
 
 
 def _table(metrics: dict) -> str:

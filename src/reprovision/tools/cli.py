@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from .layout import STUDY
+from reprovision.layout import STUDY
 
 
 def _server(args: argparse.Namespace) -> int:
-    from . import server
-    from .track import project_root, server_uri
+    from reprovision.tools import server
+    from reprovision.core.track import project_root, server_uri
 
     if args.action == "start":
         try:
@@ -32,7 +32,7 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import ReproduceError, reproduce
+    from reprovision.tools.reproduce import ReproduceError, reproduce
 
     try:
         return reproduce(args.run_id, args.dry_run)
@@ -53,7 +53,7 @@ def _fractions(text: str) -> list[float]:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from . import study
+    from reprovision.tools import study
 
     try:
         if args.queue_data_size or args.queue_ssl_size:
@@ -70,7 +70,7 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from . import tune
+    from reprovision.tools import tune
 
     try:
         tune.tune(args.model, args.trials, args.epochs, args.set, args.timeout, args.name, args.seed, storage=args.storage)
@@ -81,7 +81,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _exp_worker(args: argparse.Namespace) -> int:
-    from . import worker
+    from reprovision.tools import worker
 
     try:
         worker.run(args.origin, args.name, args.set, args.targets, rev=args.rev, workdir=args.workdir)
@@ -92,7 +92,8 @@ def _exp_worker(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from . import registry, track
+    from reprovision.publish import registry
+    from reprovision.core import track
 
     root = track.project_root()
     champion = registry.read_champion(root)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     srv = sub.add_parser("mlflow-server", help="start/stop the MLflow server used for parallel experiments or by a team",
                          description="Default: the repository's mlflow.db and mlartifacts/ on 127.0.0.1, no login. "
                          "A team server: --host <LAN address> --port 5000 --auth --backend-store-uri postgresql+psycopg://... "
-                         "--artifacts-destination s3://... (see src/reprovision/server.py and README 'Team setup').")
+                         "--artifacts-destination s3://... (see src/reprovision/tools/server.py and README 'Team setup').")
     srv.add_argument("action", choices=["start", "stop", "status"])
     srv.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
     srv.add_argument("--host", default="127.0.0.1",

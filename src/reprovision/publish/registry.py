@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .layout import CLASSIFIERS, LABELS, METRICS, MODELS, REGISTERED_MODELS, RUN_REF, SUMMARY
+from reprovision.layout import CLASSIFIERS, LABELS, METRICS, MODELS, REGISTERED_MODELS, RUN_REF, SUMMARY
 
 CHAMPION = "champion"
 NO_VALIDATION = (

@@ -10,7 +10,7 @@ import random
 import numpy as np
 import torch
 
-from .config import ConfigError
+from reprovision.config import ConfigError
 
 
 def resolve_device(requested: str) -> torch.device:

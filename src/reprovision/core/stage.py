@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from . import track
-from .config import ConfigError, Params, load_params
-from .data import DataError, data_sha256, load_split, stratified_subset
-from .layout import PREPARED
+from reprovision.core import track
+from reprovision.config import ConfigError, Params, load_params
+from reprovision.data.datasets import DataError, data_sha256, load_split, stratified_subset
+from reprovision.layout import PREPARED
 
 # torch is imported where it is used: check-params and fetch-data compute nothing with it, and
 # importing it costs ~1.3 s of CPU (measured), which check-params would pay on every `dvc exp run`.
@@ -39,7 +39,7 @@ class Context:
 
 
 def start(stage: str) -> Context:
-    from .runtime import apply_threads, resolve_device, reuse_freed_memory
+    from reprovision.core.runtime import apply_threads, resolve_device, reuse_freed_memory
 
     params = load_params()
     device = resolve_device(params.device)
@@ -60,7 +60,7 @@ def main(stage: Callable[..., None], *args) -> None:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     except RuntimeError as err:  # an op with no deterministic kernel: one line naming it and the opt-out
-        from .runtime import nondeterministic_op
+        from reprovision.core.runtime import nondeterministic_op
 
         explained = nondeterministic_op(err)
         if explained is None:
@@ -94,7 +94,7 @@ def run_tags(ctx: Context, dataset: str) -> dict[str, str]:
     """Tags every training run carries: where it ran and on exactly which data and params."""
     import torch
 
-    from .runtime import cpu_kernels
+    from reprovision.core.runtime import cpu_kernels
 
     device = ctx.device
     return {

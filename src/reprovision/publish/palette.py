@@ -2,7 +2,7 @@
 
 import seaborn as sns
 
-from .layout import CLASSIFIERS, GANS, LABELS
+from reprovision.layout import CLASSIFIERS, GANS, LABELS
 
 # Keyed by label, as the charts' legends are.
 COLOURS = dict(zip((LABELS[m] for m in (*CLASSIFIERS, *GANS)), sns.color_palette("deep")))

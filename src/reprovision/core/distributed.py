@@ -6,7 +6,7 @@ run with N = 1 pays nothing for this module. Launched by torchrun by hand (multi
 rendezvous, README "Team setup"), the stage finds torchrun's RANK / WORLD_SIZE / LOCAL_RANK and
 checks them against `dist.nnodes x dist.nproc`, so that params.yaml always says how the result was made.
 
-How the ranks split the work (train.fit): every rank draws the same permutation and the same
+How the ranks split the work (training/fit_classifier.py): every rank draws the same permutation and the same
 augmentation from the same seeded generator, so each holds the global batch one process would
 train on, and keeps its contiguous share of it. DDP averages the ranks' gradients; the loss of a
 share is scaled so that the average is the gradient of the global batch's mean loss even when the
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from reprovision.config import ConfigError
 
 # What torchrun sets in every worker's environment.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")

@@ -45,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from .track import SERVER_STATE, project_root, server_uri
+from reprovision.core.track import SERVER_STATE, project_root, server_uri
 
 # MLflow's own variables for the admin account the auth app creates on first start (see above).
 ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"

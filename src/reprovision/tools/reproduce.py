@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from .track import RESOLVED_PARAMS, project_root, tracking_uri
+from reprovision.core.track import RESOLVED_PARAMS, project_root, tracking_uri
 
 TIMING = {"epoch_seconds", "wall_seconds", "train_seconds", "s_per_epoch", "total_seconds"}
 REPRODUCES_ENV = "REPROVISION_REPRODUCES"  # track.stage_run tags the new run with the run it replays

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
-from .graphs import CapturedStep, capturable
-from .pixels import to_pm1
+from reprovision.core import checkpoint as ckpt
+from reprovision.core.graphs import CapturedStep, capturable
+from reprovision.data.pixels import to_pm1
 
 
 def gan_optimizers(
@@ -40,7 +40,7 @@ def gan_optimizers(
     )
 
 
-def train_gan(
+def fit_gan(
     generator_net: torch.nn.Module,
     discriminator: torch.nn.Module,
     opt_g: torch.optim.Optimizer,

@@ -8,7 +8,7 @@ encoder as in BYOL, no stop-gradient asymmetry as in SimSiam), a loss that can b
   style of augment.py): random resized crop with a flip (one `grid_sample`), colour jitter and
   grayscale, every parameter drawn per image from one `torch.Generator`.
 - `nt_xent`: the normalised-temperature cross-entropy over the 2N views of a batch.
-- `pretrain`: the loop, checkpointed every epoch and resumed bit for bit (as train.fit).
+- `fit_simclr`: the loop, checkpointed every epoch and resumed bit for bit (as fit_classifier).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
-from .augment import Policy
-from .config import SSLConfig
-from .runtime import autocast_dtype
+from reprovision.core import checkpoint as ckpt
+from reprovision.data.augment import Policy
+from reprovision.config import SSLConfig
+from reprovision.core.runtime import autocast_dtype
 
 # RGB -> YIQ: a hue shift is a rotation of the (I, Q) chroma plane, a linear op on the whole batch
 # (the usual approximation of rotating H in HSV, e.g. Pillow's and TensorFlow's image ops differ too).
@@ -151,7 +151,7 @@ def build_optimizer(model: nn.Module, cfg: SSLConfig) -> torch.optim.Optimizer:
     return optimizer(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def pretrain(
+def fit_simclr(
     model: SimCLR,
     images: torch.Tensor,
     policy: Policy,

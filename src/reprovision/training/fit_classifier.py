@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
-from .augment import BatchAugment
-from .config import TrainConfig
-from .distributed import World, sum_over_ranks, sync_buffers, wrap
-from .graphs import CapturedStep, capturable
-from .optim import SAM, build_optimizer, build_scheduler, clip_gradients
-from .runtime import attention_kernels, autocast_dtype, compiled_for_determinism
+from reprovision.core import checkpoint as ckpt
+from reprovision.data.augment import BatchAugment
+from reprovision.config import TrainConfig
+from reprovision.core.distributed import World, sum_over_ranks, sync_buffers, wrap
+from reprovision.core.graphs import CapturedStep, capturable
+from reprovision.training.optim import SAM, build_optimizer, build_scheduler, clip_gradients
+from reprovision.core.runtime import attention_kernels, autocast_dtype, compiled_for_determinism
 
 
 @dataclass
@@ -69,7 +69,7 @@ def evaluate(
     return {"loss": loss_sum.item() / len(data), "acc": correct.item() / len(data)}
 
 
-def fit(
+def fit_classifier(
     model: torch.nn.Module,
     train: DeviceData,
     val: DeviceData | None,

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import JudgeConfig
-from .models.judge import LeNet
-from .pixels import to_pm1
+from reprovision.config import JudgeConfig
+from reprovision.models.judge import LeNet
+from reprovision.data.pixels import to_pm1
 
 IMAGE_SHAPE = (1, 28, 28)
 EVAL_BATCH = 1000
@@ -39,7 +39,7 @@ def _evaluate(model: LeNet, x: Tensor, y: Tensor) -> tuple[float, float]:
     return loss / len(x), correct / len(x)
 
 
-def train_judge(
+def fit_judge(
     train_x: Tensor,
     train_y: Tensor,
     test_x: Tensor,

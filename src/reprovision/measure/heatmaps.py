@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .evaluation import images_hwc, new_figure, save_figure, show_image
+from reprovision.measure.evaluation import images_hwc, new_figure, save_figure, show_image
 
 
 def _check_images(x: Tensor) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .runtime import cpu_kernels
+from reprovision.core.runtime import cpu_kernels
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent.parent  # reprovision/, of which this is core/checkpoint.py
 
 
 def code_digest() -> str:
@@ -34,7 +34,9 @@ def code_digest() -> str:
             files.add(Path(path).resolve())
     h = hashlib.sha256()
     for path in sorted(files):
-        h.update(path.name.encode() + path.read_bytes())
+        # Named relative to src/ (two sub-packages may each have an __init__.py), never by where the clone lives.
+        name = path.relative_to(PACKAGE.parent).as_posix() if path.is_relative_to(PACKAGE.parent) else path.name
+        h.update(name.encode() + path.read_bytes())
     return h.hexdigest()
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR, StepLR
 
-from .config import TrainConfig
+from reprovision.config import TrainConfig
 
 
 class SAM(torch.optim.Optimizer):

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import Policy, normalize
-from .config import ProbeConfig
+from reprovision.data.augment import Policy, normalize
+from reprovision.config import ProbeConfig
 
 
 @torch.no_grad()

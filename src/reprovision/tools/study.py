@@ -56,9 +56,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from . import track
-from .layout import LABELS, SSL_SIZE_STUDY, STUDY
-from .palette import COLOURS
+from reprovision.core import track
+from reprovision.layout import LABELS, SSL_SIZE_STUDY, STUDY
+from reprovision.publish.palette import COLOURS
 
 CLASSIFIER_STAGES = ("train-vit", "train-cnn")
 PROBE_METRICS = ("probe_test", "knn_test", "random_probe_test", "random_knn_test", "probe_val", "random_probe_val")
@@ -148,7 +148,7 @@ def write_ssl_size_study(table: pd.DataFrame, out: Path = STUDY, source: str = "
     """ssl_size.csv, probe_vs_pretraining_images.png and ssl_size.md; returns the md path. Nothing is chosen
     here: the plot shows test accuracy against the pre-training-set size, as R4's figure does. `record`:
     also write the rows to benchmarks/ssl_size_study.json, which the report stage shows (commit it)."""
-    from .report import SSL_SIZE_SERIES, ssl_size_chart
+    from reprovision.publish.report import SSL_SIZE_SERIES, ssl_size_chart
 
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "ssl_size.csv", index=False)
@@ -382,7 +382,7 @@ def check_sets(sets: Sequence[str]) -> None:
     """Every `--set key=value` well formed, and params.yaml valid with them, before anything is queued."""
     import yaml
 
-    from .config import PARAMS_FILE, ConfigError, parse_params, with_overrides
+    from reprovision.config import PARAMS_FILE, ConfigError, parse_params, with_overrides
 
     if not sets:
         return
