@@ -51,13 +51,12 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from reprovision.data.augment import make_policy, normalize
-from reprovision.config import DATASET_SHAPES, ConfigError, Params, parse_params
+from reprovision.config import CLASSIFIER_LABELS, DATASET_SHAPES, ConfigError, Params, parse_params
 from reprovision.data.datasets import stratified_subset
 from reprovision.training.fit_gan import gan_optimizers, fit_gan
 from reprovision.models import count_parameters
-from reprovision.models.cnn import build_cnn
+from reprovision.models.classifiers import FAMILIES
 from reprovision.models.gan import build_gan
-from reprovision.models.vit import build_vit
 from reprovision.publish.references import REFERENCE, midpoint
 from reprovision.core.runtime import attention_kernels, autocast_dtype, compiled_for_determinism, cpu_has_native_bf16, resolve_device, seed_everything
 from reprovision.training.fit_classifier import DeviceData, fit_classifier
@@ -66,14 +65,12 @@ from reprovision.training.fit_classifier import DeviceData, fit_classifier
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
 from train_classifier import setup as classifier_setup  # noqa: E402
 
-BUILDERS = {"vit": build_vit, "cnn": build_cnn}
-
 # Seconds per epoch the references reported on their own hardware (reprovision/publish/references.py), a
 # range taken as its middle; None where the source reported none (R1's MLP GAN).
 REFERENCE_S_PER_EPOCH: dict[str, float | None] = {m: midpoint(ref.get("s_per_epoch")) for m, ref in REFERENCE.items()}
 # The issue's back-of-envelope training cost, GFLOP per image (forward + backward).
 ISSUE_GFLOP_PER_IMAGE: dict[str, float | None] = {"vit": 2.1, "cnn": 1.25, "dcgan": None, "mlp": None}
-CLASSIFIERS = ("vit", "cnn")
+CLASSIFIERS = tuple(FAMILIES)
 FLOP_BATCH = 16  # FLOPs are linear in the batch: a small batch keeps the count cheap on a CPU
 # 200 CIFAR-10 train images, 100 test images, 1 epoch, <= 5 GAN steps: about 3 minutes on 2 vCPUs.
 CPU_MODE = {"train_fraction": 0.004, "test_fraction": 0.01, "epochs": 1, "gan_steps": 5}
@@ -266,7 +263,7 @@ def train_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], d
     train_x, train_y = subset(arrays, "train", params.data.train_fraction, params.seed, device)
     test_x, test_y = subset(arrays, "test", params.data.test_fraction, params.seed, device)
     policy = make_policy(params.data.classifier_dataset, params.augment, train_x)
-    model, train, val, augmenter = classifier_setup(name, BUILDERS[name], params, device, rng, train_x, train_y, policy)
+    model, train, val, augmenter = classifier_setup(FAMILIES[name], params, device, rng, train_x, train_y, policy)
     reset_peak_memory(device)
     started = time.perf_counter()
     history = fit_classifier(model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng,
@@ -277,7 +274,7 @@ def train_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], d
 def run_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device) -> dict:
     cfg = params.classifier(name)
     channels, size, _, classes = DATASET_SHAPES[params.data.classifier_dataset]
-    flops = classifier_flops(BUILDERS[name](cfg, num_classes=classes, channels=channels, image_size=size).to(device),
+    flops = classifier_flops(FAMILIES[name].build(cfg, num_classes=classes, channels=channels, image_size=size).to(device),
                              channels, size, classes, device)
     model, history, train_images, test_images, total = train_classifier(name, params, arrays, device)
     amp = autocast_dtype(cfg.precision, device)
@@ -371,7 +368,7 @@ def benchmark(
         **row,
         "s_per_full_epoch": s_full,
         "gflop_per_image": row["flops_per_image"] / 1e9,
-        "gflop_per_image_issue": ISSUE_GFLOP_PER_IMAGE[model],
+        "gflop_per_image_issue": ISSUE_GFLOP_PER_IMAGE.get(model),
         "tflop_per_s": row["flops_per_image"] * row["images_per_s"] / 1e12,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "reference_s_per_epoch": reference,
@@ -498,7 +495,7 @@ def table_project(name: str, params: Params, arrays: dict[str, np.ndarray], devi
     train_x, train_y = subset(arrays, "train", params.data.train_fraction, params.seed, device)
     test_x, test_y = subset(arrays, "test", params.data.test_fraction, params.seed, device)
     policy = make_policy(params.data.classifier_dataset, params.augment, train_x)
-    model, train, val, augmenter = classifier_setup(name, BUILDERS[name], params, device, rng, train_x, train_y, policy)
+    model, train, val, augmenter = classifier_setup(FAMILIES[name], params, device, rng, train_x, train_y, policy)
     wall, cpu = time.perf_counter(), time.process_time()
     history = fit_classifier(model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng, progress=False)
     cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
@@ -519,8 +516,8 @@ def table_plain(name: str, params: Params, arrays: dict[str, np.ndarray], device
     train_x, train_y = subset(arrays, "train", params.data.train_fraction, params.seed, device)
     x = normalize(train_x, make_policy(params.data.classifier_dataset, params.augment, train_x))
     batches = list(zip(x.split(cfg.batch_size), train_y.split(cfg.batch_size)))
-    model = BUILDERS[name](cfg, num_classes=classes, channels=channels, image_size=size).to(device)
-    if name == "cnn":  # the model as the stage builds it
+    model = FAMILIES[name].build(cfg, num_classes=classes, channels=channels, image_size=size).to(device)
+    if FAMILIES[name].channels_last:  # the model as the stage builds it
         model = model.to(memory_format=torch.channels_last)
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](
         model.parameters(), lr=params.learning_rate(name), weight_decay=cfg.weight_decay
@@ -571,7 +568,7 @@ def cpu_table(args: argparse.Namespace) -> None:
             for loop in LOOPS:
                 plan.append((name, precision, loop, params))
     channels, size, _, classes = DATASET_SHAPES["cifar10"]
-    flops = {name: classifier_flops(BUILDERS[name](Params().classifier(name), num_classes=classes, channels=channels,
+    flops = {name: classifier_flops(FAMILIES[name].build(Params().classifier(name), num_classes=classes, channels=channels,
                                                    image_size=size), channels, size, classes, device)
              for name in CLASSIFIERS}
 
@@ -636,8 +633,8 @@ def cpu_table_markdown(env: dict, rows: list[dict]) -> str:
         fp32 = by[(r["model"], r["loop"], "fp32")]
         plain = by[(r["model"], "plain", r["precision"])]
         out.append("| " + " | ".join([
-            f"{r['model'].upper() if r['model'] == 'cnn' else 'ViT'} ({r['gflop_per_image']:.3f} GFLOP/img)",
-            "project (`fit`)" if r["loop"] == "project" else "plain PyTorch",
+            f"{CLASSIFIER_LABELS[r['model']]} ({r['gflop_per_image']:.3f} GFLOP/img)",
+            "project (`fit_classifier`)" if r["loop"] == "project" else "plain PyTorch",
             "fp32" if r["precision"] == "fp32" else "bf16 autocast",
             f"{r['images_per_s']:.1f}",
             f"{r['gflop_per_s']:.1f}",
@@ -685,8 +682,8 @@ def plain_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], d
     train_x, train_y = subset(arrays, "train", params.data.train_fraction, params.seed, device)
     x = normalize(train_x, make_policy(params.data.classifier_dataset, params.augment, train_x))
     batches = list(zip(x.split(cfg.batch_size), train_y.split(cfg.batch_size)))[: len(train_y) // cfg.batch_size]
-    model = BUILDERS[name](cfg, num_classes=classes, channels=channels, image_size=size).to(device)
-    if name == "cnn":  # the model as the stage builds it
+    model = FAMILIES[name].build(cfg, num_classes=classes, channels=channels, image_size=size).to(device)
+    if FAMILIES[name].channels_last:  # the model as the stage builds it
         model = model.to(memory_format=torch.channels_last)
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](
         model.parameters(), lr=params.learning_rate(name), weight_decay=cfg.weight_decay

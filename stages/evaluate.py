@@ -1,5 +1,6 @@
-"""DVC stage `evaluate`: both classifiers on the test subset (accuracy, per-class precision/recall/F1,
-confusion matrices, misclassified images, Grad-CAM and attention rollout), one MLflow run per model.
+"""DVC stage `evaluate`: every classifier family on the test subset (accuracy, per-class precision/recall/F1,
+confusion matrices, misclassified images, the family's heat map: Grad-CAM or attention rollout), one MLflow
+run per model.
 """
 
 import sys
@@ -18,13 +19,11 @@ from reprovision.core import track  # noqa: E402
 from reprovision.data.augment import BatchAugment, Policy  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
 from reprovision.measure.heatmaps import attention_rollout, grad_cam, save_heatmap_grid  # noqa: E402
-from reprovision.layout import CLASSIFIERS, EVAL_METRICS, FIGURES, METRICS, MODELS, POLICY, RUN_REF, SUMMARY  # noqa: E402
-from reprovision.models.cnn import build_cnn  # noqa: E402
-from reprovision.models.vit import build_vit  # noqa: E402
+from reprovision.layout import EVAL_METRICS, FIGURES, METRICS, MODELS, POLICY, RUN_REF, SUMMARY  # noqa: E402
+from reprovision.models.classifiers import FAMILIES  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
 from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
 
-BUILDERS = {"vit": build_vit, "cnn": build_cnn}
 SCORES = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 HEADLINE = ("accuracy", "macro_f1")
 
@@ -45,9 +44,10 @@ def evaluate() -> None:
     FIGURES.mkdir(parents=True, exist_ok=True)
     results, confusions, per_class = {}, {}, {}
     k = min(params.evaluate.heatmap_images, len(test_y))
-    for name in CLASSIFIERS:
+    heatmaps = {"gradcam": lambda model, x: grad_cam(model, model.gradcam_layer, x), "rollout": attention_rollout}
+    for name, family in FAMILIES.items():
         cfg = params.classifier(name)
-        model = BUILDERS[name](cfg, num_classes=num_classes, channels=channels, image_size=size)
+        model = family.build(cfg, num_classes=num_classes, channels=channels, image_size=size)
         model.load_state_dict(torch.load(MODELS / name / "model.pt", map_location="cpu", weights_only=True))
         model = model.to(device).eval()
         preds, _ = ev.predict(model, normalised, len(test_y), cfg.eval_batch_size, device)
@@ -57,10 +57,7 @@ def evaluate() -> None:
         per_class[name] = [metrics["per_class"][c]["accuracy"] for c in classes]
         figures = [FIGURES / f"misclassified_{name}.png"]
         ev.misclassified_grid(x_host, y_host, preds, classes, figures[0], n=params.evaluate.misclassified_images)
-        if name == "cnn":
-            maps, figure = grad_cam(model, model.gradcam_layer, normalised(0, k)), FIGURES / "gradcam_cnn.png"
-        else:
-            maps, figure = attention_rollout(model, normalised(0, k)), FIGURES / "rollout_vit.png"
+        maps, figure = heatmaps[family.heatmap](model, normalised(0, k)), FIGURES / f"{family.heatmap}_{name}.png"
         labels = [f"{classes[t]} / {classes[p]}" for t, p in zip(y_host[:k], preds[:k])]
         save_heatmap_grid(x_host[:k], maps.cpu(), labels, figure)
         figures.append(figure)

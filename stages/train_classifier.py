@@ -1,7 +1,7 @@
 """The body of the train-vit and train-cnn stages: one classifier, trained by the library's loop.
 
-train_vit.py and train_cnn.py each pass their own model builder, so that a stage imports (and
-declares in dvc.yaml) only the architecture it trains. Outputs, as dvc.yaml declares them:
+Each `train-<family>` script (train_vit.py, train_cnn.py) passes its family (models/<family>.py,
+`FAMILY`), so that a stage imports (and declares in dvc.yaml) only the architecture it trains. Outputs, as dvc.yaml declares them:
 models/<name>/ (weights, card, MLflow run reference), metrics/<name>.json (headline figures),
 metrics/<name>/summary.json (the whole record) and metrics/<name>/history.csv.
 """
@@ -9,8 +9,6 @@ metrics/<name>/summary.json (the whole record) and metrics/<name>/history.csv.
 import json
 import time
 from pathlib import Path
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -20,7 +18,7 @@ from reprovision.data.augment import BatchAugment, Policy
 from reprovision.config import DATASET_SHAPES, Params
 from reprovision.data.datasets import validation_split
 from reprovision.layout import CHECKPOINTS, METRICS, MODELS, POLICY, REGISTERED_MODELS, SUMMARY
-from reprovision.models import count_parameters
+from reprovision.models import ClassifierFamily, count_parameters
 from reprovision.core.runtime import attention_backend, autocast_dtype, resolve_precision, seed_everything
 from reprovision.publish.serving import RawImageClassifier
 from reprovision.core.stage import load_subset, run_tags, start, write_csv, write_json
@@ -29,31 +27,28 @@ from reprovision.training.fit_classifier import DeviceData, fit_classifier
 # metrics/<name>.json: what `dvc exp show` shows of this stage (the validation figures only when held out).
 HEADLINE = ("test_acc", "val_acc", "best_val_acc", "train_acc", "test_loss", "train_seconds")
 
-# (params section, num_classes, channels, image_size) -> the untrained model
-Builder = Callable[..., nn.Module]
-
-
 def setup(
-    name: str, build: Builder, params: Params, device: torch.device, rng: torch.Generator,
+    family: ClassifierFamily, params: Params, device: torch.device, rng: torch.Generator,
     x: torch.Tensor, y: torch.Tensor, policy: Policy,
 ) -> tuple[nn.Module, DeviceData, DeviceData | None, BatchAugment]:
     """The model, training and validation splits and augmenter, exactly as this stage trains them.
 
     `x`, `y`: the training subset on `device`. benchmarks/benchmark.py calls this too, so that it
     times the stage's own set-up."""
-    cfg = params.classifier(name)
+    cfg = params.classifier(family.name)
     channels, size, _, num_classes = DATASET_SHAPES[params.data.classifier_dataset]
     train_idx, val_idx = validation_split(y.cpu().numpy(), params.data.val_fraction, params.seed)
     train = DeviceData(x[train_idx], y[train_idx])
     val = DeviceData(x[val_idx], y[val_idx]) if len(val_idx) else None
     augmenter = BatchAugment(policy if cfg.augment else policy.without_augmentation(), num_classes, rng)
-    model = build(cfg, num_classes=num_classes, channels=channels, image_size=size).to(device)
-    if name == "cnn":
+    model = family.build(cfg, num_classes=num_classes, channels=channels, image_size=size).to(device)
+    if family.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, train, val, augmenter
 
 
-def train(name: str, build: Builder) -> None:
+def train(family: ClassifierFamily) -> None:
+    name = family.name
     ctx = start(f"train-{name}")
     params = ctx.params
     distributed.relaunch(params.dist.nproc)  # dist.nproc > 1: this process becomes torchrun
@@ -65,7 +60,7 @@ def train(name: str, build: Builder) -> None:
     x, y, classes = load_subset(data.classifier_dataset, "train", data.train_fraction, params.seed, device)
     test = DeviceData(*load_subset(data.classifier_dataset, "test", data.test_fraction, params.seed, device)[:2])
     policy = Policy.from_json(json.loads(POLICY.read_text()))
-    model, train, val, augmenter = setup(name, build, params, device, rng, x, y, policy)
+    model, train, val, augmenter = setup(family, params, device, rng, x, y, policy)
     lr = params.learning_rate(name)
     tags = run_tags(ctx, data.classifier_dataset)
     # The resume fingerprint: everything that shapes the result (checkpoint.py adds the code).
@@ -93,7 +88,7 @@ def train(name: str, build: Builder) -> None:
     run_params = {
         **cfg.model_dump(),
         "model": name,
-        "arch": getattr(cfg, "arch", "vit"),
+        "arch": cfg.architecture(),
         "lr": lr,
         "lr_base": params.lr,
         "seed": params.seed,
@@ -141,7 +136,7 @@ def train(name: str, build: Builder) -> None:
         run_level = {k: metrics[k] for k in ("params", "train_seconds", "s_per_epoch", "best_val_acc", "best_val_epoch") if k in metrics}
         track.log_metrics({"wall_seconds": wall, **run_level}, step=cfg.epochs)
         torch.save(model.state_dict(), out / "model.pt")
-        card = cards.classifier_card(name, params, metrics, classes)
+        card = cards.classifier_card(name, params, metrics, classes, family.describe(cfg, num_classes=len(classes)))
         (out / "card.md").write_text(card)
         track.log_artifacts(out / "card.md", history_path)
         served = RawImageClassifier(model, mean=policy.mean, std=policy.std)

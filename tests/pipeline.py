@@ -54,8 +54,7 @@ def tiny_parameters(model: str) -> int:
 
     from reprovision.config import Params
     from reprovision.models import count_parameters
-    from reprovision.models.cnn import build_cnn
-    from reprovision.models.vit import build_vit
+    from reprovision.models.classifiers import FAMILIES
 
     sections: dict = {}
     for setting in TINY:
@@ -66,8 +65,7 @@ def tiny_parameters(model: str) -> int:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
     params = Params.model_validate(sections)
-    build = build_vit if model == "vit" else build_cnn
-    return count_parameters(build(getattr(params, model), num_classes=10, channels=3, image_size=32))
+    return count_parameters(FAMILIES[model].build(params.classifier(model), num_classes=10, channels=3, image_size=32))
 
 
 OUTPUTS_TO_COMPARE = [

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, model_validator
@@ -145,7 +145,13 @@ class JudgeConfig(Section):
 
 
 class TrainConfig(Section):
-    """What the one classifier training loop needs; shared by the `vit` and `cnn` sections."""
+    """What the one classifier training loop needs: the base of every classifier family's section.
+
+    A section of `Params` typed as a subclass of this IS a classifier family to the pipeline
+    (`CLASSIFIERS` below): its `train-<name>` stage, its models/<name>/ folder, its registry name.
+    A subclass adds its architecture's fields and may check them against the images."""
+
+    label: ClassVar[str]  # the name people read: report, cards, registry, charts
 
     epochs: PositiveInt = 30
     batch_size: PositiveInt = 128
@@ -169,8 +175,24 @@ class TrainConfig(Section):
     compile: bool = False
     augment: bool = True  # apply the augment-stage policy to training batches
 
+    def architecture(self) -> str:
+        """A short name of what this section builds (the run param `arch`)."""
+        return "".join(c for c in self.label.lower() if c.isalnum())
+
+    def check_images(self, key: str, height: int, width: int, dataset: str) -> None:
+        """Raise ValueError naming `key` when these params cannot be built for `dataset`'s images."""
+
+
+def _check_halvings(key: str, widths: list[int], height: int, width: int, dataset: str) -> None:
+    if min(height, width) < 2 ** len(widths):
+        raise ValueError(
+            f"{key}.widths has {len(widths)} blocks, each halving the {height}x{width} images of "
+            f"{dataset}; use at most {min(height, width).bit_length() - 1} widths"
+        )
+
 
 class ViTConfig(TrainConfig):
+    label: ClassVar[str] = "ViT"
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     weight_decay: NonNegativeFloat = 0.05
     scheduler: Literal["none", "cosine", "step", "warmup_cosine"] = "cosine"
@@ -181,8 +203,22 @@ class ViTConfig(TrainConfig):
     mlp_ratio: PositiveFloat = 4.0
     dropout: Probability = 0.1
 
+    def check_images(self, key: str, height: int, width: int, dataset: str) -> None:
+        side = math.gcd(height, width)
+        if side % self.patch_size:
+            raise ValueError(
+                f"{key}.patch_size = {self.patch_size} does not tile the {height}x{width} images of "
+                f"{dataset}; allowed: a divisor of {side}, e.g. {_divisors(side)}"
+            )
+        if self.embed_dim % self.heads:
+            raise ValueError(
+                f"{key}.heads = {self.heads} does not divide {key}.embed_dim = {self.embed_dim}; "
+                f"allowed: a divisor of {self.embed_dim}, e.g. {_divisors(self.embed_dim)}"
+            )
+
 
 class CNNConfig(TrainConfig):
+    label: ClassVar[str] = "CNN"
     arch: Literal["refcnn", "resnet18"] = "refcnn"
     weight_decay: NonNegativeFloat = 1e-4
     scheduler: Literal["none", "cosine", "step", "warmup_cosine"] = "step"
@@ -191,12 +227,24 @@ class CNNConfig(TrainConfig):
     hidden: PositiveInt = 256  # refcnn
     dropout: Probability = 0.5  # refcnn
 
+    def architecture(self) -> str:
+        return self.arch
+
+    def layout(self) -> str:
+        """The convolutional layout, comparable with `SSLConfig.layout` (the SSL report compares them)."""
+        return self.arch if self.arch != "refcnn" else f"refcnn {self.widths}×{self.convs_per_block}"
+
+    def check_images(self, key: str, height: int, width: int, dataset: str) -> None:
+        if self.arch == "refcnn":
+            _check_halvings(key, self.widths, height, width, dataset)
+
 
 class SSLConfig(Section):
     """Self-supervised pre-training of an encoder (SimCLR, training/fit_simclr.py) on the classifier dataset's training
     images without their labels; the linear-probe stage measures it. Defaults: SimCLR's CIFAR-10 recipe
     with a small-batch optimiser (Adam) and R4's ResNet-18; `arch: refcnn` takes R3's CNN layout instead."""
 
+    counterpart: ClassVar[str] = "cnn"  # the classifier family trained end to end on this encoder's layout (the report)
     method: Literal["simclr"] = "simclr"
     arch: Literal["resnet18", "refcnn"] = "resnet18"
     widths: Widths = [64, 128, 256, 512]  # refcnn
@@ -217,6 +265,14 @@ class SSLConfig(Section):
     grayscale_prob: Probability = 0.2
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
+
+    def layout(self) -> str:
+        """The encoder's convolutional layout, comparable with the counterpart's (`CNNConfig.layout`)."""
+        return self.arch if self.arch != "refcnn" else f"refcnn {self.widths}×{self.convs_per_block}"
+
+    def check_images(self, key: str, height: int, width: int, dataset: str) -> None:
+        if self.arch == "refcnn":
+            _check_halvings(key, self.widths, height, width, dataset)
 
 class ProbeConfig(Section):
     """The linear probe of a frozen encoder: scikit-learn's logistic regression on standardised features,
@@ -267,28 +323,15 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _check_geometry(self) -> "Params":
-        _, height, width, _ = DATASET_SHAPES[self.data.classifier_dataset]
-        v = self.vit
-        side = math.gcd(height, width)
-        if side % v.patch_size:
-            raise ValueError(
-                f"vit.patch_size = {v.patch_size} does not tile the {height}x{width} images of "
-                f"{self.data.classifier_dataset}; allowed: a divisor of {side}, e.g. {_divisors(side)}"
-            )
-        if v.embed_dim % v.heads:
-            raise ValueError(
-                f"vit.heads = {v.heads} does not divide vit.embed_dim = {v.embed_dim}; "
-                f"allowed: a divisor of {v.embed_dim}, e.g. {_divisors(v.embed_dim)}"
-            )
-        for key, section in (("cnn", self.cnn), ("ssl", self.ssl)):
-            if section.arch == "refcnn" and min(height, width) < 2 ** len(section.widths):
-                raise ValueError(
-                    f"{key}.widths has {len(section.widths)} blocks, each halving the {height}x{width} images of "
-                    f"{self.data.classifier_dataset}; use at most {min(height, width).bit_length() - 1} widths"
-                )
+        dataset = self.data.classifier_dataset
+        _, height, width, _ = DATASET_SHAPES[dataset]
+        for key in CLASSIFIERS:
+            self.classifier(key).check_images(key, height, width, dataset)
+        self.ssl.check_images("ssl", height, width, dataset)
         self._check_sizes()
         world = self.dist.nnodes * self.dist.nproc
-        for key, section in (("vit", self.vit), ("cnn", self.cnn)):
+        for key in CLASSIFIERS:
+            section = self.classifier(key)
             if section.batch_size < 2 * world:
                 raise ValueError(
                     f"{key}.batch_size = {section.batch_size} is split over dist.nnodes x dist.nproc = {world} "
@@ -328,8 +371,11 @@ class Params(Section):
                 f"raise gan.train_fraction to at least {floor / mnist_train:.4g} or lower gan.fid_samples"
             )
 
-    def classifier(self, name: str) -> ViTConfig | CNNConfig:
-        return {"vit": self.vit, "cnn": self.cnn}[name]
+    def classifier(self, name: str) -> TrainConfig:
+        """The section of classifier family `name` (one of `CLASSIFIERS`)."""
+        if name not in CLASSIFIERS:
+            raise KeyError(f"{name!r} is not a classifier family; the families: {', '.join(CLASSIFIERS)}")
+        return getattr(self, name)
 
     def learning_rate(self, name: str) -> float:
         return self.lr * self.classifier(name).lr_mult
@@ -343,6 +389,13 @@ class Params(Section):
         dump = self.model_dump()
         picked = {k: dump[k] for k in sections} if sections else dump
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
+# The classifier families, in params.yaml's order: every section of Params typed as a TrainConfig.
+CLASSIFIERS: tuple[str, ...] = tuple(
+    name for name, field in Params.model_fields.items() if isinstance(field.annotation, type) and issubclass(field.annotation, TrainConfig)
+)
+CLASSIFIER_LABELS: dict[str, str] = {name: Params.model_fields[name].annotation.label for name in CLASSIFIERS}
 
 
 def _divisors(n: int) -> str:

@@ -6,6 +6,8 @@ outputs exist after a run). Paths are relative to the repository root, where DVC
 
 from pathlib import Path
 
+from reprovision.config import CLASSIFIER_LABELS, CLASSIFIERS
+
 PARAMS = Path("params.yaml")
 PARAMS_CHECKED = Path("data/params-checked.txt")  # check-params: every stage depends on it
 PREPARED = Path("data/prepared")  # fetch-data: <dataset>/{train,test}_{x,y}.npy, manifest.json
@@ -38,7 +40,9 @@ SSL_SIZE_STUDY = Path("benchmarks/ssl_size_study.json")
 # keep them out of DVC's run-cache); a fingerprint decides whether one may be resumed.
 CHECKPOINTS = Path("checkpoints")
 
-CLASSIFIERS = ("vit", "cnn")
+# CLASSIFIERS: the classifier families, one per TrainConfig section of config.Params (imported above).
 REGISTERED_MODELS = {m: f"reprovision-{m}" for m in CLASSIFIERS}  # MLflow model registry names (registry.py)
 GANS = ("mlp", "dcgan")
-LABELS = {"vit": "ViT", "cnn": "CNN", "mlp": "MLP GAN", "dcgan": "DCGAN", "judge": "LeNet judge"}
+LABELS = {**CLASSIFIER_LABELS, "mlp": "MLP GAN", "dcgan": "DCGAN", "judge": "LeNet judge"}
+# The evaluate stage's heat map of each classifier: FIGURES/<kind>_<name>.png, kind as its family names it.
+HEATMAPS = {"rollout": "attention rollout", "gradcam": "Grad-CAM heat maps"}

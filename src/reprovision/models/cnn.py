@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from reprovision.models import ClassifierFamily
+
 
 def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
@@ -92,3 +94,15 @@ def build_encoder(cfg, *, channels: int) -> tuple[nn.Module, int]:
     model = RefCNN(channels=channels, widths=tuple(cfg.widths), convs_per_block=cfg.convs_per_block)
     model.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return model, cfg.widths[-1]
+
+
+def describe_cnn(cfg, *, num_classes: int) -> str:
+    if cfg.arch == "resnet18":
+        return "ResNet-18 with a CIFAR stem (3x3 stride-1 first conv, no max-pool) (R4)"
+    return (
+        f"Reference CNN (R3): blocks {cfg.widths}, {cfg.convs_per_block} x (Conv3x3 + BN + ReLU) + MaxPool each, "
+        f"global average pool, FC {cfg.widths[-1]}->{cfg.hidden}, dropout {cfg.dropout}, FC {cfg.hidden}->{num_classes}"
+    )
+
+
+FAMILY = ClassifierFamily(name="cnn", build=build_cnn, heatmap="gradcam", channels_last=True, describe=describe_cnn)

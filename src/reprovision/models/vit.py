@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reprovision.models import ClassifierFamily
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
@@ -132,3 +134,13 @@ def build_vit(cfg, *, num_classes: int, channels: int, image_size: int) -> ViT:
         mlp_ratio=cfg.mlp_ratio,
         dropout=cfg.dropout,
     )
+
+
+def describe_vit(cfg, *, num_classes: int) -> str:
+    return (
+        f"Vision Transformer (R3): patch {cfg.patch_size}, embed {cfg.embed_dim}, depth {cfg.depth}, "
+        f"heads {cfg.heads}, MLP ratio {cfg.mlp_ratio}, dropout {cfg.dropout}, learned position embeddings, [CLS] token"
+    )
+
+
+FAMILY = ClassifierFamily(name="vit", build=build_vit, heatmap="rollout", channels_last=False, describe=describe_vit)

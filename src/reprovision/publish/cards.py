@@ -10,20 +10,9 @@ def _table(metrics: dict) -> str:
     return "| metric | value |\n|---|---|\n" + "\n".join(rows)
 
 
-def classifier_card(name: str, params: Params, metrics: dict, classes: list[str]) -> str:
+def classifier_card(name: str, params: Params, metrics: dict, classes: list[str], arch: str) -> str:
+    """`arch`: the family's sentence on its architecture (ClassifierFamily.describe)."""
     cfg = params.classifier(name)
-    if name == "vit":
-        arch = (
-            f"Vision Transformer (R3): patch {cfg.patch_size}, embed {cfg.embed_dim}, depth {cfg.depth}, "
-            f"heads {cfg.heads}, MLP ratio {cfg.mlp_ratio}, dropout {cfg.dropout}, learned position embeddings, [CLS] token"
-        )
-    elif cfg.arch == "refcnn":
-        arch = (
-            f"Reference CNN (R3): blocks {cfg.widths}, {cfg.convs_per_block} x (Conv3x3 + BN + ReLU) + MaxPool each, "
-            f"global average pool, FC {cfg.widths[-1]}->{cfg.hidden}, dropout {cfg.dropout}, FC {cfg.hidden}->{len(classes)}"
-        )
-    else:
-        arch = "ResNet-18 with a CIFAR stem (3x3 stride-1 first conv, no max-pool) (R4)"
     data = params.data
     return f"""# Model card: {name}
 

@@ -23,7 +23,7 @@ NO_VALIDATION = (
 
 @dataclass(frozen=True)
 class Champion:
-    model: str  # "vit" | "cnn"
+    model: str  # a classifier family (config.CLASSIFIERS)
     scores: dict[str, float]  # the validation accuracy of every candidate
     registered_model: str | None = None  # and its version, when the run registered one
     version: str | None = None

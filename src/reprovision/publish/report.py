@@ -30,7 +30,7 @@ from reprovision.core import track
 from reprovision.config import Params, load_params
 from reprovision.publish.registry import read_champion, read_records, why_no_champion
 from reprovision.layout import (
-    CLASSIFIERS, CURVES, EVAL_METRICS, FIGURES, GAN_METRICS, GAN_MODELS, GANS, LABELS, MANIFEST, METRICS, MODELS, PARAMS,
+    CLASSIFIERS, CURVES, EVAL_METRICS, FIGURES, GAN_METRICS, GAN_MODELS, GANS, HEATMAPS, LABELS, MANIFEST, METRICS, MODELS, PARAMS,
     REFERENCE_SCALE, REPORTS, RUN_REF, SSL_SIZE_STUDY, SUMMARY,
 )
 from reprovision.publish.palette import COLOURS
@@ -46,8 +46,9 @@ EVALUATION_FIGURES = [
     [("confusion_raw.png", "Confusion matrices (counts)")],
     [("confusion_normalised.png", "Confusion matrices (each row: fraction of the true class)")],
     [("per_class_accuracy.png", "Per-class test accuracy")],
-    [("misclassified_vit.png", "ViT: misclassified test images"), ("misclassified_cnn.png", "CNN: misclassified test images")],
-    [("gradcam_cnn.png", "CNN: Grad-CAM heat maps"), ("rollout_vit.png", "ViT: attention rollout")],
+    [(f"misclassified_{m}.png", f"{LABELS[m]}: misclassified test images") for m in CLASSIFIERS],
+    # Each family's heat map, of the kind its family names (models/<family>.py); only the one drawn exists.
+    [(f"{kind}_{m}.png", f"{LABELS[m]}: {caption}") for m in CLASSIFIERS for kind, caption in HEATMAPS.items()],
 ]
 MAX_FRAMES = 6  # sample-progression frames shown per GAN, evenly spaced, first and last included
 DASH = "—"
@@ -155,9 +156,10 @@ def reference_scale_table(results: dict[str, dict]) -> dict | None:
     """The reference-scale runs (benchmarks/reference_scale.json) beside the seeds' figures."""
     rows = []
     for model, label, r in reference_scale_runs(results):
-        ref = REFERENCE[model]
+        ref = REFERENCE.get(model)
         if model in CLASSIFIERS:
-            result = cell(f"test acc {pct(r['test_acc'])}", ref=f"{ref['source']}: {approx(ref['test_acc'], 100, '%')}")
+            theirs = f"{ref['source']}: {approx(ref['test_acc'], 100, '%')}" if ref else None
+            result = cell(f"test acc {pct(r['test_acc'])}", ref=theirs)
         else:
             last = r["history"][-1]
             if "fid" in r:
@@ -184,7 +186,7 @@ def reference_scale_epochs(results: dict[str, dict]) -> dict | None:
     """Those runs' epochs for which a source printed a figure (R3's ViT train accuracy, R2's losses)."""
     rows = []
     for model, label, r in reference_scale_runs(results):
-        ref = REFERENCE[model]
+        ref = REFERENCE.get(model, {})
         if (by_epoch := ref.get("train_acc_by_epoch") or ref.get("losses_by_epoch")) is None:
             continue
         for row in r["history"]:
@@ -292,7 +294,7 @@ def comparison_table(classifiers: dict[str, dict]) -> dict:
     for name, ours, theirs in quantities:
         row = [name]
         for model, m in classifiers.items():
-            row += [ours(m), theirs(REFERENCE[model])]
+            row += [ours(m), theirs(REFERENCE[model]) if model in REFERENCE else DASH]
         rows.append(row)
     return table(header, rows)
 
@@ -350,7 +352,7 @@ def _figure(path: Path, draw) -> Path:
 
 def r3_test_bands(ax, models) -> None:
     """R3's final test accuracy of each classifier, a band in the model's colour (accuracy in %)."""
-    for m in models:
+    for m in (m for m in models if m in REFERENCE):
         lo, hi = REFERENCE[m]["test_acc"]
         ax.axhspan(100 * lo, 100 * hi, color=COLOURS[LABELS[m]], alpha=0.15, label=f"R3 {LABELS[m]} test")
 
@@ -392,7 +394,7 @@ def classifier_curves(histories: dict[str, pd.DataFrame], out: Path) -> list[tup
 
     def epoch_time(ax):
         sns.lineplot(long, x="epoch", y="epoch_seconds", hue="model", palette=palette, marker="o", ax=ax)
-        for m in histories:
+        for m in (m for m in histories if m in REFERENCE):
             ax.axhline(midpoint(REFERENCE[m]["s_per_epoch"]), color=palette[LABELS[m]], ls=":", label=f"R3 {LABELS[m]}")
         ax.set(title="Seconds per epoch (dotted: R3)", ylabel="seconds", ylim=(0, None))
         ax.legend()
@@ -455,7 +457,7 @@ def reference_scale_curves(results: dict[str, dict], out: Path) -> list[tuple[Pa
             ax.plot(epochs, [100 * row["test_acc"] for row in r["history"]], marker="o", ms=3, label=f"{label} test", **style)
             ax.plot(epochs, [100 * row["train_acc"] for row in r["history"]], ls=":", label=f"{label} train", **style)
         for m in models:
-            if by_epoch := REFERENCE[m].get("train_acc_by_epoch"):
+            if by_epoch := REFERENCE.get(m, {}).get("train_acc_by_epoch"):
                 ax.plot(list(by_epoch), [100 * a for a in by_epoch.values()], "x", color="black", label=f"R3 {LABELS[m]} train")
         ax.set(title="Reference scale: accuracy per epoch (band: R3's final test)", xlabel="epoch", ylabel="accuracy (%)")
         # Below the axes: inside, its many entries hid the curves wherever matplotlib put them.
@@ -597,7 +599,7 @@ def ssl_section(root: Path, params: Params, probe: dict | None, cnn: dict | None
     if probe is None or pretrained is None:
         return None
     s, full = params.ssl, Params().ssl
-    arch = s.arch if s.arch == "resnet18" else f"refcnn {s.widths}×{s.convs_per_block}"
+    arch = s.layout()
     reduced = s.train_fraction < 1 or s.epochs < full.epochs or params.data.train_fraction < 1 or params.data.test_fraction < 1
     val = "probe_val" in probe
     rows = [
@@ -606,18 +608,18 @@ def ssl_section(root: Path, params: Params, probe: dict | None, cnn: dict | None
         ["Same architecture, random weights, frozen (the from-scratch floor)", pct(probe["random_probe_test"]),
          pct(probe["random_knn_test"]), *([pct(probe["random_probe_val"])] if val else [])],
     ]
-    c = params.cnn
-    same = c.arch == s.arch and (c.arch == "resnet18" or (c.widths == s.widths and c.convs_per_block == s.convs_per_block))
+    counterpart = s.counterpart
+    same = params.classifier(counterpart).layout() == s.layout()
     if cnn is not None:
-        note = "same architecture" if same else "a different architecture: set cnn.arch (and widths) to match ssl's"
-        rows.append([f"Supervised, trained end to end (train-cnn, {note})", pct(cnn.get("test_acc")), DASH,
+        note = "same architecture" if same else f"a different architecture: set {counterpart}.arch (and widths) to match ssl's"
+        rows.append([f"Supervised, trained end to end (train-{counterpart}, {note})", pct(cnn.get("test_acc")), DASH,
                      *([pct(cnn.get("val_acc"))] if val else [])])
     header = ["Encoder", "Linear probe, test", f"k-NN (k={params.probe.knn_k}), test", *(["Linear probe, validation"] if val else [])]
     history = read_csv(root / METRICS / "ssl" / "history.csv", ("epoch", "loss"))
     curve = None
     if history is not None:
         def draw(ax):
-            sns.lineplot(data=history, x="epoch", y="loss", marker="o", ax=ax, color=COLOURS["CNN"])
+            sns.lineplot(data=history, x="epoch", y="loss", marker="o", ax=ax, color=COLOURS[LABELS[s.counterpart]])
             ax.set(title="SimCLR pre-training loss", ylabel="NT-Xent loss")
 
         curve = figure(_figure(root / CURVES / "ssl_loss.png", draw), "SimCLR pre-training loss (NT-Xent) per epoch", root / REPORTS)
@@ -670,7 +672,9 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "reference_scale_curves": [figure(p, c, root / REPORTS) for p, c in reference_scale_curves(reference_runs, root / CURVES)],
         "reference_scale_grids": [figure(p, c, root / REPORTS) for p, c in grids],
         "reference_scale_notes": grid_notes,
-        "r3_mismatch": bool(classifiers) and (params.data.classifier_dataset != "cifar10" or params.cnn.arch != "refcnn"),
+        # R3 trained its families' default architectures on CIFAR-10: other settings are not its comparison.
+        "r3_mismatch": bool(classifiers) and (params.data.classifier_dataset != "cifar10" or any(
+            params.classifier(m).architecture() != type(params.classifier(m))().architecture() for m in classifiers)),
         "curves": curves,
         "curve_notes": curve_notes,
         "evaluation_table": evaluation_table(evaluation),
@@ -679,7 +683,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "gan_quality": gan_quality_table(gans) if gans else None,
         "histogram": figure(*class_histogram_chart(histograms, root / CURVES), root / REPORTS) if histograms else None,
         "gans": [gan_pictures(root, g) for g in gans],
-        "ssl": ssl_section(root, params, probe, classifiers.get("cnn")),
+        "ssl": ssl_section(root, params, probe, classifiers.get(params.ssl.counterpart)),
         "params_yaml": (root / PARAMS).read_text(),
         "datasets": datasets(read_json(root / MANIFEST) or {}),
         "versions": track.library_versions(),

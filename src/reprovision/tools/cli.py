@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from reprovision.layout import STUDY
+from reprovision.layout import CLASSIFIERS, STUDY
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     std.set_defaults(func=_study)
 
     tun = sub.add_parser("tune", help="Optuna search of lr, weight decay, label smoothing; one DVC experiment per trial")
-    tun.add_argument("--model", required=True, choices=["vit", "cnn"])
+    tun.add_argument("--model", required=True, choices=CLASSIFIERS)
     tun.add_argument("--trials", type=int, required=True, help="number of trials (each a `dvc exp run`)")
     tun.add_argument("--epochs", type=int, help="epochs per trial (default: params.yaml)")
     tun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra `-S` override for every trial (repeatable)")
