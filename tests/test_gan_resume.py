@@ -87,7 +87,8 @@ def test_train_gan_resume_matches_uninterrupted(tmp_path, capsys):
     assert run(path, kill_after=2, extra=lambda: {"n": next(extras)})[0] is None
     state = torch.load(path, weights_only=False)
     assert (state["epoch"], state["complete"], state["extra"]) == (2, False, {"n": 1})
-    assert set(state) >= {"generator", "discriminator", "opt_g", "opt_d", "rng", "torch_rng", "history", "fingerprint"}
+    assert set(state) >= {"generator", "discriminator", "opt_g", "opt_d", "rng", "history", "fingerprint"}
+    assert set(state["rng"]) == {"generator", "torch", "cuda"}
 
     resumed_with = []
     history, gen, disc, seen = run(path, on_resume=lambda epoch, extra: resumed_with.append((epoch, extra)), elsewhere=True)

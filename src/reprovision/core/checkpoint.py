@@ -61,3 +61,22 @@ def load(path: Path | None, fingerprint: str) -> dict | None:
     if state.get("complete") or state.get("fingerprint") != fingerprint:
         return None  # finished, or made by other params/data/code: start afresh
     return state
+
+
+def capture_rng(generator: torch.Generator, device: torch.device) -> dict:
+    """Every random stream a training loop draws from: its own generator, torch's global one and, on
+    CUDA, the device's (dropout). Saved in each checkpoint, so that a resumed run draws what an
+    uninterrupted one would have."""
+    return {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def restore_rng(state: dict, generator: torch.Generator, device: torch.device) -> None:
+    """Put back what `capture_rng` saved."""
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -115,10 +115,7 @@ def fit_classifier(
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        ckpt.restore_rng(state["rng"], generator, device)
         history = state["history"]
         first_epoch = state["epoch"] + 1
         if world.is_main:
@@ -210,9 +207,7 @@ def fit_classifier(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "rng": ckpt.capture_rng(generator, device),
                     "history": history,
                 },
             )

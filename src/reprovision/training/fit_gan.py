@@ -84,10 +84,7 @@ def fit_gan(
         discriminator.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
-        rng.set_state(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        ckpt.restore_rng(state["rng"], rng, device)
         history = state["history"]
         first_epoch = state["epoch"] + 1
         print(f"resuming from {checkpoint} after epoch {state['epoch']}", flush=True)
@@ -164,9 +161,7 @@ def fit_gan(
                     "discriminator": discriminator.state_dict(),
                     "opt_g": opt_g.state_dict(),
                     "opt_d": opt_d.state_dict(),
-                    "rng": rng.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "rng": ckpt.capture_rng(rng, device),
                     "history": history,
                     "extra": extra() if extra is not None else {},
                 },

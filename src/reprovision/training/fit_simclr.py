@@ -180,8 +180,7 @@ def fit_simclr(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        ckpt.restore_rng(state["rng"], generator, device)
         history = state["history"]
         first_epoch = state["epoch"] + 1
         print(f"resuming from {checkpoint} after epoch {state['epoch']}")
@@ -219,7 +218,7 @@ def fit_simclr(
             ckpt.save(checkpoint, {
                 "fingerprint": fingerprint, "epoch": epoch, "complete": epoch == cfg.epochs,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                "rng": ckpt.capture_rng(generator, device), "history": history,
             })
         if on_epoch is not None:
             on_epoch(row)
