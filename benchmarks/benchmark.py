@@ -27,19 +27,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gzip
 import io
 import json
-import lzma
 import os
 import platform
 import shlex
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +43,11 @@ import numpy as np
 import recipes  # benchmarks/recipes.py: this script's folder is on sys.path
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from reprovision.data.augment import make_policy, normalize
 from reprovision.config import CLASSIFIER_LABELS, DATASET_SHAPES, ConfigError, Params, parse_params
-from reprovision.data.datasets import stratified_subset
+from reprovision.data.datasets import DataError, load_split, read_mirror, stratified_subset
 from reprovision.training.fit_gan import gan_optimizers, fit_gan
 from reprovision.models import count_parameters
 from reprovision.models.classifiers import FAMILIES
@@ -77,86 +72,19 @@ CPU_MODE = {"train_fraction": 0.004, "test_fraction": 0.01, "epochs": 1, "gan_st
 
 
 # ------------------------------------------------------------------------------------------ data
-# The pipeline's fetch-data stage verifies md5s and writes data/prepared/<name>/*.npy; this reads
-# those, or the raw mirror files directly (unverified: a benchmark, not a pipeline stage).
-
-
-def _mnist_idx(raw: Path) -> dict[str, np.ndarray]:
-    def idx(path: Path, header: int) -> np.ndarray:
-        with gzip.open(path) as fh:
-            return np.frombuffer(fh.read(), np.uint8, offset=header)
-
-    arrays = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        arrays[f"{split}_x"] = idx(raw / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
-        arrays[f"{split}_y"] = idx(raw / f"{prefix}-labels-idx1-ubyte.gz", 8).astype(np.int64)
-    return arrays
-
-
-def _cifar10_binary(folder: Path) -> dict[str, np.ndarray]:
-    def records(name: str) -> np.ndarray:
-        plain, packed = folder / f"{name}.bin", folder / f"{name}.bin.xz"
-        if not plain.is_file() and not packed.is_file():
-            raise SystemExit(f"{packed} not found: the binary CIFAR-10 needs all six batch files")
-        with (open(plain, "rb") if plain.is_file() else lzma.open(packed)) as fh:
-            return np.frombuffer(fh.read(), np.uint8).reshape(-1, 3073)  # label byte, then R, G, B planes
-
-    train = np.concatenate([records(f"data_batch_{i}") for i in range(1, 6)])
-    test = records("test_batch")
-    return {
-        "train_x": train[:, 1:].reshape(-1, 3, 32, 32),
-        "train_y": train[:, 0].astype(np.int64),
-        "test_x": test[:, 1:].reshape(-1, 3, 32, 32),
-        "test_y": test[:, 0].astype(np.int64),
-    }
-
-
-def _decode_rgb(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def _cifar10_jpeg(tar_path: Path) -> dict[str, np.ndarray]:
-    """CIFAR-10-images/{train,test}/<class>/NNNN.jpg, decoded with PIL; classes in alphabetical order,
-    which is CIFAR-10's label order. Images come class by class (the official interleaving is lost)."""
-    files: dict[str, list[tuple[str, int, bytes]]] = {"train": [], "test": []}
-    with tarfile.open(tar_path, "r:gz") as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if member.isfile() and len(parts) == 4 and parts[1] in files and parts[3].endswith(".jpg"):
-                files[parts[1]].append((parts[2], int(parts[3].removesuffix(".jpg")), tar.extractfile(member).read()))
-    classes = sorted({name for name, _, _ in files["train"]})
-    if len(classes) != 10:
-        raise SystemExit(f"{tar_path}: found classes {classes}, expected the 10 CIFAR-10 folders; wrong archive")
-    arrays = {}
-    for split, entries in files.items():
-        entries.sort(key=lambda e: (e[0], e[1]))
-        with ThreadPoolExecutor(os.cpu_count()) as pool:  # Pillow decodes with the GIL released
-            x = np.stack(list(pool.map(_decode_rgb, [data for _, _, data in entries])))
-        arrays[f"{split}_x"] = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-        arrays[f"{split}_y"] = np.array([classes.index(name) for name, _, _ in entries], np.int64)
-    return arrays
 
 
 def load_dataset(root: Path, name: str) -> tuple[dict[str, np.ndarray], str]:
-    """The four arrays of `name` and where they came from, from the first source found under `root`."""
-    prepared = root / name / "train_x.npy"
-    if prepared.is_file():
-        return {f"{s}_{a}": np.load(root / name / f"{s}_{a}.npy") for s in ("train", "test") for a in "xy"}, "prepared"
-    if name == "mnist" and (root / "mnist/MNIST/raw/train-images-idx3-ubyte.gz").is_file():
-        return _mnist_idx(root / "mnist/MNIST/raw"), "mirror idx.gz"
-    if name == "cifar10":
-        binary = root / "cifar10/cifar-10-batches-bin"
-        if any((binary / f"data_batch_1.bin{ext}").is_file() for ext in ("", ".xz")):
-            return _cifar10_binary(binary), "mirror .bin (lossless)"
-        jpeg = root / "cifar10/lossy-jpeg/CIFAR-10-images-jpg.tar.gz"
-        if jpeg.is_file():
-            return _cifar10_jpeg(jpeg), "mirror JPEG (LOSSY)"
-    raise SystemExit(
-        f"no {name} under {root}: expected prepared arrays {root}/{name}/{{train,test}}_{{x,y}}.npy "
-        f"(`dvc repro fetch-data` writes them to data/prepared) or a raw mirror holding "
-        f"mnist/MNIST/raw/*.gz, cifar10/cifar-10-batches-bin/*.bin[.xz] or "
-        f"cifar10/lossy-jpeg/CIFAR-10-images-jpg.tar.gz"
-    )
+    """The four arrays of `name` and where they came from: prepared arrays under `root` (fetch-data's
+    data/prepared), else `root` read as a mirror of the official files (reprovision.data, md5-checked;
+    CIFAR-10 may come from its lossy JPEG copy, and the source then says so)."""
+    if (root / name / "train_x.npy").is_file():
+        splits = {split: load_split(root, name, split) for split in ("train", "test")}
+        return {f"{s}_{a}": getattr(splits[s], a) for s in splits for a in "xy"}, "prepared"
+    try:
+        return read_mirror(name, root, lossy_ok=True)
+    except DataError as err:
+        raise SystemExit(f"no usable {name} under {root} ({err}); pass --data data/prepared after `dvc repro fetch-data`") from None
 
 
 def subset(arrays: dict[str, np.ndarray], split: str, fraction: float, seed: int, device: torch.device):

@@ -403,6 +403,25 @@ def test_real_cifar10(tmp_path):
     assert np.bincount(data.load_split(tmp_path, "cifar10", "test").y).tolist() == [1000] * 10
 
 
+@pytest.mark.slow
+def test_the_lossy_jpeg_cifar10_is_read_only_when_asked_and_says_so(tmp_path, stage_mirror):
+    """What a benchmark carries to a lent GPU: the JPEG copy, md5-checked, images in the official order
+    class by class, within JPEG's error of the lossless batches; the pipeline never takes it."""
+    (tmp_path / data.CIFAR10_JPEG).parent.mkdir(parents=True)
+    (tmp_path / data.CIFAR10_JPEG).symlink_to(require_mirror() / data.CIFAR10_JPEG)
+    with pytest.raises(DataError, match="cifar-10-batches-bin"):
+        data.read_mirror("cifar10", tmp_path)
+    lossy, source = data.read_mirror("cifar10", tmp_path, lossy_ok=True)
+    assert "LOSSY" in source and lossy["train_x"].shape == (50000, 3, 32, 32)
+    assert np.bincount(lossy["test_y"]).tolist() == [1000] * 10
+    exact, source = data.read_mirror("cifar10", stage_mirror, lossy_ok=True)
+    assert "lossless" in source
+    for k in range(10):  # the k-th class's images, in their official order
+        jpeg = lossy["test_x"][lossy["test_y"] == k].astype(np.float32)
+        true = exact["test_x"][exact["test_y"] == k].astype(np.float32)
+        assert np.abs(jpeg - true).mean(axis=(1, 2, 3)).max() < 16  # SOURCES.md: at most 15.5/255 per image
+
+
 def test_checksum_tables_equal_torchvisions_published_values():
     tv = data._torchvision_datasets()
     assert data.MNIST_MD5 == dict(tv.MNIST.resources)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import math
@@ -291,6 +292,54 @@ def _read_cifar100_binary(folder: Path, mirror: Path) -> tuple[Arrays, list[str]
 
 
 _MIRROR_READERS = {"mnist": _read_mnist, "cifar10": _read_cifar10, "cifar100": _read_cifar100}
+
+# A lossy JPEG copy of CIFAR-10 small enough to carry to a lent GPU (../shared/datasets/SOURCES.md §3);
+# only benchmarks read it (`read_mirror(..., lossy_ok=True)`), never the pipeline.
+CIFAR10_JPEG = Path("cifar10/lossy-jpeg/CIFAR-10-images-jpg.tar.gz")
+CIFAR10_JPEG_MD5 = "85831f2b9a6b0de08b6d8fd7386ffa93"
+
+
+def _read_cifar10_jpeg(mirror: Path) -> tuple[Arrays, list[str]]:
+    """CIFAR-10-images/{train,test}/<class>/NNNN.jpg: the k-th file of a class is the k-th image of that
+    class in the official order, so the images come class by class (the official interleaving is lost)."""
+    import tarfile
+
+    from PIL import Image
+
+    path = mirror / CIFAR10_JPEG
+    _check_md5(path, CIFAR10_JPEG_MD5)
+    files: dict[str, list[tuple[str, int, bytes]]] = {split: [] for split in SPLITS}
+    with tarfile.open(path, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 4 and parts[1] in files and parts[3].endswith(".jpg"):
+                files[parts[1]].append((parts[2], int(parts[3].removesuffix(".jpg")), tar.extractfile(member).read()))
+    classes = sorted({name for name, _, _ in files["train"]})  # alphabetical is CIFAR-10's label order
+
+    def decode(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    arrays: Arrays = {}
+    for split, entries in files.items():
+        entries.sort(key=lambda e: (e[0], e[1]))
+        with ThreadPoolExecutor() as pool:  # Pillow decodes with the GIL released
+            x = np.stack(list(pool.map(decode, [data for _, _, data in entries])))
+        arrays[f"{split}_x"] = x.transpose(0, 3, 1, 2)
+        arrays[f"{split}_y"] = np.array([classes.index(name) for name, _, _ in entries], np.int64)
+    return arrays, classes
+
+
+def read_mirror(name: str, mirror: Path, *, lossy_ok: bool = False) -> tuple[Arrays, str]:
+    """The four arrays of `name` read from `mirror`, checked as fetch-data checks them, and what they
+    were read from. With `lossy_ok` (benchmarks), CIFAR-10 without its binary batches comes from the
+    lossy JPEG copy, and the source says so."""
+    _check_name(name)
+    mirror = Path(mirror)
+    binary = mirror / "cifar10" / "cifar-10-batches-bin"
+    lossless = any((binary / f"data_batch_1.bin{ext}").is_file() for ext in ("", ".xz"))
+    if name == "cifar10" and lossy_ok and not lossless and (mirror / CIFAR10_JPEG).is_file():
+        return _checked(name, *_read_cifar10_jpeg(mirror)), f"mirror {CIFAR10_JPEG} (LOSSY JPEG)"
+    return _checked(name, *_MIRROR_READERS[name](mirror)), "mirror (lossless, md5-checked)"
 _TORCHVISION_CLASS = {"mnist": "MNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 
