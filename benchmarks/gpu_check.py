@@ -13,7 +13,7 @@ full epochs (50,000 CIFAR-10 or 60,000 MNIST images), it measures, in this order
 2. speed: the project's loop (`fit`, `fit_gan`) for 3 epochs; s/epoch is the median of epochs 2-3
    (the first one captures the graphs), against the reference's figure and the H200 target;
    images/s, counted TFLOP/s (FlopCounterMode), peak GPU memory;
-3. the project loop against a minimal hand-written eager loop (benchmark.py's `--gpu-table`);
+3. the project loop against a minimal hand-written eager loop (speed_tables.py, `benchmark.py --gpu-table`);
 4. then, while the budget lasts, R3's CNN and ViT for their full 30 epochs with test accuracy.
 
 It prints one Markdown table per part and writes every figure to --json after each step, so a run
@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-import benchmark  # benchmarks/benchmark.py: this script's folder is on sys.path
-from benchmark import CLASSIFIERS, GPU_TABLE, apply, dataset_of, load_dataset, plain_loop, subset
+import runs  # benchmarks/runs.py and speed_tables.py: this script's folder is on sys.path
+from runs import CLASSIFIERS, apply, dataset_of, load_dataset, subset
+from speed_tables import GPU_TABLE, _fraction, plain_loop
 from reprovision.core import graphs
 from reprovision.config import Params
 from reprovision.publish.references import REFERENCE, midpoint
@@ -60,7 +61,7 @@ SIZES = {
 
 
 def fraction(images: int | None, total: int) -> float:
-    return 1.0 if images is None else benchmark._fraction(images, total)
+    return 1.0 if images is None else _fraction(images, total)
 
 
 def overrides_for(model: str, size: dict, arrays, *, images: int | None, epochs: int, gan_steps: int) -> dict:
@@ -82,11 +83,11 @@ def overrides_for(model: str, size: dict, arrays, *, images: int | None, epochs:
 def trained_state(model: str, params: Params, arrays, device: torch.device, cuda_graphs: bool) -> tuple[dict, list[dict]]:
     """Every tensor a short run ends with (weights, buffers), on the CPU, and its per-epoch history."""
     if model in CLASSIFIERS:
-        net, history, *_ = benchmark.train_classifier(model, params, arrays, device, cuda_graphs)
+        net, history, *_ = runs.train_classifier(model, params, arrays, device, cuda_graphs)
         state = {f"{model}.{k}": v for k, v in net.state_dict().items()}
     else:
         images, _ = subset(arrays, "train", params.gan.train_fraction, params.seed, device)
-        gen, disc, history, _ = benchmark.train_gan_pair(model, params, images, device, cuda_graphs=cuda_graphs)
+        gen, disc, history, _ = runs.train_gan_pair(model, params, images, device, cuda_graphs=cuda_graphs)
         state = {**{f"G.{k}": v for k, v in gen.state_dict().items()}, **{f"D.{k}": v for k, v in disc.state_dict().items()}}
     timeless = [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
     return {k: v.detach().cpu().clone() for k, v in state.items()}, timeless
@@ -142,7 +143,7 @@ def determinism(model: str, size: dict, arrays, device: torch.device) -> dict:
 def speed(model: str, size: dict, arrays, device: torch.device) -> dict:
     params = apply(overrides_for(model, size, arrays, images=size["train_images"], epochs=size["speed_epochs"],
                                  gan_steps=size["gan_steps"]), f"gpu_check speed {model}")
-    run = benchmark.run_classifier(model, params, arrays, device) if model in CLASSIFIERS else benchmark.run_gan(model, params, arrays, device, False)
+    run = runs.run_classifier(model, params, arrays, device) if model in CLASSIFIERS else runs.run_gan(model, params, arrays, device, False)
     row = {key: run[key] for key in ("s_per_epoch", "images_per_s", "warmup_s", "total_s", "epochs", "batch_size", "train_images",
                                      "full_epoch_images", "flops_per_image", "precision", "params")}
     seconds = [r["epoch_seconds"] for r in run["history"]]
@@ -162,7 +163,7 @@ def speed(model: str, size: dict, arrays, device: torch.device) -> dict:
 def full_run(model: str, size: dict, arrays, device: torch.device) -> dict:
     epochs = size["full_epochs"] or Params().classifier(model).epochs
     params = apply(overrides_for(model, size, arrays, images=size["train_images"], epochs=epochs, gan_steps=0), f"gpu_check full {model}")
-    net, history, train_images, test_images, total = benchmark.train_classifier(model, params, arrays, device)
+    net, history, train_images, test_images, total = runs.train_classifier(model, params, arrays, device)
     seconds = [r["epoch_seconds"] for r in history]
     return {"epochs": epochs, "train_images": train_images, "test_images": test_images, "total_s": total,
             "train_s": sum(seconds), "s_per_epoch": statistics.median(seconds[1:] or seconds),
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     size = SIZES["smoke" if args.smoke else "gpu"]
     started = time.perf_counter()
     deadline = started + args.budget_min * 60
-    env = benchmark.environment(device)
+    env = runs.environment(device)
     # The attention kernel the classifiers' bf16 steps use here (runtime.attention_backend), for the record.
     env["attention_kernel"] = attention_backend(device, autocast_dtype("auto", device))
     report = {"environment": env, "mode": "SMOKE (tiny sizes: measures nothing)" if args.smoke else "reference recipes, full epochs",
