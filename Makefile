@@ -11,18 +11,11 @@ ifeq ($(origin REPROVISION_DATA_MIRROR), undefined)
   endif
 endif
 
-# The whole DAG at CPU size (every override visible here, in params and in MLflow). Chosen by
-# measurement on 2 cores (README "Measured"): 5,500 CIFAR-10 images, 550 of them held out for
-# validation (the report names the champion on them, never on the test set); a narrowed CNN (3
-# blocks of one conv, cosine schedule: with a constant lr its last epoch swung 36-42 %) for 5 epochs
-# and a 4-block, 64-wide ViT for 3: ~25 s of training each in fp32 (AVX2), 8.5 s and 22 s under
-# bf16 (AVX512-BF16). The GANs see 28,800 MNIST images once: 900 DCGAN steps at half width
-# (gan.dcgan.width=32), 62 s on the AVX512 machine. 600 steps left it on the edge of drawing
-# digits (FID 93 on the AVX2 machine, 110 on the AVX512 one: float sums apart), 900 gave FID 32.5
-# and 1,200 32.4 for 14 s more (2026-12-01). The judge learns from 12,000. SimCLR pre-trains the
-# CNN's architecture on 2,500 images for 2 epochs: far too little pre-training to show much
-# (README "Measured" gives its probe against random weights).
-# The reference configurations are params.yaml's defaults.
+# The whole DAG at CPU size, every override visible here, in params and in MLflow; params.yaml's
+# defaults are the reference configurations. 5,500 CIFAR-10 images, 550 held out for validation
+# (the champion is named on them); a narrowed CNN (cosine schedule) and ViT; the GANs see 28,800
+# MNIST images once, enough for the DCGAN to draw digits; SimCLR far too little to show much.
+# Why each size: README "Measured" and BENCHMARKS.md.
 CPU_SIZED := -S data.train_fraction=0.11 -S data.val_fraction=0.1 -S data.test_fraction=0.2 \
   -S judge.epochs=1 -S judge.train_fraction=0.2 \
   -S gan.epochs=1 -S gan.train_fraction=0.48 -S gan.sample_every=1 -S gan.fid_every=1 \
@@ -35,24 +28,18 @@ CPU_SIZED := -S data.train_fraction=0.11 -S data.val_fraction=0.1 -S data.test_f
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# A fresh venv's pip (23.2 here) resolves this project in ~50 s; pip 26.3 in ~25 s, to the same
-# packages (measured: identical `pip freeze`). Installing it first costs ~5 s.
+# A newer pip resolves this project twice as fast as a fresh venv's, to the same packages (BENCHMARKS.md).
 PIP_VERSION := 26.3
-# pip byte-compiles every module it installs: 61 of the install's 95 s here (all of torch, MLflow,
-# DVC, ...), while a run imports a fraction of them. So pip skips it (--no-compile) and Python
-# writes the bytecode of each module when a recipe first imports it (into __pycache__/ folders:
-# git-ignored, never a stage's dep), also where the shell sets PYTHONDONTWRITEBYTECODE, as this
-# team's machines do: there every process would otherwise compile all it imports, every time.
+# pip would byte-compile all of torch, MLflow and DVC, most of the install's time, while a run imports
+# a fraction: --no-compile, and Python writes each module's bytecode when first imported (git-ignored
+# __pycache__/), also where the shell sets PYTHONDONTWRITEBYTECODE, as this team's machines do.
 unexport PYTHONDONTWRITEBYTECODE
 
 # The interpreter the venv is made from (`make PYTHON=python3.12 ...` picks another): the
 # distribution's /usr/bin/python3 when it is 3.10 or newer and can make a venv (Debian: the
-# python3-venv package), else python3 from PATH. Most of a test-sized stage is Python importing
-# torch and MLflow, and the two build CPython differently: pyenv's default build, this team's
-# python3 (3.11.7), is configured without --enable-optimizations; a pure-Python loop takes ~25 %
-# less time on Debian's 3.11.2. Measured on the AVX512 machine (2026-12-02), results bit for bit
-# the same: the test-sized DAG 72 s instead of 82; the test suite, fresh clones back to back, 322 s
-# (509 s of user CPU) instead of 359 s (582 s). An existing .venv keeps its interpreter.
+# python3-venv package), else python3 from PATH. Debian builds CPython with --enable-optimizations,
+# pyenv by default does not, and much of a stage is Python importing torch and MLflow (BENCHMARKS.md
+# "Where make test's time goes"). An existing .venv keeps its interpreter.
 PYTHON ?= $(shell /usr/bin/python3 -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && echo /usr/bin/python3 || echo python3)
 
 $(VENV)/.installed: pyproject.toml
@@ -87,9 +74,7 @@ run: install
 	@echo "report: reports/report.html   runs: mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db (the report links their page)"
 
 # One pytest-xdist worker per core and one more: much of the suite waits (servers starting, a queue
-# polled, processes it signals), and a third worker fills that time on 2 cores. Measured on the
-# AVX512 machine (2026-12-01, BENCHMARKS.md): the tests took 445 s with 2 workers, 396 s with 3,
-# 429 s with 4; later, with the longest files first, 406 s with 3 and 420 s with 4. Whole files go
+# polled, processes it signals), and a third worker fills that time (BENCHMARKS.md). Whole files go
 # to a worker (--dist loadfile): their tests build on each other. The longest go first
 # (tests/conftest.py LONGEST_FILES, kept in that order by --no-loadscope-reorder).
 TEST_WORKERS ?= $(shell python3 -c 'import os; print((os.cpu_count() or 1) + 1)')

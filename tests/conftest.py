@@ -26,12 +26,11 @@ torch.set_num_threads(1)
 MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared" / "datasets")
 
 
-# The longest test files, longest first (wall seconds of each with 3 pytest-xdist workers on 2 cores,
-# AVX512 machine, 2026-12-01: 295, 295, 151, 112, 62, 52, 37, 29, 22). `make test` hands out whole
-# files in collection order (--dist loadfile --no-loadscope-reorder): the two pipeline files start
-# at once, and the many short files fill the end instead of the long ones starting late.
+# The longest test files, longest first (BENCHMARKS.md "Where make test's time goes"). `make test` hands
+# out whole files in collection order (--dist loadfile --no-loadscope-reorder): the two pipeline files
+# start at once, and the many short files fill the end instead of the long ones starting late.
 LONGEST_FILES = [
-    "test_pipeline_e2e.py", "test_pipeline_params_e2e.py", "test_team_server.py", "test_tracking_outage.py",
+    "test_pipeline_e2e.py", "test_pipeline_params_e2e.py", "test_team_server.py", "test_example_family.py", "test_tracking_outage.py",
     "test_gan_resume.py", "test_ssl.py", "test_gpu_path.py", "test_runtime.py", "test_distributed.py", "test_report.py",
 ]
 
@@ -53,12 +52,9 @@ def _sqlite_without_fsync(connection, _record) -> None:
 
 # A run small enough for a test. The classifiers are narrowed too (their compute would otherwise
 # be most of the suite's time); test_models checks that the defaults build the reference architectures.
-# The GANs see 240 MNIST images (at least gan.fid_samples, which the FID floor needs): the DCGAN
-# stage took 18.9 s instead of 28.1 s with 600 (measured); at half width, as `make run` trains it,
-# ~3.5 s less CPU per run (11-12 s instead of 15, measured 2026-12-01).
+# The GANs see 240 MNIST images (at least gan.fid_samples, which the FID floor needs), the DCGAN at half width.
 # One thread: the suite runs two tests at once on 2 cores, and at this size a second thread per stage
-# only adds synchronisation (measured: two TINY pipelines side by side, 172 s with 2 threads each,
-# 155 s with 1). test_threads_are_part_of_the_configuration switches to 2 and back.
+# only adds synchronisation. test_threads_are_part_of_the_configuration switches to 2 and back.
 # A validation split (50 of the 250 images), so that the report names a champion the way it must: on it.
 TINY = [
     "threads=1",
