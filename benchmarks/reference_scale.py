@@ -205,7 +205,8 @@ def stopped(model: str, why: str) -> dict:
 def table() -> str:
     """The report's tables of these runs (reprovision.publish.report builds them), as Markdown for BENCHMARKS.md:
     the runs, then their epochs beside the figures the sources printed for the same epochs."""
-    from reprovision.publish.report import md_cell, reference_scale_epochs, reference_scale_table
+    from reprovision.publish.report import md_cell
+    from reprovision.publish.report_tables import reference_scale_epochs, reference_scale_table
 
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     tables = [t for t in (reference_scale_table(results), reference_scale_epochs(results)) if t is not None]

@@ -57,10 +57,11 @@ def evaluate() -> None:
         per_class[name] = [metrics["per_class"][c]["accuracy"] for c in classes]
         figures = [FIGURES / f"misclassified_{name}.png"]
         ev.misclassified_grid(x_host, y_host, preds, classes, figures[0], n=params.evaluate.misclassified_images)
-        maps, figure = heatmaps[family.heatmap](model, normalised(0, k)), FIGURES / f"{family.heatmap}_{name}.png"
-        labels = [f"{classes[t]} / {classes[p]}" for t, p in zip(y_host[:k], preds[:k])]
-        save_heatmap_grid(x_host[:k], maps.cpu(), labels, figure)
-        figures.append(figure)
+        if family.heatmap:
+            maps, figure = heatmaps[family.heatmap](model, normalised(0, k)), FIGURES / f"{family.heatmap}_{name}.png"
+            labels = [f"{classes[t]} / {classes[p]}" for t, p in zip(y_host[:k], preds[:k])]
+            save_heatmap_grid(x_host[:k], maps.cpu(), labels, figure)
+            figures.append(figure)
         results[name] = {key: metrics[key] for key in SCORES}
         results[name]["per_class_accuracy"] = dict(zip(classes, per_class[name]))
         # A run of its own (this stage's code and params may change without the model changing),

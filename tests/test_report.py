@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from reprovision.publish import registry, report
+from reprovision.publish import registry, report, report_charts, report_tables
 
 CHROMIUM = Path("/usr/bin/chromium")
 RUN_IDS = {"vit": "a" * 32, "cnn": "b" * 32, "mlp": "c" * 32, "dcgan": "d" * 32, "judge": "e" * 32}
@@ -126,8 +126,8 @@ def test_key_numbers_appear_as_on_the_page(built):
     assert numbers["vit.test_acc"] == vit["test_acc"] and numbers["mlp.fid"] == mlp["fid"]
     assert {"cnn.test_acc", "dcgan.fid", "dcgan.inception_score", "judge.test_acc", "vit.macro_f1"} <= set(numbers)
     for text in (md, html):
-        assert report.pct(vit["test_acc"]) in text
-        assert report.fixed(mlp["fid"]) in text
+        assert report_tables.pct(vit["test_acc"]) in text
+        assert report_tables.fixed(mlp["fid"]) in text
         assert "5,362,762" in text  # R3's ViT parameter count, beside ours
         assert "~52–55%" in text  # R3's ViT test accuracy
         assert "0.347" in text and "0.728" in text  # R1 and R2 reported losses
@@ -257,7 +257,7 @@ def test_page_renders_in_a_browser(built, tmp_path):
     assert images == page(root)[1].count("<img") > 0
     assert 'data-broken-images="0"' in dom
     vit = json.loads((root / "metrics/vit/summary.json").read_text())
-    assert report.pct(vit["test_acc"]) in dom
+    assert report_tables.pct(vit["test_acc"]) in dom
 
     screenshot = root / "reports/screenshots/report.png"
     screenshot.parent.mkdir(parents=True, exist_ok=True)
@@ -299,24 +299,24 @@ def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
         "mlp": {"epochs": 50, "train_images": 60_000, "precision": "fp32", "threads": 1, "fid": 12.345, "fid_floor": 0.8,
                 "inception_score": 8.9, "seconds": 1800.0, "git_commit": "b" * 40, "history": [{"d_loss": 1.25, "g_loss": 0.9}]},
     }
-    built = report.reference_scale_table(results)
+    built = report_tables.reference_scale_table(results)
     vit, mlp = (dict(zip(built["header"], row)) for row in built["rows"])
     assert vit["Epochs"] == "5 of 30" and vit["Result"]["text"] == "test acc 48.12%" and vit["Result"]["ref"] == "R3: ~52–55%"
     assert mlp["Epochs"] == "50" and "FID 12.35 (floor 0.80), IS 8.90; D 1.250 / G 0.900" == mlp["Result"]["text"]
     assert mlp["Result"]["ref"].startswith("R1: D 0.347 / G 0.697") and mlp["Training time"] == "30 min"
-    assert report.reference_scale_table({}) is None
+    assert report_tables.reference_scale_table({}) is None
     # A run still under way (reference_scale.py progress) has been paused and resumed: no training time.
     results["vit"]["status"] = "under way"
-    vit = dict(zip(built["header"], report.reference_scale_table(results)["rows"][0]))
+    vit = dict(zip(built["header"], report_tables.reference_scale_table(results)["rows"][0]))
     assert vit["Epochs"] == "5 of 30" and vit["Training time"] == "under way"
     # One that can no longer resume (reference_scale.py stopped) keeps its epochs, marked stopped.
     results["vit"]["status"] = "stopped"
-    vit = dict(zip(built["header"], report.reference_scale_table(results)["rows"][0]))
+    vit = dict(zip(built["header"], report_tables.reference_scale_table(results)["rows"][0]))
     assert vit["Epochs"] == "5 of 30" and vit["Training time"] == "stopped" and vit["Result"]["text"] == "test acc 48.12%"
     # A new run that replaced the stopped one (reference_scale.py progress) is shown above it.
     results["vit"] = {**results["vit"], "status": "under way", "epochs": 1, "test_acc": 0.3482, "git_commit": "d" * 40,
                       "earlier_runs": [results["vit"]]}
-    new, earlier = (dict(zip(built["header"], row)) for row in report.reference_scale_table(results)["rows"][:2])
+    new, earlier = (dict(zip(built["header"], row)) for row in report_tables.reference_scale_table(results)["rows"][:2])
     assert (new["Model"], new["Epochs"], new["Result"]["text"], new["Training time"]) == ("ViT", "1 of 30", "test acc 34.82%", "under way")
     assert (earlier["Model"], earlier["Epochs"], earlier["Training time"]) == ("ViT (earlier run)", "5 of 30", "stopped")
     assert earlier["Commit"]["text"] == "a" * 12
@@ -324,7 +324,7 @@ def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
     results = {"dcgan": {"status": "under way", "epochs": 5, "epochs_planned": 50, "train_images": 60_000, "precision": "fp32",
                          "threads": 1, "seconds": 3000.0, "git_commit": "c" * 40, "fid_curve_n": 2000,
                          "history": [{"d_loss": 1.1, "g_loss": 0.95}], "fid_curve": [{"epoch": 5, "fid": 7.891}]}}
-    dcgan = dict(zip(built["header"], report.reference_scale_table(results)["rows"][0]))
+    dcgan = dict(zip(built["header"], report_tables.reference_scale_table(results)["rows"][0]))
     assert dcgan["Epochs"] == "5 of 50" and dcgan["Training time"] == "under way"
     assert dcgan["Result"]["text"] == "FID 7.89 at epoch 5 (N = 2,000, during training); D 1.100 / G 0.950"
 
@@ -335,7 +335,7 @@ def test_reference_scale_epochs_are_shown_beside_the_figures_the_sources_printed
         "cnn": {"history": [{"epoch": 1, "train_acc": 0.47}]},  # R3 printed no CNN epoch
         "dcgan": {"history": [{"epoch": e, "d_loss": 1.0408, "g_loss": 1.4339} for e in (1, 2)]},
     }
-    built = report.reference_scale_epochs(results)
+    built = report_tables.reference_scale_epochs(results)
     rows = [(model, epoch, result["text"], result["ref"]) for model, epoch, result in built["rows"]]
     assert rows == [
         ("ViT", "1", "train acc 28.71%", "R3: 29.39%"),
@@ -344,15 +344,15 @@ def test_reference_scale_epochs_are_shown_beside_the_figures_the_sources_printed
     ]
     # A stopped run that a new one replaced keeps its rows, after the new run's.
     results["vit"] = {"history": [{"epoch": 1, "train_acc": 0.2911}], "earlier_runs": [results["vit"]]}
-    rows = [(model, epoch, result["text"]) for model, epoch, result in report.reference_scale_epochs(results)["rows"]]
+    rows = [(model, epoch, result["text"]) for model, epoch, result in report_tables.reference_scale_epochs(results)["rows"]]
     assert rows[:3] == [("ViT", "1", "train acc 29.11%"), ("ViT (earlier run)", "1", "train acc 28.71%"),
                         ("ViT (earlier run)", "2", "train acc 40.12%")]
-    assert report.reference_scale_epochs({"cnn": results["cnn"]}) is None
+    assert report_tables.reference_scale_epochs({"cnn": results["cnn"]}) is None
 
 
 def test_a_single_epoch_is_drawn_on_whole_epochs(tmp_path):
     axes = []
-    report._figure(tmp_path / "one.png", lambda ax: axes.append(ax) or ax.plot([1], [0.5], marker="o"))
+    report_charts._figure(tmp_path / "one.png", lambda ax: axes.append(ax) or ax.plot([1], [0.5], marker="o"))
     assert list(axes[0].get_xticks()) == [0, 1, 2]  # not 0.95, 0.96, ... around the one point
 
 
@@ -384,7 +384,7 @@ def test_reference_scale_runs_are_drawn_epoch_by_epoch(tmp_path):
     assert f"![{grid}](../benchmarks/reference_scale/mlp_grid_10x10.png)" in md
     assert re.search(rf'<figure class="pixels"><img src="data:image/png;base64,[^"]+" alt="{grid}">', html)
     # Without per-epoch rows or a FID curve there is nothing to draw.
-    assert report.reference_scale_curves({"mlp": mlp | {"fid_curve": []}}, tmp_path / "none") == []
+    assert report_charts.reference_scale_curves({"mlp": mlp | {"fid_curve": []}}, tmp_path / "none") == []
     assert not (tmp_path / "none").exists()
     # A grid the JSON names but the checkout lacks is said on the page, not left out in silence.
     (root / mlp["grid"]).unlink()

@@ -20,8 +20,8 @@ class ClassifierFamily:
     # (section, *, num_classes, channels, image_size) -> the untrained model
     build: Callable[..., nn.Module]
     # The evaluate stage's heat map: "gradcam" reads the model's `gradcam_layer` (the last feature map);
-    # "rollout" rolls out the attention maps that `model(x, return_attention=True)` returns.
-    heatmap: Literal["gradcam", "rollout"]
+    # "rollout" rolls out the attention maps that `model(x, return_attention=True)` returns; None: no heat map.
+    heatmap: Literal["gradcam", "rollout"] | None
     channels_last: bool  # train and evaluate in channels-last memory format (convolutions run faster)
     describe: Callable[..., str]  # (section, *, num_classes) -> the model card's architecture sentence
 

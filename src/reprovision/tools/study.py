@@ -148,7 +148,7 @@ def write_ssl_size_study(table: pd.DataFrame, out: Path = STUDY, source: str = "
     """ssl_size.csv, probe_vs_pretraining_images.png and ssl_size.md; returns the md path. Nothing is chosen
     here: the plot shows test accuracy against the pre-training-set size, as R4's figure does. `record`:
     also write the rows to benchmarks/ssl_size_study.json, which the report stage shows (commit it)."""
-    from reprovision.publish.report import SSL_SIZE_SERIES, ssl_size_chart
+    from reprovision.publish.report_charts import SSL_SIZE_SERIES, ssl_size_chart
 
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "ssl_size.csv", index=False)
