@@ -24,7 +24,7 @@ CPU_SIZED := -S data.train_fraction=0.11 -S data.val_fraction=0.1 -S data.test_f
   -S cnn.epochs=5 -S cnn.scheduler=cosine -S 'cnn.widths=[32,64,128]' -S cnn.convs_per_block=1 -S cnn.hidden=128 \
   -S ssl.arch=refcnn -S 'ssl.widths=[32,64,128]' -S ssl.convs_per_block=1 -S ssl.epochs=2 -S ssl.train_fraction=0.05
 
-.PHONY: install install-test system-packages run test deps
+.PHONY: install install-test system-packages run test deps lint format
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -86,3 +86,12 @@ test: install-test system-packages
 # tests check they are current (tests/test_stage_deps.py).
 deps: install
 	$(PY) -m reprovision.tools.deps
+
+# The formatter and linter (pyproject.toml [tool.ruff]): `make lint` checks, `make format` rewrites.
+lint: install-test
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: install-test
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .

@@ -34,15 +34,15 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
-
 import runs  # benchmarks/runs.py and speed_tables.py: this script's folder is on sys.path
+import torch
 from runs import CLASSIFIERS, apply, dataset_of, load_dataset, subset
 from speed_tables import GPU_TABLE, _fraction, plain_loop
-from reprovision.core import graphs
+
 from reprovision.config import Params
-from reprovision.publish.references import REFERENCE, midpoint
+from reprovision.core import graphs
 from reprovision.core.runtime import attention_backend, autocast_dtype, nondeterministic_op
+from reprovision.publish.references import REFERENCE, midpoint
 
 MODELS = ("vit", "cnn", "dcgan", "mlp")
 # The issue's targets for one H200 (reference recipes, full epochs), s/epoch.
@@ -52,11 +52,30 @@ FULL_RUNS = ("cnn", "vit")  # the last part, in this order, while the budget las
 # How much each part trains. Determinism: a few dozen steps and an epoch boundary, with the last
 # partial batch (its own graph) in it. --smoke shrinks everything to a CPU-sized slice.
 SIZES = {
-    "gpu": {"determinism_images": 2_600, "determinism_gan_steps": 40, "determinism_epochs": 2, "test_images": None,
-            "speed_epochs": 3, "gan_steps": 0, "train_images": None, "plain_warmup": GPU_TABLE["plain_warmup_steps"],
-            "plain_timed": GPU_TABLE["plain_timed_steps"], "full_epochs": None},
-    "smoke": {"determinism_images": 300, "determinism_gan_steps": 3, "determinism_epochs": 1, "test_images": 100,
-              "speed_epochs": 3, "gan_steps": 4, "train_images": 300, "plain_warmup": 1, "plain_timed": 2, "full_epochs": 2},
+    "gpu": {
+        "determinism_images": 2_600,
+        "determinism_gan_steps": 40,
+        "determinism_epochs": 2,
+        "test_images": None,
+        "speed_epochs": 3,
+        "gan_steps": 0,
+        "train_images": None,
+        "plain_warmup": GPU_TABLE["plain_warmup_steps"],
+        "plain_timed": GPU_TABLE["plain_timed_steps"],
+        "full_epochs": None,
+    },
+    "smoke": {
+        "determinism_images": 300,
+        "determinism_gan_steps": 3,
+        "determinism_epochs": 1,
+        "test_images": 100,
+        "speed_epochs": 3,
+        "gan_steps": 4,
+        "train_images": 300,
+        "plain_warmup": 1,
+        "plain_timed": 2,
+        "full_epochs": 2,
+    },
 }
 
 
@@ -72,15 +91,22 @@ def overrides_for(model: str, size: dict, arrays, *, images: int | None, epochs:
             "data.test_fraction": fraction(size["test_images"], len(arrays["test_y"])),
             f"{model}.epochs": epochs,
         }
-    # gan.fid_samples only so that params validate (its FID floor needs as many training images); no FID is computed here.
-    return {"gan.train_fraction": fraction(images, len(arrays["train_y"])), "gan.epochs": epochs, "gan.steps_per_epoch_max": gan_steps,
-            "gan.fid_samples": min(images or len(arrays["train_y"]), Params().gan.fid_samples)}
+    # gan.fid_samples only so that params validate (its FID floor needs as many training images);
+    # no FID is computed here.
+    return {
+        "gan.train_fraction": fraction(images, len(arrays["train_y"])),
+        "gan.epochs": epochs,
+        "gan.steps_per_epoch_max": gan_steps,
+        "gan.fid_samples": min(images or len(arrays["train_y"]), Params().gan.fid_samples),
+    }
 
 
 # ------------------------------------------------------------------------------------ determinism
 
 
-def trained_state(model: str, params: Params, arrays, device: torch.device, cuda_graphs: bool) -> tuple[dict, list[dict]]:
+def trained_state(
+    model: str, params: Params, arrays, device: torch.device, cuda_graphs: bool
+) -> tuple[dict, list[dict]]:
     """Every tensor a short run ends with (weights, buffers), on the CPU, and its per-epoch history."""
     if model in CLASSIFIERS:
         net, history, *_ = runs.train_classifier(model, params, arrays, device, cuda_graphs)
@@ -88,7 +114,10 @@ def trained_state(model: str, params: Params, arrays, device: torch.device, cuda
     else:
         images, _ = subset(arrays, "train", params.gan.train_fraction, params.seed, device)
         gen, disc, history, _ = runs.train_gan_pair(model, params, images, device, cuda_graphs=cuda_graphs)
-        state = {**{f"G.{k}": v for k, v in gen.state_dict().items()}, **{f"D.{k}": v for k, v in disc.state_dict().items()}}
+        state = {
+            **{f"G.{k}": v for k, v in gen.state_dict().items()},
+            **{f"D.{k}": v for k, v in disc.state_dict().items()},
+        }
     timeless = [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
     return {k: v.detach().cpu().clone() for k, v in state.items()}, timeless
 
@@ -104,7 +133,7 @@ def digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def compare(a: tuple[dict, list[dict]], b: tuple[dict, list[dict]]) -> str:
-    """"identical", or the first tensor (or history row) that differs and by how much."""
+    """ "identical", or the first tensor (or history row) that differs and by how much."""
     (state_a, history_a), (state_b, history_b) = a, b
     for name, tensor in state_a.items():
         other = state_b[name]
@@ -121,8 +150,17 @@ def determinism(model: str, size: dict, arrays, device: torch.device) -> dict:
     """The project's run twice ("repeat"); on CUDA also with torch's NaN fill of unwritten memory kept
     in the captured step ("NaN fill"), which proves leaving it out safe for this model, and with the
     step eager instead of captured ("graph vs eager")."""
-    params = apply(overrides_for(model, size, arrays, images=size["determinism_images"], epochs=size["determinism_epochs"],
-                                 gan_steps=size["determinism_gan_steps"]), f"gpu_check determinism {model}")
+    params = apply(
+        overrides_for(
+            model,
+            size,
+            arrays,
+            images=size["determinism_images"],
+            epochs=size["determinism_epochs"],
+            gan_steps=size["determinism_gan_steps"],
+        ),
+        f"gpu_check determinism {model}",
+    )
     first = trained_state(model, params, arrays, device, cuda_graphs=True)
     second = trained_state(model, params, arrays, device, cuda_graphs=True)
     result = {"repeat": compare(first, second), "weights_sha256": digest(first[0])}
@@ -141,11 +179,33 @@ def determinism(model: str, size: dict, arrays, device: torch.device) -> dict:
 
 
 def speed(model: str, size: dict, arrays, device: torch.device) -> dict:
-    params = apply(overrides_for(model, size, arrays, images=size["train_images"], epochs=size["speed_epochs"],
-                                 gan_steps=size["gan_steps"]), f"gpu_check speed {model}")
-    run = runs.run_classifier(model, params, arrays, device) if model in CLASSIFIERS else runs.run_gan(model, params, arrays, device, False)
-    row = {key: run[key] for key in ("s_per_epoch", "images_per_s", "warmup_s", "total_s", "epochs", "batch_size", "train_images",
-                                     "full_epoch_images", "flops_per_image", "precision", "params")}
+    params = apply(
+        overrides_for(
+            model, size, arrays, images=size["train_images"], epochs=size["speed_epochs"], gan_steps=size["gan_steps"]
+        ),
+        f"gpu_check speed {model}",
+    )
+    run = (
+        runs.run_classifier(model, params, arrays, device)
+        if model in CLASSIFIERS
+        else runs.run_gan(model, params, arrays, device, False)
+    )
+    row = {
+        key: run[key]
+        for key in (
+            "s_per_epoch",
+            "images_per_s",
+            "warmup_s",
+            "total_s",
+            "epochs",
+            "batch_size",
+            "train_images",
+            "full_epoch_images",
+            "flops_per_image",
+            "precision",
+            "params",
+        )
+    }
     seconds = [r["epoch_seconds"] for r in run["history"]]
     row["epoch_seconds"] = seconds
     row["s_per_full_epoch"] = run["full_epoch_images"] / run["images_per_s"]
@@ -162,13 +222,24 @@ def speed(model: str, size: dict, arrays, device: torch.device) -> dict:
 
 def full_run(model: str, size: dict, arrays, device: torch.device) -> dict:
     epochs = size["full_epochs"] or Params().classifier(model).epochs
-    params = apply(overrides_for(model, size, arrays, images=size["train_images"], epochs=epochs, gan_steps=0), f"gpu_check full {model}")
+    params = apply(
+        overrides_for(model, size, arrays, images=size["train_images"], epochs=epochs, gan_steps=0),
+        f"gpu_check full {model}",
+    )
     net, history, train_images, test_images, total = runs.train_classifier(model, params, arrays, device)
     seconds = [r["epoch_seconds"] for r in history]
-    return {"epochs": epochs, "train_images": train_images, "test_images": test_images, "total_s": total,
-            "train_s": sum(seconds), "s_per_epoch": statistics.median(seconds[1:] or seconds),
-            "test_acc": history[-1]["test_acc"], "train_acc": history[-1]["train_acc"], "weights_sha256": digest(net.state_dict()),
-            "history": [{k: row[k] for k in ("epoch", "train_acc", "test_acc", "epoch_seconds")} for row in history]}
+    return {
+        "epochs": epochs,
+        "train_images": train_images,
+        "test_images": test_images,
+        "total_s": total,
+        "train_s": sum(seconds),
+        "s_per_epoch": statistics.median(seconds[1:] or seconds),
+        "test_acc": history[-1]["test_acc"],
+        "train_acc": history[-1]["train_acc"],
+        "weights_sha256": digest(net.state_dict()),
+        "history": [{k: row[k] for k in ("epoch", "train_acc", "test_acc", "epoch_seconds")} for row in history],
+    }
 
 
 # ------------------------------------------------------------------------------------------ table
@@ -180,26 +251,49 @@ def _f(value, spec: str) -> str:
 
 def markdown(report: dict) -> str:
     env = report["environment"]
-    out = [f"GPU check: {env['device']}, torch {env['torch']}, {env['date']}, {report['mode']}", "",
-           "| model | batch | precision | s/epoch (full epoch) | reference s/epoch | H200 target | img/s | TFLOP/s counted | "
-           "peak GiB | project / plain loop | repeat run | with NaN fill | graph vs eager |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"GPU check: {env['device']}, torch {env['torch']}, {env['date']}, {report['mode']}",
+        "",
+        "| model | batch | precision | s/epoch (full epoch) | reference s/epoch | H200 target | "
+        "img/s | TFLOP/s counted | "
+        "peak GiB | project / plain loop | repeat run | with NaN fill | graph vs eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for model in (m for m in MODELS if m in report["models"]):
         r = report["models"][model]
         s, d = r.get("speed", {}), r.get("determinism", {})
         if "error" in r:
             out.append(f"| {model} | error: {r['error']} |" + " |" * 11)
             continue
-        out.append("| " + " | ".join([
-            model, str(s.get("batch_size", "-")), s.get("precision", "-"), _f(s.get("s_per_full_epoch"), ".2f"),
-            _f(midpoint(REFERENCE[model].get("s_per_epoch")), ".0f"), _f(H200_TARGET_S_PER_EPOCH[model], ".1f"),
-            _f(s.get("images_per_s"), ",.0f"), _f(s.get("tflop_per_s"), ".1f"), _f(s.get("peak_gib"), ".2f"),
-            "-" if "plain_ratio" not in s else f"x{s['plain_ratio']:.2f} ({s['plain_images_per_s']:,.0f} img/s)",
-            d.get("repeat", "-"), d.get("nan_fill", "-"), d.get("graph_vs_eager", "-"),
-        ]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    model,
+                    str(s.get("batch_size", "-")),
+                    s.get("precision", "-"),
+                    _f(s.get("s_per_full_epoch"), ".2f"),
+                    _f(midpoint(REFERENCE[model].get("s_per_epoch")), ".0f"),
+                    _f(H200_TARGET_S_PER_EPOCH[model], ".1f"),
+                    _f(s.get("images_per_s"), ",.0f"),
+                    _f(s.get("tflop_per_s"), ".1f"),
+                    _f(s.get("peak_gib"), ".2f"),
+                    "-"
+                    if "plain_ratio" not in s
+                    else f"x{s['plain_ratio']:.2f} ({s['plain_images_per_s']:,.0f} img/s)",
+                    d.get("repeat", "-"),
+                    d.get("nan_fill", "-"),
+                    d.get("graph_vs_eager", "-"),
+                ]
+            )
+            + " |"
+        )
     if report["full_runs"]:
-        out += ["", "| model | epochs | s/epoch | total s (train + eval) | test acc | reference test acc | reference train s |",
-                "|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "| model | epochs | s/epoch | total s (train + eval) | test acc | reference test acc | reference train s |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for model, r in report["full_runs"].items():
             ref = REFERENCE[model]
             if "skipped" in r or "error" in r:
@@ -207,8 +301,10 @@ def markdown(report: dict) -> str:
                 continue
             acc = ref["test_acc"]
             seconds = ref["train_seconds"]
-            out.append(f"| {model} | {r['epochs']} | {r['s_per_epoch']:.2f} | {r['total_s']:.0f} | {r['test_acc']:.2%} | "
-                       f"{acc[0]:.0%}-{acc[1]:.0%} | {seconds if isinstance(seconds, int) else f'{seconds[0]}-{seconds[1]}'} |")
+            out.append(
+                f"| {model} | {r['epochs']} | {r['s_per_epoch']:.2f} | {r['total_s']:.0f} | {r['test_acc']:.2%} | "
+                f"{acc[0]:.0%}-{acc[1]:.0%} | {seconds if isinstance(seconds, int) else f'{seconds[0]}-{seconds[1]}'} |"
+            )
     return "\n".join(out)
 
 
@@ -217,13 +313,27 @@ def markdown(report: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, help="a raw mirror (mnist/MNIST/raw, cifar10/...) or data/prepared; "
-                   "default: data/prepared, else $REPROVISION_DATA_MIRROR")
-    p.add_argument("--json", type=Path, default=Path("gpu_check.json"), help="where every figure goes (default: %(default)s)")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (~1 min on 2 CPU cores): proves the check runs, measures nothing")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="a raw mirror (mnist/MNIST/raw, cifar10/...) or data/prepared; "
+        "default: data/prepared, else $REPROVISION_DATA_MIRROR",
+    )
+    p.add_argument(
+        "--json", type=Path, default=Path("gpu_check.json"), help="where every figure goes (default: %(default)s)"
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes (~1 min on 2 CPU cores): proves the check runs, measures nothing",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda, or cpu with --smoke")
-    p.add_argument("--budget-min", type=float, default=8.0,
-                   help="stop starting new parts once this many minutes have passed (default: %(default)s)")
+    p.add_argument(
+        "--budget-min",
+        type=float,
+        default=8.0,
+        help="stop starting new parts once this many minutes have passed (default: %(default)s)",
+    )
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -234,7 +344,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         mirror = os.environ.get("REPROVISION_DATA_MIRROR")
         args.data = Path("data/prepared") if Path("data/prepared").is_dir() else Path(mirror) if mirror else None
         if args.data is None:
-            p.error("no --data, data/prepared or $REPROVISION_DATA_MIRROR: pass --data <mirror holding MNIST and CIFAR-10>")
+            p.error(
+                "no --data, data/prepared or $REPROVISION_DATA_MIRROR: pass --data <mirror holding MNIST and CIFAR-10>"
+            )
     if not args.data.is_dir():
         p.error(f"--data {args.data}: not a directory")
     if args.budget_min <= 0:
@@ -257,8 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     env = runs.environment(device)
     # The attention kernel the classifiers' bf16 steps use here (runtime.attention_backend), for the record.
     env["attention_kernel"] = attention_backend(device, autocast_dtype("auto", device))
-    report = {"environment": env, "mode": "SMOKE (tiny sizes: measures nothing)" if args.smoke else "reference recipes, full epochs",
-              "budget_min": args.budget_min, "models": {}, "full_runs": {}, "data": {}}
+    report = {
+        "environment": env,
+        "mode": "SMOKE (tiny sizes: measures nothing)" if args.smoke else "reference recipes, full epochs",
+        "budget_min": args.budget_min,
+        "models": {},
+        "full_runs": {},
+        "data": {},
+    }
 
     def save() -> None:
         report["wall_s"] = time.perf_counter() - started
@@ -294,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
                 break
             finally:
                 save()
-            print(f"{model} {part} ({time.perf_counter() - t:.1f} s): "
-                  + json.dumps({k: v for k, v in entry[part].items() if k != "epoch_seconds"}, default=str), flush=True)
+            print(
+                f"{model} {part} ({time.perf_counter() - t:.1f} s): "
+                + json.dumps({k: v for k, v in entry[part].items() if k != "epoch_seconds"}, default=str),
+                flush=True,
+            )
 
     for model in (m for m in FULL_RUNS if m in args.models):
         s = report["models"].get(model, {}).get("speed", {})
@@ -316,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
             report["full_runs"][model] = {"error": str(err).splitlines()[0][:300], "traceback": traceback.format_exc()}
             failed = True
         save()
-        print(f"{model} full run ({time.perf_counter() - t:.1f} s): test acc {report['full_runs'][model].get('test_acc')}", flush=True)
+        print(
+            f"{model} full run ({time.perf_counter() - t:.1f} s): test acc "
+            f"{report['full_runs'][model].get('test_acc')}",
+            flush=True,
+        )
 
     report["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     save()

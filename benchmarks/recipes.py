@@ -112,7 +112,9 @@ def hydra_value(value: Any) -> str:
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
     if isinstance(value, (int, float, str)):
         return repr(value) if isinstance(value, float) else str(value)
-    raise TypeError(f"cannot render {value!r} ({type(value).__name__}) as a -S value; use bool, int, float, str or a list")
+    raise TypeError(
+        f"cannot render {value!r} ({type(value).__name__}) as a -S value; use bool, int, float, str or a list"
+    )
 
 
 def dvc_set_args(overrides: dict[str, Any]) -> list[str]:

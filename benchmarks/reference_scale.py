@@ -33,8 +33,18 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from reprovision.layout import CHECKPOINTS, CLASSIFIERS, GAN_MODELS, GANS, METRICS, MODELS, REFERENCE_SCALE, REFERENCE_SCALE_PICTURES, SUMMARY  # noqa: E402
 from reprovision.core.track import experiment_name, tracking_uri  # noqa: E402
+from reprovision.layout import (
+    CHECKPOINTS,
+    CLASSIFIERS,
+    GAN_MODELS,
+    GANS,
+    METRICS,
+    MODELS,
+    REFERENCE_SCALE,
+    REFERENCE_SCALE_PICTURES,
+    SUMMARY,
+)  # noqa: E402
 from reprovision.publish.references import REFERENCE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / REFERENCE_SCALE
@@ -49,7 +59,9 @@ def stage_record(folder: Path, model: str) -> dict:
 
 def history(path: Path) -> list[dict]:
     with path.open() as fh:
-        return [{k: (float(v) if k != "epoch" else int(v)) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+        return [
+            {k: (float(v) if k != "epoch" else int(v)) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)
+        ]
 
 
 def mlflow_run(repo: Path, model: str) -> dict:
@@ -73,10 +85,15 @@ def newest_stage_run(repo: Path, model: str) -> dict:
     else:
         stage, query = f"train-gan@{model}", f"tags.stage = 'train-gan' and tags.model = 'gan-{model}'"
     found = experiment and client.search_runs(
-        [experiment.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1,
+        [experiment.experiment_id],
+        query,
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
     if not found:
-        raise SystemExit(f"no {stage} run in {tracking_uri(repo)}: record from the store the run logged to (MLFLOW_TRACKING_URI)")
+        raise SystemExit(
+            f"no {stage} run in {tracking_uri(repo)}: record from the store the run logged to (MLFLOW_TRACKING_URI)"
+        )
     return {"run_id": found[0].info.run_id, "tags": found[0].data.tags, "params": found[0].data.params}
 
 
@@ -127,7 +144,11 @@ def record(repo: Path, model: str) -> dict:
     else:
         metrics = stage_record(repo / METRICS / "gan", model)
         rows = history(repo / METRICS / "gan" / model / "history.csv")
-        fid_curve = [row for row in history(repo / METRICS / "gan" / model / "fid.csv") if math.isfinite(row.get("fid", math.nan))]
+        fid_curve = [
+            row
+            for row in history(repo / METRICS / "gan" / model / "fid.csv")
+            if math.isfinite(row.get("fid", math.nan))
+        ]
         entry |= {
             "epochs": metrics["epochs"],
             "train_images": int(round(params["gan"]["train_fraction"] * 60_000)),
@@ -186,7 +207,9 @@ def progress(repo: Path, model: str) -> dict:
             "epochs_planned": params["gan"]["epochs"],
             "train_images": int(round(params["gan"]["train_fraction"] * 60_000)),
             "precision": "fp32",  # the GAN loop has no autocast
-            "history": [{k: row[k] for k in ("epoch", "d_loss", "g_loss", "d_real", "d_fake", "epoch_seconds")} for row in rows],
+            "history": [
+                {k: row[k] for k in ("epoch", "d_loss", "g_loss", "d_real", "d_fake", "epoch_seconds")} for row in rows
+            ],
             "fid_curve": [{"epoch": row["epoch"], "fid": row["fid_during"]} for row in rows if "fid_during" in row],
             "fid_curve_n": int(run["params"]["fid_samples_during"]),
         }
@@ -213,8 +236,10 @@ def table() -> str:
     if not tables:
         return "(no reference-scale run recorded yet)"
     return "\n\n".join(
-        "\n".join(["| " + " | ".join(t["header"]) + " |", "|" + "---|" * len(t["header"])]
-                  + ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in t["rows"]])
+        "\n".join(
+            ["| " + " | ".join(t["header"]) + " |", "|" + "---|" * len(t["header"])]
+            + ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in t["rows"]]
+        )
         for t in tables
     )
 

@@ -24,16 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from reprovision.data.augment import make_policy
 from reprovision.config import DATASET_SHAPES, Params, parse_params
+from reprovision.core.runtime import attention_kernels, autocast_dtype, compiled_for_determinism, seed_everything
+from reprovision.data.augment import make_policy
 from reprovision.data.datasets import DataError, load_split, read_mirror, stratified_subset
-from reprovision.training.fit_gan import gan_optimizers, fit_gan
 from reprovision.models import count_parameters
 from reprovision.models.classifiers import FAMILIES
 from reprovision.models.gan import build_gan
 from reprovision.publish.references import REFERENCE, midpoint
-from reprovision.core.runtime import attention_kernels, autocast_dtype, compiled_for_determinism, seed_everything
 from reprovision.training.fit_classifier import DeviceData, fit_classifier
+from reprovision.training.fit_gan import fit_gan, gan_optimizers
 
 # The train-vit / train-cnn stages' own set-up (stages/train_classifier.py), not a copy of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
@@ -63,7 +63,9 @@ def load_dataset(root: Path, name: str) -> tuple[dict[str, np.ndarray], str]:
     try:
         return read_mirror(name, root, lossy_ok=True)
     except DataError as err:
-        raise SystemExit(f"no usable {name} under {root} ({err}); pass --data data/prepared after `dvc repro fetch-data`") from None
+        raise SystemExit(
+            f"no usable {name} under {root} ({err}); pass --data data/prepared after `dvc repro fetch-data`"
+        ) from None
 
 
 def subset(arrays: dict[str, np.ndarray], split: str, fraction: float, seed: int, device: torch.device):
@@ -136,8 +138,20 @@ def gan_flops(gen, disc, images: torch.Tensor, latent_dim: int) -> float:
     opt_g, opt_d = torch.optim.Adam(gen.parameters()), torch.optim.Adam(disc.parameters())
     rng = torch.Generator(device=images.device).manual_seed(0)
     with FlopCounterMode(display=False) as counter, contextlib.redirect_stdout(io.StringIO()):
-        fit_gan(gen, disc, opt_g, opt_d, images[:FLOP_BATCH], latent_dim, FLOP_BATCH, 1, rng, max_steps=1, progress=False,
-                  cuda_graphs=False)
+        fit_gan(
+            gen,
+            disc,
+            opt_g,
+            opt_d,
+            images[:FLOP_BATCH],
+            latent_dim,
+            FLOP_BATCH,
+            1,
+            rng,
+            max_steps=1,
+            progress=False,
+            cuda_graphs=False,
+        )
     return counter.get_total_flops() / FLOP_BATCH
 
 
@@ -162,8 +176,9 @@ def _timing(seconds: list[float], images_per_epoch: int) -> dict[str, float | No
     }
 
 
-def train_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device,
-                     cuda_graphs: bool = True) -> tuple[torch.nn.Module, list[dict], int, int, float]:
+def train_classifier(
+    name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, cuda_graphs: bool = True
+) -> tuple[torch.nn.Module, list[dict], int, int, float]:
     """The train-<name> stage's set-up and loop: (model, history, train images, test images, seconds)."""
     cfg = params.classifier(name)
     rng = seed_everything(params.seed, device, params.deterministic)
@@ -173,16 +188,31 @@ def train_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], d
     model, train, val, augmenter = classifier_setup(FAMILIES[name], params, device, rng, train_x, train_y, policy)
     reset_peak_memory(device)
     started = time.perf_counter()
-    history = fit_classifier(model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng,
-                  progress=False, cuda_graphs=cuda_graphs)
+    history = fit_classifier(
+        model,
+        train,
+        val,
+        DeviceData(test_x, test_y),
+        augmenter,
+        cfg,
+        params.learning_rate(name),
+        rng,
+        progress=False,
+        cuda_graphs=cuda_graphs,
+    )
     return model, history, len(train), len(test_y), time.perf_counter() - started
 
 
 def run_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device) -> dict:
     cfg = params.classifier(name)
     channels, size, _, classes = DATASET_SHAPES[params.data.classifier_dataset]
-    flops = classifier_flops(FAMILIES[name].build(cfg, num_classes=classes, channels=channels, image_size=size).to(device),
-                             channels, size, classes, device)
+    flops = classifier_flops(
+        FAMILIES[name].build(cfg, num_classes=classes, channels=channels, image_size=size).to(device),
+        channels,
+        size,
+        classes,
+        device,
+    )
     model, history, train_images, test_images, total = train_classifier(name, params, arrays, device)
     amp = autocast_dtype(cfg.precision, device)
     return {
@@ -201,8 +231,14 @@ def run_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], dev
     }
 
 
-def train_gan_pair(name: str, params: Params, images: torch.Tensor, device: torch.device, compile_: bool = False,
-                   cuda_graphs: bool = True) -> tuple[torch.nn.Module, torch.nn.Module, list[dict], float]:
+def train_gan_pair(
+    name: str,
+    params: Params,
+    images: torch.Tensor,
+    device: torch.device,
+    compile_: bool = False,
+    cuda_graphs: bool = True,
+) -> tuple[torch.nn.Module, torch.nn.Module, list[dict], float]:
     """The train-gan stage's set-up (stages/train_gan.py) and loop, without its FID/sampling side work:
     (generator, discriminator, history, seconds)."""
     gcfg = params.gan
@@ -214,8 +250,18 @@ def train_gan_pair(name: str, params: Params, images: torch.Tensor, device: torc
     reset_peak_memory(device)
     started = time.perf_counter()
     history = fit_gan(
-        step_gen, step_disc, opt_g, opt_d, images, mcfg.latent_dim, mcfg.batch_size, gcfg.epochs, rng,
-        max_steps=gcfg.steps_per_epoch_max, progress=False, cuda_graphs=cuda_graphs and not compile_,
+        step_gen,
+        step_disc,
+        opt_g,
+        opt_d,
+        images,
+        mcfg.latent_dim,
+        mcfg.batch_size,
+        gcfg.epochs,
+        rng,
+        max_steps=gcfg.steps_per_epoch_max,
+        progress=False,
+        cuda_graphs=cuda_graphs and not compile_,
     )
     return gen, disc, history, time.perf_counter() - started
 
@@ -255,14 +301,24 @@ def dataset_of(model: str, params: Params) -> str:
 
 
 def benchmark(
-    model: str, recipe: recipes.Recipe, overrides: dict, params: Params, compile_: bool, device: torch.device, data: dict
+    model: str,
+    recipe: recipes.Recipe,
+    overrides: dict,
+    params: Params,
+    compile_: bool,
+    device: torch.device,
+    data: dict,
 ) -> dict:
     arrays, source = data[dataset_of(model, params)]
-    print(f"\n== {model} / {recipe.name}: {', '.join(f'{k}={v}' for k, v in overrides.items()) or 'defaults'}", flush=True)
+    print(
+        f"\n== {model} / {recipe.name}: {', '.join(f'{k}={v}' for k, v in overrides.items()) or 'defaults'}", flush=True
+    )
     if model in CLASSIFIERS:
         row = run_classifier(model, params, arrays, device)
     else:
-        row = run_gan(model, params, arrays, device, compile_)  # fit_classifier() compiles the classifiers from their config
+        row = run_gan(
+            model, params, arrays, device, compile_
+        )  # fit_classifier() compiles the classifiers from their config
     s_full = row["full_epoch_images"] / row["images_per_s"]
     reference = REFERENCE_S_PER_EPOCH[model]
     return {

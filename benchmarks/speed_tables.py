@@ -20,20 +20,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reprovision.data.augment import make_policy, normalize
 from reprovision.config import CLASSIFIER_LABELS, DATASET_SHAPES, Params
+from reprovision.core.runtime import autocast_dtype, cpu_has_native_bf16, seed_everything
+from reprovision.data.augment import make_policy, normalize
 from reprovision.models.classifiers import FAMILIES
 from reprovision.models.gan import build_gan
 from reprovision.publish.references import REFERENCE, midpoint
-from reprovision.core.runtime import autocast_dtype, cpu_has_native_bf16, seed_everything
 from reprovision.training.fit_classifier import DeviceData, fit_classifier
 
 # The train-vit / train-cnn stages' own set-up (stages/train_classifier.py), not a copy of it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
-from train_classifier import setup as classifier_setup  # noqa: E402
 from runs import (  # noqa: E402  benchmarks/runs.py, beside this script
-    _fmt, apply, classifier_flops, dataset_of, load_dataset, run_classifier, run_gan, subset, write_results,
+    _fmt,
+    apply,
+    classifier_flops,
+    dataset_of,
+    load_dataset,
+    run_classifier,
+    run_gan,
+    subset,
+    write_results,
 )
+from train_classifier import setup as classifier_setup  # noqa: E402
 
 # Seconds per epoch the references reported on their own hardware (reprovision/publish/references.py), a
 # range taken as its middle; None where the source reported none (R1's MLP GAN).
@@ -71,7 +79,9 @@ def wait_for_quiet(limit: float, poll_s: float, max_wait_s: float) -> tuple[floa
         load, waited = os.getloadavg()[0], time.monotonic() - started
         if load < limit or waited >= max_wait_s:
             return load, waited
-        print(f"1-minute load {load:.2f} >= {limit}: waiting ({waited / 60:.1f} of {max_wait_s / 60:.0f} min)", flush=True)
+        print(
+            f"1-minute load {load:.2f} >= {limit}: waiting ({waited / 60:.1f} of {max_wait_s / 60:.0f} min)", flush=True
+        )
         time.sleep(min(poll_s, max_wait_s - waited))
 
 
@@ -107,7 +117,11 @@ def machine() -> dict:
 def _timed(seconds: list[float], warmup: int, images_per_epoch: int) -> dict:
     """Speed over the epochs after the warm-up: their images over their summed training seconds."""
     timed = seconds[warmup:]
-    return {"epoch_seconds": seconds, "timed_seconds": sum(timed), "images_per_s": images_per_epoch * len(timed) / sum(timed)}
+    return {
+        "epoch_seconds": seconds,
+        "timed_seconds": sum(timed),
+        "images_per_s": images_per_epoch * len(timed) / sum(timed),
+    }
 
 
 def table_project(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, warmup: int) -> dict:
@@ -119,9 +133,15 @@ def table_project(name: str, params: Params, arrays: dict[str, np.ndarray], devi
     policy = make_policy(params.data.classifier_dataset, params.augment, train_x)
     model, train, val, augmenter = classifier_setup(FAMILIES[name], params, device, rng, train_x, train_y, policy)
     wall, cpu = time.perf_counter(), time.process_time()
-    history = fit_classifier(model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng, progress=False)
+    history = fit_classifier(
+        model, train, val, DeviceData(test_x, test_y), augmenter, cfg, params.learning_rate(name), rng, progress=False
+    )
     cores = (time.process_time() - cpu) / (time.perf_counter() - wall)
-    return {**_timed([row["epoch_seconds"] for row in history], warmup, len(train)), "cores_busy": cores, "train_images": len(train)}
+    return {
+        **_timed([row["epoch_seconds"] for row in history], warmup, len(train)),
+        "cores_busy": cores,
+        "train_images": len(train),
+    }
 
 
 def table_plain(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, warmup: int) -> dict:
@@ -190,9 +210,16 @@ def cpu_table(args: argparse.Namespace) -> None:
             for loop in LOOPS:
                 plan.append((name, precision, loop, params))
     channels, size, _, classes = DATASET_SHAPES["cifar10"]
-    flops = {name: classifier_flops(FAMILIES[name].build(Params().classifier(name), num_classes=classes, channels=channels,
-                                                   image_size=size), channels, size, classes, device)
-             for name in CLASSIFIERS}
+    flops = {
+        name: classifier_flops(
+            FAMILIES[name].build(Params().classifier(name), num_classes=classes, channels=channels, image_size=size),
+            channels,
+            size,
+            classes,
+            device,
+        )
+        for name in CLASSIFIERS
+    }
 
     load_before, waited = wait_for_quiet(LOAD_LIMIT, LOAD_POLL_S, args.max_wait)
     print(f"1-minute load {load_before:.2f} after waiting {waited / 60:.1f} min: timing", flush=True)
@@ -202,10 +229,19 @@ def cpu_table(args: argparse.Namespace) -> None:
         print(f"\n== {name} / {loop} loop / {precision}", flush=True)
         run = table_project if loop == "project" else table_plain
         row = run(name, params, arrays, device, warmup)
-        row.update(model=name, precision=precision, loop=loop, load_1min_after=os.getloadavg()[0],
-                   gflop_per_image=flops[name] / 1e9, gflop_per_s=flops[name] / 1e9 * row["images_per_s"])
-        print(f"{row['images_per_s']:.1f} img/s over {timed} timed epoch(s) of {row['train_images']} images "
-              f"(epochs: {', '.join(f'{s:.2f}' for s in row['epoch_seconds'])} s)", flush=True)
+        row.update(
+            model=name,
+            precision=precision,
+            loop=loop,
+            load_1min_after=os.getloadavg()[0],
+            gflop_per_image=flops[name] / 1e9,
+            gflop_per_s=flops[name] / 1e9 * row["images_per_s"],
+        )
+        print(
+            f"{row['images_per_s']:.1f} img/s over {timed} timed epoch(s) of {row['train_images']} images "
+            f"(epochs: {', '.join(f'{s:.2f}' for s in row['epoch_seconds'])} s)",
+            flush=True,
+        )
         rows.append(row)
         if args.json:  # after every row: a run cut short keeps what it finished
             write_results(args.json, {**machine(), "command": command, "partial": True}, "cpu-table", args, rows)
@@ -237,7 +273,7 @@ def cpu_table_markdown(env: dict, rows: list[dict]) -> str:
     mem = f"{env['mem_gib']:.0f} GiB" if env["mem_gib"] else "memory unknown"
     out = [
         f"- Command: `{env['command']}`",
-        f"- Machine: {env['cpus']} CPUs, {mem}, `lscpu` model name \"{env['cpu']}\"; flags: {flags}",
+        f'- Machine: {env["cpus"]} CPUs, {mem}, `lscpu` model name "{env["cpu"]}"; flags: {flags}',
         f"- Native bf16 (`runtime.cpu_has_native_bf16()`): **{'yes' if env['native_bf16'] else 'no'}**; "
         f"torch's CPU kernels: {env['torch_cpu_capability']}",
         f"- Software: torch {env['torch']}, Python {env['python']}, {env['threads']} threads (`torch.set_num_threads`)",
@@ -246,7 +282,8 @@ def cpu_table_markdown(env: dict, rows: list[dict]) -> str:
         f"(after waiting {env['load_wait_s'] / 60:.1f} min; {env['load_1min_at_launch']:.2f} at launch), "
         f"{env['load_1min_at_end']:.2f} at the end (this run's own 2 threads count in it)",
         f"- Data: {env['images']} CIFAR-10 training images ({env['data_source']}), batches of "
-        f"{CPU_TABLE['batch_size']}; {env['warmup_epochs']} untimed warm-up epoch, then {env['timed_epochs']} timed epoch{'s' if env['timed_epochs'] > 1 else ''}",
+        f"{CPU_TABLE['batch_size']}; {env['warmup_epochs']} untimed warm-up epoch, then "
+        f"{env['timed_epochs']} timed epoch{'s' if env['timed_epochs'] > 1 else ''}",
         "",
         "| model | loop | precision | img/s | GFLOP/s | bf16 / fp32 | project / plain | cores busy |",
         "|---|---|---|---|---|---|---|---|",
@@ -254,16 +291,22 @@ def cpu_table_markdown(env: dict, rows: list[dict]) -> str:
     for r in rows:
         fp32 = by[(r["model"], r["loop"], "fp32")]
         plain = by[(r["model"], "plain", r["precision"])]
-        out.append("| " + " | ".join([
-            f"{CLASSIFIER_LABELS[r['model']]} ({r['gflop_per_image']:.3f} GFLOP/img)",
-            "project (`fit_classifier`)" if r["loop"] == "project" else "plain PyTorch",
-            "fp32" if r["precision"] == "fp32" else "bf16 autocast",
-            f"{r['images_per_s']:.1f}",
-            f"{r['gflop_per_s']:.1f}",
-            "-" if r["precision"] == "fp32" else f"x{r['images_per_s'] / fp32['images_per_s']:.2f}",
-            "-" if r["loop"] == "plain" else f"x{r['images_per_s'] / plain['images_per_s']:.2f}",
-            _fmt(r["cores_busy"], ".2f"),
-        ]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    f"{CLASSIFIER_LABELS[r['model']]} ({r['gflop_per_image']:.3f} GFLOP/img)",
+                    "project (`fit_classifier`)" if r["loop"] == "project" else "plain PyTorch",
+                    "fp32" if r["precision"] == "fp32" else "bf16 autocast",
+                    f"{r['images_per_s']:.1f}",
+                    f"{r['gflop_per_s']:.1f}",
+                    "-" if r["precision"] == "fp32" else f"x{r['images_per_s'] / fp32['images_per_s']:.2f}",
+                    "-" if r["loop"] == "plain" else f"x{r['images_per_s'] / plain['images_per_s']:.2f}",
+                    _fmt(r["cores_busy"], ".2f"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(out)
 
 
@@ -291,8 +334,9 @@ def _time_steps(step, batches: int, warmup: int, timed: int, device: torch.devic
     return time.perf_counter() - started
 
 
-def plain_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device,
-                     warmup: int, timed: int) -> dict:
+def plain_classifier(
+    name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, warmup: int, timed: int
+) -> dict:
     """What a user writes by hand: normalised images on the device, no augmentation, torch's default
     optimiser implementation, autocast forward, cross-entropy, zero_grad, backward, step; eager,
     no determinism flag, no scheduler, no metrics."""
@@ -325,7 +369,9 @@ def plain_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], d
     return {"images_per_s": timed * cfg.batch_size / seconds, "timed_steps": timed, "seconds": seconds}
 
 
-def plain_gan(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, warmup: int, timed: int) -> dict:
+def plain_gan(
+    name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, warmup: int, timed: int
+) -> dict:
     """A minimal hand-written GAN loop: real batches in [-1, 1] on the device, noise from torch's global
     RNG, Adam with torch's default implementation, one D then one G update per step; eager."""
     mcfg = getattr(params.gan, name)
@@ -356,7 +402,9 @@ def plain_gan(name: str, params: Params, arrays: dict[str, np.ndarray], device: 
     return {"images_per_s": timed * mcfg.batch_size / seconds, "timed_steps": timed, "seconds": seconds}
 
 
-def plain_loop(model: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, warmup: int, timed: int) -> dict:
+def plain_loop(
+    model: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, warmup: int, timed: int
+) -> dict:
     run = plain_classifier if model in CLASSIFIERS else plain_gan
     return run(model, params, arrays, device, warmup, timed)
 
@@ -364,16 +412,34 @@ def plain_loop(model: str, params: Params, arrays: dict[str, np.ndarray], device
 def gpu_table(args: argparse.Namespace, device: torch.device, env: dict, data: dict) -> None:
     rows = []
     for model in args.models:
-        overrides = {f"{model}.epochs": GPU_TABLE["project_epochs"]} if model in CLASSIFIERS else {"gan.epochs": GPU_TABLE["project_epochs"]}
+        overrides = (
+            {f"{model}.epochs": GPU_TABLE["project_epochs"]}
+            if model in CLASSIFIERS
+            else {"gan.epochs": GPU_TABLE["project_epochs"]}
+        )
         params = apply(overrides, f"--gpu-table {model}")
         arrays = data[dataset_of(model, params)][0]
         print(f"\n== {model}: project loop, {GPU_TABLE['project_epochs']} epochs", flush=True)
-        project = run_classifier(model, params, arrays, device) if model in CLASSIFIERS else run_gan(model, params, arrays, device, False)
+        project = (
+            run_classifier(model, params, arrays, device)
+            if model in CLASSIFIERS
+            else run_gan(model, params, arrays, device, False)
+        )
         print(f"== {model}: plain loop, {GPU_TABLE['plain_timed_steps']} timed steps", flush=True)
-        plain = plain_loop(model, params, arrays, device, GPU_TABLE["plain_warmup_steps"], GPU_TABLE["plain_timed_steps"])
-        rows.append({"model": model, "batch_size": project["batch_size"], "precision": project["precision"],
-                     "project_images_per_s": project["images_per_s"], "plain_images_per_s": plain["images_per_s"],
-                     "project_s_per_epoch": project["s_per_epoch"], "ratio": project["images_per_s"] / plain["images_per_s"]})
+        plain = plain_loop(
+            model, params, arrays, device, GPU_TABLE["plain_warmup_steps"], GPU_TABLE["plain_timed_steps"]
+        )
+        rows.append(
+            {
+                "model": model,
+                "batch_size": project["batch_size"],
+                "precision": project["precision"],
+                "project_images_per_s": project["images_per_s"],
+                "plain_images_per_s": plain["images_per_s"],
+                "project_s_per_epoch": project["s_per_epoch"],
+                "ratio": project["images_per_s"] / plain["images_per_s"],
+            }
+        )
         if args.json:
             write_results(args.json, env, "gpu-table", args, rows)
     print(f"\n{env['device']} | torch {env['torch']} | {env['date']}\n")
@@ -383,6 +449,8 @@ def gpu_table(args: argparse.Namespace, device: torch.device, env: dict, data: d
 def gpu_table_markdown(rows: list[dict]) -> str:
     out = ["| model | batch | precision | project img/s | plain img/s | project / plain |", "|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['batch_size']} | {r['precision']} | {r['project_images_per_s']:,.0f} | "
-                   f"{r['plain_images_per_s']:,.0f} | x{r['ratio']:.2f} |")
+        out.append(
+            f"| {r['model']} | {r['batch_size']} | {r['precision']} | {r['project_images_per_s']:,.0f} | "
+            f"{r['plain_images_per_s']:,.0f} | x{r['ratio']:.2f} |"
+        )
     return "\n".join(out)

@@ -12,11 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from reprovision.data.augment import make_policy, preview_grid  # noqa: E402
 from reprovision.config import load_params  # noqa: E402
+from reprovision.core.stage import main, write_json  # noqa: E402
+from reprovision.data.augment import make_policy, preview_grid  # noqa: E402
 from reprovision.data.datasets import load_split, stratified_subset, validation_split  # noqa: E402
 from reprovision.layout import POLICY, PREPARED, PREVIEW  # noqa: E402
-from reprovision.core.stage import main, write_json  # noqa: E402
 
 
 def augment() -> None:

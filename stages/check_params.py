@@ -13,8 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reprovision.config import load_params  # noqa: E402
-from reprovision.layout import PARAMS_CHECKED  # noqa: E402
 from reprovision.core.stage import main  # noqa: E402
+from reprovision.layout import PARAMS_CHECKED  # noqa: E402
 
 
 def check_params() -> None:

@@ -14,15 +14,15 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from reprovision.measure import evaluation as ev  # noqa: E402
-from reprovision.core import track  # noqa: E402
-from reprovision.data.augment import BatchAugment, Policy  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
-from reprovision.measure.heatmaps import attention_rollout, grad_cam, save_heatmap_grid  # noqa: E402
-from reprovision.layout import EVAL_METRICS, FIGURES, METRICS, MODELS, POLICY, RUN_REF, SUMMARY  # noqa: E402
-from reprovision.models.classifiers import FAMILIES  # noqa: E402
+from reprovision.core import track  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
 from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
+from reprovision.data.augment import BatchAugment, Policy  # noqa: E402
+from reprovision.layout import EVAL_METRICS, FIGURES, METRICS, MODELS, POLICY, RUN_REF, SUMMARY  # noqa: E402
+from reprovision.measure import evaluation as ev  # noqa: E402
+from reprovision.measure.heatmaps import attention_rollout, grad_cam, save_heatmap_grid  # noqa: E402
+from reprovision.models.classifiers import FAMILIES  # noqa: E402
 
 SCORES = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 HEADLINE = ("accuracy", "macro_f1")
@@ -67,8 +67,16 @@ def evaluate() -> None:
         # A run of its own (this stage's code and params may change without the model changing),
         # naming the training run and the logged model it evaluated; the figures link to that model.
         trained = json.loads((MODELS / name / RUN_REF).read_text())
-        tags = run_tags(ctx, dataset) | {"evaluated_run": trained["run_id"], "evaluated_model_id": trained.get("model_id", "")}
-        run_params = {"model": name, "test_fraction": params.data.test_fraction, "test_images": len(test_y), **params.evaluate.model_dump()}
+        tags = run_tags(ctx, dataset) | {
+            "evaluated_run": trained["run_id"],
+            "evaluated_model_id": trained.get("model_id", ""),
+        }
+        run_params = {
+            "model": name,
+            "test_fraction": params.data.test_fraction,
+            "test_images": len(test_y),
+            **params.evaluate.model_dump(),
+        }
         with track.stage_run("evaluate", name, run_params, tags, params, run_name=f"evaluate-{name}"):
             test_set = track.log_datasets(Path.cwd(), dataset, tags["data_sha256"], {"test": len(test_y)})["test"]
             scores = {f"eval_{key}": results[name][key] for key in SCORES}
@@ -82,7 +90,11 @@ def evaluate() -> None:
     # The whole record for the report; per model, the two figures `dvc exp show` shows (per-class
     # figures are in the confusion files, which `dvc plots` draws).
     write_json(EVAL_METRICS / SUMMARY, {"classifiers": results})
-    write_json(METRICS / "evaluate.json", {name: {key: results[name][key] for key in HEADLINE} for name in results}, sort_keys=False)
+    write_json(
+        METRICS / "evaluate.json",
+        {name: {key: results[name][key] for key in HEADLINE} for name in results},
+        sort_keys=False,
+    )
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from reprovision.config import load_params  # noqa: E402
+from reprovision.core.stage import main  # noqa: E402
 from reprovision.data.datasets import fetch_all, mirror_from_env  # noqa: E402
 from reprovision.layout import PREPARED  # noqa: E402
-from reprovision.core.stage import main  # noqa: E402
 
 
 def fetch_data() -> None:
@@ -21,7 +21,10 @@ def fetch_data() -> None:
     names = sorted({params.data.gan_dataset, params.data.classifier_dataset})
     manifest = fetch_all(names, PREPARED, mirror_from_env())
     for name, entry in manifest.items():
-        print(f"[fetch-data] {name}: {entry['train']} train / {entry['test']} test, sha256 {entry['sha256'][:12]} ({entry['source']})")
+        print(
+            f"[fetch-data] {name}: {entry['train']} train / {entry['test']} test, sha256 "
+            f"{entry['sha256'][:12]} ({entry['source']})"
+        )
 
 
 if __name__ == "__main__":

@@ -19,15 +19,15 @@ import json  # noqa: E402
 
 import torch  # noqa: E402
 
-from reprovision.core import track  # noqa: E402
-from reprovision.data.augment import Policy  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
-from reprovision.data.datasets import validation_split  # noqa: E402
-from reprovision.layout import METRICS, POLICY, SSL_ENCODER, SUMMARY  # noqa: E402
-from reprovision.models.cnn import build_encoder  # noqa: E402
-from reprovision.measure.probe import extract_features, probe_accuracy  # noqa: E402
+from reprovision.core import track  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
 from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
+from reprovision.data.augment import Policy  # noqa: E402
+from reprovision.data.datasets import validation_split  # noqa: E402
+from reprovision.layout import METRICS, POLICY, SSL_ENCODER, SUMMARY  # noqa: E402
+from reprovision.measure.probe import extract_features, probe_accuracy  # noqa: E402
+from reprovision.models.cnn import build_encoder  # noqa: E402
 
 HEADLINE = ("probe_test", "knn_test", "random_probe_test", "random_knn_test")  # metrics/probe.json, in this order
 
@@ -59,22 +59,39 @@ def linear_probe() -> None:
             evaluated["val"] = (train_f[val_idx], labels[val_idx])
         found = probe_accuracy(train_f[train_idx], labels[train_idx], evaluated, params.probe)
         metrics.update({prefix + key: value for key, value in found.items()})
-    metrics.update(arch=params.ssl.arch, features=features, train_images=len(train_idx), val_images=len(val_idx),
-                   test_images=len(test_y))  # results only: the run ids are in MLflow (evaluated_run) and models/ssl/run.json
+    metrics.update(
+        arch=params.ssl.arch,
+        features=features,
+        train_images=len(train_idx),
+        val_images=len(val_idx),
+        test_images=len(test_y),
+    )  # results only: the run ids are in MLflow (evaluated_run) and models/ssl/run.json
 
     tags = {**run_tags(ctx, data.classifier_dataset), "evaluated_run": ssl_run["run_id"]}
     # What `reprovision study --ssl-size` plots against: the pre-training-set size.
-    run_params = {**params.probe.model_dump(), "arch": params.ssl.arch, "ssl_train_fraction": params.ssl.train_fraction,
-                  "ssl_train_images": pretrained_on, "ssl_epochs": params.ssl.epochs, "seed": params.seed, "threads": ctx.threads,
-                  "train_images": len(train_idx), "val_images": len(val_idx), "test_images": len(test_y)}
+    run_params = {
+        **params.probe.model_dump(),
+        "arch": params.ssl.arch,
+        "ssl_train_fraction": params.ssl.train_fraction,
+        "ssl_train_images": pretrained_on,
+        "ssl_epochs": params.ssl.epochs,
+        "seed": params.seed,
+        "threads": ctx.threads,
+        "train_images": len(train_idx),
+        "val_images": len(val_idx),
+        "test_images": len(test_y),
+    }
     with track.stage_run("linear-probe", "probe", run_params, tags, params):
         images = {"train": len(train_idx), **({"val": len(val_idx)} if len(val_idx) else {}), "test": len(test_y)}
         track.log_datasets(Path.cwd(), data.classifier_dataset, tags["data_sha256"], images)
         track.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=0)
     write_json(METRICS / "probe" / SUMMARY, metrics)
     write_json(METRICS / "probe.json", {k: metrics[k] for k in HEADLINE}, sort_keys=False)
-    print(f"[linear-probe] test accuracy: probe {metrics['probe_test']:.4f} (random encoder {metrics['random_probe_test']:.4f}), "
-          f"k-NN {metrics['knn_test']:.4f} (random {metrics['random_knn_test']:.4f})")
+    print(
+        f"[linear-probe] test accuracy: probe {metrics['probe_test']:.4f} (random encoder "
+        f"{metrics['random_probe_test']:.4f}), "
+        f"k-NN {metrics['knn_test']:.4f} (random {metrics['random_knn_test']:.4f})"
+    )
 
 
 if __name__ == "__main__":

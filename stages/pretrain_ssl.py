@@ -19,17 +19,17 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from reprovision.core import checkpoint, track  # noqa: E402
-from reprovision.data.augment import Policy  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
+from reprovision.core import checkpoint, track  # noqa: E402
+from reprovision.core.runtime import resolve_precision, seed_everything  # noqa: E402
+from reprovision.core.stage import main, run_tags, start, write_csv, write_json  # noqa: E402
+from reprovision.data.augment import Policy  # noqa: E402
 from reprovision.data.datasets import load_split, stratified_subset, validation_split  # noqa: E402
 from reprovision.layout import CHECKPOINTS, METRICS, POLICY, PREPARED, SSL_ENCODER, SUMMARY  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
 from reprovision.models.cnn import build_encoder  # noqa: E402
-from reprovision.core.runtime import resolve_precision, seed_everything  # noqa: E402
 from reprovision.publish.serving import RawImageEncoder  # noqa: E402
 from reprovision.training.fit_simclr import SimCLR, fit_simclr  # noqa: E402
-from reprovision.core.stage import main, run_tags, start, write_csv, write_json  # noqa: E402
 
 HEADLINE = ("loss", "train_seconds")  # metrics/ssl.json: what `dvc exp show` shows
 
@@ -62,7 +62,13 @@ def pretrain_ssl() -> None:
     # The resume fingerprint: everything that shapes the result (checkpoint.py adds the code).
     reads = {"seed": params.seed, "data": params.data.model_dump(exclude={"test_fraction"}), "ssl": cfg.model_dump()}
     fingerprint = checkpoint.fingerprint(
-        json.dumps(reads, sort_keys=True), policy.mean, policy.std, tags["data_sha256"], ctx.threads, precision, device,
+        json.dumps(reads, sort_keys=True),
+        policy.mean,
+        policy.std,
+        tags["data_sha256"],
+        ctx.threads,
+        precision,
+        device,
     )
     history_path = METRICS / "ssl" / "history.csv"
     rows: list[dict] = []
@@ -73,19 +79,40 @@ def pretrain_ssl() -> None:
         track.log_epoch({f"ssl_{k}": v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
     run_params = {
-        **cfg.model_dump(), "seed": params.seed, "threads": ctx.threads, "precision_resolved": precision,
-        "dataset": dataset, "train_images": len(images), "params_count": count_parameters(encoder),
+        **cfg.model_dump(),
+        "seed": params.seed,
+        "threads": ctx.threads,
+        "precision_resolved": precision,
+        "dataset": dataset,
+        "train_images": len(images),
+        "params_count": count_parameters(encoder),
     }
     with track.stage_run("pretrain-ssl", "ssl", run_params, tags, params, system_metrics=True) as run:
         track.log_datasets(Path.cwd(), dataset, tags["data_sha256"], {"train": len(images)})
         started = time.perf_counter()
-        history = fit_simclr(model, images, policy, cfg, rng, checkpoint=CHECKPOINTS / "ssl.pt", fingerprint=fingerprint, on_epoch=on_epoch)
+        history = fit_simclr(
+            model,
+            images,
+            policy,
+            cfg,
+            rng,
+            checkpoint=CHECKPOINTS / "ssl.pt",
+            fingerprint=fingerprint,
+            on_epoch=on_epoch,
+        )
         final = history[-1]
         train_seconds = sum(r["epoch_seconds"] for r in history)
         metrics = {
-            "loss": final["loss"], "pair_acc": final["pair_acc"], "train_seconds": train_seconds,
-            "epochs": cfg.epochs, "train_images": len(images), "arch": cfg.arch, "features": features,
-            "params": count_parameters(encoder), "wall_seconds": time.perf_counter() - started, "device": str(device),
+            "loss": final["loss"],
+            "pair_acc": final["pair_acc"],
+            "train_seconds": train_seconds,
+            "epochs": cfg.epochs,
+            "train_images": len(images),
+            "arch": cfg.arch,
+            "features": features,
+            "params": count_parameters(encoder),
+            "wall_seconds": time.perf_counter() - started,
+            "device": str(device),
         }
         write_json(METRICS / "ssl" / SUMMARY, metrics)
         write_json(METRICS / "ssl.json", {k: metrics[k] for k in HEADLINE}, sort_keys=False)
@@ -94,9 +121,14 @@ def pretrain_ssl() -> None:
         torch.save(encoder.state_dict(), SSL_ENCODER)
         track.log_artifacts(history_path)
         logged = track.log_model(
-            RawImageEncoder(encoder, mean=policy.mean, std=policy.std), name="ssl-encoder", example=images[:2],
-            description=f"SimCLR {cfg.arch} encoder, {cfg.epochs} epochs on {len(images)} {dataset} training images (no labels)",
-            params=run_params, run_tags=tags, step=cfg.epochs,
+            RawImageEncoder(encoder, mean=policy.mean, std=policy.std),
+            name="ssl-encoder",
+            example=images[:2],
+            description=f"SimCLR {cfg.arch} encoder, {cfg.epochs} epochs on {len(images)} {dataset} "
+            "training images (no labels)",
+            params=run_params,
+            run_tags=tags,
+            step=cfg.epochs,
             metadata={"input": "uint8 images (N, C, H, W) in [0, 255]", "output": f"features (N, {features})"},
         )
         track.write_run_ref(SSL_ENCODER.parent / "run.json", run, logged)

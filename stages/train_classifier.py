@@ -1,7 +1,8 @@
 """The body of the train-vit and train-cnn stages: one classifier, trained by the library's loop.
 
 Each `train-<family>` script (train_vit.py, train_cnn.py) passes its family (models/<family>.py,
-`FAMILY`), so that a stage imports (and declares in dvc.yaml) only the architecture it trains. Outputs, as dvc.yaml declares them:
+`FAMILY`), so that a stage imports (and declares in dvc.yaml) only the architecture it trains.
+Outputs, as dvc.yaml declares them:
 models/<name>/ (weights, card, MLflow run reference), metrics/<name>.json (headline figures),
 metrics/<name>/summary.json (the whole record) and metrics/<name>/history.csv.
 """
@@ -9,27 +10,34 @@ metrics/<name>/summary.json (the whole record) and metrics/<name>/history.csv.
 import json
 import time
 from pathlib import Path
+
 import torch
 from torch import nn
 
-from reprovision.publish import cards
-from reprovision.core import checkpoint, distributed, track
-from reprovision.data.augment import BatchAugment, Policy
 from reprovision.config import DATASET_SHAPES, Params
+from reprovision.core import checkpoint, distributed, track
+from reprovision.core.runtime import attention_backend, autocast_dtype, resolve_precision, seed_everything
+from reprovision.core.stage import load_subset, run_tags, start, write_csv, write_json
+from reprovision.data.augment import BatchAugment, Policy
 from reprovision.data.datasets import validation_split
 from reprovision.layout import CHECKPOINTS, METRICS, MODELS, POLICY, REGISTERED_MODELS, SUMMARY
 from reprovision.models import ClassifierFamily, count_parameters
-from reprovision.core.runtime import attention_backend, autocast_dtype, resolve_precision, seed_everything
+from reprovision.publish import cards
 from reprovision.publish.serving import RawImageClassifier
-from reprovision.core.stage import load_subset, run_tags, start, write_csv, write_json
 from reprovision.training.fit_classifier import DeviceData, fit_classifier
 
 # metrics/<name>.json: what `dvc exp show` shows of this stage (the validation figures only when held out).
 HEADLINE = ("test_acc", "val_acc", "best_val_acc", "train_acc", "test_loss", "train_seconds")
 
+
 def setup(
-    family: ClassifierFamily, params: Params, device: torch.device, rng: torch.Generator,
-    x: torch.Tensor, y: torch.Tensor, policy: Policy,
+    family: ClassifierFamily,
+    params: Params,
+    device: torch.device,
+    rng: torch.Generator,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    policy: Policy,
 ) -> tuple[nn.Module, DeviceData, DeviceData | None, BatchAugment]:
     """The model, training and validation splits and augmenter, exactly as this stage trains them.
 
@@ -65,13 +73,30 @@ def train(family: ClassifierFamily) -> None:
     tags = run_tags(ctx, data.classifier_dataset)
     # The resume fingerprint: everything that shapes the result (checkpoint.py adds the code).
     fingerprint = checkpoint.fingerprint(
-        params.digest("seed", "lr", "data", name), policy.to_json(), tags["data_sha256"], ctx.threads, precision, world.size,
+        params.digest("seed", "lr", "data", name),
+        policy.to_json(),
+        tags["data_sha256"],
+        ctx.threads,
+        precision,
+        world.size,
         params.deterministic,
     )
     if not world.is_main:
         # The other ranks train beside rank 0 and leave outputs, checkpoint and MLflow run to it.
-        fit_classifier(model, train, val, test, augmenter, cfg, lr, rng, checkpoint=CHECKPOINTS / f"{name}.pt",
-            fingerprint=fingerprint, progress=False, world=world)
+        fit_classifier(
+            model,
+            train,
+            val,
+            test,
+            augmenter,
+            cfg,
+            lr,
+            rng,
+            checkpoint=CHECKPOINTS / f"{name}.pt",
+            fingerprint=fingerprint,
+            progress=False,
+            world=world,
+        )
         distributed.leave(world)
         return
 
@@ -112,8 +137,18 @@ def train(family: ClassifierFamily) -> None:
         track.log_datasets(Path.cwd(), data.classifier_dataset, tags["data_sha256"], images)
         started = time.perf_counter()
         history = fit_classifier(
-            model, train, val, test, augmenter, cfg, lr, rng,
-            checkpoint=CHECKPOINTS / f"{name}.pt", fingerprint=fingerprint, on_epoch=on_epoch, world=world,
+            model,
+            train,
+            val,
+            test,
+            augmenter,
+            cfg,
+            lr,
+            rng,
+            checkpoint=CHECKPOINTS / f"{name}.pt",
+            fingerprint=fingerprint,
+            on_epoch=on_epoch,
+            world=world,
         )
         distributed.leave(world)
         wall = time.perf_counter() - started
@@ -123,17 +158,29 @@ def train(family: ClassifierFamily) -> None:
         if val is not None:
             # The validation split decides; the test split only reports (README: validation and test).
             best = max(history, key=lambda r: r["val_acc"])
-            metrics.update(val_acc=final["val_acc"], val_loss=final["val_loss"], best_val_acc=best["val_acc"], best_val_epoch=best["epoch"])
+            metrics.update(
+                val_acc=final["val_acc"],
+                val_loss=final["val_loss"],
+                best_val_acc=best["val_acc"],
+                best_val_epoch=best["epoch"],
+            )
         metrics.update(
-            params=count_parameters(model), epochs=cfg.epochs, train_seconds=train_seconds,
-            s_per_epoch=train_seconds / len(history), device=str(device),
+            params=count_parameters(model),
+            epochs=cfg.epochs,
+            train_seconds=train_seconds,
+            s_per_epoch=train_seconds / len(history),
+            device=str(device),
         )
         # The whole record for the report and the card; the few numbers a person compares across
         # experiments (`dvc exp show`, `dvc metrics diff`) in the stage's metrics file.
         write_json(METRICS / name / SUMMARY, metrics)
         write_json(METRICS / f"{name}.json", {k: metrics[k] for k in HEADLINE if k in metrics}, sort_keys=False)
         # Per-epoch metrics are already logged with their step; add only the run-level figures.
-        run_level = {k: metrics[k] for k in ("params", "train_seconds", "s_per_epoch", "best_val_acc", "best_val_epoch") if k in metrics}
+        run_level = {
+            k: metrics[k]
+            for k in ("params", "train_seconds", "s_per_epoch", "best_val_acc", "best_val_epoch")
+            if k in metrics
+        }
         track.log_metrics({"wall_seconds": wall, **run_level}, step=cfg.epochs)
         torch.save(model.state_dict(), out / "model.pt")
         card = cards.classifier_card(name, params, metrics, classes, family.describe(cfg, num_classes=len(classes)))
@@ -142,9 +189,18 @@ def train(family: ClassifierFamily) -> None:
         served = RawImageClassifier(model, mean=policy.mean, std=policy.std)
         registered = REGISTERED_MODELS[name]
         logged = track.log_model(
-            served, name=name, example=test.x[:2], description=card, params=run_params, step=cfg.epochs,
+            served,
+            name=name,
+            example=test.x[:2],
+            description=card,
+            params=run_params,
+            step=cfg.epochs,
             run_tags=tags,
-            metadata={"classes": classes, "input": "uint8 images (N, C, H, W) in [0, 255]", "output": "class probabilities (N, classes)"},
+            metadata={
+                "classes": classes,
+                "input": "uint8 images (N, C, H, W) in [0, 255]",
+                "output": "class probabilities (N, classes)",
+            },
             registered_model_name=registered,
         )
         track.write_run_ref(out / "run.json", run, logged, registered)

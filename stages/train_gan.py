@@ -20,21 +20,22 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from reprovision.publish import cards  # noqa: E402
-from reprovision.core import checkpoint, track  # noqa: E402
-from reprovision.measure import gan_metrics as gm  # noqa: E402
 from reprovision.config import DATASET_SHAPES  # noqa: E402
-from reprovision.training.fit_gan import gan_optimizers  # noqa: E402
-from reprovision.training.fit_gan import fit_gan  # noqa: E402
+from reprovision.core import checkpoint, track  # noqa: E402
+from reprovision.core.runtime import seed_everything  # noqa: E402
+from reprovision.core.stage import load_subset, main, run_tags, start, write_csv, write_json  # noqa: E402
+from reprovision.data.pixels import to_pm1  # noqa: E402
 from reprovision.layout import CHECKPOINTS, GAN_METRICS, GANS, METRICS, MODELS, SUMMARY  # noqa: E402
+from reprovision.measure import gan_metrics as gm  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
 from reprovision.models.gan import build_gan  # noqa: E402
 from reprovision.models.judge import LeNet  # noqa: E402
-from reprovision.data.pixels import to_pm1  # noqa: E402
-from reprovision.core.runtime import seed_everything  # noqa: E402
+from reprovision.publish import cards  # noqa: E402
 from reprovision.publish.serving import RawImageGenerator  # noqa: E402
-from reprovision.core.stage import load_subset, main, run_tags, start, write_csv, write_json  # noqa: E402
-
+from reprovision.training.fit_gan import (
+    fit_gan,  # noqa: E402
+    gan_optimizers,  # noqa: E402
+)
 
 JUDGE_WEIGHTS = MODELS / "judge" / "model.pt"
 HEADLINE = ("fid", "inception_score", "total_seconds")  # metrics/gan/<name>.json: what `dvc exp show` shows
@@ -84,7 +85,9 @@ def train_gan(name: str) -> None:
 
     def sample(n: int, seed: int) -> torch.Tensor:
         g = torch.Generator(device=device).manual_seed(seed)
-        return generate(torch.randn(min(1000, n - i), mcfg.latent_dim, device=device, generator=g) for i in range(0, n, 1000))
+        return generate(
+            torch.randn(min(1000, n - i), mcfg.latent_dim, device=device, generator=g) for i in range(0, n, 1000)
+        )
 
     def frame_path(epoch: int) -> Path:
         return samples / f"epoch_{epoch:03d}.png"
@@ -133,8 +136,12 @@ def train_gan(name: str) -> None:
         f"gan.{name}": mcfg.model_dump(),
     }
     fingerprint = checkpoint.fingerprint(
-        json.dumps(reads, sort_keys=True), tags["data_sha256"], hashlib.sha256(JUDGE_WEIGHTS.read_bytes()).hexdigest(),
-        ctx.threads, device, params.deterministic,
+        json.dumps(reads, sort_keys=True),
+        tags["data_sha256"],
+        hashlib.sha256(JUDGE_WEIGHTS.read_bytes()).hexdigest(),
+        ctx.threads,
+        device,
+        params.deterministic,
     )
 
     run_params = {
@@ -154,9 +161,21 @@ def train_gan(name: str) -> None:
         snapshot(0)
         started = time.perf_counter()
         fit_gan(
-            gen, disc, opt_g, opt_d, train_x, mcfg.latent_dim, mcfg.batch_size, gcfg.epochs, rng, on_epoch,
-            gcfg.steps_per_epoch_max, checkpoint=CHECKPOINTS / f"gan-{name}.pt", fingerprint=fingerprint,
-            extra=extra, on_resume=on_resume,
+            gen,
+            disc,
+            opt_g,
+            opt_d,
+            train_x,
+            mcfg.latent_dim,
+            mcfg.batch_size,
+            gcfg.epochs,
+            rng,
+            on_epoch,
+            gcfg.steps_per_epoch_max,
+            checkpoint=CHECKPOINTS / f"gan-{name}.pt",
+            fingerprint=fingerprint,
+            extra=extra,
+            on_resume=on_resume,
         )
         total = seconds_before + time.perf_counter() - started
         frames = [frame_path(epoch) for epoch in sorted(frame_images)]
@@ -164,7 +183,9 @@ def train_gan(name: str) -> None:
         n = min(gcfg.fid_samples, len(real_test))
         fakes = sample(n, params.seed + 3)
         real_train = to_pm1(train_x)  # only now: no float copy of the train set held during training
-        quality = gm.gan_quality(judge, fakes, real_test, real_train, n, torch.Generator(device=device).manual_seed(params.seed + 4))
+        quality = gm.gan_quality(
+            judge, fakes, real_test, real_train, n, torch.Generator(device=device).manual_seed(params.seed + 4)
+        )
         last = history_rows[-1]
         metrics = {
             **quality,
@@ -178,7 +199,9 @@ def train_gan(name: str) -> None:
             "device": str(device),
         }
         write_json(GAN_METRICS / name / SUMMARY, metrics)  # the whole record (report, card)
-        write_json(METRICS / "gan" / f"{name}.json", {k: metrics[k] for k in HEADLINE}, sort_keys=False)  # for `dvc exp show`
+        write_json(
+            METRICS / "gan" / f"{name}.json", {k: metrics[k] for k in HEADLINE}, sort_keys=False
+        )  # for `dvc exp show`
         write_csv(METRICS / "gan" / name / "history.csv", history_rows)
         write_csv(METRICS / "gan" / name / "fid.csv", fid_curve or [{"epoch": 0, "fid": float("nan")}])
         per_epoch = {"d_loss", "g_loss"}  # logged with their step already
@@ -193,14 +216,27 @@ def train_gan(name: str) -> None:
         torch.save(disc.state_dict(), out / "discriminator.pt")
         card = cards.gan_card(name, params, metrics)
         (out / "card.md").write_text(card)
-        track.log_artifacts(out / "grid_10x10.png", out / "progression.gif", out / "nearest_neighbours.png", *frames, folder="figures")
+        track.log_artifacts(
+            out / "grid_10x10.png", out / "progression.gif", out / "nearest_neighbours.png", *frames, folder="figures"
+        )
         logged = track.log_model(
-            RawImageGenerator(gen), name=model_name, example=fixed_noise[:4], description=card, params=run_params,
-            run_tags=tags, step=gcfg.epochs, metadata={"input": f"float32 latent vectors (N, {mcfg.latent_dim}), standard normal",
-                                         "output": "uint8 images (N, 1, 28, 28) in [0, 255]"},
+            RawImageGenerator(gen),
+            name=model_name,
+            example=fixed_noise[:4],
+            description=card,
+            params=run_params,
+            run_tags=tags,
+            step=gcfg.epochs,
+            metadata={
+                "input": f"float32 latent vectors (N, {mcfg.latent_dim}), standard normal",
+                "output": "uint8 images (N, 1, 28, 28) in [0, 255]",
+            },
         )
         track.write_run_ref(out / "run.json", run, logged)
-    print(f"[train-gan {name}] FID {metrics['fid']:.3f} (floor {metrics['fid_floor']:.3f}), IS {metrics['inception_score']:.3f}")
+    print(
+        f"[train-gan {name}] FID {metrics['fid']:.3f} (floor {metrics['fid_floor']:.3f}), IS "
+        f"{metrics['inception_score']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from reprovision.publish import cards  # noqa: E402
 from reprovision.core import track  # noqa: E402
-from reprovision.training.fit_judge import fit_judge  # noqa: E402
+from reprovision.core.runtime import seed_everything  # noqa: E402
+from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
 from reprovision.layout import METRICS, MODELS, SUMMARY  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
-from reprovision.core.runtime import seed_everything  # noqa: E402
+from reprovision.publish import cards  # noqa: E402
 from reprovision.publish.serving import RawImageClassifier  # noqa: E402
-from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
+from reprovision.training.fit_judge import fit_judge  # noqa: E402
 
 
 def train_judge() -> None:
@@ -36,7 +36,12 @@ def train_judge() -> None:
         final = history[-1]
         out.mkdir(parents=True, exist_ok=True)
         torch.save(judge.state_dict(), out / "model.pt")
-        metrics = {"test_acc": final["test_acc"], "params": count_parameters(judge), "epochs": cfg.epochs, "device": str(device)}
+        metrics = {
+            "test_acc": final["test_acc"],
+            "params": count_parameters(judge),
+            "epochs": cfg.epochs,
+            "device": str(device),
+        }
         write_json(METRICS / "judge" / SUMMARY, metrics)  # the whole record (report, card)
         write_json(METRICS / "judge.json", {"test_acc": metrics["test_acc"]})  # for `dvc exp show`
         card = cards.judge_card(params, metrics)
@@ -44,10 +49,18 @@ def train_judge() -> None:
         # Served with the judge's own scaling, x / 127.5 - 1 (pixels.to_pm1), as a mean and std of 0.5.
         served = RawImageClassifier(judge, mean=[0.5], std=[0.5])
         logged = track.log_model(
-            served, name="judge", example=test_x[:4], description=card, params=run_params, step=cfg.epochs,
+            served,
+            name="judge",
+            example=test_x[:4],
+            description=card,
+            params=run_params,
+            step=cfg.epochs,
             run_tags=tags,
-            metadata={"classes": [str(d) for d in range(10)], "input": "uint8 images (N, 1, 28, 28) in [0, 255]",
-                      "output": "digit probabilities (N, 10)"},
+            metadata={
+                "classes": [str(d) for d in range(10)],
+                "input": "uint8 images (N, 1, 28, 28) in [0, 255]",
+                "output": "digit probabilities (N, 10)",
+            },
         )
         track.write_run_ref(out / "run.json", run, logged)
     print(f"[train-judge] test accuracy {final['test_acc']:.4f}")

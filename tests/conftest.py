@@ -30,8 +30,17 @@ MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared
 # out whole files in collection order (--dist loadfile --no-loadscope-reorder): the two pipeline files
 # start at once, and the many short files fill the end instead of the long ones starting late.
 LONGEST_FILES = [
-    "test_pipeline_e2e.py", "test_pipeline_params_e2e.py", "test_team_server.py", "test_example_family.py", "test_tracking_outage.py",
-    "test_gan_resume.py", "test_ssl.py", "test_gpu_path.py", "test_runtime.py", "test_distributed.py", "test_report.py",
+    "test_pipeline_e2e.py",
+    "test_pipeline_params_e2e.py",
+    "test_team_server.py",
+    "test_example_family.py",
+    "test_tracking_outage.py",
+    "test_gan_resume.py",
+    "test_ssl.py",
+    "test_gpu_path.py",
+    "test_runtime.py",
+    "test_distributed.py",
+    "test_report.py",
 ]
 
 
@@ -58,22 +67,44 @@ def _sqlite_without_fsync(connection, _record) -> None:
 # A validation split (50 of the 250 images), so that the report names a champion the way it must: on it.
 TINY = [
     "threads=1",
-    "data.train_fraction=0.005", "data.val_fraction=0.2", "data.test_fraction=0.01",
-    "vit.depth=1", "vit.embed_dim=32", "vit.heads=2", "cnn.widths=[8,16]", "cnn.hidden=16",
-    "judge.epochs=1", "judge.train_fraction=0.02",
-    "gan.epochs=1", "gan.train_fraction=0.004", "gan.sample_every=1", "gan.fid_every=1",
-    "gan.fid_samples_during=200", "gan.fid_samples=200", "gan.dcgan.width=32",
-    "vit.epochs=1", "cnn.epochs=1",
-    "ssl.arch=refcnn", "ssl.widths=[8,16]", "ssl.epochs=1", "ssl.train_fraction=0.005",
-    "ssl.batch_size=64", "ssl.proj_hidden=32", "ssl.proj_dim=16", "probe.knn_k=5",
-    "evaluate.heatmap_images=4", "evaluate.misclassified_images=8",
+    "data.train_fraction=0.005",
+    "data.val_fraction=0.2",
+    "data.test_fraction=0.01",
+    "vit.depth=1",
+    "vit.embed_dim=32",
+    "vit.heads=2",
+    "cnn.widths=[8,16]",
+    "cnn.hidden=16",
+    "judge.epochs=1",
+    "judge.train_fraction=0.02",
+    "gan.epochs=1",
+    "gan.train_fraction=0.004",
+    "gan.sample_every=1",
+    "gan.fid_every=1",
+    "gan.fid_samples_during=200",
+    "gan.fid_samples=200",
+    "gan.dcgan.width=32",
+    "vit.epochs=1",
+    "cnn.epochs=1",
+    "ssl.arch=refcnn",
+    "ssl.widths=[8,16]",
+    "ssl.epochs=1",
+    "ssl.train_fraction=0.005",
+    "ssl.batch_size=64",
+    "ssl.proj_hidden=32",
+    "ssl.proj_dim=16",
+    "probe.knn_k=5",
+    "evaluate.heatmap_images=4",
+    "evaluate.misclassified_images=8",
 ]
 
 
 def sh(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -206,4 +237,3 @@ def exp_run(repo: Path, *sets: str, env: dict | None = None, check: bool = True)
     for s in [*TINY, *sets]:
         args += ["-S", s]
     return dvc(repo, *args, env=env, check=check)
-

@@ -20,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from reprovision.config import CNNConfig, ViTConfig  # noqa: E402
 from reprovision.core import distributed, runtime  # noqa: E402
 from reprovision.core.distributed import World  # noqa: E402
 from reprovision.data.augment import BatchAugment, Policy  # noqa: E402
-from reprovision.config import CNNConfig, ViTConfig  # noqa: E402
 from reprovision.models.cnn import RefCNN  # noqa: E402
 from reprovision.models.vit import build_vit  # noqa: E402
 from reprovision.training.fit_classifier import DeviceData, fit_classifier  # noqa: E402
@@ -48,15 +48,39 @@ def train(name: str, world: World, checkpoint: Path | None = None, on_epoch=None
     if name == "vit":  # LayerNorm and no dropout: nothing depends on how a batch is split.
         # SGD, so that the rounding differences of another split stay rounding-sized (Adam divides by
         # the root of tiny second moments: a 1e-8 difference of a near-zero gradient becomes a step).
-        cfg = ViTConfig(epochs=EPOCHS, batch_size=16, eval_batch_size=16, depth=1, embed_dim=32, heads=2,
-                        patch_size=4, dropout=0.0, precision="fp32", scheduler="cosine", optimizer="sgd")
+        cfg = ViTConfig(
+            epochs=EPOCHS,
+            batch_size=16,
+            eval_batch_size=16,
+            depth=1,
+            embed_dim=32,
+            heads=2,
+            patch_size=4,
+            dropout=0.0,
+            precision="fp32",
+            scheduler="cosine",
+            optimizer="sgd",
+        )
         model = build_vit(cfg, num_classes=CLASSES, channels=3, image_size=16)
     else:
         cfg = CNNConfig(epochs=EPOCHS, batch_size=16, eval_batch_size=16, widths=[8, 16], hidden=16, precision="fp32")
         model = RefCNN(channels=3, num_classes=CLASSES, widths=(8, 16), hidden=16, dropout=0.0)
     train_data, test = task()
-    history = fit_classifier(model, train_data, None, test, BatchAugment(POLICY, CLASSES, rng), cfg, 1e-3, rng,
-                  checkpoint=checkpoint, fingerprint="ddp-worker", on_epoch=on_epoch, progress=False, world=world)
+    history = fit_classifier(
+        model,
+        train_data,
+        None,
+        test,
+        BatchAugment(POLICY, CLASSES, rng),
+        cfg,
+        1e-3,
+        rng,
+        checkpoint=checkpoint,
+        fingerprint="ddp-worker",
+        on_epoch=on_epoch,
+        progress=False,
+        world=world,
+    )
     return {"model": model.state_dict(), "history": history, "world_size": world.size}
 
 

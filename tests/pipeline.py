@@ -10,13 +10,22 @@ import io
 import json
 import re
 
+from conftest import TINY, workers_folder
 from mlflow import MlflowClient
 
-from conftest import TINY, workers_folder
-
 ALL_STAGES = {
-    "check-params", "fetch-data", "augment", "train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate",
-    "pretrain-ssl", "linear-probe", "report",
+    "check-params",
+    "fetch-data",
+    "augment",
+    "train-judge",
+    "train-gan@mlp",
+    "train-gan@dcgan",
+    "train-vit",
+    "train-cnn",
+    "evaluate",
+    "pretrain-ssl",
+    "linear-probe",
+    "report",
 }
 
 
@@ -69,13 +78,32 @@ def tiny_parameters(model: str) -> int:
 
 
 OUTPUTS_TO_COMPARE = [
-    "metrics/vit.json", "metrics/cnn.json", "metrics/judge.json", "metrics/gan/mlp.json", "metrics/gan/dcgan.json",
-    "metrics/vit/summary.json", "metrics/cnn/summary.json", "metrics/judge/summary.json", "metrics/gan/mlp/summary.json",
-    "metrics/gan/dcgan/summary.json", "metrics/eval/summary.json", "metrics/ssl.json", "metrics/ssl/summary.json",
-    "metrics/ssl/history.csv", "metrics/probe.json", "metrics/probe/summary.json", "models/ssl/encoder.pt",
-    "metrics/vit/history.csv", "metrics/evaluate.json", "metrics/eval/cnn_confusion.json",
-    "models/vit/model.pt", "models/cnn/model.pt", "models/judge/model.pt", "models/gan/mlp/generator.pt",
-    "models/gan/dcgan/generator.pt", "data/prepared/manifest.json",
+    "metrics/vit.json",
+    "metrics/cnn.json",
+    "metrics/judge.json",
+    "metrics/gan/mlp.json",
+    "metrics/gan/dcgan.json",
+    "metrics/vit/summary.json",
+    "metrics/cnn/summary.json",
+    "metrics/judge/summary.json",
+    "metrics/gan/mlp/summary.json",
+    "metrics/gan/dcgan/summary.json",
+    "metrics/eval/summary.json",
+    "metrics/ssl.json",
+    "metrics/ssl/summary.json",
+    "metrics/ssl/history.csv",
+    "metrics/probe.json",
+    "metrics/probe/summary.json",
+    "models/ssl/encoder.pt",
+    "metrics/vit/history.csv",
+    "metrics/evaluate.json",
+    "metrics/eval/cnn_confusion.json",
+    "models/vit/model.pt",
+    "models/cnn/model.pt",
+    "models/judge/model.pt",
+    "models/gan/mlp/generator.pt",
+    "models/gan/dcgan/generator.pt",
+    "data/prepared/manifest.json",
 ]
 
 

@@ -22,9 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -38,8 +38,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(ready: Callable[[], bool], what: str, timeout: float, proc: subprocess.Popen | None = None,
-             log: Path | None = None) -> None:
+def wait_for(
+    ready: Callable[[], bool], what: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
     """Poll `ready` until it answers True; fail naming `what` (and the log's tail) if `proc` exits or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -75,7 +76,9 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float
 def _postgres_bin() -> Path:
     """The folder of PostgreSQL's server programs: initdb's, from PATH (Debian links it there) or
     Debian's versioned folders, newest first. initdb and postgres come from it, so one version."""
-    installed = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda path: int(Path(path).parts[-3]), reverse=True)
+    installed = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda path: int(Path(path).parts[-3]), reverse=True
+    )
     initdb = shutil.which("initdb") or next(iter(installed), None)
     if initdb is None:
         pytest.fail("PostgreSQL is not installed (no initdb): apt-get install postgresql-15 (CI installs it)")
@@ -113,21 +116,50 @@ def postgres(database: str = "mlflow", timeout: float = 60.0) -> Iterator[str]:
             for path in (base, sockets):
                 shutil.chown(path, "postgres", "postgres")
         made = subprocess.run(
-            [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"],
-            capture_output=True, text=True, cwd=base, timeout=timeout, **run_as,
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=base,
+            timeout=timeout,
+            **run_as,
         )
         if made.returncode != 0:
             pytest.fail(f"initdb failed ({made.returncode}):\n{made.stdout[-2000:]}\n{made.stderr[-2000:]}")
         port = free_port()
         # postgres itself, not pg_ctl (which detaches it): our child, in its own process group, stopped by its pid.
         cmd = [
-            str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-c", f"listen_addresses={LOCALHOST}",
-            "-c", f"unix_socket_directories={sockets}",
+            str(bin_dir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-c",
+            f"listen_addresses={LOCALHOST}",
+            "-c",
+            f"unix_socket_directories={sockets}",
             # A test's database: losing it in a crash costs nothing, waiting for the disk costs time.
-            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
         ]
         with log.open("ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True, **run_as)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True, **run_as
+            )
         admin = f"host={LOCALHOST} port={port} user=postgres dbname=postgres connect_timeout=2"
         wait_for(lambda: _accepts(admin), "PostgreSQL", timeout, proc, log)
         with psycopg.connect(admin, autocommit=True) as conn:
@@ -154,8 +186,11 @@ class S3:
         import boto3
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint_url, region_name=self.env["AWS_DEFAULT_REGION"],
-            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.env["AWS_DEFAULT_REGION"],
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
         )
 
     def keys(self, prefix: str = "") -> list[str]:
@@ -176,13 +211,18 @@ def s3(bucket: str = "reprovision", timeout: float = 30.0) -> Iterator[S3]:
     proc = None
     try:
         with log.open("ab") as out:
-            proc = subprocess.Popen([*cmd, "-H", LOCALHOST, "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [*cmd, "-H", LOCALHOST, "-p", str(port)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         endpoint = f"http://{LOCALHOST}:{port}"
         wait_for(lambda: requests.get(endpoint, timeout=2).ok, "moto_server", timeout, proc, log)
         # moto takes any key; these only have to be set, and they are fake.
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "MLFLOW_S3_ENDPOINT_URL": endpoint}
+        env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        }
         store = S3(endpoint, bucket, env)
         store.client().create_bucket(Bucket=bucket)
         yield store
@@ -212,7 +252,9 @@ class TeamServer:
     def as_admin(self, method: str, path: str, **kwargs) -> dict:
         import requests
 
-        response = requests.request(method, self.uri + path, auth=(self.admin_username, self.admin_password), timeout=30, **kwargs)
+        response = requests.request(
+            method, self.uri + path, auth=(self.admin_username, self.admin_password), timeout=30, **kwargs
+        )
         assert response.ok, f"{method} {path}: {response.status_code} {response.text[:500]}"
         return response.json() if response.text.strip() else {}
 
@@ -224,8 +266,12 @@ class TeamServer:
         """GET /api/2.0/mlflow/experiments/get-by-name, else POST /api/2.0/mlflow/experiments/create {"name"}."""
         import requests
 
-        found = requests.get(self.uri + "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name},
-                             auth=(self.admin_username, self.admin_password), timeout=30)
+        found = requests.get(
+            self.uri + "/api/2.0/mlflow/experiments/get-by-name",
+            params={"experiment_name": name},
+            auth=(self.admin_username, self.admin_password),
+            timeout=30,
+        )
         if found.ok:
             return found.json()["experiment"]["experiment_id"]
         return self.as_admin("POST", "/api/2.0/mlflow/experiments/create", json={"name": name})["experiment_id"]
@@ -233,9 +279,16 @@ class TeamServer:
     def grant(self, username: str, experiment_id: str, permission: str = "EDIT") -> None:
         """POST /api/3.0/mlflow/users/permissions/grant {"username", "resource_type": "experiment",
         "resource_id": <experiment id>, "permission"}: READ, USE, EDIT (log runs), MANAGE (also grant)."""
-        self.as_admin("POST", "/api/3.0/mlflow/users/permissions/grant", json={
-            "username": username, "resource_type": "experiment", "resource_id": experiment_id, "permission": permission,
-        })
+        self.as_admin(
+            "POST",
+            "/api/3.0/mlflow/users/permissions/grant",
+            json={
+                "username": username,
+                "resource_type": "experiment",
+                "resource_id": experiment_id,
+                "permission": permission,
+            },
+        )
 
 
 # What would point MLflow or boto3 elsewhere than the servers under test, or log in as someone else.
@@ -248,8 +301,14 @@ def without_client_settings(env: dict[str, str]) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def team_mlflow_server(root: Path, backend_store_uri: str, store: S3, *, admin_username: str = "admin",
-                       extra_env: dict[str, str] | None = None) -> Iterator[TeamServer]:
+def team_mlflow_server(
+    root: Path,
+    backend_store_uri: str,
+    store: S3,
+    *,
+    admin_username: str = "admin",
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[TeamServer]:
     """`reprovision mlflow-server start --auth` in `root` with the PostgreSQL backend and S3 artifacts
     (s3://<bucket>/mlartifacts), as a team would run it, on 127.0.0.1. The admin's login is made up
     here and handed to the server through its environment only; the S3 credentials likewise.
@@ -266,8 +325,16 @@ def team_mlflow_server(root: Path, backend_store_uri: str, store: S3, *, admin_u
     }
     reprovision = str(BIN / "reprovision")
     state = root / ".mlflow-server" / "server.json"
-    cmd = [reprovision, "mlflow-server", "start", "--auth", "--backend-store-uri", backend_store_uri,
-           "--artifacts-destination", f"s3://{store.bucket}/mlartifacts"]
+    cmd = [
+        reprovision,
+        "mlflow-server",
+        "start",
+        "--auth",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        f"s3://{store.bucket}/mlartifacts",
+    ]
     try:
         # `start` waits up to 120 s itself, then stops what it started: this deadline only catches a hang.
         started = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=180)
@@ -302,7 +369,9 @@ def logged_in_proxy(upstream: str, username: str, password: str) -> Iterator[str
     class Forward(http.server.BaseHTTPRequestHandler):
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "authorization", "accept-encoding")}
+            headers = {
+                k: v for k, v in self.headers.items() if k.lower() not in ("host", "authorization", "accept-encoding")
+            }
             answer = session.request(self.command, upstream + self.path, data=body, headers=headers, timeout=30)
             self.send_response(answer.status_code)
             for key, value in answer.headers.items():

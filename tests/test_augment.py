@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from reprovision.config import AugmentConfig
 from reprovision.data.augment import (
     BatchAugment,
     Policy,
@@ -18,7 +19,6 @@ from reprovision.data.augment import (
     random_crop,
     random_hflip,
 )
-from reprovision.config import AugmentConfig
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -11,13 +11,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
-
-from reprovision.core import track
-from reprovision.config import ConfigError, Params, flatten, load_params, parse_params
-from reprovision.data.datasets import DataError, mirror_from_env
-from reprovision.core.runtime import resolve_device
-
 from conftest import committed_params
+
+from reprovision.config import ConfigError, Params, flatten, load_params, parse_params
+from reprovision.core import track
+from reprovision.core.runtime import resolve_device
+from reprovision.data.datasets import DataError, mirror_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,31 +61,60 @@ BAD_VALUES = [
     pytest.param("lr", 0, "lr", "0", "greater than 0", id="zero-lr"),
     pytest.param("gan.mlp.lr_d", -1e-4, "gan.mlp.lr_d", "-0.0001", "greater than 0", id="negative-gan-lr"),
     pytest.param("vit.batch_size", 0, "vit.batch_size", "0", "greater than 0", id="batch-size-0"),
-    pytest.param("data.train_fraction", 1.5, "data.train_fraction", "1.5", "less than or equal to 1", id="fraction-above-1"),
+    pytest.param(
+        "data.train_fraction", 1.5, "data.train_fraction", "1.5", "less than or equal to 1", id="fraction-above-1"
+    ),
     pytest.param("data.test_fraction", 0, "data.test_fraction", "0", "greater than 0", id="fraction-0"),
     pytest.param("gan.train_fraction", -0.5, "gan.train_fraction", "-0.5", "greater than 0", id="fraction-negative"),
-    pytest.param("augment.cutmix_prob", 1.5, "augment.cutmix_prob", "1.5", "less than or equal to 1", id="cutmix-prob-above-1"),
+    pytest.param(
+        "augment.cutmix_prob", 1.5, "augment.cutmix_prob", "1.5", "less than or equal to 1", id="cutmix-prob-above-1"
+    ),
     pytest.param("gan.dcgan.beta2", 1.0, "gan.dcgan.beta2", "1.0", "less than 1", id="adam-beta-1"),
     pytest.param("vit.epochs", 0, "vit.epochs", "0", "greater than 0", id="epochs-0"),
     pytest.param("gan.epochs", 0, "gan.epochs", "0", "greater than 0", id="gan-epochs-0"),
-    pytest.param("gan.mlp.g_hidden", [128, -1], "gan.mlp.g_hidden[1]", "-1", "greater than 0", id="negative-layer-width"),
+    pytest.param(
+        "gan.mlp.g_hidden", [128, -1], "gan.mlp.g_hidden[1]", "-1", "greater than 0", id="negative-layer-width"
+    ),
     pytest.param("vit.patch_size", 5, "vit.patch_size", "5", "a divisor of 32", id="patch-not-dividing-image"),
     pytest.param("vit.heads", 5, "vit.heads", "5", "a divisor of 192", id="embed-dim-not-divisible-by-heads"),
     pytest.param("cnn.arch", "vgg16", "cnn.arch", '"vgg16"', "'refcnn' or 'resnet18'", id="unknown-architecture"),
-    pytest.param("vit.optimizer", "adagrad", "vit.optimizer", '"adagrad"', "'adam', 'adamw' or 'sgd'", id="unknown-optimiser"),
     pytest.param(
-        "cnn.scheduler", "linear", "cnn.scheduler", '"linear"', "'none', 'cosine', 'step' or 'warmup_cosine'", id="unknown-scheduler"
+        "vit.optimizer", "adagrad", "vit.optimizer", '"adagrad"', "'adam', 'adamw' or 'sgd'", id="unknown-optimiser"
     ),
-    pytest.param("vit.precision", "fp16", "vit.precision", '"fp16"', "'auto', 'fp32' or 'bf16'", id="unknown-precision"),
+    pytest.param(
+        "cnn.scheduler",
+        "linear",
+        "cnn.scheduler",
+        '"linear"',
+        "'none', 'cosine', 'step' or 'warmup_cosine'",
+        id="unknown-scheduler",
+    ),
+    pytest.param(
+        "vit.precision", "fp16", "vit.precision", '"fp16"', "'auto', 'fp32' or 'bf16'", id="unknown-precision"
+    ),
     pytest.param("device", "tpu", "device", '"tpu"', "'auto', 'cpu', 'cuda' or 'mps'", id="unknown-device"),
     pytest.param(
-        "data.classifier_dataset", "imagenet", "data.classifier_dataset", '"imagenet"', "'cifar10' or 'cifar100'", id="unknown-dataset"
+        "data.classifier_dataset",
+        "imagenet",
+        "data.classifier_dataset",
+        '"imagenet"',
+        "'cifar10' or 'cifar100'",
+        id="unknown-dataset",
     ),
-    pytest.param("vit", [1, 2], "vit", "[1, 2]", "a mapping with the keys epochs, batch_size", id="section-not-a-mapping"),
+    pytest.param(
+        "vit", [1, 2], "vit", "[1, 2]", "a mapping with the keys epochs, batch_size", id="section-not-a-mapping"
+    ),
     pytest.param("augment", None, "augment", "null", "a mapping with the keys crop_padding", id="section-emptied"),
     # Values that used to pass here and fail later with a traceback (after the GAN had trained).
     pytest.param("gan.fid_samples", 1, "gan.fid_samples", "1", "greater than or equal to 2", id="fid-of-one-image"),
-    pytest.param("gan.fid_samples_during", 0, "gan.fid_samples_during", "0", "greater than or equal to 2", id="fid-during-of-none"),
+    pytest.param(
+        "gan.fid_samples_during",
+        0,
+        "gan.fid_samples_during",
+        "0",
+        "greater than or equal to 2",
+        id="fid-during-of-none",
+    ),
     pytest.param("cnn.widths", [], "cnn.widths", "[]", "at least 1 item", id="cnn-without-blocks"),
     pytest.param("gan.mlp.g_hidden", [], "gan.mlp.g_hidden", "[]", "at least 1 item", id="generator-without-layers"),
     pytest.param("threads", 0, "threads", "0", "greater than 0, or 'auto'", id="zero-threads"),
@@ -96,10 +124,19 @@ BAD_VALUES = [
 
 # Values that are fine alone but not together with the data sizes: the message names the fix.
 CROSS_CHECKS = [
-    pytest.param({"data.train_fraction": 0.001, "data.val_fraction": 0.1}, "data.val_fraction = 0.1 of 50 training images holds out 5", id="val-smaller-than-classes"),
-    pytest.param({"gan.train_fraction": 0.0001}, "fewer than one batch of gan.mlp.batch_size = 64", id="gan-data-below-one-batch"),
-    pytest.param({"gan.train_fraction": 0.002, "gan.fid_samples": 200}, "gives 120 MNIST training images, fewer than the gan.fid_samples = 200",
-                 id="gan-data-below-the-fid-floor"),
+    pytest.param(
+        {"data.train_fraction": 0.001, "data.val_fraction": 0.1},
+        "data.val_fraction = 0.1 of 50 training images holds out 5",
+        id="val-smaller-than-classes",
+    ),
+    pytest.param(
+        {"gan.train_fraction": 0.0001}, "fewer than one batch of gan.mlp.batch_size = 64", id="gan-data-below-one-batch"
+    ),
+    pytest.param(
+        {"gan.train_fraction": 0.002, "gan.fid_samples": 200},
+        "gives 120 MNIST training images, fewer than the gan.fid_samples = 200",
+        id="gan-data-below-the-fid-floor",
+    ),
     pytest.param({"cnn.widths": [8, 8, 8, 8, 8, 8]}, "use at most 5 widths", id="cnn-deeper-than-the-image"),
 ]
 
@@ -145,7 +182,10 @@ def test_every_mistake_is_reported_at_once():
 
 
 def test_top_level_not_a_mapping():
-    with pytest.raises(ConfigError, match=r"expected a mapping of the sections seed, device, threads, deterministic, lr, data.*got list \[1, 2\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"expected a mapping of the sections seed, device, threads, deterministic, lr, data.*got list \[1, 2\]",
+    ):
         parse_params([1, 2])
 
 
@@ -183,7 +223,9 @@ def test_absent_device_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError) as caught:
         resolve_device("cuda")
     message = str(caught.value)
-    assert all(part in message for part in ("device = 'cuda'", "found: cpu", "`device: auto` or `device: cpu`")), message
+    assert all(part in message for part in ("device = 'cuda'", "found: cpu", "`device: auto` or `device: cpu`")), (
+        message
+    )
     assert resolve_device("cpu") == torch.device("cpu")
 
 
@@ -219,7 +261,11 @@ def test_stage_stops_on_bad_params_before_any_compute(tmp_path):
         (run_dir / "params.yaml").write_text(yaml.safe_dump(set_key(real_params(), key, value)))
         stage = subprocess.Popen(
             [sys.executable, str(ROOT / "stages" / "train_vit.py")],
-            cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=run_dir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         runs[run_dir] = expected, stage
 
@@ -232,8 +278,16 @@ def test_stage_stops_on_bad_params_before_any_compute(tmp_path):
     assert not (tmp_path / "no-such-folder").exists()
 
 
-@pytest.mark.parametrize("key, text", [("lr", ".inf"), ("vit.lr_mult", ".inf"), ("cnn.weight_decay", ".inf"),
-                                        ("gan.mlp.lr_g", ".nan"), ("augment.mixup_alpha", "-.inf")])
+@pytest.mark.parametrize(
+    "key, text",
+    [
+        ("lr", ".inf"),
+        ("vit.lr_mult", ".inf"),
+        ("cnn.weight_decay", ".inf"),
+        ("gan.mlp.lr_g", ".nan"),
+        ("augment.mixup_alpha", "-.inf"),
+    ],
+)
 def test_an_infinite_or_nan_float_is_a_config_error(key, text):
     """`-S lr=inf` writes `lr: .inf` to params.yaml: it must stop at the check, not train into NaN."""
     value = yaml.safe_load(f"v: {text}")["v"]

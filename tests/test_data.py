@@ -13,8 +13,8 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
-
 from conftest import require_mirror
+
 from reprovision.data import datasets as data
 from reprovision.data.datasets import DataError
 

@@ -14,13 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+import ddp_worker
 import pytest
 import torch
+from resume import signal_below
 
-import ddp_worker
 from reprovision.config import ConfigError, Params
 from reprovision.core.distributed import World, join
-from resume import signal_below
 
 pytestmark = pytest.mark.scaleout
 
@@ -81,8 +81,13 @@ def test_cnn_ranks_agree_and_a_run_killed_and_resumed_repeats_the_uninterrupted_
     # Another run, killed (SIGKILL to torchrun and both ranks) after epoch 1's checkpoint, then run again.
     out = tmp_path / "killed"
     out.mkdir()
-    proc = subprocess.Popen([*TORCHRUN, str(out), "--models", "cnn", "--checkpoints", str(out), "--pause-after", "1"],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [*TORCHRUN, str(out), "--models", "cnn", "--checkpoints", str(out), "--pause-after", "1"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + DEADLINE
         while not (out / "paused").exists():
@@ -112,7 +117,9 @@ def test_world_split_and_size_checks(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(ConfigError, match=r"torchrun started 4 processes, but params.yaml says dist.nnodes x dist.nproc = 1 x 2"):
+    with pytest.raises(
+        ConfigError, match=r"torchrun started 4 processes, but params.yaml says dist.nnodes x dist.nproc = 1 x 2"
+    ):
         join(1, 2, torch.device("cpu"))
     with pytest.raises(ValueError, match=r"cnn.batch_size = 4 is split over dist.nnodes x dist.nproc = 4"):
         Params(dist={"nproc": 2, "nnodes": 2}, cnn={"batch_size": 4})

@@ -79,9 +79,7 @@ def test_classification_metrics_equal_sklearn_and_numpy():
 
     assert metrics["accuracy"] == pytest.approx(np.mean(Y_TRUE == Y_PRED)) == pytest.approx(0.7)
     labels = list(range(len(CLASSES)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        Y_TRUE, Y_PRED, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(Y_TRUE, Y_PRED, labels=labels, zero_division=0)
     macro = precision_recall_fscore_support(Y_TRUE, Y_PRED, labels=labels, average="macro", zero_division=0)
     assert [metrics["macro_precision"], metrics["macro_recall"], metrics["macro_f1"]] == pytest.approx(macro[:3])
     for i, name in enumerate(CLASSES):

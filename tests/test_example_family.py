@@ -12,9 +12,8 @@ import sys
 
 import pytest
 import yaml
-from mlflow import MlflowClient
-
 from conftest import ROOT, _new_copy, dvc, exp_run, pipeline_env, sh
+from mlflow import MlflowClient
 from pipeline import metric_columns, stages_run
 
 pytestmark = pytest.mark.slow
@@ -49,7 +48,10 @@ def apply(repo, step: dict) -> None:
 def test_a_new_family_is_the_readme_steps_and_make_deps(tmp_path, shared_cache, stage_mirror):
     name, steps = readme_steps()
     assert [s["path"] for s in steps] == [
-        f"src/reprovision/models/{name}.py", "src/reprovision/config.py", "src/reprovision/config.py", "params.yaml",
+        f"src/reprovision/models/{name}.py",
+        "src/reprovision/config.py",
+        "src/reprovision/config.py",
+        "params.yaml",
         f"stages/train_{name}.py",
     ]
     repo = _new_copy(tmp_path / "repo", shared_cache)
@@ -60,7 +62,13 @@ def test_a_new_family_is_the_readme_steps_and_make_deps(tmp_path, shared_cache, 
     assert f"train-{name}" in make_deps.stdout and "evaluate" in make_deps.stdout and "plots" in make_deps.stdout
     changed = sh(["git", "status", "--porcelain"], repo).stdout.split("\n")
     assert sorted(line[3:] for line in changed if line) == sorted(
-        ["dvc.yaml", "params.yaml", "src/reprovision/config.py", f"src/reprovision/models/{name}.py", f"stages/train_{name}.py"]
+        [
+            "dvc.yaml",
+            "params.yaml",
+            "src/reprovision/config.py",
+            f"src/reprovision/models/{name}.py",
+            f"stages/train_{name}.py",
+        ]
     )
     assert sh([sys.executable, "-m", "reprovision.tools.deps", "--check"], repo, env).returncode == 0
 
@@ -75,7 +83,9 @@ def test_a_new_family_is_the_readme_steps_and_make_deps(tmp_path, shared_cache, 
     evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
     assert list(evaluated) == ["vit", "cnn", name] and evaluated[name]["accuracy"] == summary["test_acc"]
     assert (repo / f"reports/figures/misclassified_{name}.png").is_file()
-    assert sorted(p.name for p in (repo / "reports/figures").glob(f"*_{name}.png")) == [f"misclassified_{name}.png"]  # no heat map
+    assert sorted(p.name for p in (repo / "reports/figures").glob(f"*_{name}.png")) == [
+        f"misclassified_{name}.png"
+    ]  # no heat map
     card = (repo / f"models/{name}/card.md").read_text()
     assert "Two-layer perceptron" in card
 
@@ -85,12 +95,17 @@ def test_a_new_family_is_the_readme_steps_and_make_deps(tmp_path, shared_cache, 
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     versions = client.search_model_versions(f"name = 'reprovision-{name}'")
-    assert len(versions) == 1 and versions[0].run_id == json.loads((repo / f"models/{name}/run.json").read_text())["run_id"]
+    assert (
+        len(versions) == 1
+        and versions[0].run_id == json.loads((repo / f"models/{name}/run.json").read_text())["run_id"]
+    )
 
     columns = metric_columns(json.loads(dvc(repo, "exp", "show", "--json").stdout))
     assert columns[f"metrics/{name}.json:test_acc"] == summary["test_acc"]
     plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)["data"]
-    assert f"Confusion matrix ({name})" in plots and f"{name}/history.csv::train_acc" in json.dumps(plots["Classifier accuracy"])
+    assert f"Confusion matrix ({name})" in plots and f"{name}/history.csv::train_acc" in json.dumps(
+        plots["Classifier accuracy"]
+    )
 
     # The name is the family's everywhere; one that dvc.yaml already uses is refused before anything is written.
     clash = _new_copy(tmp_path / "clash")
@@ -99,7 +114,12 @@ def test_a_new_family_is_the_readme_steps_and_make_deps(tmp_path, shared_cache, 
         step["anchor"] = step["anchor"] and step["anchor"].replace(name, "mlp")
         apply(clash, step)
     before = (clash / "dvc.yaml").read_text()
-    refused = subprocess.run([sys.executable, "-m", "reprovision.tools.deps"], cwd=clash, capture_output=True, text=True,
-                             env=pipeline_env(PYTHONPATH=str(clash / "src")))
+    refused = subprocess.run(
+        [sys.executable, "-m", "reprovision.tools.deps"],
+        cwd=clash,
+        capture_output=True,
+        text=True,
+        env=pipeline_env(PYTHONPATH=str(clash / "src")),
+    )
     assert refused.returncode != 0 and "mlp" in refused.stderr and "rename" in refused.stderr, refused.stderr
     assert (clash / "dvc.yaml").read_text() == before

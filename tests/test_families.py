@@ -39,8 +39,13 @@ def _name_branches(path: Path) -> list[str]:
         if isinstance(node, ast.Compare):
             operands = [node.left, *node.comparators]
             names = [o.value for o in operands if isinstance(o, ast.Constant) and o.value in CLASSIFIERS]
-            names += [e.value for o in operands if isinstance(o, (ast.Tuple, ast.List, ast.Set))
-                      for e in o.elts if isinstance(e, ast.Constant) and e.value in CLASSIFIERS]
+            names += [
+                e.value
+                for o in operands
+                if isinstance(o, (ast.Tuple, ast.List, ast.Set))
+                for e in o.elts
+                if isinstance(e, ast.Constant) and e.value in CLASSIFIERS
+            ]
             if names:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} compares with {names}")
     return found
@@ -50,4 +55,6 @@ def test_no_branch_on_a_family_name_outside_the_family_modules():
     allowed = ROOT / "src" / "reprovision" / "models"
     files = [*(ROOT / "src").rglob("*.py"), *(ROOT / "stages").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
     branches = [b for f in files if allowed not in f.parents for b in _name_branches(f)]
-    assert not branches, "a family's behaviour belongs in its models/<family>.py (ClassifierFamily):\n" + "\n".join(branches)
+    assert not branches, "a family's behaviour belongs in its models/<family>.py (ClassifierFamily):\n" + "\n".join(
+        branches
+    )

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from reprovision.config import JudgeConfig
+from reprovision.data.pixels import to_pm1
 from reprovision.measure.gan_metrics import (
     class_coverage,
     frechet_distance,
@@ -18,9 +19,8 @@ from reprovision.measure.gan_metrics import (
     save_neighbour_grid,
     save_progression_gif,
 )
-from reprovision.training.fit_judge import fit_judge
-from reprovision.data.pixels import to_pm1
 from reprovision.models.judge import LeNet
+from reprovision.training.fit_judge import fit_judge
 
 CPU = torch.device("cpu")
 

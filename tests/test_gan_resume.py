@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import dvc, pipeline_env
-from reprovision.training.fit_gan import fit_gan
-from reprovision.models.gan import MLPDiscriminator, MLPGenerator
 from resume import checkpoint_state, set_params, signal_below
+
+from reprovision.models.gan import MLPDiscriminator, MLPGenerator
+from reprovision.training.fit_gan import fit_gan
 
 # ------------------------------------------------------------------ the loop, on a tiny in-memory dataset
 
@@ -41,7 +41,9 @@ def tiny_setup(seed: int = 0):
     return gen, disc, opt_g, opt_d, images, rng
 
 
-def run(checkpoint: Path | None, fingerprint: str = "fp", kill_after: int = 0, extra=None, on_resume=None, elsewhere=False):
+def run(
+    checkpoint: Path | None, fingerprint: str = "fp", kill_after: int = 0, extra=None, on_resume=None, elsewhere=False
+):
     """(history, generator, discriminator, rows seen by on_epoch) of a run, stopped after `kill_after` epochs when > 0.
 
     `elsewhere`: both random streams start from other states (as in a new process): a resume must restore them.
@@ -60,8 +62,21 @@ def run(checkpoint: Path | None, fingerprint: str = "fp", kill_after: int = 0, e
 
     try:
         history = fit_gan(
-            gen, disc, opt_g, opt_d, images, LATENT, 16, EPOCHS, rng, on_epoch, progress=False,
-            checkpoint=checkpoint, fingerprint=fingerprint, extra=extra, on_resume=on_resume,
+            gen,
+            disc,
+            opt_g,
+            opt_d,
+            images,
+            LATENT,
+            16,
+            EPOCHS,
+            rng,
+            on_epoch,
+            progress=False,
+            checkpoint=checkpoint,
+            fingerprint=fingerprint,
+            extra=extra,
+            on_resume=on_resume,
         )
     except Killed:
         history = None
@@ -91,7 +106,9 @@ def test_train_gan_resume_matches_uninterrupted(tmp_path, capsys):
     assert set(state["rng"]) == {"generator", "torch", "cuda"}
 
     resumed_with = []
-    history, gen, disc, seen = run(path, on_resume=lambda epoch, extra: resumed_with.append((epoch, extra)), elsewhere=True)
+    history, gen, disc, seen = run(
+        path, on_resume=lambda epoch, extra: resumed_with.append((epoch, extra)), elsewhere=True
+    )
     assert f"resuming from {path} after epoch 2" in capsys.readouterr().out
     assert resumed_with == [(2, {"n": 1})]
     # The earlier rows are replayed through on_epoch (with what the caller added), then training goes on.
@@ -119,7 +136,11 @@ SMALL_GAN = {
     "threads": 1,  # as conftest.TINY
     "judge": {"epochs": 1, "train_fraction": 0.02},
     "gan": {
-        "epochs": 6, "train_fraction": 0.01, "fid_every": 2, "fid_samples_during": 200, "fid_samples": 200,
+        "epochs": 6,
+        "train_fraction": 0.01,
+        "fid_every": 2,
+        "fid_samples_during": 200,
+        "fid_samples": 200,
         "sample_every": 2,
     },
 }
@@ -130,7 +151,11 @@ def start_repro(repo: Path, *options: str) -> subprocess.Popen:
     """`dvc repro <options> train-gan@mlp` in the background, its output (stdout and stderr) on a pipe."""
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "dvc"), "repro", *options, STAGE],
-        cwd=repo, env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=repo,
+        env=pipeline_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 

@@ -91,7 +91,9 @@ def test_steps_a_graph_cannot_replay_are_refused_with_the_reason():
     assert capturable([torch.optim.Adam(model.parameters(), fused=True)]) is None
     assert "not fused" in capturable([torch.optim.Adam(model.parameters())])
     assert "not Adam, AdamW or SGD" in capturable([SAM(torch.optim.SGD(model.parameters(), lr=0.1))])
-    assert "dampening" in capturable([torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.1, fused=True)])
+    assert "dampening" in capturable(
+        [torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.1, fused=True)]
+    )
     with pytest.raises(ValueError, match="cannot capture this training step as a CUDA graph: Adam is not fused"):
         CapturedStep(lambda: (), [model], [torch.optim.Adam(model.parameters())])
 
@@ -106,7 +108,11 @@ def test_gpu_check_smoke_runs_end_to_end_without_mlflow_or_dvc(tmp_path, stage_m
     out = tmp_path / "check.json"
     proc = subprocess.run(
         [sys.executable, "benchmarks/gpu_check.py", "--smoke", "--data", str(stage_mirror), "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -96,7 +96,7 @@ def test_vit_returns_each_blocks_attention_and_the_same_logits() -> None:
 def test_gradcam_layer_is_the_last_conv_map_before_pooling() -> None:
     for model in (RefCNN(), resnet18_cifar()):
         shapes = []
-        model.gradcam_layer.register_forward_hook(lambda m, i, out: shapes.append(out.shape))
+        model.gradcam_layer.register_forward_hook(lambda m, i, out, shapes=shapes: shapes.append(out.shape))
         model(images())
         assert shapes == [(2, 512, 4, 4)]  # the CIFAR stem keeps 32x32 until layer4's 4x4
     resnet = resnet18_cifar()
@@ -123,9 +123,13 @@ def test_builders_follow_params() -> None:
     small = build_vit(Params.model_validate({"vit": {"depth": 2}}).vit, num_classes=100, channels=3, image_size=32)
     assert len(small.blocks) == 2
     assert small(images()).shape == (2, 100)
-    cnn = build_cnn(Params.model_validate({"cnn": {"widths": [8, 16], "hidden": 32}}).cnn, num_classes=10, channels=3, image_size=32)
+    cnn = build_cnn(
+        Params.model_validate({"cnn": {"widths": [8, 16], "hidden": 32}}).cnn, num_classes=10, channels=3, image_size=32
+    )
     assert isinstance(cnn, RefCNN) and len(cnn.blocks) == 2
-    resnet = build_cnn(Params.model_validate({"cnn": {"arch": "resnet18"}}).cnn, num_classes=100, channels=3, image_size=32)
+    resnet = build_cnn(
+        Params.model_validate({"cnn": {"arch": "resnet18"}}).cnn, num_classes=100, channels=3, image_size=32
+    )
     assert resnet.fc.out_features == 100
     # Five halving blocks do not fit a 32x32 image: params.yaml's check says so before any model is built.
     with pytest.raises(ConfigError, match="at most 5 widths"):
@@ -133,17 +137,23 @@ def test_builders_follow_params() -> None:
 
 
 def test_build_gan_follows_params_and_applies_dcgan_init() -> None:
-    generator, discriminator = build_gan("mlp", Params.model_validate({"gan": {"mlp": {"g_dropout": 0.3}}}).gan.mlp, MNIST_SHAPE)
+    generator, discriminator = build_gan(
+        "mlp", Params.model_validate({"gan": {"mlp": {"g_dropout": 0.3}}}).gan.mlp, MNIST_SHAPE
+    )
     assert any(isinstance(m, nn.Dropout) and m.p == 0.3 for m in generator.modules())
     assert count_parameters(discriminator) == 533_505
-    generator, discriminator = build_gan("dcgan", Params.model_validate({"gan": {"dcgan": {"init_std": 0.05}}}).gan.dcgan, MNIST_SHAPE)
+    generator, discriminator = build_gan(
+        "dcgan", Params.model_validate({"gan": {"dcgan": {"init_std": 0.05}}}).gan.dcgan, MNIST_SHAPE
+    )
     dense = generator.project[0]
     assert dense.weight.std().item() == pytest.approx(0.05, rel=0.02)
     assert torch.all(dense.bias == 0)
     bn = discriminator.net[1]
     assert bn.weight.mean().item() == pytest.approx(1.0, abs=0.02) and torch.all(bn.bias == 0)
     # gan.dcgan.width narrows every conv layer (the CPU-sized run's 32): counted by hand layer by layer.
-    generator, discriminator = build_gan("dcgan", Params.model_validate({"gan": {"dcgan": {"width": 32}}}).gan.dcgan, MNIST_SHAPE)
+    generator, discriminator = build_gan(
+        "dcgan", Params.model_validate({"gan": {"dcgan": {"width": 32}}}).gan.dcgan, MNIST_SHAPE
+    )
     assert count_parameters(generator) == 633_472 + 12_544 + 204_864 + 128 + 51_232 + 64 + 801
     assert count_parameters(discriminator) == 832 + 64 + 51_264 + 128 + 3_137
     fakes = generator(torch.randn(3, 100))
@@ -185,4 +195,7 @@ def test_the_dcgan_card_names_its_width() -> None:
     reference = gan_card("dcgan", Params(), metrics)
     assert "DCGAN (R2): noise 100, Dense 7x7x256, ConvTranspose 128/64, Conv 1; D Conv 64/128" in reference
     narrowed = gan_card("dcgan", Params.model_validate({"gan": {"dcgan": {"width": 32}}}), metrics)
-    assert "DCGAN (R2, narrowed to width 32): noise 100, Dense 7x7x128, ConvTranspose 64/32, Conv 1; D Conv 32/64" in narrowed
+    assert (
+        "DCGAN (R2, narrowed to width 32): noise 100, Dense 7x7x128, ConvTranspose 64/32, Conv 1; D Conv 32/64"
+        in narrowed
+    )

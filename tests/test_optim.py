@@ -89,6 +89,7 @@ def test_sam_state_dict_round_trip():
     def train(model: nn.Module, opt: SAM, steps: int) -> None:
         x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
         for _ in range(steps):
+
             def closure() -> torch.Tensor:
                 loss = model(x).square().mean()
                 loss.backward()

@@ -23,17 +23,26 @@ import numpy as np
 import pytest
 import requests
 import yaml
-
 from conftest import _new_copy, dvc, exp_run, pipeline_env, sh
+from pipeline import (
+    ALL_STAGES,
+    agree_with_the_other_clone,
+    all_runs,
+    fingerprints,
+    metric_columns,
+    outputs_sha256,
+    stages_cached,
+    stages_run,
+    tiny_parameters,
+    training_runs,
+)
+
 from reprovision.data.datasets import load_split, stratified_subset
 from reprovision.publish.registry import read_champion
-from pipeline import (
-    ALL_STAGES, agree_with_the_other_clone, all_runs, fingerprints, metric_columns, outputs_sha256, stages_cached,
-    stages_run, tiny_parameters, training_runs,
-)
 
 pytestmark = pytest.mark.slow
 FIRST_RUN: dict[str, str] = {}  # result fingerprints of the first run, which later runs of its params must match
+
 
 @pytest.fixture(scope="module")
 def module_repo(tmp_path_factory, stage_mirror) -> Path:
@@ -48,17 +57,45 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     assert stages_run(first.stdout) == ALL_STAGES, first.stdout
 
     for path in [
-        "data/prepared/manifest.json", "data/augment/policy.json", "data/augment/preview.png",
-        "models/judge/model.pt", "models/vit/model.pt", "models/cnn/model.pt", "models/vit/card.md",
-        "models/gan/mlp/generator.pt", "models/gan/dcgan/generator.pt", "models/gan/mlp/progression.gif",
-        "models/gan/dcgan/samples/epoch_000.png", "models/gan/dcgan/samples/epoch_001.png",
-        "models/gan/mlp/grid_10x10.png", "models/gan/mlp/nearest_neighbours.png",
-        "metrics/vit.json", "metrics/cnn.json", "metrics/judge.json", "metrics/gan/mlp.json", "metrics/gan/dcgan.json",
-        "metrics/vit/summary.json", "metrics/judge/summary.json", "metrics/gan/dcgan/summary.json", "metrics/eval/summary.json",
-        "metrics/vit/history.csv", "metrics/gan/mlp/history.csv", "metrics/gan/mlp/fid.csv", "metrics/evaluate.json",
-        "metrics/eval/vit_confusion.json", "reports/figures/confusion_raw.png", "models/ssl/encoder.pt", "metrics/ssl/history.csv",
-        "metrics/probe/summary.json", "reports/curves/ssl_loss.png", "checkpoints/ssl.pt", "reports/figures/gradcam_cnn.png",
-        "reports/figures/rollout_vit.png", "reports/report.md", "reports/report.html", "checkpoints/vit.pt",
+        "data/prepared/manifest.json",
+        "data/augment/policy.json",
+        "data/augment/preview.png",
+        "models/judge/model.pt",
+        "models/vit/model.pt",
+        "models/cnn/model.pt",
+        "models/vit/card.md",
+        "models/gan/mlp/generator.pt",
+        "models/gan/dcgan/generator.pt",
+        "models/gan/mlp/progression.gif",
+        "models/gan/dcgan/samples/epoch_000.png",
+        "models/gan/dcgan/samples/epoch_001.png",
+        "models/gan/mlp/grid_10x10.png",
+        "models/gan/mlp/nearest_neighbours.png",
+        "metrics/vit.json",
+        "metrics/cnn.json",
+        "metrics/judge.json",
+        "metrics/gan/mlp.json",
+        "metrics/gan/dcgan.json",
+        "metrics/vit/summary.json",
+        "metrics/judge/summary.json",
+        "metrics/gan/dcgan/summary.json",
+        "metrics/eval/summary.json",
+        "metrics/vit/history.csv",
+        "metrics/gan/mlp/history.csv",
+        "metrics/gan/mlp/fid.csv",
+        "metrics/evaluate.json",
+        "metrics/eval/vit_confusion.json",
+        "reports/figures/confusion_raw.png",
+        "models/ssl/encoder.pt",
+        "metrics/ssl/history.csv",
+        "metrics/probe/summary.json",
+        "reports/curves/ssl_loss.png",
+        "checkpoints/ssl.pt",
+        "reports/figures/gradcam_cnn.png",
+        "reports/figures/rollout_vit.png",
+        "reports/report.md",
+        "reports/report.html",
+        "checkpoints/vit.pt",
     ]:
         assert (repo / path).is_file(), f"missing output {path}"
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
@@ -70,7 +107,12 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     shown = dvc(repo, "exp", "show", "--json").stdout
     columns = metric_columns(json.loads(shown))
     assert len(columns) == 29 and all(isinstance(v, (int, float)) for v in columns.values()), columns
-    assert list(columns)[:4] == ["metrics/vit.json:test_acc", "metrics/vit.json:val_acc", "metrics/vit.json:best_val_acc", "metrics/vit.json:train_acc"]
+    assert list(columns)[:4] == [
+        "metrics/vit.json:test_acc",
+        "metrics/vit.json:val_acc",
+        "metrics/vit.json:best_val_acc",
+        "metrics/vit.json:train_acc",
+    ]
     assert json.loads((repo / "metrics/evaluate.json").read_text())["vit"]["accuracy"] == vit["test_acc"]
     html = (repo / "reports/report.html").read_text()
     assert f"{100 * vit['test_acc']:.1f}" in html
@@ -80,8 +122,15 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     for run in runs:
         by_stage.setdefault(run.data.tags["stage"], []).append(run)
     assert {s: len(r) for s, r in by_stage.items()} == {
-        "dvc-exp": 1, "train-judge": 1, "train-gan": 2, "train-vit": 1, "train-cnn": 1, "evaluate": 2, "pretrain-ssl": 1,
-        "linear-probe": 1, "report": 1,
+        "dvc-exp": 1,
+        "train-judge": 1,
+        "train-gan": 2,
+        "train-vit": 1,
+        "train-cnn": 1,
+        "evaluate": 2,
+        "pretrain-ssl": 1,
+        "linear-probe": 1,
+        "report": 1,
     }
     # One run per `dvc exp run`, named after it, groups the stage runs (nested under it in the UI).
     [group] = by_stage.pop("dvc-exp")
@@ -100,21 +149,38 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     assert vit_run.data.params["lr"] == "0.001" and vit_run.data.params["epochs"] == "1"
     assert [m.step for m in client.get_metric_history(vit_run.info.run_id, "test_acc")] == [1]
     # The logged model: named, with params, tags, step and the last epoch's metrics linked to it.
-    [vit_model] = client.search_logged_models([vit_run.info.experiment_id], filter_string=f"source_run_id = '{vit_run.info.run_id}'")
-    assert vit_model.name == "vit" and vit_model.params["depth"] == "1" and vit_model.tags["data_sha256"] == manifest["cifar10"]["sha256"]
+    [vit_model] = client.search_logged_models(
+        [vit_run.info.experiment_id], filter_string=f"source_run_id = '{vit_run.info.run_id}'"
+    )
+    assert (
+        vit_model.name == "vit"
+        and vit_model.params["depth"] == "1"
+        and vit_model.tags["data_sha256"] == manifest["cifar10"]["sha256"]
+    )
     linked = {m.key: m for m in vit_model.metrics}
     assert linked["test_acc"].step == 1 and linked["test_acc"].value == vit["test_acc"]
     inputs = {d.dataset.name: d for d in vit_run.inputs.dataset_inputs}
-    assert set(inputs) == {"cifar10-train", "cifar10-val", "cifar10-test"} and inputs["cifar10-train"].dataset.digest == manifest["cifar10"]["sha256"][:32]
+    assert (
+        set(inputs) == {"cifar10-train", "cifar10-val", "cifar10-test"}
+        and inputs["cifar10-train"].dataset.digest == manifest["cifar10"]["sha256"][:32]
+    )
     names = {m.name for m in client.search_logged_models([vit_run.info.experiment_id])}
     assert names == {"vit", "cnn", "judge", "gan-mlp-generator", "gan-dcgan-generator", "ssl-encoder"}
     # Evaluation is a run of its own that names the model it evaluated.
     vit_eval = next(r for r in by_stage["evaluate"] if r.data.tags["model"] == "vit")
-    assert vit_eval.data.tags["evaluated_run"] == vit_run.info.run_id and vit_eval.data.tags["evaluated_model_id"] == vit_model.model_id
+    assert (
+        vit_eval.data.tags["evaluated_run"] == vit_run.info.run_id
+        and vit_eval.data.tags["evaluated_model_id"] == vit_model.model_id
+    )
     assert vit_eval.data.metrics["eval_accuracy"] == vit["test_acc"]
     # ...and its figures are linked to that model and to the test set they were measured on.
-    evaluated = {m.key: m for m in client.get_logged_model(vit_model.model_id).metrics if m.run_id == vit_eval.info.run_id}
-    assert evaluated["eval_accuracy"].dataset_name == "cifar10-test" and evaluated["eval_macro_f1"].value == vit_eval.data.metrics["eval_macro_f1"]
+    evaluated = {
+        m.key: m for m in client.get_logged_model(vit_model.model_id).metrics if m.run_id == vit_eval.info.run_id
+    }
+    assert (
+        evaluated["eval_accuracy"].dataset_name == "cifar10-test"
+        and evaluated["eval_macro_f1"].value == vit_eval.data.metrics["eval_macro_f1"]
+    )
     assert "figures/misclassified_vit.png" in {a.path for a in client.list_artifacts(vit_eval.info.run_id, "figures")}
     judge_run = by_stage["train-judge"][0]
     assert "judge_test_acc" in judge_run.data.metrics and "test_acc" not in judge_run.data.metrics
@@ -127,7 +193,9 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     assert [m.step for m in client.get_metric_history(by_stage["pretrain-ssl"][0].info.run_id, "ssl_loss")] == [1]
     assert "Self-supervised pre-training (R4)" in html and f"{100 * probe['probe_test']:.2f}%" in html
     gan_run = next(r for r in by_stage["train-gan"] if r.data.tags["model"] == "gan-dcgan")
-    assert {"fid", "fid_floor", "inception_score", "kl_uniform", "d_loss", "g_loss", "fid_during"} <= set(gan_run.data.metrics)
+    assert {"fid", "fid_floor", "inception_score", "kl_uniform", "d_loss", "g_loss", "fid_during"} <= set(
+        gan_run.data.metrics
+    )
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     try:
         generator = mlflow.pyfunc.load_model(json.loads((repo / "models/gan/dcgan/run.json").read_text())["model_uri"])
@@ -172,9 +240,25 @@ def test_the_champion_serves_raw_images_over_rest_as_the_pipeline_predicts(modul
 
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", champion.uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        cwd=repo, env=pipeline_env(MLFLOW_TRACKING_URI=uri), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            champion.uri,
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        cwd=repo,
+        env=pipeline_env(MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         start_new_session=True,
     )
     try:
@@ -214,7 +298,14 @@ def test_lr_override_reruns_only_classifiers(module_repo):
     assert stages_run(third.stdout) == {"check-params", "train-vit", "train-cnn", "evaluate", "report"}, third.stdout
     _, after = all_runs(module_repo)
     new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
-    assert sorted(r.data.tags["stage"] for r in new) == ["dvc-exp", "evaluate", "evaluate", "report", "train-cnn", "train-vit"]
+    assert sorted(r.data.tags["stage"] for r in new) == [
+        "dvc-exp",
+        "evaluate",
+        "evaluate",
+        "report",
+        "train-cnn",
+        "train-vit",
+    ]
     assert all(r.data.params["lr"] == "0.0004" for r in new if r.data.tags["stage"].startswith("train-"))
 
 
@@ -236,7 +327,11 @@ def test_reproduce_replays_a_recorded_run(module_repo):
     client, found = all_runs(module_repo)
     first_vit = min((r for r in found if r.data.tags["stage"] == "train-vit"), key=lambda r: r.info.start_time)
     status, outputs = sh(["git", "status", "--porcelain"], module_repo).stdout, outputs_sha256(module_repo)
-    result = sh([str(Path(sys.executable).parent / "reprovision"), "reproduce", first_vit.info.run_id], module_repo, pipeline_env())
+    result = sh(
+        [str(Path(sys.executable).parent / "reprovision"), "reproduce", first_vit.info.run_id],
+        module_repo,
+        pipeline_env(),
+    )
     assert "dvc repro --force --single-item train-vit" in result.stdout
     assert "Stage 'fetch-data' is cached - skipping run" in result.stdout  # inputs from this repository's run-cache
     assert f"identical: {first_vit.info.run_id}" in result.stdout, result.stdout
@@ -250,7 +345,9 @@ def test_unreachable_tracking_server_fails_fast(module_repo):
     """No server at MLFLOW_TRACKING_URI: a clear error before any training, no run, cached outputs intact."""
     _, before = all_runs(module_repo)
     params_before = (module_repo / "params.yaml").read_text()
-    weights = {p: (module_repo / p).read_bytes() for p in ("models/vit/model.pt", "models/cnn/model.pt", "metrics/vit.json")}
+    weights = {
+        p: (module_repo / p).read_bytes() for p in ("models/vit/model.pt", "models/cnn/model.pt", "metrics/vit.json")
+    }
     env = pipeline_env(MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     failed = exp_run(module_repo, "lr=2e-4", env=env, check=False)
     output = failed.stdout + failed.stderr

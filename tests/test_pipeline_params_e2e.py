@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from reprovision.core.runtime import cpu_kernels
-
 from conftest import TINY, _new_copy, dvc, exp_run, pipeline_env, sh
 from imports import closure
 from pipeline import ALL_STAGES, agree_with_the_other_clone, fingerprints, outputs_sha256, stages_run, training_runs
+
+from reprovision.core.runtime import cpu_kernels
 
 pytestmark = pytest.mark.slow
 FIRST_RUN: dict[str, str] = {}
@@ -48,8 +47,10 @@ def test_gan_and_ssl_params_mark_only_their_stages(module_repo):
     params = module_repo / "params.yaml"
     text = params.read_text()
     try:
-        for old, new, stage in (("    lr_g: 0.0001\n", "    lr_g: 0.0002\n", "train-gan@mlp"),
-                                ("  temperature: 0.5\n", "  temperature: 0.2\n", "pretrain-ssl")):
+        for old, new, stage in (
+            ("    lr_g: 0.0001\n", "    lr_g: 0.0002\n", "train-gan@mlp"),
+            ("  temperature: 0.5\n", "  temperature: 0.2\n", "pretrain-ssl"),
+        ):
             assert text.count(old) == 1, old
             params.write_text(text.replace(old, new))
             status = json.loads(dvc(module_repo, "status", "--json").stdout)
@@ -66,14 +67,25 @@ def test_threads_are_part_of_the_configuration(module_repo):
     assert "\nthreads: 1\n" in text  # TINY's
     params.write_text(text.replace("\nthreads: 1\n", "\nthreads: 2\n"))
     status = json.loads(dvc(module_repo, "status", "--json").stdout)
-    computing = {"train-judge", "train-gan@mlp", "train-gan@dcgan", "train-vit", "train-cnn", "evaluate", "pretrain-ssl", "linear-probe"}
+    computing = {
+        "train-judge",
+        "train-gan@mlp",
+        "train-gan@dcgan",
+        "train-vit",
+        "train-cnn",
+        "evaluate",
+        "pretrain-ssl",
+        "linear-probe",
+    }
     assert set(status) == computing | {"check-params", "report"}  # the last two read all of params.yaml
     params.write_text(text)
     sets = [arg for s in [*TINY, "threads=2"] for arg in ("-S", s)]
     two = dvc(module_repo, "exp", "run", *sets, "train-cnn", env=pipeline_env(OMP_NUM_THREADS="1"))
     assert stages_run(two.stdout) == {"check-params", "train-cnn"}, two.stdout
     assert "[train-cnn] device cpu, 2 thread(s)" in two.stdout  # params win over the environment
-    newest = max((r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-cnn"), key=lambda r: r.info.start_time)
+    newest = max(
+        (r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-cnn"), key=lambda r: r.info.start_time
+    )
     assert newest.data.params["threads"] == "2" and newest.data.tags["threads"] == "2"
     assert newest.data.tags["cpu_kernels"] == cpu_kernels()  # the other knob of float sums
     # Back to 1 thread (only train-cnn changed, so only it is asked for: the others' DVC checks cost ~10 s).
@@ -96,7 +108,9 @@ def test_editing_a_library_file_marks_exactly_its_stages(module_repo):
         addresses = [f"{name}@{m}" for m in stage["matrix"]["model"]] if "matrix" in stage else [name]
         for path in closure(module_repo / script(stage), module_repo):
             expected.setdefault(str(path.relative_to(module_repo.resolve())), set()).update(addresses)
-    code = sorted(str(p.relative_to(module_repo)) for folder in ("src", "stages") for p in (module_repo / folder).rglob("*.py"))
+    code = sorted(
+        str(p.relative_to(module_repo)) for folder in ("src", "stages") for p in (module_repo / folder).rglob("*.py")
+    )
     assert set(expected) <= set(code)
     representatives: dict[frozenset, str] = {}
     for name in code:
@@ -121,15 +135,20 @@ print(json.dumps(found))
 """
     found = json.loads(sh([sys.executable, "-c", probe], module_repo, pipeline_env()).stdout.splitlines()[-1])
     for name in code:
-        assert set(found[name]) == expected.get(name, set()), f"editing {name} marks {found[name]}, expected {sorted(expected.get(name, ()))}"
+        assert set(found[name]) == expected.get(name, set()), (
+            f"editing {name} marks {found[name]}, expected {sorted(expected.get(name, ()))}"
+        )
     assert dvc(module_repo, "status", "--json").stdout.strip() in ("{}", "")
 
 
 # One bad value and one impossible device through `dvc exp run`; test_config checks every message.
-@pytest.mark.parametrize("override, message", [
-    ("vit.heads=0", "vit.heads = 0: Input should be greater than 0"),
-    ("device=cuda", "device = 'cuda', but no cuda device is available"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("vit.heads=0", "vit.heads = 0: Input should be greater than 0"),
+        ("device=cuda", "device = 'cuda', but no cuda device is available"),
+    ],
+)
 def test_a_rejected_param_leaves_the_workspace_whole(module_repo, override, message):
     outputs, text = outputs_sha256(module_repo), (module_repo / "params.yaml").read_text()
     failed = exp_run(module_repo, override, env=pipeline_env(CUDA_VISIBLE_DEVICES=""), check=False)
@@ -138,5 +157,3 @@ def test_a_rejected_param_leaves_the_workspace_whole(module_repo, override, mess
     assert "Traceback" not in failed.stderr + failed.stdout
     assert outputs_sha256(module_repo) == outputs  # nothing deleted, nothing rewritten
     (module_repo / "params.yaml").write_text(text)  # DVC leaves the value the user set; put ours back
-
-

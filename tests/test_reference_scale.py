@@ -31,7 +31,9 @@ def test_progress_records_the_epochs_so_far(tmp_path, reference_scale):
     repo = tmp_path / "ref"
     (repo / "checkpoints").mkdir(parents=True)
     (repo / "params.yaml").write_text(yaml.safe_dump({"cnn": {"epochs": 30}}))
-    rows = [{"epoch": e, "train_acc": 0.4 + e / 10, "test_acc": 0.5 + e / 10, "epoch_seconds": 60.0 * e} for e in (1, 2)]
+    rows = [
+        {"epoch": e, "train_acc": 0.4 + e / 10, "test_acc": 0.5 + e / 10, "epoch_seconds": 60.0 * e} for e in (1, 2)
+    ]
     torch.save({"epoch": 2, "complete": False, "history": rows}, repo / "checkpoints" / "cnn.pt")
     with pytest.raises(SystemExit, match="no train-cnn run in sqlite:///"):
         reference_scale.progress(repo, "cnn")
@@ -39,8 +41,16 @@ def test_progress_records_the_epochs_so_far(tmp_path, reference_scale):
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.create_experiment("reprovision")
     for commit in ("a" * 40, "b" * 40):  # the newest run of the stage is the one under way
-        run = client.create_run(experiment, tags={"stage": "train-cnn", "git_commit": commit, "threads": "1", "device": "cpu",
-                                                  "dvc_exp_name": "ref-r3-cnn"})
+        run = client.create_run(
+            experiment,
+            tags={
+                "stage": "train-cnn",
+                "git_commit": commit,
+                "threads": "1",
+                "device": "cpu",
+                "dvc_exp_name": "ref-r3-cnn",
+            },
+        )
         client.log_param(run.info.run_id, "train_images", "50000")
         client.log_param(run.info.run_id, "precision_resolved", "fp32")
 
@@ -67,12 +77,19 @@ def test_a_run_that_cannot_resume_is_marked_stopped_with_its_epochs_kept(referen
 
 def test_a_new_run_keeps_the_stopped_runs_it_replaces(reference_scale):
     def run(run_id: str, epochs: int, **extra) -> dict:
-        return {"mlflow_run_id": run_id, "epochs": epochs, "history": [{"epoch": e} for e in range(1, epochs + 1)], **extra}
+        return {
+            "mlflow_run_id": run_id,
+            "epochs": epochs,
+            "history": [{"epoch": e} for e in range(1, epochs + 1)],
+            **extra,
+        }
 
     first = run("r1", 8, status="stopped", stopped_why="machine gone")
     reference_scale.RESULTS.write_text(json.dumps({"cnn": first}))
     # A new run (its own MLflow run) is recorded beside the stopped one, even with fewer epochs.
-    assert reference_scale.save("cnn", run("r2", 1, status="under way")) == run("r2", 1, status="under way") | {"earlier_runs": [first]}
+    assert reference_scale.save("cnn", run("r2", 1, status="under way")) == run("r2", 1, status="under way") | {
+        "earlier_runs": [first]
+    }
     # The same run going on (a resumed attempt logs a new MLflow run) replaces its own entry.
     assert reference_scale.save("cnn", run("r3", 2, status="under way"))["earlier_runs"] == [first]
     second = reference_scale.stopped("cnn", "machine gone again")
@@ -94,12 +111,24 @@ def test_progress_of_a_gan_records_its_losses_and_fid_curve_so_far(tmp_path, ref
     repo = tmp_path / "ref"
     (repo / "checkpoints").mkdir(parents=True)
     (repo / "params.yaml").write_text(yaml.safe_dump({"gan": {"epochs": 50, "train_fraction": 1.0}}))
-    rows = [{"epoch": e, "d_loss": 1.2, "g_loss": 0.8, "d_real": 0.6, "d_fake": 0.4, "epoch_seconds": 400.0} for e in range(1, 7)]
+    rows = [
+        {"epoch": e, "d_loss": 1.2, "g_loss": 0.8, "d_real": 0.6, "d_fake": 0.4, "epoch_seconds": 400.0}
+        for e in range(1, 7)
+    ]
     rows[4]["fid_during"] = 12.5  # gan.fid_every = 5
-    torch.save({"epoch": 6, "complete": False, "history": rows, "extra": {"seconds": 2500.0}}, repo / "checkpoints" / "gan-dcgan.pt")
+    torch.save(
+        {"epoch": 6, "complete": False, "history": rows, "extra": {"seconds": 2500.0}},
+        repo / "checkpoints" / "gan-dcgan.pt",
+    )
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.create_experiment("reprovision")
-    tags = {"stage": "train-gan", "git_commit": "c" * 40, "threads": "1", "device": "cpu", "dvc_exp_name": "ref-r2-dcgan"}
+    tags = {
+        "stage": "train-gan",
+        "git_commit": "c" * 40,
+        "threads": "1",
+        "device": "cpu",
+        "dvc_exp_name": "ref-r2-dcgan",
+    }
     dcgan = client.create_run(experiment, tags={**tags, "model": "gan-dcgan"})
     client.log_param(dcgan.info.run_id, "fid_samples_during", "2000")
     client.create_run(experiment, tags={**tags, "model": "gan-mlp"})  # newer, but the other GAN's
@@ -120,11 +149,30 @@ def test_record_of_a_finished_gan_keeps_its_figures_and_its_grid(tmp_path, refer
     (repo / "metrics/gan/mlp").mkdir(parents=True)
     (repo / "params.yaml").write_text(yaml.safe_dump({"gan": {"epochs": 50, "train_fraction": 1.0}}))
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    run = client.create_run(client.create_experiment("reprovision"), tags={
-        "stage": "train-gan", "model": "gan-mlp", "git_commit": "d" * 40, "threads": "1", "device": "cpu", "dvc_exp_name": "ref-r1-mlp"})
-    (repo / "models/gan/mlp/run.json").write_text(json.dumps({"tracking_uri": f"sqlite:///{repo / 'mlflow.db'}", "run_id": run.info.run_id}))
-    summary = {"epochs": 50, "fid": 52.9, "fid_floor": 2.25, "inception_score": 7.95, "inception_score_real": 9.71,
-               "kl_uniform": 0.016, "n": 10_000, "total_seconds": 2744.3}
+    run = client.create_run(
+        client.create_experiment("reprovision"),
+        tags={
+            "stage": "train-gan",
+            "model": "gan-mlp",
+            "git_commit": "d" * 40,
+            "threads": "1",
+            "device": "cpu",
+            "dvc_exp_name": "ref-r1-mlp",
+        },
+    )
+    (repo / "models/gan/mlp/run.json").write_text(
+        json.dumps({"tracking_uri": f"sqlite:///{repo / 'mlflow.db'}", "run_id": run.info.run_id})
+    )
+    summary = {
+        "epochs": 50,
+        "fid": 52.9,
+        "fid_floor": 2.25,
+        "inception_score": 7.95,
+        "inception_score_real": 9.71,
+        "kl_uniform": 0.016,
+        "n": 10_000,
+        "total_seconds": 2744.3,
+    }
     (repo / "metrics/gan/mlp/summary.json").write_text(json.dumps(summary))
     (repo / "metrics/gan/mlp/history.csv").write_text("epoch,d_loss,g_loss\n1,1.1,0.9\n2,1.3,0.8\n")
     (repo / "metrics/gan/mlp/fid.csv").write_text("epoch,fid\n0,nan\n1,\n2,60.5\n")  # measured at epoch 2 only

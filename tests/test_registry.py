@@ -19,10 +19,14 @@ def test_validation_accuracy_decides_even_against_the_test_set():
     assert registry.why_no_champion(records) is None
 
 
-@pytest.mark.parametrize("records", [
-    {"vit": {"test_acc": 0.40}, "cnn": {"test_acc": 0.45}},
-    {"vit": {"test_acc": 0.40}, "cnn": {"val_acc": 0.9, "test_acc": 0.45}},  # one without: no fair contest either
-], ids=["neither-held-out", "one-held-out"])
+@pytest.mark.parametrize(
+    "records",
+    [
+        {"vit": {"test_acc": 0.40}, "cnn": {"test_acc": 0.45}},
+        {"vit": {"test_acc": 0.40}, "cnn": {"val_acc": 0.9, "test_acc": 0.45}},  # one without: no fair contest either
+    ],
+    ids=["neither-held-out", "one-held-out"],
+)
 def test_without_a_validation_split_the_test_set_chooses_nothing_and_the_reason_says_how_to_choose(records):
     assert registry.choose(records) is None
     reason = registry.why_no_champion(records)
@@ -39,7 +43,12 @@ def write_checkout(root, scores: dict[str, float], versions: dict[str, str], uri
         (root / "metrics" / model).mkdir(parents=True, exist_ok=True)
         (root / "metrics" / model / "summary.json").write_text(json.dumps({"val_acc": acc, "test_acc": acc}))
         (root / "models" / model).mkdir(parents=True, exist_ok=True)
-        ref = {"run_id": "r", "tracking_uri": uri, "registered_model": f"reprovision-{model}", "registered_version": versions[model]}
+        ref = {
+            "run_id": "r",
+            "tracking_uri": uri,
+            "registered_model": f"reprovision-{model}",
+            "registered_version": versions[model],
+        }
         (root / "models" / model / "run.json").write_text(json.dumps(ref))
 
 
@@ -77,7 +86,9 @@ def test_without_a_validation_split_promote_moves_no_alias_and_says_why(tmp_path
     write_checkout(tmp_path, {"vit": 0.7, "cnn": 0.5}, {"vit": "1", "cnn": "1"}, uri)
     registry.promote(registry.read_champion(tmp_path))  # an earlier run, with a validation split
     for model in ("vit", "cnn"):  # this checkout's run held none out
-        (tmp_path / "metrics" / model / "summary.json").write_text(json.dumps({"test_acc": {"vit": 0.4, "cnn": 0.9}[model]}))
+        (tmp_path / "metrics" / model / "summary.json").write_text(
+            json.dumps({"test_acc": {"vit": 0.4, "cnn": 0.9}[model]})
+        )
     monkeypatch.chdir(tmp_path)
     assert cli.main(["promote"]) == 2
     assert "No champion is named: no validation split was held out" in capsys.readouterr().err

@@ -20,7 +20,12 @@ from reprovision.publish import registry, report, report_charts, report_tables
 CHROMIUM = Path("/usr/bin/chromium")
 RUN_IDS = {"vit": "a" * 32, "cnn": "b" * 32, "mlp": "c" * 32, "dcgan": "d" * 32, "judge": "e" * 32}
 # A CPU-sized configuration: the page must say it is reduced.
-PARAMS = {"data": {"train_fraction": 0.1}, "vit": {"epochs": 3}, "cnn": {"epochs": 3}, "gan": {"epochs": 3, "fid_samples": 500}}
+PARAMS = {
+    "data": {"train_fraction": 0.1},
+    "vit": {"epochs": 3},
+    "cnn": {"epochs": 3},
+    "gan": {"epochs": 3, "fid_samples": 500},
+}
 EVALUATION_FIGURES = [name for row in report.EVALUATION_FIGURES for name, _ in row]
 
 
@@ -52,53 +57,155 @@ def write_results(root: Path, classifiers: bool = True, gans: bool = True, ssl: 
     """What the earlier stages leave behind, with plausible values."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
-    write_json(root / "data/prepared/manifest.json", {
-        "cifar10": {"train": 50000, "test": 10000, "sha256": "1" * 64, "files": {"train_x.npy": "2" * 64}},
-        "mnist": {"train": 60000, "test": 10000, "sha256": "3" * 64, "files": {"train_x.npy": "4" * 64}},
-    })
+    write_json(
+        root / "data/prepared/manifest.json",
+        {
+            "cifar10": {"train": 50000, "test": 10000, "sha256": "1" * 64, "files": {"train_x.npy": "2" * 64}},
+            "mnist": {"train": 60000, "test": 10000, "sha256": "3" * 64, "files": {"train_x.npy": "4" * 64}},
+        },
+    )
     uris = {"vit": "sqlite:////tmp/store/mlflow.db", "cnn": "http://mlflow.example:5000"}
     if classifiers:
-        for seed, (m, acc, seconds) in enumerate((("vit", 0.4172, 31.0), ("cnn", 0.5861, 18.5))):
-            write_json(root / f"metrics/{m}/summary.json", {
-                "test_acc": acc, "test_loss": 1.61, "train_acc": acc - 0.03, "train_loss": 1.7, "best_test_acc": acc + 0.004,
-                "params": report.REFERENCE[m]["params"], "epochs": 3, "train_seconds": 3 * seconds, "s_per_epoch": seconds, "device": "cpu",
-            })
-            write_csv(root / f"metrics/{m}/history.csv", [
-                {"epoch": e, "train_loss": 2.2 - 0.2 * e, "train_acc": acc * e / 3 - 0.03, "test_loss": 2.1 - 0.17 * e,
-                 "test_acc": acc * e / 3, "epoch_seconds": seconds + e, "lr": 1e-3} for e in (1, 2, 3)
-            ])
-            write_json(root / f"models/{m}/run.json", {"run_id": RUN_IDS[m], "experiment_id": "1", "tracking_uri": uris[m], "run_name": f"train-{m}"})
-            (root / f"models/{m}/card.md").write_text(f"# Model card: {m}\n\n**Architecture.** a {m}.\n\n| metric | value |\n|---|---|\n| test_acc | {acc} |\n")
-        write_json(root / "metrics/eval/summary.json", {"classifiers": {
-            "vit": {"accuracy": 0.4172, "macro_precision": 0.41, "macro_recall": 0.4172, "macro_f1": 0.4031, "per_class": {}},
-            "cnn": {"accuracy": 0.5861, "macro_precision": 0.59, "macro_recall": 0.5861, "macro_f1": 0.5790, "per_class": {}},
-        }, "gans": {}})
+        for m, acc, seconds in (("vit", 0.4172, 31.0), ("cnn", 0.5861, 18.5)):
+            write_json(
+                root / f"metrics/{m}/summary.json",
+                {
+                    "test_acc": acc,
+                    "test_loss": 1.61,
+                    "train_acc": acc - 0.03,
+                    "train_loss": 1.7,
+                    "best_test_acc": acc + 0.004,
+                    "params": report.REFERENCE[m]["params"],
+                    "epochs": 3,
+                    "train_seconds": 3 * seconds,
+                    "s_per_epoch": seconds,
+                    "device": "cpu",
+                },
+            )
+            write_csv(
+                root / f"metrics/{m}/history.csv",
+                [
+                    {
+                        "epoch": e,
+                        "train_loss": 2.2 - 0.2 * e,
+                        "train_acc": acc * e / 3 - 0.03,
+                        "test_loss": 2.1 - 0.17 * e,
+                        "test_acc": acc * e / 3,
+                        "epoch_seconds": seconds + e,
+                        "lr": 1e-3,
+                    }
+                    for e in (1, 2, 3)
+                ],
+            )
+            write_json(
+                root / f"models/{m}/run.json",
+                {"run_id": RUN_IDS[m], "experiment_id": "1", "tracking_uri": uris[m], "run_name": f"train-{m}"},
+            )
+            (root / f"models/{m}/card.md").write_text(
+                f"# Model card: {m}\n\n**Architecture.** a {m}.\n\n| metric | value |\n|---|---|\n| "
+                f"test_acc | {acc} |\n"
+            )
+        write_json(
+            root / "metrics/eval/summary.json",
+            {
+                "classifiers": {
+                    "vit": {
+                        "accuracy": 0.4172,
+                        "macro_precision": 0.41,
+                        "macro_recall": 0.4172,
+                        "macro_f1": 0.4031,
+                        "per_class": {},
+                    },
+                    "cnn": {
+                        "accuracy": 0.5861,
+                        "macro_precision": 0.59,
+                        "macro_recall": 0.5861,
+                        "macro_f1": 0.5790,
+                        "per_class": {},
+                    },
+                },
+                "gans": {},
+            },
+        )
         for seed, name in enumerate(EVALUATION_FIGURES):
             write_png(root / "reports/figures" / name, seed)
     if gans:
         write_json(root / "metrics/judge/summary.json", {"test_acc": 0.9871, "params": 44426, "epochs": 4})
-        write_json(root / "models/judge/run.json", {"run_id": RUN_IDS["judge"], "experiment_id": "1", "tracking_uri": uris["vit"], "run_name": "train-judge"})
+        write_json(
+            root / "models/judge/run.json",
+            {"run_id": RUN_IDS["judge"], "experiment_id": "1", "tracking_uri": uris["vit"], "run_name": "train-judge"},
+        )
         for seed, (g, fid) in enumerate((("mlp", 23.456), ("dcgan", 7.891)), start=20):
-            write_json(root / f"metrics/gan/{g}/summary.json", {
-                "fid": fid, "fid_floor": 0.812, "inception_score": 8.73, "inception_score_std": 0.11, "inception_score_real": 9.61,
-                "kl_uniform": 0.0123, "class_histogram": [48, 52, 50, 47, 55, 49, 51, 50, 46, 52], "n": 500,
-                "d_loss": 0.61, "g_loss": 0.93, "epochs": 3, "total_seconds": 42.0, "s_per_epoch": 14.0,
-                "g_params": 1_496_592, "d_params": 533_505,
-            })
-            write_csv(root / f"metrics/gan/{g}/history.csv", [
-                {"epoch": e, "d_loss": 0.7 - 0.03 * e, "g_loss": 0.8 + 0.05 * e, "d_real": 0.6, "d_fake": 0.4, "epoch_seconds": 14.0} for e in (1, 2, 3)
-            ])
+            write_json(
+                root / f"metrics/gan/{g}/summary.json",
+                {
+                    "fid": fid,
+                    "fid_floor": 0.812,
+                    "inception_score": 8.73,
+                    "inception_score_std": 0.11,
+                    "inception_score_real": 9.61,
+                    "kl_uniform": 0.0123,
+                    "class_histogram": [48, 52, 50, 47, 55, 49, 51, 50, 46, 52],
+                    "n": 500,
+                    "d_loss": 0.61,
+                    "g_loss": 0.93,
+                    "epochs": 3,
+                    "total_seconds": 42.0,
+                    "s_per_epoch": 14.0,
+                    "g_params": 1_496_592,
+                    "d_params": 533_505,
+                },
+            )
+            write_csv(
+                root / f"metrics/gan/{g}/history.csv",
+                [
+                    {
+                        "epoch": e,
+                        "d_loss": 0.7 - 0.03 * e,
+                        "g_loss": 0.8 + 0.05 * e,
+                        "d_real": 0.6,
+                        "d_fake": 0.4,
+                        "epoch_seconds": 14.0,
+                    }
+                    for e in (1, 2, 3)
+                ],
+            )
             write_csv(root / f"metrics/gan/{g}/fid.csv", [{"epoch": e, "fid": fid * (4 - e)} for e in (1, 2, 3)])
             folder = root / "models/gan" / g
-            for i, name in enumerate(("grid_10x10.png", "nearest_neighbours.png", "samples/epoch_000.png", "samples/epoch_003.png")):
+            for i, name in enumerate(
+                ("grid_10x10.png", "nearest_neighbours.png", "samples/epoch_000.png", "samples/epoch_003.png")
+            ):
                 write_png(folder / name, seed * 10 + i)
-            noise_image(seed).save(folder / "progression.gif", save_all=True, append_images=[noise_image(seed + 1)], duration=200, loop=0)
-            write_json(folder / "run.json", {"run_id": RUN_IDS[g], "experiment_id": "1", "tracking_uri": uris["vit"], "run_name": f"train-gan-{g}"})
+            noise_image(seed).save(
+                folder / "progression.gif", save_all=True, append_images=[noise_image(seed + 1)], duration=200, loop=0
+            )
+            write_json(
+                folder / "run.json",
+                {"run_id": RUN_IDS[g], "experiment_id": "1", "tracking_uri": uris["vit"], "run_name": f"train-gan-{g}"},
+            )
     if ssl:
-        write_json(root / "metrics/ssl/summary.json", {"loss": 5.28, "pair_acc": 0.14, "epochs": 4, "train_images": 2500, "arch": "resnet18"})
-        write_csv(root / "metrics/ssl/history.csv", [{"epoch": e, "loss": 5.6 - 0.1 * e, "pair_acc": 0.1, "epoch_seconds": 7.5, "lr": 1e-3} for e in (1, 2, 3, 4)])
-        write_json(root / "metrics/probe/summary.json", {"probe_test": 0.4785, "knn_test": 0.4055, "random_probe_test": 0.4505,
-                                                          "random_knn_test": 0.37, "arch": "resnet18", "train_images": 5000})
+        write_json(
+            root / "metrics/ssl/summary.json",
+            {"loss": 5.28, "pair_acc": 0.14, "epochs": 4, "train_images": 2500, "arch": "resnet18"},
+        )
+        write_csv(
+            root / "metrics/ssl/history.csv",
+            [
+                {"epoch": e, "loss": 5.6 - 0.1 * e, "pair_acc": 0.1, "epoch_seconds": 7.5, "lr": 1e-3}
+                for e in (1, 2, 3, 4)
+            ],
+        )
+        write_json(
+            root / "metrics/probe/summary.json",
+            {
+                "probe_test": 0.4785,
+                "knn_test": 0.4055,
+                "random_probe_test": 0.4505,
+                "random_knn_test": 0.37,
+                "arch": "resnet18",
+                "train_images": 5000,
+            },
+        )
 
 
 def input_pictures(root: Path) -> list[Path]:
@@ -132,7 +239,10 @@ def test_key_numbers_appear_as_on_the_page(built):
         assert "~52–55%" in text  # R3's ViT test accuracy
         assert "0.347" in text and "0.728" in text  # R1 and R2 reported losses
     # Sections in the order the brief asks for.
-    heads = [html.index(f'id="{anchor}"') for anchor in ("summary", "comparison", "curves", "evaluation", "gans", "provenance")]
+    heads = [
+        html.index(f'id="{anchor}"')
+        for anchor in ("summary", "comparison", "curves", "evaluation", "gans", "provenance")
+    ]
     assert heads == sorted(heads)
 
 
@@ -208,7 +318,10 @@ def test_sections_without_their_inputs_say_so(tmp_path):
 def test_the_champion_is_named_on_validation_accuracy_and_never_on_the_test_set(built, tmp_path):
     root, _ = built
     md, html = page(root)  # no validation split: the CNN's better test accuracy names nothing
-    assert f"**Champion:** {registry.NO_VALIDATION}" in md and f'<p id="champion"><strong>Champion:</strong> {registry.NO_VALIDATION}</p>' in html
+    assert (
+        f"**Champion:** {registry.NO_VALIDATION}" in md
+        and f'<p id="champion"><strong>Champion:</strong> {registry.NO_VALIDATION}</p>' in html
+    )
     assert "mlflow.pyfunc.load_model" not in md
     write_results(tmp_path)
     for model, val_acc in (("vit", 0.452), ("cnn", 0.447)):  # the ViT validates better, the CNN tests better
@@ -241,9 +354,20 @@ def test_sample_frames_keep_first_and_last(tmp_path):
 # ---------------------------------------------------------------------------- in a browser
 def chromium(*args: str, profile: Path) -> str:
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's `chromium` package (apt-get install chromium); CI installs it")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}"]
+        pytest.fail(
+            f"{CHROMIUM} not found: install Debian's `chromium` package (apt-get install chromium); CI installs it"
+        )
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ]
     done = subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -261,7 +385,9 @@ def test_page_renders_in_a_browser(built, tmp_path):
 
     screenshot = root / "reports/screenshots/report.png"
     screenshot.parent.mkdir(parents=True, exist_ok=True)
-    chromium(f"--screenshot={screenshot}", "--window-size=1366,900", "--hide-scrollbars", url, profile=tmp_path / "profile")
+    chromium(
+        f"--screenshot={screenshot}", "--window-size=1366,900", "--hide-scrollbars", url, profile=tmp_path / "profile"
+    )
     with Image.open(screenshot) as image:
         assert image.size == (1366, 900)
         assert np.asarray(image.convert("L"), dtype=float).std() > 10  # not a blank page
@@ -291,17 +417,39 @@ def test_log_summary_run_needs_the_report(tmp_path):
         report.log_summary_run(tmp_path, {})
 
 
-
 def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
     results = {
-        "vit": {"epochs": 5, "epochs_planned": 30, "train_images": 50_000, "precision": "fp32", "threads": 2, "test_acc": 0.4812,
-                "seconds": 5400.0, "git_commit": "a" * 40, "history": []},
-        "mlp": {"epochs": 50, "train_images": 60_000, "precision": "fp32", "threads": 1, "fid": 12.345, "fid_floor": 0.8,
-                "inception_score": 8.9, "seconds": 1800.0, "git_commit": "b" * 40, "history": [{"d_loss": 1.25, "g_loss": 0.9}]},
+        "vit": {
+            "epochs": 5,
+            "epochs_planned": 30,
+            "train_images": 50_000,
+            "precision": "fp32",
+            "threads": 2,
+            "test_acc": 0.4812,
+            "seconds": 5400.0,
+            "git_commit": "a" * 40,
+            "history": [],
+        },
+        "mlp": {
+            "epochs": 50,
+            "train_images": 60_000,
+            "precision": "fp32",
+            "threads": 1,
+            "fid": 12.345,
+            "fid_floor": 0.8,
+            "inception_score": 8.9,
+            "seconds": 1800.0,
+            "git_commit": "b" * 40,
+            "history": [{"d_loss": 1.25, "g_loss": 0.9}],
+        },
     }
     built = report_tables.reference_scale_table(results)
     vit, mlp = (dict(zip(built["header"], row)) for row in built["rows"])
-    assert vit["Epochs"] == "5 of 30" and vit["Result"]["text"] == "test acc 48.12%" and vit["Result"]["ref"] == "R3: ~52–55%"
+    assert (
+        vit["Epochs"] == "5 of 30"
+        and vit["Result"]["text"] == "test acc 48.12%"
+        and vit["Result"]["ref"] == "R3: ~52–55%"
+    )
     assert mlp["Epochs"] == "50" and "FID 12.35 (floor 0.80), IS 8.90; D 1.250 / G 0.900" == mlp["Result"]["text"]
     assert mlp["Result"]["ref"].startswith("R1: D 0.347 / G 0.697") and mlp["Training time"] == "30 min"
     assert report_tables.reference_scale_table({}) is None
@@ -312,18 +460,47 @@ def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
     # One that can no longer resume (reference_scale.py stopped) keeps its epochs, marked stopped.
     results["vit"]["status"] = "stopped"
     vit = dict(zip(built["header"], report_tables.reference_scale_table(results)["rows"][0]))
-    assert vit["Epochs"] == "5 of 30" and vit["Training time"] == "stopped" and vit["Result"]["text"] == "test acc 48.12%"
+    assert (
+        vit["Epochs"] == "5 of 30" and vit["Training time"] == "stopped" and vit["Result"]["text"] == "test acc 48.12%"
+    )
     # A new run that replaced the stopped one (reference_scale.py progress) is shown above it.
-    results["vit"] = {**results["vit"], "status": "under way", "epochs": 1, "test_acc": 0.3482, "git_commit": "d" * 40,
-                      "earlier_runs": [results["vit"]]}
+    results["vit"] = {
+        **results["vit"],
+        "status": "under way",
+        "epochs": 1,
+        "test_acc": 0.3482,
+        "git_commit": "d" * 40,
+        "earlier_runs": [results["vit"]],
+    }
     new, earlier = (dict(zip(built["header"], row)) for row in report_tables.reference_scale_table(results)["rows"][:2])
-    assert (new["Model"], new["Epochs"], new["Result"]["text"], new["Training time"]) == ("ViT", "1 of 30", "test acc 34.82%", "under way")
-    assert (earlier["Model"], earlier["Epochs"], earlier["Training time"]) == ("ViT (earlier run)", "5 of 30", "stopped")
+    assert (new["Model"], new["Epochs"], new["Result"]["text"], new["Training time"]) == (
+        "ViT",
+        "1 of 30",
+        "test acc 34.82%",
+        "under way",
+    )
+    assert (earlier["Model"], earlier["Epochs"], earlier["Training time"]) == (
+        "ViT (earlier run)",
+        "5 of 30",
+        "stopped",
+    )
     assert earlier["Commit"]["text"] == "a" * 12
     # A GAN under way has no final FID yet: the latest point of its curve, said to be one.
-    results = {"dcgan": {"status": "under way", "epochs": 5, "epochs_planned": 50, "train_images": 60_000, "precision": "fp32",
-                         "threads": 1, "seconds": 3000.0, "git_commit": "c" * 40, "fid_curve_n": 2000,
-                         "history": [{"d_loss": 1.1, "g_loss": 0.95}], "fid_curve": [{"epoch": 5, "fid": 7.891}]}}
+    results = {
+        "dcgan": {
+            "status": "under way",
+            "epochs": 5,
+            "epochs_planned": 50,
+            "train_images": 60_000,
+            "precision": "fp32",
+            "threads": 1,
+            "seconds": 3000.0,
+            "git_commit": "c" * 40,
+            "fid_curve_n": 2000,
+            "history": [{"d_loss": 1.1, "g_loss": 0.95}],
+            "fid_curve": [{"epoch": 5, "fid": 7.891}],
+        }
+    }
     dcgan = dict(zip(built["header"], report_tables.reference_scale_table(results)["rows"][0]))
     assert dcgan["Epochs"] == "5 of 50" and dcgan["Training time"] == "under way"
     assert dcgan["Result"]["text"] == "FID 7.89 at epoch 5 (N = 2,000, during training); D 1.100 / G 0.950"
@@ -344,9 +521,14 @@ def test_reference_scale_epochs_are_shown_beside_the_figures_the_sources_printed
     ]
     # A stopped run that a new one replaced keeps its rows, after the new run's.
     results["vit"] = {"history": [{"epoch": 1, "train_acc": 0.2911}], "earlier_runs": [results["vit"]]}
-    rows = [(model, epoch, result["text"]) for model, epoch, result in report_tables.reference_scale_epochs(results)["rows"]]
-    assert rows[:3] == [("ViT", "1", "train acc 29.11%"), ("ViT (earlier run)", "1", "train acc 28.71%"),
-                        ("ViT (earlier run)", "2", "train acc 40.12%")]
+    rows = [
+        (model, epoch, result["text"]) for model, epoch, result in report_tables.reference_scale_epochs(results)["rows"]
+    ]
+    assert rows[:3] == [
+        ("ViT", "1", "train acc 29.11%"),
+        ("ViT (earlier run)", "1", "train acc 28.71%"),
+        ("ViT (earlier run)", "2", "train acc 40.12%"),
+    ]
     assert report_tables.reference_scale_epochs({"cnn": results["cnn"]}) is None
 
 
@@ -360,24 +542,64 @@ def test_reference_scale_runs_are_drawn_epoch_by_epoch(tmp_path):
     root = tmp_path / "results"
     write_results(root, gans=False, ssl=False)
     cnn = [{"epoch": e, "train_acc": 0.4 + e / 20, "test_acc": 0.5 + e / 20, "epoch_seconds": 480.0} for e in (1, 2, 3)]
-    mlp = {"epochs": 50, "train_images": 60_000, "precision": "fp32", "threads": 1, "fid": 52.9, "fid_floor": 2.3,
-           "inception_score": 7.9, "seconds": 2760.0, "git_commit": "b" * 40, "history": [{"epoch": 50, "d_loss": 1.38, "g_loss": 0.72}],
-           "fid_curve": [{"epoch": 5, "fid": 257.3}, {"epoch": 10, "fid": 157.6}], "grid": "benchmarks/reference_scale/mlp_grid_10x10.png"}
+    mlp = {
+        "epochs": 50,
+        "train_images": 60_000,
+        "precision": "fp32",
+        "threads": 1,
+        "fid": 52.9,
+        "fid_floor": 2.3,
+        "inception_score": 7.9,
+        "seconds": 2760.0,
+        "git_commit": "b" * 40,
+        "history": [{"epoch": 50, "d_loss": 1.38, "g_loss": 0.72}],
+        "fid_curve": [{"epoch": 5, "fid": 257.3}, {"epoch": 10, "fid": 157.6}],
+        "grid": "benchmarks/reference_scale/mlp_grid_10x10.png",
+    }
     write_png(root / mlp["grid"], seed=7)  # reference_scale.py record keeps it there
-    write_json(root / "benchmarks/reference_scale.json", {
-        "cnn": {"status": "under way", "epochs": 3, "epochs_planned": 30, "train_images": 50_000, "precision": "fp32", "threads": 2,
-                "test_acc": 0.65, "git_commit": "a" * 40, "history": cnn, "earlier_runs": [
-                    {"status": "stopped", "epochs": 1, "epochs_planned": 30, "train_images": 50_000, "precision": "fp32",
-                     "threads": 1, "test_acc": 0.56, "git_commit": "c" * 40, "history": cnn[:1]}]},
-        "mlp": mlp,
-    })
+    write_json(
+        root / "benchmarks/reference_scale.json",
+        {
+            "cnn": {
+                "status": "under way",
+                "epochs": 3,
+                "epochs_planned": 30,
+                "train_images": 50_000,
+                "precision": "fp32",
+                "threads": 2,
+                "test_acc": 0.65,
+                "git_commit": "a" * 40,
+                "history": cnn,
+                "earlier_runs": [
+                    {
+                        "status": "stopped",
+                        "epochs": 1,
+                        "epochs_planned": 30,
+                        "train_images": 50_000,
+                        "precision": "fp32",
+                        "threads": 1,
+                        "test_acc": 0.56,
+                        "git_commit": "c" * 40,
+                        "history": cnn[:1],
+                    }
+                ],
+            },
+            "mlp": mlp,
+        },
+    )
     report.build_report(root)
     md, html = page(root)
-    for name, caption in (("reference_scale_accuracy.png", "Reference-scale runs: accuracy per epoch"),
-                          ("reference_scale_fid.png", "Reference-scale GAN runs: FID during training")):
+    for name, caption in (
+        ("reference_scale_accuracy.png", "Reference-scale runs: accuracy per epoch"),
+        ("reference_scale_fid.png", "Reference-scale GAN runs: FID during training"),
+    ):
         assert Image.open(root / "reports/curves" / name).size[0] > 300
         assert f"![{caption}](curves/{name})" in md and f'alt="{caption}"' in html
-    assert md.index("## Reference-scale runs") < md.index("curves/reference_scale_accuracy.png") < md.index("## ViT vs CNN")
+    assert (
+        md.index("## Reference-scale runs")
+        < md.index("curves/reference_scale_accuracy.png")
+        < md.index("## ViT vs CNN")
+    )
     assert '<a href="#reference-scale">' in html and "CNN (earlier run)" in md
     # The finished GAN run's 10x10 grid, linked from reports/ in the markdown, pixel-sharp in the HTML.
     grid = "MLP GAN at reference scale: 100 samples after 50 epochs"
@@ -414,8 +636,10 @@ def test_ssl_section_puts_the_probe_beside_the_floor_and_the_supervised_cnn(buil
 
 def test_a_recorded_ssl_size_study_is_plotted_in_the_ssl_section(tmp_path):
     write_results(tmp_path)
-    rows = [{"ssl_train_images": n, "probe_test": p, "knn_test": p - 0.05, "random_probe_test": 0.45}
-            for n, p in ((5_000, 0.55), (25_000, 0.66), (50_000, 0.71))]
+    rows = [
+        {"ssl_train_images": n, "probe_test": p, "knn_test": p - 0.05, "random_probe_test": 0.45}
+        for n, p in ((5_000, 0.55), (25_000, 0.66), (50_000, 0.71))
+    ]
     write_json(tmp_path / "benchmarks/ssl_size_study.json", {"runs": rows})
     report.build_report(tmp_path)
     md, html = page(tmp_path)

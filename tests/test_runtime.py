@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from reprovision.config import CNNConfig
 from reprovision.core import checkpoint, runtime
 from reprovision.data.augment import BatchAugment, Policy
-from reprovision.config import CNNConfig
 from reprovision.data.datasets import DataError, validation_split
 from reprovision.models.cnn import RefCNN
 from reprovision.training.fit_classifier import DeviceData, fit_classifier
@@ -59,8 +59,17 @@ def _train(precision: str) -> dict[str, torch.Tensor]:
     cfg = CNNConfig(epochs=2, batch_size=16, precision=precision, widths=[8, 16], hidden=16)
     rng = runtime.seed_everything(0, CPU)
     model = RefCNN(channels=3, num_classes=4, widths=(8, 16), hidden=16)
-    fit_classifier(model, DeviceData(x[:48], y[:48]), DeviceData(x[48:56], y[48:56]), DeviceData(x[56:], y[56:]),
-        BatchAugment(policy, 4, rng), cfg, 1e-3, rng, progress=False)
+    fit_classifier(
+        model,
+        DeviceData(x[:48], y[:48]),
+        DeviceData(x[48:56], y[48:56]),
+        DeviceData(x[56:], y[56:]),
+        BatchAugment(policy, 4, rng),
+        cfg,
+        1e-3,
+        rng,
+        progress=False,
+    )
     return model.state_dict()
 
 
@@ -81,7 +90,9 @@ def test_bf16_and_fp32_are_different_configurations(threads):
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     """What stage.start() sets: a block freed and allocated again costs no new page faults (and so no
     kernel time zeroing pages), where glibc's default unmaps it and maps fresh pages each time."""
-    out = subprocess.run([sys.executable, Path(__file__).with_name("page_faults.py")], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, Path(__file__).with_name("page_faults.py")], capture_output=True, text=True, check=True
+    ).stdout
     default, applied, reused = out.split()
     assert applied == "True"
     assert int(reused) * 20 < int(default), out  # 65,536 faults by default here (64 MB in 4 KB pages, 4 times), 0
@@ -97,12 +108,20 @@ def test_fingerprint_knows_threads_and_precision():
 def test_fingerprint_knows_the_cpu_kernels():
     """A checkpoint made with one instruction set of CPU kernels is not resumed with another: float
     sums differ between them (ATEN_CPU_CAPABILITY lowers torch's own kernels, here to the plain ones)."""
-    script = "from reprovision.core import checkpoint, runtime; print(runtime.cpu_kernels(), checkpoint.fingerprint('p', 'd', 1, 'fp32'))"
+    script = (
+        "from reprovision.core import checkpoint, runtime; "
+        "print(runtime.cpu_kernels(), checkpoint.fingerprint('p', 'd', 1, 'fp32'))"
+    )
 
     def kernels_and_fingerprint(**env: str) -> tuple[str, str]:
         clean = {name: "" for name in runtime.KERNEL_VARIABLES}  # whatever the shell running the tests set
-        out = subprocess.run([sys.executable, "-c", script], env={**os.environ, **clean, **env}, capture_output=True,
-                             text=True, check=True).stdout.strip()
+        out = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, **clean, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         kernels, fingerprint = out.rsplit(" ", 1)
         return kernels, fingerprint
 
@@ -119,15 +138,23 @@ def test_fingerprint_is_the_same_in_a_clone_elsewhere_and_knows_the_code(tmp_pat
     script = "from reprovision.core import checkpoint; print(checkpoint.fingerprint('params', 'data', 1, 'fp32'))"
 
     def clone_at(folder: Path) -> Path:
-        shutil.copytree(ROOT / "src" / "reprovision", folder / "src" / "reprovision", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            ROOT / "src" / "reprovision", folder / "src" / "reprovision", ignore=shutil.ignore_patterns("__pycache__")
+        )
         (folder / "stages").mkdir()
         (folder / "stages" / "fingerprint.py").write_text(script + "\n")
         return folder
 
     def fingerprint_in(clone: Path) -> str:
         env = {**os.environ, "PYTHONPATH": str(clone / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
-        return subprocess.run([sys.executable, str(clone / "stages" / "fingerprint.py")], env=env, cwd=clone,
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            [sys.executable, str(clone / "stages" / "fingerprint.py")],
+            env=env,
+            cwd=clone,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
 
     here, there = clone_at(tmp_path / "a"), clone_at(tmp_path / "somewhere" / "else")
     original = fingerprint_in(here)
@@ -168,7 +195,9 @@ def test_seeding_switches_deterministic_algorithms_on_and_compiling_keeps_them(t
     torch.use_deterministic_algorithms(False)
     try:
         runtime.seed_everything(0, CPU)
-        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert (
+            torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        )
         runtime.compiled_for_determinism(torch.nn.Linear(2, 2))  # compiles lazily: nothing runs here
         import torch._inductor.config as inductor_config
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from reprovision.tools import cli, server
 from reprovision.core import track
+from reprovision.tools import cli, server
 
 
 @pytest.fixture

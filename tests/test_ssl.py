@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from reprovision.data.augment import Policy
 from reprovision.config import Params, ProbeConfig
-from reprovision.models.cnn import build_encoder
+from reprovision.data.augment import Policy
 from reprovision.measure.probe import extract_features, probe_accuracy
-from reprovision.training.fit_simclr import SimCLR, ViewParams, nt_xent, fit_simclr, two_views
+from reprovision.models.cnn import build_encoder
+from reprovision.training.fit_simclr import SimCLR, ViewParams, fit_simclr, nt_xent, two_views
 
 POLICY = Policy("cifar10", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 4, True, 0.0, 1.0, 0.0, 0.2, 0.0, 8)
 
@@ -87,8 +87,9 @@ class Stop(Exception):
 
 
 def test_pretraining_resumes_to_the_uninterrupted_result(tmp_path, capsys):
-    params = Params.model_validate({"ssl": {"arch": "refcnn", "widths": [8, 16], "epochs": 3, "batch_size": 16,
-                                            "proj_hidden": 16, "proj_dim": 8}})
+    params = Params.model_validate(
+        {"ssl": {"arch": "refcnn", "widths": [8, 16], "epochs": 3, "batch_size": 16, "proj_hidden": 16, "proj_dim": 8}}
+    )
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
 
     def run(path, stop_after: int = 0, elsewhere: bool = False):
@@ -105,7 +106,17 @@ def test_pretraining_resumes_to_the_uninterrupted_result(tmp_path, capsys):
                 raise Stop
 
         try:
-            history = fit_simclr(model, images, POLICY, params.ssl, g, checkpoint=path, fingerprint="fp", on_epoch=on_epoch, progress=False)
+            history = fit_simclr(
+                model,
+                images,
+                POLICY,
+                params.ssl,
+                g,
+                checkpoint=path,
+                fingerprint="fp",
+                on_epoch=on_epoch,
+                progress=False,
+            )
         except Stop:
             return None, None
         return history, model.state_dict()
@@ -137,10 +148,19 @@ def test_pretraining_beats_the_random_floor_on_real_images(tmp_path, stage_mirro
     unlabelled = torch.from_numpy(np.ascontiguousarray(train.x[order[:5000]]))
     labelled = order[5000:7000]  # other images: the probe never sees a pre-training image's label
     evaluated = np.random.default_rng(1).permutation(len(test.y))[:1000]
-    params = Params.model_validate({"ssl": {
-        "arch": "refcnn", "widths": [16, 32, 64], "convs_per_block": 1, "epochs": 5, "batch_size": 256,
-        "proj_hidden": 128, "proj_dim": 64,
-    }})
+    params = Params.model_validate(
+        {
+            "ssl": {
+                "arch": "refcnn",
+                "widths": [16, 32, 64],
+                "convs_per_block": 1,
+                "epochs": 5,
+                "batch_size": 256,
+                "proj_hidden": 128,
+                "proj_dim": 64,
+            }
+        }
+    )
     policy = make_policy("cifar10", params.augment, unlabelled)
 
     def probe(encoder) -> dict[str, float]:
@@ -151,8 +171,14 @@ def test_pretraining_beats_the_random_floor_on_real_images(tmp_path, stage_mirro
     torch.manual_seed(0)
     encoder, features = build_encoder(params.ssl, channels=3)
     floor = probe(encoder)
-    fit_simclr(SimCLR(encoder, features=features, hidden=128, out=64), unlabelled, policy, params.ssl,
-             torch.Generator().manual_seed(0), progress=False)
+    fit_simclr(
+        SimCLR(encoder, features=features, hidden=128, out=64),
+        unlabelled,
+        policy,
+        params.ssl,
+        torch.Generator().manual_seed(0),
+        progress=False,
+    )
     pretrained = probe(encoder)
     print(f"random weights {floor}, after SimCLR {pretrained}")
     assert floor["probe_test"] > 0.3 and floor["knn_test"] > 0.25  # far above chance (0.1)

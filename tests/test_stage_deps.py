@@ -14,7 +14,6 @@ import shutil
 
 import pytest
 import yaml
-
 from imports import ROOT, closure
 
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -53,7 +52,10 @@ def test_stages_import_only_the_architectures_they_run():
     vit, cnn, gan = (imported(DVC_YAML[stage]) for stage in ("train-vit", "train-cnn", "train-gan"))
     assert vit & set(models.values()) == {models["vit"]}
     assert cnn & set(models.values()) == {models["cnn"], models["resnet"]}  # resnet.py: only when cnn.arch asks for it
-    assert gan & set(models.values()) == {models["gan"], models["judge"]} and "src/reprovision/training/fit_classifier.py" not in gan
+    assert (
+        gan & set(models.values()) == {models["gan"], models["judge"]}
+        and "src/reprovision/training/fit_classifier.py" not in gan
+    )
 
 
 def test_a_lazy_import_counts(tmp_path):
@@ -77,7 +79,8 @@ def test_make_deps_writes_what_this_checks(tmp_path):
     current = (ROOT / "dvc.yaml").read_text()
     assert deps.rewrite(ROOT, current) == (current, [])
     damaged = current.replace("      - src/reprovision/core/graphs.py\n", "", 1).replace(
-        "      - stages/augment.py\n", "      - stages/augment.py\n      - src/reprovision/publish/report.py\n", 1)
+        "      - stages/augment.py\n", "      - stages/augment.py\n      - src/reprovision/publish/report.py\n", 1
+    )
     (tmp_path / "dvc.yaml").write_text(damaged)
     for name in ("src", "stages"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

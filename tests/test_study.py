@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from reprovision.tools import cli
 from reprovision.core import track
+from reprovision.tools import cli
 from reprovision.tools.study import StudyError, best_settings, data_size_commands, run_study, write_study
 
 # Final validation accuracy of each fabricated run: (model, lr, train_fraction) -> one value per seed.
@@ -32,17 +32,30 @@ WEIGHT_DECAY = {"vit": 0.05, "cnn": 1e-4}
 EPOCHS = 3
 
 
-def _log_classifier_run(client, experiment_id: str, model: str, lr: float, fraction: float, final: float, exp_name: str) -> str:
+def _log_classifier_run(
+    client, experiment_id: str, model: str, lr: float, fraction: float, final: float, exp_name: str
+) -> str:
     from mlflow.entities import Metric, Param
 
     run = client.create_run(experiment_id, tags={"stage": f"train-{model}", "model": model, "dvc_exp_name": exp_name})
-    params = {"lr": lr, "lr_base": lr, "weight_decay": WEIGHT_DECAY[model], "train_fraction": fraction,
-              "optimizer": "adamw", "epochs": EPOCHS, "dataset": "cifar10", "model": model}
+    params = {
+        "lr": lr,
+        "lr_base": lr,
+        "weight_decay": WEIGHT_DECAY[model],
+        "train_fraction": fraction,
+        "optimizer": "adamw",
+        "epochs": EPOCHS,
+        "dataset": "cifar10",
+        "model": model,
+    }
     # The epoch before last is the best: "final" must be the last step, not the maximum.
     curve = [final - 0.1, final + 0.02, final]
     metrics = [Metric("val_acc", acc, 0, epoch) for epoch, acc in enumerate(curve, start=1)]
     metrics += [Metric("test_acc", 1 - acc, 0, epoch) for epoch, acc in enumerate(curve, start=1)]
-    metrics += [Metric("best_val_acc", max(curve), 0, EPOCHS), Metric("s_per_epoch", 10.0 if model == "vit" else 5.0, 0, EPOCHS)]
+    metrics += [
+        Metric("best_val_acc", max(curve), 0, EPOCHS),
+        Metric("s_per_epoch", 10.0 if model == "vit" else 5.0, 0, EPOCHS),
+    ]
     client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
     client.set_terminated(run.info.run_id)
     return run.info.run_id
@@ -78,7 +91,19 @@ def test_study_table_best_settings_plots_and_report(store, tmp_path):
     table = pd.read_csv(out / "study.csv")
     assert len(table) == sum(len(finals) for finals in RESULTS.values())
     assert set(table["model"]) == {"vit", "cnn"}
-    expected_cols = ["model", "dvc_exp_name", "run_id", "lr", "weight_decay", "train_fraction", "epochs", "val_acc", "test_acc", "best_val_acc", "s_per_epoch"]
+    expected_cols = [
+        "model",
+        "dvc_exp_name",
+        "run_id",
+        "lr",
+        "weight_decay",
+        "train_fraction",
+        "epochs",
+        "val_acc",
+        "test_acc",
+        "best_val_acc",
+        "s_per_epoch",
+    ]
     assert set(expected_cols) <= set(table.columns)
     row = table[(table["model"] == "cnn") & (table["lr"] == 1e-4)].iloc[0]
     assert row["val_acc"] == pytest.approx(0.58)  # the last epoch's value
@@ -111,8 +136,15 @@ def test_study_filters_by_experiment_name_and_start(store, tmp_path):
     assert set(named["model"]) == {"vit", "cnn"}
 
     first_start = store["client"].get_run(store["first_run"]).info.start_time
-    later = [r for r in store["client"].search_runs([store["client"].get_experiment_by_name(track.experiment_name()).experiment_id])
-             if r.info.status == "FINISHED" and r.data.tags.get("stage") in ("train-vit", "train-cnn") and r.info.start_time >= first_start]
+    later = [
+        r
+        for r in store["client"].search_runs(
+            [store["client"].get_experiment_by_name(track.experiment_name()).experiment_id]
+        )
+        if r.info.status == "FINISHED"
+        and r.data.tags.get("stage") in ("train-vit", "train-cnn")
+        and r.info.start_time >= first_start
+    ]
     run_study(tmp_path / "since", since=store["first_run"], tracking_uri=store["uri"])
     assert len(pd.read_csv(tmp_path / "since" / "study.csv")) == len(later)
 
@@ -143,12 +175,15 @@ def test_queue_data_size_dry_run_prints_the_commands(capsys):
         data_size_commands([0.0, 1.5])
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("novalue", "--set 'novalue': expected key=value"),
-    ("vit.epochs=0", "vit.epochs = 0"),
-    ("vit.epoch=3", "did you mean 'vit.epochs'?"),
-    ("lr=inf", "lr = \"inf\": Input should be a finite number"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("novalue", "--set 'novalue': expected key=value"),
+        ("vit.epochs=0", "vit.epochs = 0"),
+        ("vit.epoch=3", "did you mean 'vit.epochs'?"),
+        ("lr=inf", 'lr = "inf": Input should be a finite number'),
+    ],
+)
 def test_queue_data_size_checks_every_set_before_queueing(bad, message, capsys):
     """A malformed or invalid `--set` is one line naming it, and nothing is queued (the dry run is not even printed)."""
     assert cli.main(["study", "--queue-data-size", "--dry-run", "--set", bad]) == 2
@@ -193,23 +228,37 @@ def test_ssl_size_study_plots_probe_accuracy_against_pretraining_images(tmp_path
     client = mlflow.MlflowClient(uri)
     experiment_id = client.create_experiment(track.experiment_name())
     for fraction, images, probe in ((1.0, 50_000, 0.71), (0.1, 5_000, 0.55), (0.5, 25_000, 0.66)):
-        run = client.create_run(experiment_id, tags={"stage": "linear-probe", "model": "probe", "dvc_exp_name": f"ssl-{fraction}"})
+        run = client.create_run(
+            experiment_id, tags={"stage": "linear-probe", "model": "probe", "dvc_exp_name": f"ssl-{fraction}"}
+        )
         params = {"arch": "resnet18", "ssl_train_fraction": fraction, "ssl_train_images": images, "ssl_epochs": 100}
         metrics = {"probe_test": probe, "knn_test": probe - 0.05, "random_probe_test": 0.45, "random_knn_test": 0.35}
-        client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
-                         params=[Param(k, str(v)) for k, v in params.items()])
+        client.log_batch(
+            run.info.run_id,
+            metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+            params=[Param(k, str(v)) for k, v in params.items()],
+        )
         client.set_terminated(run.info.run_id)
     _log_classifier_run(client, experiment_id, "cnn", 1e-3, 1.0, 0.6, "not-ssl")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # --record writes benchmarks/ssl_size_study.json where it runs (the repository root)
     assert cli.main(["study", "--ssl-size", "--record", "--out", str(tmp_path / "ssl")]) == 0
     table = pd.read_csv(tmp_path / "ssl" / "ssl_size.csv")
-    assert table["ssl_train_images"].tolist() == [5_000, 25_000, 50_000] and table["probe_test"].tolist() == [0.55, 0.66, 0.71]
+    assert table["ssl_train_images"].tolist() == [5_000, 25_000, 50_000] and table["probe_test"].tolist() == [
+        0.55,
+        0.66,
+        0.71,
+    ]
     with Image.open(tmp_path / "ssl" / "probe_vs_pretraining_images.png"):
         pass
     assert "3 finished linear-probe runs" in (tmp_path / "ssl" / "ssl_size.md").read_text()
     recorded = json.loads((tmp_path / "benchmarks/ssl_size_study.json").read_text())["runs"]
-    assert [r["ssl_train_images"] for r in recorded] == [5_000, 25_000, 50_000] and recorded[0]["random_probe_test"] == 0.45
+    assert [r["ssl_train_images"] for r in recorded] == [5_000, 25_000, 50_000] and recorded[0][
+        "random_probe_test"
+    ] == 0.45
     assert cli.main(["study", "--queue-ssl-size", "--dry-run", "--fractions", "0.1,1"]) == 0
     out = capsys.readouterr().out
-    assert "would run: dvc exp run --queue -S ssl.train_fraction=0.1,1" in out and "reprovision study --ssl-size --since" in out
+    assert (
+        "would run: dvc exp run --queue -S ssl.train_fraction=0.1,1" in out
+        and "reprovision study --ssl-size --since" in out
+    )

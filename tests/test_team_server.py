@@ -25,9 +25,8 @@ from urllib.parse import quote
 import psycopg
 import pytest
 import requests
-import yaml
-
 import servers
+import yaml
 from conftest import TINY, copy_repo, dvc, pipeline_env, sh
 from pipeline import stages_cached, stages_run
 from test_report import chromium
@@ -43,7 +42,11 @@ USERNAME, PASSWORD = "alice", "alice-password-0001"
 def team(tmp_path_factory):
     """(PostgreSQL URI, S3, the team server), shared by this module's tests and stopped after them."""
     root = tmp_path_factory.mktemp("team-repo")
-    with servers.postgres() as database, servers.s3() as store, servers.team_mlflow_server(root, database, store) as server:
+    with (
+        servers.postgres() as database,
+        servers.s3() as store,
+        servers.team_mlflow_server(root, database, store) as server,
+    ):
         yield database, store, server
 
 
@@ -66,13 +69,23 @@ def test_clients_without_a_valid_login_are_refused_before_any_compute(team, monk
     # ...the API is not.
     search = server.uri + "/api/2.0/mlflow/experiments/search"
     assert requests.get(search, params={"max_results": 1}, timeout=10).status_code == 401
-    assert requests.get(search, params={"max_results": 1}, auth=("admin", "not-the-password"), timeout=10).status_code == 401
+    assert (
+        requests.get(search, params={"max_results": 1}, auth=("admin", "not-the-password"), timeout=10).status_code
+        == 401
+    )
 
     client_env(monkeypatch, tmp_path, server.uri)
-    with pytest.raises(track.TrackingError, match="requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
+    with pytest.raises(
+        track.TrackingError, match="requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    ):
         track.check_store(server.uri)
-    client_env(monkeypatch, tmp_path, server.uri, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="not-the-password")
-    with pytest.raises(track.TrackingError, match="refused the login of 'admin': check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
+    client_env(
+        monkeypatch, tmp_path, server.uri, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD="not-the-password"
+    )
+    with pytest.raises(
+        track.TrackingError,
+        match="refused the login of 'admin': check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+    ):
         track.check_store(server.uri)
     client_env(monkeypatch, tmp_path, server.uri, **server.admin_env())
     track.check_store(server.uri)
@@ -111,8 +124,15 @@ def test_a_teammate_logs_runs_models_and_figures_to_postgres_and_s3_with_a_login
     with track.stage_run("train-vit", "vit", {"lr": 1e-3}, tags, Params(), root=tmp_path) as run:
         track.log_metrics({"test_acc": 0.5}, step=1)
         track.log_artifacts(figure, folder="figures")
-        logged = track.log_model(model, name="vit", example=example, description="a tiny test model",
-                                 params={"lr": 1e-3}, run_tags=tags, step=1)
+        logged = track.log_model(
+            model,
+            name="vit",
+            example=example,
+            description="a tiny test model",
+            params={"lr": 1e-3},
+            run_tags=tags,
+            step=1,
+        )
     run_id = run.info.run_id
 
     # The run is a row of the team's PostgreSQL...
@@ -161,7 +181,9 @@ def teammate_env(team, storage: bool) -> dict:
     """A teammate's shell: the server's address and their login; S3 keys only for the DVC remote."""
     _, store, server = team
     env = servers.without_client_settings(pipeline_env())
-    env.update(MLFLOW_TRACKING_URI=server.uri, MLFLOW_TRACKING_USERNAME=TEAMMATE, MLFLOW_TRACKING_PASSWORD=TEAMMATE_PASSWORD)
+    env.update(
+        MLFLOW_TRACKING_URI=server.uri, MLFLOW_TRACKING_USERNAME=TEAMMATE, MLFLOW_TRACKING_PASSWORD=TEAMMATE_PASSWORD
+    )
     if storage:
         env.update({k: v for k, v in store.env.items() if k.startswith("AWS_")}, AWS_ENDPOINT_URL=store.endpoint_url)
     return env
@@ -197,7 +219,17 @@ def test_a_queue_of_two_experiments_logs_through_the_team_server(team, alice, tm
     env = teammate_env(team, storage=False)
     dvc(repo, "repro", "fetch-data", env=env)  # the data once: the queued experiments restore it from the run-cache
     for name, lr in QUEUED.items():
-        dvc(repo, "exp", "run", "--queue", "-n", name, *[a for s in [*SMALL, f"lr={lr}"] for a in ("-S", s)], "train-cnn", env=env)
+        dvc(
+            repo,
+            "exp",
+            "run",
+            "--queue",
+            "-n",
+            name,
+            *[a for s in [*SMALL, f"lr={lr}"] for a in ("-S", s)],
+            "train-cnn",
+            env=env,
+        )
     dvc(repo, "queue", "start", "-j", "2", env=env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -206,7 +238,9 @@ def test_a_queue_of_two_experiments_logs_through_the_team_server(team, alice, tm
             break
         time.sleep(1)
     failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
-    assert not failed, status + "".join(dvc(repo, "queue", "logs", task, env=env, check=False).stdout[-3000:] for task in failed)
+    assert not failed, status + "".join(
+        dvc(repo, "queue", "logs", task, env=env, check=False).stdout[-3000:] for task in failed
+    )
     assert status.count("Success") == len(QUEUED), status
 
     runs = [run for name in QUEUED for run in server_runs(server, stage="train-cnn", dvc_exp_name=name)]
@@ -217,13 +251,18 @@ def test_a_queue_of_two_experiments_logs_through_the_team_server(team, alice, tm
     assert all(groups[r.data.tags["mlflow.parentRunId"]] == r.data.tags["dvc_exp_name"] for r in runs)
     with psycopg.connect(database.replace("postgresql+psycopg://", "postgresql://")) as conn:
         finished = {row[0] for row in conn.execute("SELECT run_uuid FROM runs WHERE status = 'FINISHED'")}
-        models = {run_id: model_id for model_id, run_id in conn.execute("SELECT model_id, source_run_id FROM logged_models")}
+        models = {
+            run_id: model_id for model_id, run_id in conn.execute("SELECT model_id, source_run_id FROM logged_models")
+        }
     assert {r.info.run_id for r in runs} <= finished
     keys = set(store.keys("mlartifacts/"))
     for run in runs:
         folder = f"mlartifacts/{run.info.experiment_id}"
-        assert {f"{folder}/{run.info.run_id}/artifacts/history.csv", f"{folder}/{run.info.run_id}/artifacts/card.md",
-                f"{folder}/models/{models[run.info.run_id]}/artifacts/MLmodel"} <= keys, sorted(keys)
+        assert {
+            f"{folder}/{run.info.run_id}/artifacts/history.csv",
+            f"{folder}/{run.info.run_id}/artifacts/card.md",
+            f"{folder}/models/{models[run.info.run_id]}/artifacts/MLmodel",
+        } <= keys, sorted(keys)
     assert not (repo / "mlartifacts").exists() and not (repo / "mlflow.db").exists()  # nothing stayed on the client
 
     # The MLflow UI as a teammate uses it, logged in (headless Chromium): the compare view of the two
@@ -232,8 +271,15 @@ def test_a_queue_of_two_experiments_logs_through_the_team_server(team, alice, tm
     ids, experiments = (quote(json.dumps(x)) for x in ([r.info.run_id for r in runs], [runs[0].info.experiment_id]))
     with servers.logged_in_proxy(server.uri, TEAMMATE, TEAMMATE_PASSWORD) as ui:
         profile = tmp_path / "profile"
-        compare = chromium("--virtual-time-budget=20000", "--dump-dom", f"{ui}/#/compare-runs?runs={ids}&experiments={experiments}", profile=profile)
-        assert all(name in compare for name in names) and "widths" in compare and "convs_per_block" in compare, compare[-3000:]
+        compare = chromium(
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            f"{ui}/#/compare-runs?runs={ids}&experiments={experiments}",
+            profile=profile,
+        )
+        assert all(name in compare for name in names) and "widths" in compare and "convs_per_block" in compare, compare[
+            -3000:
+        ]
         link = next(html.unescape(h) for h in re.findall(r'href="(#/metric\?[^"]*)"', compare) if "%22test_acc%22" in h)
         curves = chromium("--virtual-time-budget=20000", "--dump-dom", f"{ui}/{link}", profile=profile)
         assert all(name in curves for name in names) and curves.count("(step=2)") >= 2, curves[-3000:]
@@ -242,8 +288,12 @@ def test_a_queue_of_two_experiments_logs_through_the_team_server(team, alice, tm
         lines = re.findall(r'<path class="js-line" d="M[^"]*L[^"]*" style="[^"]*stroke-opacity: 1;', curves)
         assert len(lines) == 2, curves[-3000:]
         # The experiment's page as the report links it opens on its training runs, not MLflow 3's GenAI overview.
-        runs_page = chromium("--virtual-time-budget=20000", "--dump-dom",
-                             track.training_runs_url(ui, runs[0].info.experiment_id), profile=tmp_path / "fresh-profile")
+        runs_page = chromium(
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            track.training_runs_url(ui, runs[0].info.experiment_id),
+            profile=tmp_path / "fresh-profile",
+        )
         parents = {groups[r.data.tags["mlflow.parentRunId"]] for r in runs}  # the table lists the top-level runs
         assert "<title>Runs - Experiment" in runs_page and all(name in runs_page for name in parents), runs_page[-3000:]
 
@@ -260,8 +310,17 @@ def test_the_run_cache_and_experiments_move_between_teammates_through_the_remote
     bob = clone(origin_of(alice), tmp_path_factory.mktemp("bob") / "repo")
     assert not (bob / ".dvc/cache").exists()
     before = len(server_runs(server))
-    pulled = dvc(bob, "exp", "run", "--pull", "-n", "bob-same", *[a for s in [*SMALL, f"lr={lr}"] for a in ("-S", s)],
-                 "train-cnn", env=storage)
+    pulled = dvc(
+        bob,
+        "exp",
+        "run",
+        "--pull",
+        "-n",
+        "bob-same",
+        *[a for s in [*SMALL, f"lr={lr}"] for a in ("-S", s)],
+        "train-cnn",
+        env=storage,
+    )
     # Only the params check runs (persist: true keeps its output out of the run-cache); it trains nothing.
     assert stages_run(pulled.stdout) == {"check-params"}, pulled.stdout
     assert {"fetch-data", "augment", "train-cnn"} <= stages_cached(pulled.stdout)
@@ -292,8 +351,18 @@ def test_two_exp_workers_side_by_side_share_their_experiments(team, origin, tmp_
     workers = {}
     # The first trains on 2 processes (torchrun + DDP): one MLflow run all the same.
     for name, sets in (("w-lr-2e-3", ["lr=2e-3", "dist.nproc=2"]), ("w-lr-5e-4", ["lr=5e-4"])):
-        cmd = [reprovision, "exp-worker", "--origin", str(origin), "-n", name, "--workdir", str(work / name),
-               *[a for s in [*SMALL, *sets] for a in ("-S", s)], "train-cnn"]
+        cmd = [
+            reprovision,
+            "exp-worker",
+            "--origin",
+            str(origin),
+            "-n",
+            name,
+            "--workdir",
+            str(work / name),
+            *[a for s in [*SMALL, *sets] for a in ("-S", s)],
+            "train-cnn",
+        ]
         log = (work / f"{name}.log").open("w")
         workers[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -95,5 +95,7 @@ def test_reproducing_an_unknown_run_id_is_one_clear_error(tmp_path, monkeypatch)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    with pytest.raises(ReproduceError, match=rf"no run 'no-such-run' in the tracking store {uri} .*MLFLOW_TRACKING_URI"):
+    with pytest.raises(
+        ReproduceError, match=rf"no run 'no-such-run' in the tracking store {uri} .*MLFLOW_TRACKING_URI"
+    ):
         reproduce("no-such-run")

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from conftest import dvc, pipeline_env
 from resume import checkpoint_state, history, set_params, sha256, signal_below
 
-from reprovision.tools import server
 from reprovision.core import track
+from reprovision.tools import server
 
 # 2,500 images: an epoch of about a second, so that the test sees epoch 2 checkpointed before epoch 3
 # ends (with 500 images a quiet machine ran epochs so fast that it noticed epoch 2 two epochs late).
@@ -65,8 +64,13 @@ def start_training(repo: Path, *args: str) -> subprocess.Popen:
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return subprocess.Popen(
-            [DVC, *args], cwd=repo, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, start_new_session=True,
+            [DVC, *args],
+            cwd=repo,
+            env=stage_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -81,7 +85,9 @@ def file_identity(path: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
-def wait_for_epoch(proc: subprocess.Popen, ckpt: Path, epoch: int, before: tuple[int, int] | None, timeout: float = 300) -> None:
+def wait_for_epoch(
+    proc: subprocess.Popen, ckpt: Path, epoch: int, before: tuple[int, int] | None, timeout: float = 300
+) -> None:
     """Until `epoch` is checkpointed by this run: by a file other than `before`, the one there before it
     started. (An earlier test's run may have left one a moment ago: a time window let it through once.)"""
     deadline = time.monotonic() + timeout
@@ -116,11 +122,16 @@ def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, float, float | 
 def cnn_runs(uri: str) -> list:
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("reprovision")
-    return client.search_runs([experiment.experiment_id], "tags.stage = 'train-cnn'", order_by=["attributes.start_time ASC"])
+    return client.search_runs(
+        [experiment.experiment_id], "tags.stage = 'train-cnn'", order_by=["attributes.start_time ASC"]
+    )
 
 
 def test_bounds_are_defaults_the_environment_overrides():
-    code = "import os, reprovision.core.track; print(os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES'], os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT'])"
+    code = (
+        "import os, reprovision.core.track; "
+        "print(os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES'], os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT'])"
+    )
     env = {**stage_env(), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["7", track.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"]]
@@ -137,7 +148,9 @@ def test_a_refused_connection_is_one_line_naming_the_server(monkeypatch):
     finally:
         mlflow.set_tracking_uri(previous)
     message = str(raised.value)
-    assert message.startswith("the MLflow tracking server http://127.0.0.1:9 stopped answering mid-run (connection refused")
+    assert message.startswith(
+        "the MLflow tracking server http://127.0.0.1:9 stopped answering mid-run (connection refused"
+    )
     assert "`dvc repro`" in message and "\n" not in message
 
 
@@ -164,7 +177,11 @@ def test_outage_stops_after_the_checkpoint_and_resumes_to_the_same_result(module
         errors = [line for line in output.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1, output
         # Refused, or (when the kill cut an answer short) a ChunkedEncodingError.
-        assert re.search(rf"the MLflow tracking server {uri} stopped answering mid-run \((connection refused|ChunkedEncodingError), 3 retries\)", errors[0])
+        assert re.search(
+            rf"the MLflow tracking server {uri} stopped answering mid-run \((connection "
+            rf"refused|ChunkedEncodingError), 3 retries\)",
+            errors[0],
+        )
         assert "safe in the per-epoch checkpoint checkpoints/cnn.pt; `dvc repro` continues from it" in errors[0]
         # It stopped at the first epoch it could not log: epoch 2's (if the outage beat it) or 3's.
         saved, complete = checkpoint_state(repo / "checkpoints/cnn.pt")
@@ -200,10 +217,28 @@ def test_interrupted_run_ends_killed_not_running(module_repo, how):
     epochs = 12 if how == "ctrl-c" else 13  # a new configuration each: trained from scratch
     # 2,500 images: an epoch of a few seconds, so that the signal lands inside one, as intended
     # (with 500 images an idle machine finished an epoch in 0.28 s and the signal missed it).
-    sets = ["threads=1", f"cnn.epochs={epochs}", "cnn.widths=[8,16]", "cnn.hidden=16", "data.train_fraction=0.05", "data.test_fraction=0.01"]
-    args = ["exp", "run", *(a for s in sets for a in ("-S", s)), "train-cnn"] if how == "ctrl-c" else ["repro", "train-cnn"]
+    sets = [
+        "threads=1",
+        f"cnn.epochs={epochs}",
+        "cnn.widths=[8,16]",
+        "cnn.hidden=16",
+        "data.train_fraction=0.05",
+        "data.test_fraction=0.01",
+    ]
+    args = (
+        ["exp", "run", *(a for s in sets for a in ("-S", s)), "train-cnn"]
+        if how == "ctrl-c"
+        else ["repro", "train-cnn"]
+    )
     if how == "sigterm":
-        set_params(repo, {"threads": 1, "data": {"train_fraction": 0.05}, "cnn": {"epochs": epochs, "widths": [8, 16], "hidden": 16}})
+        set_params(
+            repo,
+            {
+                "threads": 1,
+                "data": {"train_fraction": 0.05},
+                "cnn": {"epochs": epochs, "widths": [8, 16], "hidden": 16},
+            },
+        )
     before = file_identity(repo / "checkpoints/cnn.pt")
     proc = start_training(repo, *args)
     wait_for_epoch(proc, repo / "checkpoints/cnn.pt", 1, before)
@@ -218,7 +253,10 @@ def test_interrupted_run_ends_killed_not_running(module_repo, how):
     print(f"{how} -> error line: {message_at:.1f} s, dvc ended: {seconds:.1f} s")
     signal_name = "Ctrl-C (SIGINT)" if how == "ctrl-c" else "SIGTERM"
     command = "`dvc exp run` again (same -S options)" if how == "ctrl-c" else "`dvc repro`"
-    assert f"error: interrupted by {signal_name}. Training so far is safe in the per-epoch checkpoint checkpoints/cnn.pt; {command} continues from it." in output
+    assert (
+        f"error: interrupted by {signal_name}. Training so far is safe in the per-epoch checkpoint "
+        f"checkpoints/cnn.pt; {command} continues from it." in output
+    )
     last = cnn_runs(f"sqlite:///{repo / 'mlflow.db'}")[-1]
     assert last.data.params["epochs"] == str(epochs)
     assert last.info.status == "KILLED"

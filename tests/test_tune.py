@@ -1,4 +1,5 @@
-"""`reprovision tune` plumbing with a fake `dvc exp run`: values read back, pruning kills, MLflow record, printed command."""
+"""`reprovision tune` plumbing with a fake `dvc exp run`: values read back, pruning kills, MLflow
+record, printed command."""
 
 from __future__ import annotations
 
@@ -13,17 +14,16 @@ import optuna
 import psutil
 import pytest
 import yaml
-
 from conftest import committed_params
+
 from reprovision.core import track
 from reprovision.tools.tune import TrialFailed, TuneError, check_overrides, read_history, tune, yaml_number
-
 
 # Stands in for `dvc exp run -n NAME -S k=v ... train-vit`: like dvc, it starts the training as a
 # child process and waits. The training rewrites metrics/vit/history.csv after every epoch and
 # writes metrics/vit.json at the end. Trial 2 is hopeless: 1% validation accuracy, for a thousand
 # epochs. The test accuracy column is the opposite of the validation one: tune must never read it.
-FAKE_DVC = '''
+FAKE_DVC = """
 import json, os, subprocess, sys, time
 from pathlib import Path
 import yaml
@@ -44,10 +44,11 @@ for epoch in range(1, epochs + 1):
     # Every good trial reports the same curve, so that none of them is pruned.
     val = 0.01 if hopeless else 0.5
     rows.append(f"{epoch},1.0,0.5,1.0,{val},1.0,{1 - val},0.1,0.001")
-    history.write_text("epoch,train_loss,train_acc,val_loss,val_acc,test_loss,test_acc,epoch_seconds,lr\\n" + "\\n".join(rows) + "\\n")
+    header = "epoch,train_loss,train_acc,val_loss,val_acc,test_loss,test_acc,epoch_seconds,lr"
+    history.write_text(header + "\\n" + "\\n".join(rows) + "\\n")
 lr = yaml.safe_load(sets["lr"])
 Path("metrics/vit.json").write_text(json.dumps({"val_acc": 0.5 + 100 * lr, "test_acc": 0.5 - 100 * lr}))
-'''
+"""
 
 
 @pytest.fixture
@@ -75,7 +76,10 @@ def test_tune_reads_values_prunes_hopeless_trial_and_records_best(workspace, cap
     study = tune("vit", trials=4, epochs=3, sets=["data.val_fraction=0.1"], name="t", command=fake_dvc, poll=0.05)
 
     states = [t.state for t in study.trials]
-    assert states == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 2 + [
+        optuna.trial.TrialState.PRUNED,
+        optuna.trial.TrialState.COMPLETE,
+    ]
     for t in study.trials:
         assert t.user_attrs["exp_name"] == f"tune-t-{t.number}"
         if t.state == optuna.trial.TrialState.COMPLETE:
@@ -96,24 +100,41 @@ def test_tune_reads_values_prunes_hopeless_trial_and_records_best(workspace, cap
     experiment = client.get_experiment_by_name(track.experiment_name())
     (run,) = client.search_runs([experiment.experiment_id], "tags.stage = 'tune'")
     best = study.best_trial
-    assert run.info.status == "FINISHED" and run.data.tags["model"] == "vit" and run.data.tags["best_exp_name"] == f"tune-t-{best.number}"
+    assert (
+        run.info.status == "FINISHED"
+        and run.data.tags["model"] == "vit"
+        and run.data.tags["best_exp_name"] == f"tune-t-{best.number}"
+    )
     assert float(run.data.params["best.lr"]) == best.params["lr"]
     assert float(run.data.params["best.vit.weight_decay"]) == best.params["weight_decay"]
     assert run.data.metrics["best_value"] == pytest.approx(best.value)
     history = client.get_metric_history(run.info.run_id, "trial_value")
-    assert {m.step: m.value for m in history} == {t.number: t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert {m.step: m.value for m in history} == {
+        t.number: t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+    }
     table_path = client.download_artifacts(run.info.run_id, "trials.csv", str(workspace))
     table = list(csv.DictReader(io.StringIO(Path(table_path).read_text())))
     assert [r["state"] for r in table] == [s.name for s in states] and table[2]["exp_name"] == "tune-t-2"
-    assert table[2]["value"] == "" and float(table[2]["last_val_acc"]) == 0.01 and float(table[0]["lr"]) == study.trials[0].params["lr"]
+    assert (
+        table[2]["value"] == ""
+        and float(table[2]["last_val_acc"]) == 0.01
+        and float(table[0]["lr"]) == study.trials[0].params["lr"]
+    )
 
     # The printed command reproduces the best trial: its -S values read back to the exact floats.
     out = capsys.readouterr().out
-    sets = [f"lr={yaml_number(best.params['lr'])}", f"vit.weight_decay={yaml_number(best.params['weight_decay'])}",
-            f"vit.label_smoothing={yaml_number(best.params['label_smoothing'])}", "data.val_fraction=0.1", "vit.epochs=3"]
+    sets = [
+        f"lr={yaml_number(best.params['lr'])}",
+        f"vit.weight_decay={yaml_number(best.params['weight_decay'])}",
+        f"vit.label_smoothing={yaml_number(best.params['label_smoothing'])}",
+        "data.val_fraction=0.1",
+        "vit.epochs=3",
+    ]
     expected = "dvc exp run " + " ".join(f"-S {s}" for s in sets) + " train-vit"
     assert f"reproduce:  {expected}\n" in out
-    assert [yaml.safe_load(s.split("=", 1)[1]) for s in sets[:3]] == [best.params[k] for k in ("lr", "weight_decay", "label_smoothing")]
+    assert [yaml.safe_load(s.split("=", 1)[1]) for s in sets[:3]] == [
+        best.params[k] for k in ("lr", "weight_decay", "label_smoothing")
+    ]
     assert f"dvc exp apply tune-t-{best.number}" in out
 
 
@@ -125,14 +146,18 @@ def test_a_failing_trial_stops_the_search(workspace):
 
     with pytest.raises(TrialFailed, match="exited with 3"):
         tune("cnn", trials=3, sets=["data.val_fraction=0.1"], name="f", command=failing, poll=0.05)
-    (run,) = mlflow.MlflowClient().search_runs([mlflow.MlflowClient().get_experiment_by_name(track.experiment_name()).experiment_id])
+    (run,) = mlflow.MlflowClient().search_runs(
+        [mlflow.MlflowClient().get_experiment_by_name(track.experiment_name()).experiment_id]
+    )
     assert run.info.status == "FAILED"
 
 
 def test_read_history_skips_stale_files_and_rows_cut_short(tmp_path):
     path = tmp_path / "history.csv"
-    path.write_text("epoch,train_loss,train_acc,val_loss,val_acc,test_loss,test_acc,epoch_seconds,lr\n"
-                    "1,1.0,0.3,1.1,0.25,1.0,0.9,2.0,0.001\n2,0.9,0.4,1.0,0.3")
+    path.write_text(
+        "epoch,train_loss,train_acc,val_loss,val_acc,test_loss,test_acc,epoch_seconds,lr\n"
+        "1,1.0,0.3,1.1,0.25,1.0,0.9,2.0,0.001\n2,0.9,0.4,1.0,0.3"
+    )
     assert read_history(path, since=0) == [(1, 0.25)]  # row 2 is still being written
     os.utime(path, (time.time() - 60, time.time() - 60))
     assert read_history(path, since=time.time() - 1) == []  # the previous trial's file
@@ -155,13 +180,13 @@ def test_numbers_and_overrides_are_checked_before_any_trial(workspace):
         tune("resnet", trials=1)
 
 
-KILLED_SEARCH = '''
+KILLED_SEARCH = """
 import sys
 from reprovision.tools import tune
 tune.HEARTBEAT_S, tune.GRACE_S = 1, 2
 fake = lambda exp_name, sets: [sys.executable, "fake_dvc.py", "dvc", exp_name, *sets]
 tune.tune("vit", trials=4, epochs=3, sets=["data.val_fraction=0.1"], name="k", command=fake, poll=0.05)
-'''
+"""
 
 
 def test_a_killed_search_resumes_from_its_database(workspace, monkeypatch, capsys):
@@ -172,8 +197,13 @@ def test_a_killed_search_resumes_from_its_database(workspace, monkeypatch, capsy
 
     (workspace / "killed_search.py").write_text(KILLED_SEARCH)
     (workspace / "fake_dvc.py").write_text(FAKE_DVC.replace('hopeless = name.endswith("-2")', "hopeless = False"))
-    proc = subprocess.Popen([sys.executable, "killed_search.py"], cwd=workspace, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "killed_search.py"],
+        cwd=workspace,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not (workspace / "pids" / "tune-k-1.train").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)

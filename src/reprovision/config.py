@@ -28,7 +28,11 @@ DATASET_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "cifar100": (3, 32, 32, 100),
 }
 # Images in the official (train, test) splits: what params can be checked against before any data is read.
-DATASET_SIZES: dict[str, tuple[int, int]] = {"mnist": (60_000, 10_000), "cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000)}
+DATASET_SIZES: dict[str, tuple[int, int]] = {
+    "mnist": (60_000, 10_000),
+    "cifar10": (50_000, 10_000),
+    "cifar100": (50_000, 10_000),
+}
 
 
 class ConfigError(ValueError):
@@ -128,8 +132,12 @@ class GANConfig(Section):
     fid_every: NonNegativeInt = 5  # FID curve during training every k epochs (0: off)
     # FID needs a covariance, so at least 2 images (and far more for a stable figure).
     fid_samples_during: Annotated[int, Field(ge=2), NotBool] = 2000  # N for the cheap in-training FID
-    fid_samples: Annotated[int, Field(ge=2), NotBool] = 10000  # N generated vs N test images for the final FID/IS (FID is biased by N)
-    train_fraction: Fraction = 1.0  # of MNIST train; separate from data.train_fraction so data-size studies don't retrain GANs
+    fid_samples: Annotated[int, Field(ge=2), NotBool] = (
+        10000  # N generated vs N test images for the final FID/IS (FID is biased by N)
+    )
+    train_fraction: Fraction = (
+        1.0  # of MNIST train; separate from data.train_fraction so data-size studies don't retrain GANs
+    )
     steps_per_epoch_max: NonNegativeInt = 0  # 0: full epochs; >0 caps steps per epoch (benchmarks only)
     mlp: MLPGANConfig = MLPGANConfig()
     dcgan: DCGANConfig = DCGANConfig()
@@ -265,7 +273,6 @@ class SSLConfig(Section):
     grayscale_prob: Probability = 0.2
     precision: Literal["auto", "fp32", "bf16"] = "auto"
 
-
     def layout(self) -> str:
         """The encoder's convolutional layout, comparable with the counterpart's (`CNNConfig.layout`)."""
         return self.arch if self.arch != "refcnn" else f"refcnn {self.widths}×{self.convs_per_block}"
@@ -273,6 +280,7 @@ class SSLConfig(Section):
     def check_images(self, key: str, height: int, width: int, dataset: str) -> None:
         if self.arch == "refcnn":
             _check_halvings(key, self.widths, height, width, dataset)
+
 
 class ProbeConfig(Section):
     """The linear probe of a frozen encoder: scikit-learn's logistic regression on standardised features,
@@ -322,7 +330,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
-    def _check_geometry(self) -> "Params":
+    def _check_geometry(self) -> Params:
         dataset = self.data.classifier_dataset
         _, height, width, _ = DATASET_SHAPES[dataset]
         for key in CLASSIFIERS:
@@ -352,7 +360,8 @@ class Params(Section):
         if d.val_fraction and val < classes:
             raise ValueError(
                 f"data.val_fraction = {d.val_fraction} of {subset} training images holds out {val}, fewer than the "
-                f"{classes} classes of {d.classifier_dataset}; raise data.val_fraction or data.train_fraction, or set it to 0"
+                f"{classes} classes of {d.classifier_dataset}; raise data.val_fraction or "
+                "data.train_fraction, or set it to 0"
             )
         mnist_train, mnist_test = DATASET_SIZES[self.data.gan_dataset]
         images = max(int(self.gan.train_fraction * mnist_train), 10)
@@ -393,7 +402,9 @@ class Params(Section):
 
 # The classifier families, in params.yaml's order: every section of Params typed as a TrainConfig.
 CLASSIFIERS: tuple[str, ...] = tuple(
-    name for name, field in Params.model_fields.items() if isinstance(field.annotation, type) and issubclass(field.annotation, TrainConfig)
+    name
+    for name, field in Params.model_fields.items()
+    if isinstance(field.annotation, type) and issubclass(field.annotation, TrainConfig)
 )
 CLASSIFIER_LABELS: dict[str, str] = {name: Params.model_fields[name].annotation.label for name in CLASSIFIERS}
 

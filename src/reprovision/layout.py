@@ -44,7 +44,9 @@ CHECKPOINTS = Path("checkpoints")
 REGISTERED_MODELS = {m: f"reprovision-{m}" for m in CLASSIFIERS}  # MLflow model registry names (registry.py)
 GANS = ("mlp", "dcgan")
 if clash := set(CLASSIFIERS) & {*GANS, "judge", "ssl", "eval", "gan"}:
-    raise ValueError(f"the classifier family name {sorted(clash)} is taken by another model's files: rename its params.yaml section")
+    raise ValueError(
+        f"the classifier family name {sorted(clash)} is taken by another model's files: rename its params.yaml section"
+    )
 LABELS = {**CLASSIFIER_LABELS, "mlp": "MLP GAN", "dcgan": "DCGAN", "judge": "LeNet judge"}
 # The evaluate stage's heat map of each classifier: FIGURES/<kind>_<name>.png, kind as its family names it.
 HEATMAPS = {"rollout": "attention rollout", "gradcam": "Grad-CAM heat maps"}

@@ -30,7 +30,11 @@ def code_digest() -> str:
     files = set()
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if path and (name == PACKAGE.name or name.startswith(PACKAGE.name + ".") or os.path.dirname(os.path.abspath(path)) == stages):
+        if path and (
+            name == PACKAGE.name
+            or name.startswith(PACKAGE.name + ".")
+            or os.path.dirname(os.path.abspath(path)) == stages
+        ):
             files.add(Path(path).resolve())
     h = hashlib.sha256()
     for path in sorted(files):
@@ -41,7 +45,8 @@ def code_digest() -> str:
 
 
 def fingerprint(*parts: object) -> str:
-    """One sha256 over the given parts (params digest, data sha256, threads, ...), the CPU kernels and the code that ran."""
+    """One sha256 over the given parts (params digest, data sha256, threads, ...), the CPU kernels
+    and the code that ran."""
     return hashlib.sha256("|".join([*map(str, parts), cpu_kernels(), code_digest()]).encode()).hexdigest()
 
 

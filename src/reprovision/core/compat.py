@@ -31,7 +31,5 @@ def import_torchvision():
         del sys.modules[name]  # drop the half-imported package before trying again
     _patched_library = torch.library.Library("torchvision", "DEF")
     _patched_library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _patched_library.define(
-        "qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor"
-    )
+    _patched_library.define("qnms(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")
     return importlib.import_module("torchvision")

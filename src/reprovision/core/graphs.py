@@ -28,7 +28,7 @@ returns lives in the graph's buffers too and is overwritten by the next replay: 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,12 +57,19 @@ class CapturedStep:
     `optimizer.step()` and `zero_grad(set_to_none=True)`. `modules` and `optimizers` are everything
     it changes (their parameters, buffers and optimiser state)."""
 
-    def __init__(self, step: Callable[..., tuple[Tensor, ...]], modules: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]):
+    def __init__(
+        self,
+        step: Callable[..., tuple[Tensor, ...]],
+        modules: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+    ):
         why_not = capturable(optimizers)
         if why_not is not None:
             raise ValueError(f"cannot capture this training step as a CUDA graph: {why_not}")
         self.step, self.modules, self.optimizers = step, list(modules), list(optimizers)
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], tuple[Tensor, ...], list[tuple[Tensor, dict]]]] = {}
+        self.graphs: dict[
+            tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], tuple[Tensor, ...], list[tuple[Tensor, dict]]]
+        ] = {}
 
     def __call__(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)

@@ -95,7 +95,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> "bf16" on CUDA and on CPUs with native bf16, "fp32" elsewhere (MPS, older CPUs)."""
+    """ "auto" -> "bf16" on CUDA and on CPUs with native bf16, "fp32" elsewhere (MPS, older CPUs)."""
     if precision != "auto":
         return precision
     native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())

@@ -12,14 +12,15 @@ import csv
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from reprovision.core import track
 from reprovision.config import ConfigError, Params, load_params
+from reprovision.core import track
 from reprovision.data.datasets import DataError, data_sha256, load_split, stratified_subset
 from reprovision.layout import PREPARED
 
@@ -79,7 +80,9 @@ def main(stage: Callable[..., None], *args) -> None:
     os._exit(code)
 
 
-def load_subset(name: str, split: str, fraction: float, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_subset(
+    name: str, split: str, fraction: float, seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The class-stratified `fraction` of a prepared split, on `device`: uint8 images, int64 labels, class names."""
     import torch
 

@@ -36,9 +36,10 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from reprovision.config import Params
 from reprovision.layout import CHECKPOINTS, PREPARED
@@ -162,8 +163,15 @@ def _login_refused(uri: str) -> str | None:
     creds = get_default_host_creds(uri)
     try:
         # Any authenticated user may search (the answer lists what they may read); one try, like /health.
-        response = http_request(creds, "/api/2.0/mlflow/experiments/search", "GET", params={"max_results": 1},
-                                max_retries=0, timeout=5, raise_on_status=False)
+        response = http_request(
+            creds,
+            "/api/2.0/mlflow/experiments/search",
+            "GET",
+            params={"max_results": 1},
+            max_retries=0,
+            timeout=5,
+            raise_on_status=False,
+        )
     except MlflowException:
         return None  # no answer just after /health's: not a login problem; the run reports it if it lasts
     if response.status_code != 401:
@@ -205,7 +213,12 @@ def _outage_cause(err: BaseException | None) -> BaseException | None:
     errors as MlflowException inside its `except`, so the cause is found along the exception chain."""
     import requests
 
-    lost = (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError, requests.exceptions.ChunkedEncodingError)
+    lost = (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.RetryError,
+        requests.exceptions.ChunkedEncodingError,
+    )
     while err is not None and not isinstance(err, lost):
         err = err.__cause__ or err.__context__
     return err
@@ -269,7 +282,9 @@ def _one_short_try() -> Iterator[None]:
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM (`kill`, `dvc queue kill`) unwinds like Ctrl-C, so the run is ended KILLED, not left
     RUNNING. Only where nobody else handles SIGTERM, and only in the main thread (Python's rule)."""
-    install = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    install = (
+        threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    )
 
     def interrupt(signum, frame):
         raise Terminated("SIGTERM")
@@ -345,7 +360,10 @@ def git_state(root: Path) -> tuple[str, bool]:
         ).stdout.strip()
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!params.yaml", ":!dvc.lock"],
-            cwd=root, capture_output=True, text=True, check=True,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         return commit, bool(status.strip())
     except (OSError, subprocess.CalledProcessError):
@@ -407,7 +425,12 @@ def _parent_run(client, experiment_id: str, exp_name: str, commit: str) -> str |
     found = client.search_runs([experiment_id], query, max_results=1)
     if found:
         return found[0].info.run_id
-    tags = {"stage": EXP_PARENT, "dvc_exp_name": exp_name, "git_commit": commit, **({"mlflow.parentRunId": outer} if outer else {})}
+    tags = {
+        "stage": EXP_PARENT,
+        "dvc_exp_name": exp_name,
+        "git_commit": commit,
+        **({"mlflow.parentRunId": outer} if outer else {}),
+    }
     group = client.create_run(experiment_id, run_name=exp_name, tags=tags)
     client.set_terminated(group.info.run_id, "FINISHED")  # a folder for the stage runs: nothing runs in it
     return group.info.run_id
@@ -415,8 +438,15 @@ def _parent_run(client, experiment_id: str, exp_name: str, commit: str) -> str |
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, model: str, params: dict[str, Any], tags: dict[str, str], resolved: Params, root: Path | None = None,
-    checkpoint: Path | None = None, run_name: str | None = None, system_metrics: bool = False,
+    stage: str,
+    model: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    resolved: Params,
+    root: Path | None = None,
+    checkpoint: Path | None = None,
+    run_name: str | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[Any]:
     """One MLflow run for one executed stage, carrying everything needed to repeat it.
 
@@ -555,12 +585,20 @@ MODEL_TAGS = ("dataset", "data_sha256", "params_sha256")
 
 @_reports_outage()
 def log_model(
-    module, *, name: str, example, description: str, params: dict[str, Any], run_tags: dict[str, str], step: int,
-    metadata: dict[str, Any] | None = None, registered_model_name: str | None = None,
+    module,
+    *,
+    name: str,
+    example,
+    description: str,
+    params: dict[str, Any],
+    run_tags: dict[str, str],
+    step: int,
+    metadata: dict[str, Any] | None = None,
+    registered_model_name: str | None = None,
 ):
     """Log `module` (serving.py's raw-input wrappers) as the active run's logged model `name`, with
-    its params and the run's tags that identify what it was trained on, returning its ModelInfo. MLflow links the run's metrics of `step` (the last
-    epoch's, with their datasets) to it.
+    its params and the run's tags that identify what it was trained on, returning its ModelInfo.
+    MLflow links the run's metrics of `step` (the last epoch's, with their datasets) to it.
 
     pt2 format (torch.export, batch size left dynamic), so it loads without this package and without
     unpickling; the signature and input example come from `example`, a real input batch of 2 or more.
@@ -602,8 +640,11 @@ def write_run_ref(path: Path, run, model=None, registered_model: str | None = No
         "tracking_uri": mlflow.get_tracking_uri(),
         "run_name": run.info.run_name,
         **({"model_id": model.model_id, "model_uri": model.model_uri} if model is not None else {}),
-        **({"registered_model": registered_model, "registered_version": str(model.registered_model_version)}
-           if registered_model else {}),
+        **(
+            {"registered_model": registered_model, "registered_version": str(model.registered_model_version)}
+            if registered_model
+            else {}
+        ),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(ref, indent=2) + "\n")

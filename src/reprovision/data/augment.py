@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from reprovision.core.compat import import_torchvision
 from reprovision.config import AugmentConfig
+from reprovision.core.compat import import_torchvision
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,12 @@ class Policy:
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
-    def without_augmentation(self) -> "Policy":
+    def without_augmentation(self) -> Policy:
         """The same normalisation, no random transform (a classifier's `augment: false`)."""
         return dataclasses.replace(self, crop_padding=0, hflip=False, cutmix_prob=0.0, mixup_prob=0.0, cutout_prob=0.0)
 
     @classmethod
-    def from_json(cls, d: dict) -> "Policy":
+    def from_json(cls, d: dict) -> Policy:
         expected = {f.name for f in dataclasses.fields(cls)}
         missing, unknown = expected - d.keys(), d.keys() - expected
         if missing or unknown:
@@ -135,11 +135,15 @@ def _channel_vectors(policy: Policy, x: torch.Tensor, dtype: torch.dtype) -> tup
 
 
 @functools.lru_cache(maxsize=16)
-def _vectors(mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _vectors(
+    mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The (1, C, 1, 1) mean and std, made once per device: copying a Python list to a GPU waits for
     the GPU to finish its queue, which every training step would otherwise pay."""
     shape = (1, -1, 1, 1)
-    return torch.tensor(mean, dtype=dtype, device=device).view(shape), torch.tensor(std, dtype=dtype, device=device).view(shape)
+    return torch.tensor(mean, dtype=dtype, device=device).view(shape), torch.tensor(
+        std, dtype=dtype, device=device
+    ).view(shape)
 
 
 def normalize(x_uint8: torch.Tensor, policy: Policy, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -258,9 +262,7 @@ class BatchAugment:
         self.num_classes = num_classes
         self.generator = generator
 
-    def __call__(
-        self, x_uint8: torch.Tensor, y: torch.Tensor, train: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x_uint8: torch.Tensor, y: torch.Tensor, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         p, g = self.policy, self.generator
         targets = F.one_hot(y.to(device=x_uint8.device, dtype=torch.long), self.num_classes).float()
         if not train:

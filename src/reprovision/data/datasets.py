@@ -33,8 +33,8 @@ from urllib.error import URLError
 
 import numpy as np
 
-from reprovision.core.compat import import_torchvision
 from reprovision.config import DATASET_SHAPES
+from reprovision.core.compat import import_torchvision
 
 # torchvision is imported only when downloading (it costs seconds at every stage start otherwise);
 # test_data.py checks that the md5 tables below equal torchvision's published ones.
@@ -49,6 +49,7 @@ def _torchvision_datasets():
 
         tv_datasets = tv_datasets_module
     return tv_datasets
+
 
 MIRROR_ENV = "REPROVISION_DATA_MIRROR"
 SPLITS = ("train", "test")
@@ -340,6 +341,8 @@ def read_mirror(name: str, mirror: Path, *, lossy_ok: bool = False) -> tuple[Arr
     if name == "cifar10" and lossy_ok and not lossless and (mirror / CIFAR10_JPEG).is_file():
         return _checked(name, *_read_cifar10_jpeg(mirror)), f"mirror {CIFAR10_JPEG} (LOSSY JPEG)"
     return _checked(name, *_MIRROR_READERS[name](mirror)), "mirror (lossless, md5-checked)"
+
+
 _TORCHVISION_CLASS = {"mnist": "MNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
 
@@ -527,7 +530,9 @@ def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
         return everything, everything[:0]
     held_out, classes = math.ceil(fraction * len(y)), len(np.unique(y))
     if held_out < classes:
-        raise DataError(f"cannot hold out a stratified {fraction} of {len(y)} labels for validation: {held_out} images for "
-                        f"{classes} classes; raise data.val_fraction or data.train_fraction")
+        raise DataError(
+            f"cannot hold out a stratified {fraction} of {len(y)} labels for validation: {held_out} images for "
+            f"{classes} classes; raise data.val_fraction or data.train_fraction"
+        )
     val = stratified_draw(y, held_out, seed)
     return np.setdiff1d(everything, val), val

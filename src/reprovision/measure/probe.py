@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from reprovision.data.augment import Policy, normalize
 from reprovision.config import ProbeConfig
+from reprovision.data.augment import Policy, normalize
 
 
 @torch.no_grad()
@@ -22,14 +22,20 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, policy: Policy, b
     was_training = encoder.training
     encoder.eval()
     try:
-        rows = [encoder(normalize(images[i : i + batch_size], policy)).float().cpu() for i in range(0, len(images), batch_size)]
+        rows = [
+            encoder(normalize(images[i : i + batch_size], policy)).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     finally:
         encoder.train(was_training)
     return torch.cat(rows).numpy()
 
 
 def probe_accuracy(
-    train_features: np.ndarray, train_y: np.ndarray, evaluated: dict[str, tuple[np.ndarray, np.ndarray]], cfg: ProbeConfig,
+    train_features: np.ndarray,
+    train_y: np.ndarray,
+    evaluated: dict[str, tuple[np.ndarray, np.ndarray]],
+    cfg: ProbeConfig,
 ) -> dict[str, float]:
     """Top-1 accuracy of the logistic-regression probe (`probe_<split>`) and of the k-NN vote
     (`knn_<split>`) on each of the `evaluated` splits ({split: (features, labels)})."""

@@ -14,7 +14,9 @@ from reprovision.models import ClassifierFamily
 def _family(name: str) -> ClassifierFamily:
     family = importlib.import_module(f"reprovision.models.{name}").FAMILY
     if family.name != name:
-        raise ValueError(f"models/{name}.py's FAMILY is named {family.name!r}: name it {name!r}, as its params.yaml section")
+        raise ValueError(
+            f"models/{name}.py's FAMILY is named {family.name!r}: name it {name!r}, as its params.yaml section"
+        )
     return family
 
 

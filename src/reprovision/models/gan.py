@@ -144,10 +144,15 @@ def init_dcgan_weights(module: nn.Module, std: float = 0.02) -> None:
 def build_gan(name: str, cfg, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) for "mlp" (R1, `cfg` = params.gan.mlp) or "dcgan" (R2, params.gan.dcgan)."""
     if name == "mlp":
-        generator = MLPGenerator(latent_dim=cfg.latent_dim, hidden=tuple(cfg.g_hidden), out_shape=image_shape, dropout=cfg.g_dropout)
+        generator = MLPGenerator(
+            latent_dim=cfg.latent_dim, hidden=tuple(cfg.g_hidden), out_shape=image_shape, dropout=cfg.g_dropout
+        )
         return generator, MLPDiscriminator(in_shape=image_shape, hidden=tuple(cfg.d_hidden), dropout=cfg.d_dropout)
     if name == "dcgan":
-        generator, discriminator = DCGANGenerator(latent_dim=cfg.latent_dim, width=cfg.width), DCGANDiscriminator(width=cfg.width)
+        generator, discriminator = (
+            DCGANGenerator(latent_dim=cfg.latent_dim, width=cfg.width),
+            DCGANDiscriminator(width=cfg.width),
+        )
         init = partial(init_dcgan_weights, std=cfg.init_std)
         return generator.apply(init), discriminator.apply(init)
     raise ValueError(f"unknown GAN {name!r}; allowed: 'mlp', 'dcgan'")

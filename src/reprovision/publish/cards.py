@@ -6,7 +6,11 @@ from reprovision.config import Params
 
 
 def _table(metrics: dict) -> str:
-    rows = [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items() if not isinstance(v, list)]
+    rows = [
+        f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+        for k, v in metrics.items()
+        if not isinstance(v, list)
+    ]
     return "| metric | value |\n|---|---|\n" + "\n".join(rows)
 
 
@@ -16,7 +20,7 @@ def classifier_card(name: str, params: Params, metrics: dict, classes: list[str]
     data = params.data
     return f"""# Model card: {name}
 
-**Architecture.** {arch}; {metrics['params']:,} parameters.
+**Architecture.** {arch}; {metrics["params"]:,} parameters.
 
 **Data.** {data.classifier_dataset} ({len(classes)} classes), train fraction {data.train_fraction}
 (validation {data.val_fraction} of it held out), test fraction {data.test_fraction} (deterministic
@@ -25,7 +29,7 @@ class-stratified subsets, seed {params.seed}). Decisions read the validation spl
 **Training recipe.** {cfg.epochs} epochs, batch {cfg.batch_size}, optimiser {cfg.optimizer}
 (lr {params.learning_rate(name):g} = lr {params.lr:g} x lr_mult {cfg.lr_mult:g}, weight decay {cfg.weight_decay:g}),
 scheduler {cfg.scheduler}, label smoothing {cfg.label_smoothing:g}, gradient clipping {cfg.grad_clip:g},
-SAM {cfg.sam} (rho {cfg.sam_rho:g}), augmentation {'on' if cfg.augment else 'off'}, precision {cfg.precision}.
+SAM {cfg.sam} (rho {cfg.sam_rho:g}), augmentation {"on" if cfg.augment else "off"}, precision {cfg.precision}.
 
 **Metrics** (on the test split used):
 
@@ -41,22 +45,24 @@ def gan_card(name: str, params: Params, metrics: dict) -> str:
     g = params.gan
     cfg = getattr(g, name)
     arch = (
-        f"MLP GAN (R1): latent {cfg.latent_dim}, G hidden {cfg.g_hidden}, D hidden {cfg.d_hidden}, D dropout {cfg.d_dropout}"
+        f"MLP GAN (R1): latent {cfg.latent_dim}, G hidden {cfg.g_hidden}, D hidden {cfg.d_hidden}, D "
+        f"dropout {cfg.d_dropout}"
         if name == "mlp"
         else f"DCGAN (R2{'' if cfg.width == 64 else f', narrowed to width {cfg.width}'}): noise {cfg.latent_dim}, "
-        f"Dense 7x7x{4 * cfg.width}, ConvTranspose {2 * cfg.width}/{cfg.width}, Conv 1; D Conv {cfg.width}/{2 * cfg.width}; "
+        f"Dense 7x7x{4 * cfg.width}, ConvTranspose {2 * cfg.width}/{cfg.width}, Conv 1; D Conv "
+        f"{cfg.width}/{2 * cfg.width}; "
         f"N(0, {cfg.init_std}) init"
     )
     return f"""# Model card: GAN {name}
 
-**Architecture.** {arch}; G {metrics['g_params']:,} / D {metrics['d_params']:,} parameters.
+**Architecture.** {arch}; G {metrics["g_params"]:,} / D {metrics["d_params"]:,} parameters.
 
 **Data.** MNIST train fraction {g.train_fraction} (seed {params.seed}); images scaled to [-1, 1].
 
 **Training recipe.** {g.epochs} epochs, batch {cfg.batch_size}, Adam lr G {cfg.lr_g:g} / D {cfg.lr_d:g},
 betas ({cfg.beta1:g}, {cfg.beta2:g}), BCE on logits (non-saturating generator loss).
 
-**Quality** (judged by the LeNet MNIST classifier, N = {metrics['n']}):
+**Quality** (judged by the LeNet MNIST classifier, N = {metrics["n"]}):
 
 {_table(metrics)}
 
@@ -71,7 +77,8 @@ def judge_card(params: Params, metrics: dict) -> str:
 
 **Purpose.** The instrument that measures GAN quality: its penultimate-layer features define the
 Fréchet LeNet distance, its softmax the classifier Inception Score and the class coverage.
-{metrics['params']:,} parameters; {j.epochs} epochs of Adam lr {j.lr:g}, batch {j.batch_size}, train fraction {j.train_fraction}.
+{metrics["params"]:,} parameters; {j.epochs} epochs of Adam lr {j.lr:g}, batch {j.batch_size}, \
+train fraction {j.train_fraction}.
 
 {_table(metrics)}
 

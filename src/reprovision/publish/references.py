@@ -13,15 +13,42 @@ from typing import Any
 # losses ("at" says when), and R1 no timing.
 REFERENCE: dict[str, dict[str, Any]] = {
     "vit": {
-        "source": "R3", "params": 5_362_762, "test_acc": (0.52, 0.55), "s_per_epoch": 14, "train_seconds": 420,
+        "source": "R3",
+        "params": 5_362_762,
+        "test_acc": (0.52, 0.55),
+        "s_per_epoch": 14,
+        "train_seconds": 420,
         "train_acc_by_epoch": {1: 0.2939, 2: 0.3879, 3: 0.4403, 4: 0.4793, 5: 0.4852},
     },
-    "cnn": {"source": "R3", "params": 4_823_114, "test_acc": (0.65, 0.70), "s_per_epoch": (8, 10), "train_seconds": (240, 300)},
-    "mlp": {"source": "R1", "g_params": 1_496_592, "d_params": 533_505, "d_loss": 0.347, "g_loss": 0.697, "at": "final"},
+    "cnn": {
+        "source": "R3",
+        "params": 4_823_114,
+        "test_acc": (0.65, 0.70),
+        "s_per_epoch": (8, 10),
+        "train_seconds": (240, 300),
+    },
+    "mlp": {
+        "source": "R1",
+        "g_params": 1_496_592,
+        "d_params": 533_505,
+        "d_loss": 0.347,
+        "g_loss": 0.697,
+        "at": "final",
+    },
     "dcgan": {
-        "source": "R2", "d_loss": 0.695, "g_loss": 0.728, "at": "epoch 35", "s_per_epoch": 63,
+        "source": "R2",
+        "d_loss": 0.695,
+        "g_loss": 0.728,
+        "at": "epoch 35",
+        "s_per_epoch": 63,
         # (D loss, G loss) per epoch, as R2 printed them
-        "losses_by_epoch": {1: (0.204, 1.833), 5: (0.623, 0.923), 10: (0.671, 0.816), 20: (0.694, 0.738), 35: (0.695, 0.728)},
+        "losses_by_epoch": {
+            1: (0.204, 1.833),
+            5: (0.623, 0.923),
+            10: (0.671, 0.816),
+            20: (0.694, 0.738),
+            35: (0.695, 0.728),
+        },
     },
 }
 

@@ -35,7 +35,11 @@ class Champion:
 
     def sentence(self) -> str:
         scores = " vs ".join(f"{LABELS[m]} {100 * s:.2f} %" for m, s in self.scores.items())
-        where = f"; version {self.version} of {self.registered_model} carries the alias `{CHAMPION}`" if self.version else ""
+        where = (
+            f"; version {self.version} of {self.registered_model} carries the alias `{CHAMPION}`"
+            if self.version
+            else ""
+        )
         return f"{LABELS[self.model]}, by validation accuracy: {scores}{where}."
 
 
@@ -70,7 +74,9 @@ def read_champion(root: Path) -> Champion | None:
     if champion is None or "registered_version" not in refs[champion.model]:
         return champion
     ref = refs[champion.model]
-    return Champion(champion.model, champion.scores, ref["registered_model"], ref["registered_version"], ref["tracking_uri"])
+    return Champion(
+        champion.model, champion.scores, ref["registered_model"], ref["registered_version"], ref["tracking_uri"]
+    )
 
 
 def promote(champion: Champion) -> None:

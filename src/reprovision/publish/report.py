@@ -23,23 +23,55 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markdown_it import MarkdownIt
 from markupsafe import Markup, escape
 
-from reprovision.core import track
 from reprovision.config import Params, load_params
-from reprovision.publish.registry import read_champion, read_records, why_no_champion
+from reprovision.core import track
 from reprovision.layout import (
-    CLASSIFIERS, CURVES, EVAL_METRICS, FIGURES, GAN_METRICS, GAN_MODELS, GANS, HEATMAPS, LABELS, MANIFEST, METRICS, MODELS, PARAMS,
-    REFERENCE_SCALE, REPORTS, RUN_REF, SSL_SIZE_STUDY, SUMMARY,
+    CLASSIFIERS,
+    CURVES,
+    EVAL_METRICS,
+    FIGURES,
+    GAN_METRICS,
+    GAN_MODELS,
+    GANS,
+    HEATMAPS,
+    LABELS,
+    MANIFEST,
+    METRICS,
+    MODELS,
+    PARAMS,
+    REFERENCE_SCALE,
+    REPORTS,
+    RUN_REF,
+    SSL_SIZE_STUDY,
+    SUMMARY,
 )
 from reprovision.models.classifiers import FAMILIES
 from reprovision.publish.palette import COLOURS
 from reprovision.publish.references import REFERENCE
+from reprovision.publish.registry import read_champion, read_records, why_no_champion
 from reprovision.publish.report_charts import (
-    _figure, class_histogram_chart, classifier_curves, gan_fid_curve, gan_loss_curve, reference_scale_curves,
-    reference_scale_grids, ssl_size_chart,
+    _figure,
+    class_histogram_chart,
+    classifier_curves,
+    gan_fid_curve,
+    gan_loss_curve,
+    reference_scale_curves,
+    reference_scale_grids,
+    ssl_size_chart,
 )
 from reprovision.publish.report_tables import (
-    DASH, cell, comparison_table, count, evaluation_table, gan_quality_table, key_numbers_of, pct,
-    reference_scale_epochs, reference_scale_table, summary_rows, table,
+    DASH,
+    cell,
+    comparison_table,
+    count,
+    evaluation_table,
+    gan_quality_table,
+    key_numbers_of,
+    pct,
+    reference_scale_epochs,
+    reference_scale_table,
+    summary_rows,
+    table,
 )
 
 # report.md.j2, report.html.j2 and the CSS the HTML inlines; package data in a wheel (pyproject.toml).
@@ -83,7 +115,9 @@ def read_json(path: Path) -> dict | None:
     except json.JSONDecodeError as err:
         raise ReportError(f"{path} is not valid JSON ({err}); re-run the stage that writes it (`dvc repro`)") from None
     if not isinstance(obj, dict):
-        raise ReportError(f"{path} holds a {type(obj).__name__}, expected a JSON object; re-run the stage that writes it")
+        raise ReportError(
+            f"{path} holds a {type(obj).__name__}, expected a JSON object; re-run the stage that writes it"
+        )
     return obj
 
 
@@ -94,11 +128,14 @@ def read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame | None:
     try:
         table = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise ReportError(f"{path} is not a readable CSV ({err}); re-run the stage that writes it (`dvc repro`)") from None
+        raise ReportError(
+            f"{path} is not a readable CSV ({err}); re-run the stage that writes it (`dvc repro`)"
+        ) from None
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise ReportError(
-            f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(table.columns)}); re-run the stage that writes it"
+            f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(table.columns)}); re-run "
+            "the stage that writes it"
         )
     return table
 
@@ -148,7 +185,9 @@ def curves_section(root: Path, classifiers: dict, gans: dict) -> tuple[list[dict
         if curve is not None and not (curve := curve.dropna()).empty:
             fids[g] = curve
     if gans and not fids:
-        notes.append(f"No FID curve: it was off (gan.fid_every = 0) or {GAN_METRICS.as_posix()}/<gan>/fid.csv is missing.")
+        notes.append(
+            f"No FID curve: it was off (gan.fid_every = 0) or {GAN_METRICS.as_posix()}/<gan>/fid.csv is missing."
+        )
     if fids:
         floors = {g: gans[g]["fid_floor"] for g in fids if isinstance(gans[g].get("fid_floor"), (int, float))}
         curves.append(figure(*gan_fid_curve(fids, floors, out), reports))
@@ -159,7 +198,9 @@ def evaluation_rows(root: Path) -> tuple[list[list[dict]], str | None]:
     """The evaluate stage's pictures that exist, row by row, and a note naming those that don't."""
     rows, missing = [], []
     for row in EVALUATION_FIGURES:
-        present = [figure(root / FIGURES / n, caption, root / REPORTS) for n, caption in row if (root / FIGURES / n).exists()]
+        present = [
+            figure(root / FIGURES / n, caption, root / REPORTS) for n, caption in row if (root / FIGURES / n).exists()
+        ]
         missing += [name for name, _ in row if not (root / FIGURES / name).exists()]
         if present:
             rows.append(present)
@@ -183,8 +224,13 @@ def gan_pictures(root: Path, name: str) -> dict:
 
 def datasets(manifest: dict) -> list[dict]:
     return [
-        {"name": name, "train": count(e.get("train")), "test": count(e.get("test")), "sha256": e.get("sha256", DASH),
-         "files": e.get("files") or {}}
+        {
+            "name": name,
+            "train": count(e.get("train")),
+            "test": count(e.get("test")),
+            "sha256": e.get("sha256", DASH),
+            "files": e.get("files") or {},
+        }
         for name, e in manifest.items()
     ]
 
@@ -198,37 +244,76 @@ def ssl_section(root: Path, params: Params, probe: dict | None, cnn: dict | None
         return None
     s, full = params.ssl, Params().ssl
     arch = s.layout()
-    reduced = s.train_fraction < 1 or s.epochs < full.epochs or params.data.train_fraction < 1 or params.data.test_fraction < 1
+    reduced = (
+        s.train_fraction < 1
+        or s.epochs < full.epochs
+        or params.data.train_fraction < 1
+        or params.data.test_fraction < 1
+    )
     val = "probe_val" in probe
     rows = [
-        ["SimCLR encoder, frozen (pretrain-ssl → linear-probe)", pct(probe["probe_test"]), pct(probe["knn_test"]),
-         *([pct(probe["probe_val"])] if val else [])],
-        ["Same architecture, random weights, frozen (the from-scratch floor)", pct(probe["random_probe_test"]),
-         pct(probe["random_knn_test"]), *([pct(probe["random_probe_val"])] if val else [])],
+        [
+            "SimCLR encoder, frozen (pretrain-ssl → linear-probe)",
+            pct(probe["probe_test"]),
+            pct(probe["knn_test"]),
+            *([pct(probe["probe_val"])] if val else []),
+        ],
+        [
+            "Same architecture, random weights, frozen (the from-scratch floor)",
+            pct(probe["random_probe_test"]),
+            pct(probe["random_knn_test"]),
+            *([pct(probe["random_probe_val"])] if val else []),
+        ],
     ]
     counterpart = s.counterpart
     same = params.classifier(counterpart).layout() == s.layout()
     if cnn is not None:
-        note = "same architecture" if same else f"a different architecture: set {counterpart}.arch (and widths) to match ssl's"
-        rows.append([f"Supervised, trained end to end (train-{counterpart}, {note})", pct(cnn.get("test_acc")), DASH,
-                     *([pct(cnn.get("val_acc"))] if val else [])])
-    header = ["Encoder", "Linear probe, test", f"k-NN (k={params.probe.knn_k}), test", *(["Linear probe, validation"] if val else [])]
+        note = (
+            "same architecture"
+            if same
+            else f"a different architecture: set {counterpart}.arch (and widths) to match ssl's"
+        )
+        rows.append(
+            [
+                f"Supervised, trained end to end (train-{counterpart}, {note})",
+                pct(cnn.get("test_acc")),
+                DASH,
+                *([pct(cnn.get("val_acc"))] if val else []),
+            ]
+        )
+    header = [
+        "Encoder",
+        "Linear probe, test",
+        f"k-NN (k={params.probe.knn_k}), test",
+        *(["Linear probe, validation"] if val else []),
+    ]
     history = read_csv(root / METRICS / "ssl" / "history.csv", ("epoch", "loss"))
     curve = None
     if history is not None:
+
         def draw(ax):
             sns.lineplot(data=history, x="epoch", y="loss", marker="o", ax=ax, color=COLOURS[LABELS[s.counterpart]])
             ax.set(title="SimCLR pre-training loss", ylabel="NT-Xent loss")
 
-        curve = figure(_figure(root / CURVES / "ssl_loss.png", draw), "SimCLR pre-training loss (NT-Xent) per epoch", root / REPORTS)
+        curve = figure(
+            _figure(root / CURVES / "ssl_loss.png", draw),
+            "SimCLR pre-training loss (NT-Xent) per epoch",
+            root / REPORTS,
+        )
     study = (read_json(root / SSL_SIZE_STUDY) or {}).get("runs", [])
     size_study = None
     if len(study) >= 2:
         chart = ssl_size_chart(study, root / CURVES / "ssl_size.png")
-        size_study = figure(chart, f"Pre-training-set-size study: {len(study)} runs recorded in {SSL_SIZE_STUDY.as_posix()}", root / REPORTS)
+        size_study = figure(
+            chart,
+            f"Pre-training-set-size study: {len(study)} runs recorded in {SSL_SIZE_STUDY.as_posix()}",
+            root / REPORTS,
+        )
     configuration = cell(
-        f"{arch}, {pretrained.get('train_images', 0):,} pre-training images · {pretrained.get('epochs')}/{full.epochs} epochs · "
-        f"batch {s.batch_size}, temperature {s.temperature}", badge="reduced" if reduced else None,
+        f"{arch}, {pretrained.get('train_images', 0):,} pre-training images · "
+        f"{pretrained.get('epochs')}/{full.epochs} epochs · "
+        f"batch {s.batch_size}, temperature {s.temperature}",
+        badge="reduced" if reduced else None,
     )
     return {"table": table(header, rows), "curve": curve, "size_study": size_study, "configuration": configuration}
 
@@ -260,19 +345,30 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "params_sha": params.digest()[:12],
         "any_reduced": any_reduced,
         "absent": absent,
-        "summary": table(["Model", "Parameters", "Result", "Configuration", "Training time", "Device", "MLflow run"], rows),
+        "summary": table(
+            ["Model", "Parameters", "Result", "Configuration", "Training time", "Device", "MLflow run"], rows
+        ),
         "stores": stores,
-        "comparison": comparison_table(compared) if (compared := {m: c for m, c in classifiers.items() if m in REFERENCE}) else None,
+        "comparison": comparison_table(compared)
+        if (compared := {m: c for m, c in classifiers.items() if m in REFERENCE})
+        else None,
         "champion": read_champion(root),
         "no_champion": why_no_champion(read_records(root)[0]),
         "reference_scale": reference_scale_table(reference_runs),
         "reference_scale_epochs": reference_scale_epochs(reference_runs),
-        "reference_scale_curves": [figure(p, c, root / REPORTS) for p, c in reference_scale_curves(reference_runs, root / CURVES)],
+        "reference_scale_curves": [
+            figure(p, c, root / REPORTS) for p, c in reference_scale_curves(reference_runs, root / CURVES)
+        ],
         "reference_scale_grids": [figure(p, c, root / REPORTS) for p, c in grids],
         "reference_scale_notes": grid_notes,
         # R3 trained its families' default architectures on CIFAR-10: other settings are not its comparison.
-        "r3_mismatch": bool(classifiers) and (params.data.classifier_dataset != "cifar10" or any(
-            params.classifier(m).architecture() != type(params.classifier(m))().architecture() for m in classifiers)),
+        "r3_mismatch": bool(classifiers)
+        and (
+            params.data.classifier_dataset != "cifar10"
+            or any(
+                params.classifier(m).architecture() != type(params.classifier(m))().architecture() for m in classifiers
+            )
+        ),
         "curves": curves,
         "curve_notes": curve_notes,
         "evaluation_table": evaluation_table(evaluation),
@@ -289,7 +385,11 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "runs": {LABELS[m]: r for m, r in runs.items() if r},
         "max_frames": MAX_FRAMES,
     }
-    ssl_numbers = {f"ssl.{k}": float(v) for k, v in (probe or {}).items() if k.endswith(("_test", "_val")) and isinstance(v, (int, float))}
+    ssl_numbers = {
+        f"ssl.{k}": float(v)
+        for k, v in (probe or {}).items()
+        if k.endswith(("_test", "_val")) and isinstance(v, (int, float))
+    }
     return ctx, {**key_numbers_of(classifiers, gans, judge, evaluation), **ssl_numbers}
 
 
@@ -330,7 +430,11 @@ def render(kind: str, ctx: dict) -> str:
     """The page from templates/report.<kind>.j2 ("md" or "html"); only HTML escapes what it inserts."""
     html = kind == "html"
     env = Environment(
-        loader=FileSystemLoader(TEMPLATES), autoescape=html, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=html,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
         undefined=StrictUndefined,  # a context key the templates expect but context() forgot fails loudly
     )
     env.filters.update(cell=html_cell if html else md_cell, data_uri=data_uri, markdown=markdown_to_html)

@@ -103,14 +103,20 @@ def gan_loss_curve(name: str, history: pd.DataFrame, out: Path) -> tuple[Path, s
 
 def gan_fid_curve(fids: dict[str, pd.DataFrame], floors: dict[str, float], out: Path) -> tuple[Path, str]:
     def draw(ax):
-        curves = [(LABELS[g], COLOURS[LABELS[g]], curve["epoch"], curve["fid"], floors.get(g)) for g, curve in fids.items()]
+        curves = [
+            (LABELS[g], COLOURS[LABELS[g]], curve["epoch"], curve["fid"], floors.get(g)) for g, curve in fids.items()
+        ]
         fid_lines(ax, curves, "FID during training (dashed: real-vs-real floor)")
 
     return _figure(out / "gan_fid.png", draw), "FID (judge features) during training"
 
 
 def class_histogram_chart(gans: dict[str, dict], out: Path) -> tuple[Path, str]:
-    rows = [{"digit": str(d), "GAN": LABELS[g], "samples": c} for g, m in gans.items() for d, c in enumerate(m["class_histogram"])]
+    rows = [
+        {"digit": str(d), "GAN": LABELS[g], "samples": c}
+        for g, m in gans.items()
+        for d, c in enumerate(m["class_histogram"])
+    ]
     palette = {LABELS[g]: COLOURS[LABELS[g]] for g in gans}
 
     def draw(ax):
@@ -136,22 +142,47 @@ def reference_scale_curves(results: dict[str, dict], out: Path) -> list[tuple[Pa
         for m, label, r in classifiers:
             epochs = [row["epoch"] for row in r["history"]]
             style = {"color": COLOURS[LABELS[m]], "alpha": 1.0 if label == LABELS[m] else 0.45}
-            ax.plot(epochs, [100 * row["test_acc"] for row in r["history"]], marker="o", ms=3, label=f"{label} test", **style)
+            ax.plot(
+                epochs,
+                [100 * row["test_acc"] for row in r["history"]],
+                marker="o",
+                ms=3,
+                label=f"{label} test",
+                **style,
+            )
             ax.plot(epochs, [100 * row["train_acc"] for row in r["history"]], ls=":", label=f"{label} train", **style)
         for m in models:
             if by_epoch := REFERENCE.get(m, {}).get("train_acc_by_epoch"):
-                ax.plot(list(by_epoch), [100 * a for a in by_epoch.values()], "x", color="black", label=f"R3 {LABELS[m]} train")
-        ax.set(title="Reference scale: accuracy per epoch (band: R3's final test)", xlabel="epoch", ylabel="accuracy (%)")
+                ax.plot(
+                    list(by_epoch),
+                    [100 * a for a in by_epoch.values()],
+                    "x",
+                    color="black",
+                    label=f"R3 {LABELS[m]} train",
+                )
+        ax.set(
+            title="Reference scale: accuracy per epoch (band: R3's final test)", xlabel="epoch", ylabel="accuracy (%)"
+        )
         # Below the axes: inside, its many entries hid the curves wherever matplotlib put them.
         ax.figure.legend(loc="outside lower center", ncol=3)
 
     def fid(ax):
-        curves = [(label, COLOURS[LABELS[m]], [p["epoch"] for p in r["fid_curve"]], [p["fid"] for p in r["fid_curve"]], r.get("fid_floor"))
-                  for m, label, r in fids]
+        curves = [
+            (
+                label,
+                COLOURS[LABELS[m]],
+                [p["epoch"] for p in r["fid_curve"]],
+                [p["fid"] for p in r["fid_curve"]],
+                r.get("fid_floor"),
+            )
+            for m, label, r in fids
+        ]
         fid_lines(ax, curves, "Reference scale: FID during training (dashed: floor)")
 
     if classifiers:
-        curves.append((_figure(out / "reference_scale_accuracy.png", accuracy), "Reference-scale runs: accuracy per epoch"))
+        curves.append(
+            (_figure(out / "reference_scale_accuracy.png", accuracy), "Reference-scale runs: accuracy per epoch")
+        )
     if fids:
         curves.append((_figure(out / "reference_scale_fid.png", fid), "Reference-scale GAN runs: FID during training"))
     return curves
@@ -167,26 +198,39 @@ def reference_scale_grids(results: dict[str, dict], root: Path) -> tuple[list[tu
         if (root / r["grid"]).exists():
             grids.append((root / r["grid"], f"{label} at reference scale: 100 samples after {r['epochs']} epochs"))
         else:
-            notes.append(f"{r['grid']} is missing: no {label} grid (reference_scale.json names it; "
-                         "`reference_scale.py record` keeps it there).")
+            notes.append(
+                f"{r['grid']} is missing: no {label} grid (reference_scale.json names it; "
+                "`reference_scale.py record` keeps it there)."
+            )
     return grids, notes
 
 
-SSL_SIZE_SERIES = {"probe_test": "SimCLR encoder, linear probe", "knn_test": "SimCLR encoder, k-NN",
-                   "random_probe_test": "random weights, linear probe (floor)"}
+SSL_SIZE_SERIES = {
+    "probe_test": "SimCLR encoder, linear probe",
+    "knn_test": "SimCLR encoder, k-NN",
+    "random_probe_test": "random weights, linear probe (floor)",
+}
 
 
 def ssl_size_chart(rows: list[dict], path: Path) -> Path:
     """Test accuracy against the number of pre-training images, one line per SSL_SIZE_SERIES (the
     pre-training-set-size study: `reprovision study --ssl-size` draws it, the report too once recorded)."""
     table = pd.DataFrame(rows)
-    long = table.melt(id_vars=["ssl_train_images"], value_vars=[k for k in SSL_SIZE_SERIES if k in table],
-                      var_name="encoder", value_name="acc").dropna()
+    long = table.melt(
+        id_vars=["ssl_train_images"],
+        value_vars=[k for k in SSL_SIZE_SERIES if k in table],
+        var_name="encoder",
+        value_name="acc",
+    ).dropna()
     long = long.assign(encoder=long["encoder"].map(SSL_SIZE_SERIES), acc=100 * long["acc"])
 
     def draw(ax):
         sns.lineplot(long, x="ssl_train_images", y="acc", hue="encoder", style="encoder", marker="o", ax=ax)
-        ax.set(title="Test accuracy vs pre-training images", xlabel="images SimCLR pre-trained on", ylabel="test accuracy (%)")
+        ax.set(
+            title="Test accuracy vs pre-training images",
+            xlabel="images SimCLR pre-trained on",
+            ylabel="test accuracy (%)",
+        )
         ax.legend(title=None)
 
     return _figure(path, draw)

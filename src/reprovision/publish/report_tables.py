@@ -43,7 +43,9 @@ def approx(value: float | tuple[float, float] | None, scale: float = 1.0, unit: 
     return f"~{value * scale:g}{unit}"
 
 
-def cell(text: str, ref: str | None = None, href: str | None = None, code: bool = False, badge: str | None = None) -> dict:
+def cell(
+    text: str, ref: str | None = None, href: str | None = None, code: bool = False, badge: str | None = None
+) -> dict:
     """A table cell: our value, the reference beside it, an optional link or badge."""
     return {"text": text, "ref": ref, "href": href, "code": code, "badge": badge}
 
@@ -76,18 +78,31 @@ def reference_scale_table(results: dict[str, dict]) -> dict | None:
                 quality = f"FID {fixed(r['fid'])} (floor {fixed(r['fid_floor'])}), IS {fixed(r['inception_score'])}; "
             elif r.get("fid_curve"):  # under way: the final FID comes at the end; the curve's latest point
                 during = r["fid_curve"][-1]
-                quality = f"FID {fixed(during['fid'])} at epoch {during['epoch']} (N = {r['fid_curve_n']:,}, during training); "
+                n = r["fid_curve_n"]
+                quality = f"FID {fixed(during['fid'])} at epoch {during['epoch']} (N = {n:,}, during training); "
             else:
                 quality = ""
             result = cell(
                 f"{quality}D {fixed(last['d_loss'], 3)} / G {fixed(last['g_loss'], 3)}",
                 ref=f"{ref['source']}: D {ref['d_loss']} / G {ref['g_loss']} ({ref['at']}), no quality metric",
             )
-        epochs = f"{r['epochs']}" + (f" of {r['epochs_planned']}" if r.get("epochs_planned", r["epochs"]) != r["epochs"] else "")
+        epochs = f"{r['epochs']}" + (
+            f" of {r['epochs_planned']}" if r.get("epochs_planned", r["epochs"]) != r["epochs"] else ""
+        )
         # A run under way (or stopped for good) has been paused and resumed: its wall time is no training time.
         seconds = r["status"] if r.get("status") in ("under way", "stopped") else f"{r['seconds'] / 60:.0f} min"
-        rows.append([label, epochs, count(r["train_images"]), r["precision"], str(r["threads"]), result,
-                     seconds, cell(r["git_commit"][:12], code=True)])
+        rows.append(
+            [
+                label,
+                epochs,
+                count(r["train_images"]),
+                r["precision"],
+                str(r["threads"]),
+                result,
+                seconds,
+                cell(r["git_commit"][:12], code=True),
+            ]
+        )
     header = ["Model", "Epochs", "Train images", "Precision", "Threads", "Result", "Training time", "Commit"]
     return table(header, rows) if rows else None
 
@@ -105,10 +120,12 @@ def reference_scale_epochs(results: dict[str, dict]) -> dict | None:
             if model in CLASSIFIERS:
                 ours, theirs = f"train acc {pct(row['train_acc'])}", pct(figure)
             else:
-                ours, theirs = f"D {fixed(row['d_loss'], 3)} / G {fixed(row['g_loss'], 3)}", f"D {figure[0]} / G {figure[1]}"
+                ours, theirs = (
+                    f"D {fixed(row['d_loss'], 3)} / G {fixed(row['g_loss'], 3)}",
+                    f"D {figure[0]} / G {figure[1]}",
+                )
             rows.append([label, str(row["epoch"]), cell(ours, ref=f"{ref['source']}: {theirs}")])
     return table(["Model", "Epoch", "Result"], rows) if rows else None
-
 
 
 def run_link(ref: dict | None) -> tuple[dict | str, dict | None]:
@@ -120,7 +137,10 @@ def run_link(ref: dict | None) -> tuple[dict | str, dict | None]:
     if uri.startswith(("http://", "https://")):
         href = f"{uri.rstrip('/')}/#/experiments/{ref['experiment_id']}/runs/{ref['run_id']}"
         return cell(ref.get("run_name", "run"), href=href), None
-    store = {"command": f"mlflow ui --backend-store-uri {uri}", "url": track.training_runs_url(track.LOCAL_UI, ref["experiment_id"])}
+    store = {
+        "command": f"mlflow ui --backend-store-uri {uri}",
+        "url": track.training_runs_url(track.LOCAL_UI, ref["experiment_id"]),
+    }
     return cell(ref["run_id"], code=True), store
 
 
@@ -151,24 +171,37 @@ def scale_of(model: str, params: Params, metrics: dict) -> tuple[str, bool]:
     return " · ".join(parts), reduced
 
 
-def summary_rows(params: Params, results: dict[str, dict], runs: dict[str, dict | None]) -> tuple[list[list], list[str], bool]:
+def summary_rows(
+    params: Params, results: dict[str, dict], runs: dict[str, dict | None]
+) -> tuple[list[list], list[str], bool]:
     """One row per model, the `mlflow ui` commands of local stores, and whether any run was reduced."""
     rows, stores, any_reduced = [], [], False
     for model, m in results.items():
         ref = REFERENCE.get(model, {})
         source = ref.get("source", "")
-        if model in CLASSIFIERS:  # a family without a reference (README "Add a model family") shows its own numbers only
+        if (
+            model in CLASSIFIERS
+        ):  # a family without a reference (README "Add a model family") shows its own numbers only
             size = cell(count(m.get("params")), ref=f"{source}: {count(ref['params'])}" if ref else None)
-            result = cell(f"test acc {pct(m.get('test_acc'))}", ref=f"{source}: {approx(ref['test_acc'], 100, '%')}" if ref else None)
+            result = cell(
+                f"test acc {pct(m.get('test_acc'))}",
+                ref=f"{source}: {approx(ref['test_acc'], 100, '%')}" if ref else None,
+            )
             time = cell(
                 f"{seconds(m.get('train_seconds'))} · {fixed(m.get('s_per_epoch'), 1)} s/epoch",
-                ref=f"{source}: {approx(ref['train_seconds'], unit=' s')} · {approx(ref['s_per_epoch'], unit=' s/epoch')}"
-                if ref else None,
+                ref=f"{source}: {approx(ref['train_seconds'], unit=' s')} · "
+                f"{approx(ref['s_per_epoch'], unit=' s/epoch')}"
+                if ref
+                else None,
             )
         elif model in GANS:
             # No-break spaces keep "G 1,496,592" on one line when the cell wraps.
-            size = cell(f"G\u00a0{count(m.get('g_params'))} · D\u00a0{count(m.get('d_params'))}",
-                        ref=f"{source}: G\u00a0{count(ref['g_params'])} · D\u00a0{count(ref['d_params'])}" if "g_params" in ref else None)
+            size = cell(
+                f"G\u00a0{count(m.get('g_params'))} · D\u00a0{count(m.get('d_params'))}",
+                ref=f"{source}: G\u00a0{count(ref['g_params'])} · D\u00a0{count(ref['d_params'])}"
+                if "g_params" in ref
+                else None,
+            )
             result = cell(
                 f"FID {fixed(m.get('fid'))} (floor {fixed(m.get('fid_floor'))}) · IS {fixed(m.get('inception_score'))} "
                 f"· D {fixed(m.get('d_loss'), 3)}, G {fixed(m.get('g_loss'), 3)}",
@@ -199,7 +232,11 @@ def comparison_table(classifiers: dict[str, dict]) -> dict:
         ("Parameters", lambda m: count(m.get("params")), lambda r: count(r["params"])),
         ("Test accuracy", lambda m: pct(m.get("test_acc")), lambda r: approx(r["test_acc"], 100, "%")),
         ("Seconds / epoch", lambda m: fixed(m.get("s_per_epoch"), 1), lambda r: approx(r["s_per_epoch"])),
-        ("Total training time", lambda m: seconds(m.get("train_seconds")), lambda r: approx(r["train_seconds"], unit=" s")),
+        (
+            "Total training time",
+            lambda m: seconds(m.get("train_seconds")),
+            lambda r: approx(r["train_seconds"], unit=" s"),
+        ),
     ]
     rows = []
     for name, ours, theirs in quantities:
@@ -214,7 +251,12 @@ def evaluation_table(evaluation: dict) -> dict | None:
     scores = {m: s for m, s in (evaluation.get("classifiers") or {}).items() if isinstance(s, dict)}
     if not scores:
         return None
-    keys = {"accuracy": "Accuracy", "macro_precision": "Macro precision", "macro_recall": "Macro recall", "macro_f1": "Macro F1"}
+    keys = {
+        "accuracy": "Accuracy",
+        "macro_precision": "Macro precision",
+        "macro_recall": "Macro recall",
+        "macro_f1": "Macro F1",
+    }
     rows = [[LABELS.get(m, m), *[pct(s.get(k)) for k in keys]] for m, s in scores.items()]
     return table(["Model", *keys.values()], rows)
 
@@ -222,9 +264,15 @@ def evaluation_table(evaluation: dict) -> dict | None:
 def gan_quality_table(gans: dict[str, dict]) -> dict:
     header = ["GAN", "FID ↓", "FID floor (real vs real)", "IS ↑", "IS of real images", "KL from uniform ↓", "n"]
     rows = [
-        [LABELS[g], fixed(m.get("fid")), fixed(m.get("fid_floor")),
-         f"{fixed(m.get('inception_score'))}\u00a0±\u00a0{fixed(m.get('inception_score_std'))}",
-         fixed(m.get("inception_score_real")), fixed(m.get("kl_uniform"), 4), count(m.get("n"))]
+        [
+            LABELS[g],
+            fixed(m.get("fid")),
+            fixed(m.get("fid_floor")),
+            f"{fixed(m.get('inception_score'))}\u00a0±\u00a0{fixed(m.get('inception_score_std'))}",
+            fixed(m.get("inception_score_real")),
+            fixed(m.get("kl_uniform"), 4),
+            count(m.get("n")),
+        ]
         for g, m in gans.items()
     ]
     return table(header, rows)
@@ -233,7 +281,15 @@ def gan_quality_table(gans: dict[str, dict]) -> dict:
 def key_numbers_of(classifiers: dict, gans: dict, judge: dict | None, evaluation: dict) -> dict[str, float]:
     """The headline numbers, flat (`vit.test_acc`): returned, and logged as MLflow metrics."""
     classifier_keys = ("test_acc", "val_acc", "best_val_acc", "params", "s_per_epoch", "train_seconds")
-    gan_keys = ("fid", "fid_floor", "inception_score", "inception_score_real", "kl_uniform", "s_per_epoch", "total_seconds")
+    gan_keys = (
+        "fid",
+        "fid_floor",
+        "inception_score",
+        "inception_score_real",
+        "kl_uniform",
+        "s_per_epoch",
+        "total_seconds",
+    )
     numbers = {f"{m}.{k}": metrics[k] for m, metrics in classifiers.items() for k in classifier_keys if k in metrics}
     numbers |= {f"{g}.{k}": metrics[k] for g, metrics in gans.items() for k in gan_keys if k in metrics}
     for m, scores in (evaluation.get("classifiers") or {}).items():

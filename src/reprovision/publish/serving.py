@@ -6,7 +6,7 @@ Each is logged in MLflow's pt2 format (a `torch.export` graph): `mlflow.pyfunc.l
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -10,15 +10,21 @@ from reprovision.layout import CLASSIFIERS, STUDY
 
 
 def _server(args: argparse.Namespace) -> int:
-    from reprovision.tools import server
     from reprovision.core.track import project_root, server_uri
+    from reprovision.tools import server
 
     if args.action == "start":
         try:
-            print(server.start(
-                port=args.port, host=args.host, backend_store_uri=args.backend_store_uri,
-                artifacts_destination=args.artifacts_destination, auth=args.auth, auth_database_uri=args.auth_database_uri,
-            ))
+            print(
+                server.start(
+                    port=args.port,
+                    host=args.host,
+                    backend_store_uri=args.backend_store_uri,
+                    artifacts_destination=args.artifacts_destination,
+                    auth=args.auth,
+                    auth_database_uri=args.auth_database_uri,
+                )
+            )
         except server.ServerError as err:
             print(f"reprovision mlflow-server: {err}", file=sys.stderr)
             return 2
@@ -49,7 +55,9 @@ def _fractions(text: str) -> list[float]:
     try:
         return [float(item) for item in _csv(text)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers in (0, 1], e.g. 0.1,0.25,0.5,1.0") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated numbers in (0, 1], e.g. 0.1,0.25,0.5,1.0"
+        ) from None
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -62,7 +70,9 @@ def _study(args: argparse.Namespace) -> int:
             table = study.collect_probe_runs(_csv(args.exp_names), args.since)
             print(f"study: {study.write_ssl_size_study(table, Path(args.out), record=args.record)}")
         else:
-            print(f"study: {study.run_study(Path(args.out), args.name, _csv(args.x), _csv(args.exp_names), args.since)}")
+            print(
+                f"study: {study.run_study(Path(args.out), args.name, _csv(args.x), _csv(args.exp_names), args.since)}"
+            )
     except study.StudyError as err:
         print(f"reprovision study: {err}", file=sys.stderr)
         return 2
@@ -73,7 +83,9 @@ def _tune(args: argparse.Namespace) -> int:
     from reprovision.tools import tune
 
     try:
-        tune.tune(args.model, args.trials, args.epochs, args.set, args.timeout, args.name, args.seed, storage=args.storage)
+        tune.tune(
+            args.model, args.trials, args.epochs, args.set, args.timeout, args.name, args.seed, storage=args.storage
+        )
     except tune.TuneError as err:
         print(f"reprovision tune: {err}", file=sys.stderr)
         return 2
@@ -92,14 +104,17 @@ def _exp_worker(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from reprovision.publish import registry
     from reprovision.core import track
+    from reprovision.publish import registry
 
     root = track.project_root()
     champion = registry.read_champion(root)
     if champion is None or not champion.version:
         reason = registry.why_no_champion(registry.read_records(root)[0])
-        print(f"reprovision promote: {reason or 'no registered ViT and CNN here: run the pipeline first (`dvc repro`)'}", file=sys.stderr)
+        print(
+            f"reprovision promote: {reason or 'no registered ViT and CNN here: run the pipeline first (`dvc repro`)'}",
+            file=sys.stderr,
+        )
         return 2
     registry.promote(champion)
     print(f"champion: {champion.sentence()}\n{champion.uri}")
@@ -110,73 +125,160 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reprovision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    srv = sub.add_parser("mlflow-server", help="start/stop the MLflow server used for parallel experiments or by a team",
-                         description="Default: the repository's mlflow.db and mlartifacts/ on 127.0.0.1, no login. "
-                         "A team server: --host <LAN address> --port 5000 --auth --backend-store-uri postgresql+psycopg://... "
-                         "--artifacts-destination s3://... (see src/reprovision/tools/server.py and README 'Team setup').")
+    srv = sub.add_parser(
+        "mlflow-server",
+        help="start/stop the MLflow server used for parallel experiments or by a team",
+        description="Default: the repository's mlflow.db and mlartifacts/ on 127.0.0.1, no login. "
+        "A team server: --host <LAN address> --port 5000 --auth --backend-store-uri postgresql+psycopg://... "
+        "--artifacts-destination s3://... (see src/reprovision/tools/server.py and README 'Team setup').",
+    )
     srv.add_argument("action", choices=["start", "stop", "status"])
     srv.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
-    srv.add_argument("--host", default="127.0.0.1",
-                     help="address to bind (default 127.0.0.1, this machine only); a team server binds its LAN address")
-    srv.add_argument("--backend-store-uri", metavar="URI",
-                     help="runs, params, metrics: e.g. postgresql+psycopg://mlflow@db.lan:5432/mlflow (default: the repo's sqlite mlflow.db)")
-    srv.add_argument("--artifacts-destination", metavar="URI",
-                     help="where the server puts artifacts, e.g. s3://bucket/mlartifacts with the server's own "
-                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and MLFLOW_S3_ENDPOINT_URL for S3-compatible storage); "
-                     "clients need no storage credentials (default: the repo's mlartifacts/)")
-    srv.add_argument("--auth", action="store_true",
-                     help="require a login (MLflow's basic-auth app); the admin account comes from "
-                     "MLFLOW_AUTH_ADMIN_USERNAME and MLFLOW_AUTH_ADMIN_PASSWORD in the environment")
-    srv.add_argument("--auth-database-uri", metavar="URI",
-                     help="with --auth: MLflow's user and permission database (default: sqlite .mlflow-server/basic_auth.db)")
+    srv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1, this machine only); a team server binds its LAN address",
+    )
+    srv.add_argument(
+        "--backend-store-uri",
+        metavar="URI",
+        help="runs, params, metrics: e.g. postgresql+psycopg://mlflow@db.lan:5432/mlflow "
+        "(default: the repo's sqlite mlflow.db)",
+    )
+    srv.add_argument(
+        "--artifacts-destination",
+        metavar="URI",
+        help="where the server puts artifacts, e.g. s3://bucket/mlartifacts with the server's own "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and MLFLOW_S3_ENDPOINT_URL for S3-compatible storage); "
+        "clients need no storage credentials (default: the repo's mlartifacts/)",
+    )
+    srv.add_argument(
+        "--auth",
+        action="store_true",
+        help="require a login (MLflow's basic-auth app); the admin account comes from "
+        "MLFLOW_AUTH_ADMIN_USERNAME and MLFLOW_AUTH_ADMIN_PASSWORD in the environment",
+    )
+    srv.add_argument(
+        "--auth-database-uri",
+        metavar="URI",
+        help="with --auth: MLflow's user and permission database (default: sqlite .mlflow-server/basic_auth.db)",
+    )
     srv.set_defaults(func=_server)
 
-    rep = sub.add_parser("reproduce", help="train a recorded MLflow run again from its commit and params (in a temp clone) and compare")
+    rep = sub.add_parser(
+        "reproduce", help="train a recorded MLflow run again from its commit and params (in a temp clone) and compare"
+    )
     rep.add_argument("run_id")
     rep.add_argument("--dry-run", action="store_true", help="print what would be replayed only")
     rep.set_defaults(func=_reproduce)
 
-    std = sub.add_parser("study", help="tabulate and plot the classifier runs of a study (reads MLflow)",
-                         description="Examples: reprovision study --since 2025-06-01T14:30 | "
-                         "reprovision study --exp-names 'tune-vit-*' | reprovision study --queue-data-size --dry-run")
+    std = sub.add_parser(
+        "study",
+        help="tabulate and plot the classifier runs of a study (reads MLflow)",
+        description="Examples: reprovision study --since 2025-06-01T14:30 | "
+        "reprovision study --exp-names 'tune-vit-*' | reprovision study --queue-data-size --dry-run",
+    )
     std.add_argument("--name", default="study", help="title of the report")
     std.add_argument("--out", default=str(STUDY), help="folder for study.md, study.csv and the plots")
-    std.add_argument("--x", default="lr,weight_decay,train_fraction", help="run params to plot accuracy against, comma-separated")
-    std.add_argument("--exp-names", default="", help="only these DVC experiments, comma-separated; shell patterns allowed ('tune-vit-*')")
-    std.add_argument("--since", help="only runs started at or after this ISO time (2025-06-01T14:30) or this MLflow run id's start")
-    std.add_argument("--queue-data-size", action="store_true", help="instead: queue the data-size study (R4) with `dvc exp run --queue`")
-    std.add_argument("--queue-ssl-size", action="store_true", help="instead: queue the pre-training-set-size study (R4's SSL: ssl.train_fraction)")
-    std.add_argument("--ssl-size", action="store_true", help="instead: linear-probe accuracy vs pre-training images, from the linear-probe runs")
-    std.add_argument("--record", action="store_true", help="with --ssl-size: also write benchmarks/ssl_size_study.json, which the report shows")
-    std.add_argument("--fractions", type=_fractions, default="0.1,0.25,0.5,1.0", help="fractions for --queue-data-size / --queue-ssl-size")
-    std.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every queued experiment (repeatable)")
+    std.add_argument(
+        "--x", default="lr,weight_decay,train_fraction", help="run params to plot accuracy against, comma-separated"
+    )
+    std.add_argument(
+        "--exp-names",
+        default="",
+        help="only these DVC experiments, comma-separated; shell patterns allowed ('tune-vit-*')",
+    )
+    std.add_argument(
+        "--since", help="only runs started at or after this ISO time (2025-06-01T14:30) or this MLflow run id's start"
+    )
+    std.add_argument(
+        "--queue-data-size",
+        action="store_true",
+        help="instead: queue the data-size study (R4) with `dvc exp run --queue`",
+    )
+    std.add_argument(
+        "--queue-ssl-size",
+        action="store_true",
+        help="instead: queue the pre-training-set-size study (R4's SSL: ssl.train_fraction)",
+    )
+    std.add_argument(
+        "--ssl-size",
+        action="store_true",
+        help="instead: linear-probe accuracy vs pre-training images, from the linear-probe runs",
+    )
+    std.add_argument(
+        "--record",
+        action="store_true",
+        help="with --ssl-size: also write benchmarks/ssl_size_study.json, which the report shows",
+    )
+    std.add_argument(
+        "--fractions",
+        type=_fractions,
+        default="0.1,0.25,0.5,1.0",
+        help="fractions for --queue-data-size / --queue-ssl-size",
+    )
+    std.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra override for every queued experiment (repeatable)",
+    )
     std.add_argument("--dry-run", action="store_true", help="with --queue-*-size: print the commands, queue nothing")
     std.set_defaults(func=_study)
 
-    tun = sub.add_parser("tune", help="Optuna search of lr, weight decay, label smoothing; one DVC experiment per trial")
+    tun = sub.add_parser(
+        "tune", help="Optuna search of lr, weight decay, label smoothing; one DVC experiment per trial"
+    )
     tun.add_argument("--model", required=True, choices=CLASSIFIERS)
     tun.add_argument("--trials", type=int, required=True, help="number of trials (each a `dvc exp run`)")
     tun.add_argument("--epochs", type=int, help="epochs per trial (default: params.yaml)")
-    tun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra `-S` override for every trial (repeatable)")
+    tun.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra `-S` override for every trial (repeatable)",
+    )
     tun.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
-    tun.add_argument("--name", help="study name; trials are DVC experiments tune-<name>-<k> (default: <model>-<MMDD-HHMM>)")
+    tun.add_argument(
+        "--name", help="study name; trials are DVC experiments tune-<name>-<k> (default: <model>-<MMDD-HHMM>)"
+    )
     tun.add_argument("--seed", type=int, default=0, help="seed of Optuna's TPE sampler")
-    tun.add_argument("--storage", help="the study's database URL (default: sqlite:///optuna.db here); the same --name resumes it")
+    tun.add_argument(
+        "--storage", help="the study's database URL (default: sqlite:///optuna.db here); the same --name resumes it"
+    )
     tun.set_defaults(func=_tune)
 
-    wrk = sub.add_parser("exp-worker", help="on any machine: clone the origin, run one DVC experiment, push it and its run-cache back",
-                         description="Example: reprovision exp-worker --origin git@git.lan:team/reprovision.git -n lr-4e-4 -S lr=4e-4. "
-                         "Stages a teammate already ran come from the DVC remote's run-cache; get the result anywhere with "
-                         "`dvc exp pull origin <name>`. deploy/ has a SLURM array and a Kubernetes Job running it.")
-    wrk.add_argument("--origin", required=True, help="the team's git repository (URL or path), with a DVC remote configured")
+    wrk = sub.add_parser(
+        "exp-worker",
+        help="on any machine: clone the origin, run one DVC experiment, push it and its run-cache back",
+        description="Example: reprovision exp-worker --origin git@git.lan:team/reprovision.git -n lr-4e-4 -S lr=4e-4. "
+        "Stages a teammate already ran come from the DVC remote's run-cache; get the result anywhere with "
+        "`dvc exp pull origin <name>`. deploy/ has a SLURM array and a Kubernetes Job running it.",
+    )
+    wrk.add_argument(
+        "--origin", required=True, help="the team's git repository (URL or path), with a DVC remote configured"
+    )
     wrk.add_argument("-n", "--name", required=True, help="the experiment's name (as `dvc exp run -n`)")
-    wrk.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="param override (repeatable, as `dvc exp run -S`)")
+    wrk.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="param override (repeatable, as `dvc exp run -S`)",
+    )
     wrk.add_argument("--rev", default="main", help="branch or tag of the origin to start from (default: main)")
-    wrk.add_argument("--workdir", type=Path, help="an empty or new folder for the clone (default: a new temporary folder)")
+    wrk.add_argument(
+        "--workdir", type=Path, help="an empty or new folder for the clone (default: a new temporary folder)"
+    )
     wrk.add_argument("targets", nargs="*", help="stages to run (default: the whole pipeline)")
     wrk.set_defaults(func=_exp_worker)
 
-    pro = sub.add_parser("promote", help="set the registry alias `champion` on the better classifier of this checkout (by val_acc)")
+    pro = sub.add_parser(
+        "promote", help="set the registry alias `champion` on the better classifier of this checkout (by val_acc)"
+    )
     pro.set_defaults(func=_promote)
 
     args = parser.parse_args(argv)

@@ -118,7 +118,11 @@ def code_deps(root: Path, cmd: str) -> list[str]:
     """A stage's code deps in dvc.yaml's order: its script, the other stage files, then the library, sorted."""
     script = script_of(cmd)
     files = {str(p.relative_to(root.resolve())) for p in Closure(root).of(root / script)} - {script}
-    return [script, *sorted(f for f in files if f.startswith("stages/")), *sorted(f for f in files if not f.startswith("stages/"))]
+    return [
+        script,
+        *sorted(f for f in files if f.startswith("stages/")),
+        *sorted(f for f in files if not f.startswith("stages/")),
+    ]
 
 
 def token(name: str) -> re.Pattern:
@@ -150,14 +154,24 @@ def write_families(root: Path, text: str) -> str:
     such blocks becomes one per family. Elsewhere, each run of lines that differ only in the family
     they name becomes one line per family. Code deps (`.py`) and comments are left to the code pass."""
     stages = yaml.safe_load(text)["stages"]
-    present = [n[len("train-"):] for n, s in stages.items() if n.startswith("train-") and FAMILY_STAGE_SCRIPT in s.get("deps", [])]
+    present = [
+        n[len("train-") :]
+        for n, s in stages.items()
+        if n.startswith("train-") and FAMILY_STAGE_SCRIPT in s.get("deps", [])
+    ]
     if not present:
-        raise SystemExit(f"deps: dvc.yaml has no train-<family> stage (one running {FAMILY_STAGE_SCRIPT}) to copy: restore one from git")
+        raise SystemExit(
+            f"deps: dvc.yaml has no train-<family> stage (one running {FAMILY_STAGE_SCRIPT}) to copy: "
+            "restore one from git"
+        )
     wanted = classifier_families(root)
     for name in wanted:
         if name not in present and token(name).search(text):
             line = next(line for line in text.splitlines() if token(name).search(line))
-            raise SystemExit(f"deps: the family name {name!r} already means something else in dvc.yaml ({line.strip()!r}): rename its params.yaml section")
+            raise SystemExit(
+                f"deps: the family name {name!r} already means something else in dvc.yaml "
+                f"({line.strip()!r}): rename its params.yaml section"
+            )
     pattern = present[0]
 
     def as_pattern(piece: str, name: str) -> str:
@@ -177,9 +191,12 @@ def write_families(root: Path, text: str) -> str:
                 run.append(parts[i])
                 i += 1
             owners = [families_in(block[0], present)[0] for block in run]
-            template = run[owners.index(pattern)] if pattern in owners else [as_pattern(l, owners[0]) for l in run[0]]
+            if pattern in owners:
+                template = run[owners.index(pattern)]
+            else:
+                template = [as_pattern(line, owners[0]) for line in run[0]]
             for name in wanted:
-                out.extend(token(pattern).sub(name, l) for l in template)
+                out.extend(token(pattern).sub(name, line) for line in template)
             continue
         out.extend(lines_per_family(parts[i], present, as_pattern, per_family))
         i += 1
@@ -196,7 +213,11 @@ def lines_per_family(lines: list[str], present: list[str], as_pattern, per_famil
             i += 1
             continue
         shape = as_pattern(line, named[0])
-        while i < len(lines) and len(named := families_in(lines[i], present)) == 1 and as_pattern(lines[i], named[0]) == shape:
+        while (
+            i < len(lines)
+            and len(named := families_in(lines[i], present)) == 1
+            and as_pattern(lines[i], named[0]) == shape
+        ):
             i += 1
         out.extend(per_family(shape))
     return out
@@ -211,7 +232,11 @@ def rewrite(root: Path, text: str) -> tuple[str, list[str]]:
     its closure; and what changed (stage names, "plots")."""
     new = write_code_deps(root, write_families(root, text))
     before, after = yaml.safe_load(text), yaml.safe_load(new)
-    changed = [name for name in {**before["stages"], **after["stages"]} if before["stages"].get(name) != after["stages"].get(name)]
+    changed = [
+        name
+        for name in {**before["stages"], **after["stages"]}
+        if before["stages"].get(name) != after["stages"].get(name)
+    ]
     changed += ["plots"] if before.get("plots") != after.get("plots") else []
     return (new, changed or ["its layout"]) if new != text else (text, [])
 
@@ -249,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     text, changed = rewrite(args.root, path.read_text())
     if args.check:
-        print(f"deps: not current for {', '.join(changed)}: run `make deps`" if changed else "deps: dvc.yaml is current")
+        print(
+            f"deps: not current for {', '.join(changed)}: run `make deps`" if changed else "deps: dvc.yaml is current"
+        )
         return 1 if changed else 0
     if changed:
         path.write_text(text)

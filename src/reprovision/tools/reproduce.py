@@ -74,20 +74,31 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
         ) from None
     tags = recorded_run.data.tags
     if tags.get("stage") not in ("train-judge", "train-gan", "train-vit", "train-cnn"):
-        raise ReproduceError(f"run {run_id} is a {tags.get('stage', 'untagged')!r} run; reproduce replays training runs")
+        raise ReproduceError(
+            f"run {run_id} is a {tags.get('stage', 'untagged')!r} run; reproduce replays training runs"
+        )
     commit = tags.get("git_commit", "unknown")
-    known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True).returncode == 0
+    known = (
+        subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True).returncode == 0
+    )
     if not known:
         raise ReproduceError(
             f"run {run_id} was made at commit {commit}, which this repository does not have; "
             f"`git fetch` the branch that has it, then run this again"
         )
-    params = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RESOLVED_PARAMS, tracking_uri=uri)).read_text())
+    params = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RESOLVED_PARAMS, tracking_uri=uri)
+        ).read_text()
+    )
     if params.get("threads") == "auto" and tags.get("threads"):
         params["threads"] = int(tags["threads"])  # the count "auto" resolved to, on the recorded machine
     stage = stage_of(recorded_run)
     if tags.get("git_dirty") == "true":
-        print(f"warning: run {run_id} ran code with uncommitted changes; replaying commit {commit[:12]} as committed", file=sys.stderr)
+        print(
+            f"warning: run {run_id} ran code with uncommitted changes; replaying commit {commit[:12]} as committed",
+            file=sys.stderr,
+        )
     print(f"replaying {stage} of run {run_id}: commit {commit[:12]}, threads {params.get('threads')}, recorded params")
     if dry_run:
         print(yaml.safe_dump(params, sort_keys=False))
@@ -112,7 +123,8 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
     # predate the `reproduces` tag).
     replays = client.search_runs(
         [recorded_run.info.experiment_id],
-        filter_string=f"attributes.start_time >= {started_ms} and tags.stage = '{tags['stage']}' and tags.model = '{tags['model']}'",
+        filter_string=f"attributes.start_time >= {started_ms} and tags.stage = '{tags['stage']}' "
+        f"and tags.model = '{tags['model']}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -133,6 +145,9 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
     print(f"{'identical' if same else 'NOT identical'}: {run_id} -> {replay.info.run_id}")
     kernels = tags.get("cpu_kernels"), replay.data.tags.get("cpu_kernels")
     if not same and kernels[0] and kernels[0] != kernels[1]:  # runs from before the tag have none
-        print(f"note: the recorded run computed with {kernels[0]} CPU kernels, the replay with {kernels[1]}, and float "
-              "sums depend on them; README, Threads and precision, says how to lower this machine's kernels", file=sys.stderr)
+        print(
+            f"note: the recorded run computed with {kernels[0]} CPU kernels, the replay with {kernels[1]}, and float "
+            "sums depend on them; README, Threads and precision, says how to lower this machine's kernels",
+            file=sys.stderr,
+        )
     return 0 if same else 1

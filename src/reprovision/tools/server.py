@@ -79,18 +79,25 @@ def _check_driver(uri: str, option: str) -> None:
     scheme = uri.split("://", 1)[0]
     module = DATABASE_DRIVERS.get(scheme)
     if module and importlib.util.find_spec(module) is None:
-        fix = ("use the psycopg 3 driver: postgresql+psycopg://..." if module == "psycopg2"
-               else "install the team extras: pip install -e '.[team]'")
+        fix = (
+            "use the psycopg 3 driver: postgresql+psycopg://..."
+            if module == "psycopg2"
+            else "install the team extras: pip install -e '.[team]'"
+        )
         raise ServerError(f"{option} {scheme}://... needs the Python module {module}, which is not installed: {fix}")
 
 
-def _check_options(backend_store_uri: str, artifacts_destination: str, auth: bool, auth_database_uri: str | None) -> None:
+def _check_options(
+    backend_store_uri: str, artifacts_destination: str, auth: bool, auth_database_uri: str | None
+) -> None:
     """Refuse what could not work, naming the fix, before a server starts."""
     _check_driver(backend_store_uri, "--backend-store-uri")
     if auth and auth_database_uri:
         _check_driver(auth_database_uri, "--auth-database-uri")
     if artifacts_destination.startswith("s3://") and importlib.util.find_spec("boto3") is None:
-        raise ServerError("--artifacts-destination s3://... needs boto3: install the team extras: pip install -e '.[team]'")
+        raise ServerError(
+            "--artifacts-destination s3://... needs boto3: install the team extras: pip install -e '.[team]'"
+        )
     if auth:
         missing = [name for name in (ADMIN_USERNAME_ENV, ADMIN_PASSWORD_ENV) if not os.environ.get(name)]
         if missing:
@@ -100,7 +107,10 @@ def _check_options(backend_store_uri: str, artifacts_destination: str, auth: boo
                 "Nothing was started."
             )
         if len(os.environ[ADMIN_PASSWORD_ENV]) < MIN_PASSWORD_LENGTH:
-            raise ServerError(f"{ADMIN_PASSWORD_ENV} is shorter than MLflow's minimum of {MIN_PASSWORD_LENGTH} characters. Nothing was started.")
+            raise ServerError(
+                f"{ADMIN_PASSWORD_ENV} is shorter than MLflow's minimum of {MIN_PASSWORD_LENGTH} "
+                "characters. Nothing was started."
+            )
         if importlib.util.find_spec("flask_wtf") is None:
             raise ServerError(
                 "--auth needs Flask-WTF (MLflow's `auth` extra), which is not installed: "
@@ -172,9 +182,15 @@ def _auth_settings(state_dir: Path, auth_database_uri: str | None) -> dict[str, 
 
 
 def start(
-    root: Path | None = None, port: int = 0, timeout: float = 120.0, *, host: str = "127.0.0.1",
-    backend_store_uri: str | None = None, artifacts_destination: str | None = None,
-    auth: bool = False, auth_database_uri: str | None = None,
+    root: Path | None = None,
+    port: int = 0,
+    timeout: float = 120.0,
+    *,
+    host: str = "127.0.0.1",
+    backend_store_uri: str | None = None,
+    artifacts_destination: str | None = None,
+    auth: bool = False,
+    auth_database_uri: str | None = None,
 ) -> str:
     """Start the server (or return the URI of the one already running) once it answers.
 
@@ -195,12 +211,18 @@ def start(
     state_dir.mkdir(exist_ok=True)
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     cmd = [
-        mlflow_bin, "server",
-        "--host", host,
-        "--port", str(port),
-        "--backend-store-uri", backend_store_uri,
-        "--artifacts-destination", artifacts_destination,
-        "--workers", "1",
+        mlflow_bin,
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        artifacts_destination,
+        "--workers",
+        "1",
     ]
     # No background job runner (it makes start-up ~4x slower and is not used here).
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -218,7 +240,9 @@ def start(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ServerError(f"mlflow server exited with code {proc.returncode}: {_last_error(log_path)} (see {log_path})")
+            raise ServerError(
+                f"mlflow server exited with code {proc.returncode}: {_last_error(log_path)} (see {log_path})"
+            )
         try:
             if requests.get(uri + "/health", timeout=2).ok:  # open to all, also with --auth
                 (state_dir / "server.json").write_text(json.dumps({"pid": proc.pid, "uri": uri}) + "\n")

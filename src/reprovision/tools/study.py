@@ -47,10 +47,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 import seaborn as sns
@@ -100,7 +100,9 @@ def since_millis(since: str, client) -> int:
     try:
         return int(datetime.fromisoformat(since).timestamp() * 1000)
     except ValueError:
-        raise StudyError(f"--since {since!r} is neither an ISO time (e.g. 2025-06-01T14:30) nor an MLflow run id") from None
+        raise StudyError(
+            f"--since {since!r} is neither an ISO time (e.g. 2025-06-01T14:30) nor an MLflow run id"
+        ) from None
 
 
 def _search(uri: str | None, stages: str, since: str | None, exp_names: Sequence[str]) -> tuple[str, pd.DataFrame]:
@@ -108,13 +110,17 @@ def _search(uri: str | None, stages: str, since: str | None, exp_names: Sequence
     import mlflow
 
     uri = uri or track.tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():  # don't create an empty store
+    if (
+        uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+    ):  # don't create an empty store
         raise StudyError(f"no MLflow store at {uri}: train something first (`dvc exp run`), or set MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(track.experiment_name())
     if experiment is None:
-        raise StudyError(f"no MLflow experiment {track.experiment_name()!r} in {uri}: train something first (`dvc exp run`)")
+        raise StudyError(
+            f"no MLflow experiment {track.experiment_name()!r} in {uri}: train something first (`dvc exp run`)"
+        )
     query = ["attributes.status = 'FINISHED'", f"tags.stage LIKE '{stages}'"]
     if since:
         query.append(f"attributes.start_time >= {since_millis(since, client)}")
@@ -125,23 +131,33 @@ def _search(uri: str | None, stages: str, since: str | None, exp_names: Sequence
     return uri, runs
 
 
-def collect_probe_runs(exp_names: Sequence[str] = (), since: str | None = None, tracking_uri: str | None = None) -> pd.DataFrame:
+def collect_probe_runs(
+    exp_names: Sequence[str] = (), since: str | None = None, tracking_uri: str | None = None
+) -> pd.DataFrame:
     """One row per FINISHED linear-probe run: the pre-training images and fraction, PROBE_METRICS."""
     uri, runs = _search(tracking_uri, "linear-probe", since, exp_names)
     if runs.empty:
-        raise StudyError(f"no FINISHED linear-probe runs in {uri}: queue the study first (`reprovision study --queue-ssl-size`), "
-                         "or widen --exp-names/--since")
-    column = lambda prefix, name: pd.to_numeric(runs.get(f"{prefix}.{name}", pd.Series(index=runs.index, dtype=object)), errors="coerce")  # noqa: E731
-    table = pd.DataFrame({
-        "dvc_exp_name": runs.get("tags.dvc_exp_name", pd.Series("", index=runs.index)).fillna(""),
-        "run_id": runs["run_id"],
-        "arch": runs.get("params.arch"),
-        "ssl_train_fraction": column("params", "ssl_train_fraction"),
-        "ssl_train_images": column("params", "ssl_train_images"),
-        "ssl_epochs": column("params", "ssl_epochs"),
-        **{name: column("metrics", name) for name in PROBE_METRICS},
-    })
-    return table.dropna(subset=["probe_test", "ssl_train_images"]).sort_values(["ssl_train_images", "run_id"], ignore_index=True)
+        raise StudyError(
+            f"no FINISHED linear-probe runs in {uri}: queue the study first (`reprovision study --queue-ssl-size`), "
+            "or widen --exp-names/--since"
+        )
+    column = lambda prefix, name: pd.to_numeric(
+        runs.get(f"{prefix}.{name}", pd.Series(index=runs.index, dtype=object)), errors="coerce"
+    )  # noqa: E731
+    table = pd.DataFrame(
+        {
+            "dvc_exp_name": runs.get("tags.dvc_exp_name", pd.Series("", index=runs.index)).fillna(""),
+            "run_id": runs["run_id"],
+            "arch": runs.get("params.arch"),
+            "ssl_train_fraction": column("params", "ssl_train_fraction"),
+            "ssl_train_images": column("params", "ssl_train_images"),
+            "ssl_epochs": column("params", "ssl_epochs"),
+            **{name: column("metrics", name) for name in PROBE_METRICS},
+        }
+    )
+    return table.dropna(subset=["probe_test", "ssl_train_images"]).sort_values(
+        ["ssl_train_images", "run_id"], ignore_index=True
+    )
 
 
 def write_ssl_size_study(table: pd.DataFrame, out: Path = STUDY, source: str = "", record: bool = False) -> Path:
@@ -152,17 +168,33 @@ def write_ssl_size_study(table: pd.DataFrame, out: Path = STUDY, source: str = "
 
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "ssl_size.csv", index=False)
-    lines = ["# Study: pre-training-set size (SimCLR, linear probe)", "",
-             f"{len(table)} finished linear-probe runs{source}. Table: [ssl_size.csv](ssl_size.csv).", ""]
+    lines = [
+        "# Study: pre-training-set size (SimCLR, linear probe)",
+        "",
+        f"{len(table)} finished linear-probe runs{source}. Table: [ssl_size.csv](ssl_size.csv).",
+        "",
+    ]
     for context in ("arch", "ssl_epochs"):
         if table[context].nunique(dropna=True) > 1:
-            lines += [f"> **Warning:** the runs differ in `{context}`: their accuracies are not directly comparable.", ""]
-    rows = [{k: (None if pd.isna(v) else v) for k, v in row.items()}
-            for row in table[["dvc_exp_name", "run_id", "arch", "ssl_train_fraction", "ssl_train_images", "ssl_epochs", *SSL_SIZE_SERIES]]
-            .to_dict(orient="records")]
+            lines += [
+                f"> **Warning:** the runs differ in `{context}`: their accuracies are not directly comparable.",
+                "",
+            ]
+    rows = [
+        {k: (None if pd.isna(v) else v) for k, v in row.items()}
+        for row in table[
+            ["dvc_exp_name", "run_id", "arch", "ssl_train_fraction", "ssl_train_images", "ssl_epochs", *SSL_SIZE_SERIES]
+        ].to_dict(orient="records")
+    ]
     ssl_size_chart(rows, out / "probe_vs_pretraining_images.png")
-    lines += ["![Test accuracy vs pre-training images](probe_vs_pretraining_images.png)", "", "## All runs", "",
-              _markdown_table(table), ""]
+    lines += [
+        "![Test accuracy vs pre-training images](probe_vs_pretraining_images.png)",
+        "",
+        "## All runs",
+        "",
+        _markdown_table(table),
+        "",
+    ]
     if record:
         SSL_SIZE_STUDY.parent.mkdir(parents=True, exist_ok=True)
         SSL_SIZE_STUDY.write_text(json.dumps({"runs": rows}, indent=2) + "\n")
@@ -184,7 +216,9 @@ def collect_runs(
     if not runs.empty:
         runs = runs[runs["tags.stage"].isin(CLASSIFIER_STAGES)]
     if runs.empty:
-        filters = "".join([f", dvc_exp_name in {list(exp_names)}" if exp_names else "", f", started since {since}" if since else ""])
+        filters = "".join(
+            [f", dvc_exp_name in {list(exp_names)}" if exp_names else "", f", started since {since}" if since else ""]
+        )
         raise StudyError(
             f"no FINISHED train-vit/train-cnn runs in {uri} (experiment {track.experiment_name()!r}{filters}): "
             "run experiments first (see `reprovision study --help`), or widen --exp-names/--since"
@@ -199,7 +233,9 @@ def collect_runs(
             "model": runs["tags.model"],
             "dvc_exp_name": column("tags", "dvc_exp_name", numeric=False).fillna(""),
             "run_id": runs["run_id"],
-            "start_time": runs["start_time"].dt.tz_convert(datetime.now().astimezone().tzinfo).dt.strftime("%Y-%m-%d %H:%M:%S"),
+            "start_time": runs["start_time"]
+            .dt.tz_convert(datetime.now().astimezone().tzinfo)
+            .dt.strftime("%Y-%m-%d %H:%M:%S"),
             "dataset": column("params", "dataset", numeric=False),
             "epochs": column("params", "epochs"),
             **{name: column("params", name) for name in x},
@@ -218,7 +254,7 @@ def varying(table: pd.DataFrame, x: Sequence[str]) -> list[str]:
 
 
 def decision_metric(table: pd.DataFrame) -> str | None:
-    """"val_acc" when every run held out a validation split, else None: no "best" can be chosen honestly."""
+    """ "val_acc" when every run held out a validation split, else None: no "best" can be chosen honestly."""
     return "val_acc" if table["val_acc"].notna().all() else None
 
 
@@ -244,14 +280,18 @@ def slice_through_best(table: pd.DataFrame, best: pd.DataFrame, others: Sequence
 
 
 # ---------------------------------------------------------------------------- plot
-def plot_accuracy_vs(table: pd.DataFrame, x: str, path: Path, metric: str = "val_acc", star: bool = True) -> pd.DataFrame:
+def plot_accuracy_vs(
+    table: pd.DataFrame, x: str, path: Path, metric: str = "val_acc", star: bool = True
+) -> pd.DataFrame:
     """Every run as a faint point, the mean `metric` per setting as a line, each model's best mean
     starred when `star` (only ever on validation accuracy).
 
     Returns the starred rows (model, x, metric); none when not `star`."""
     axis = AXES.get(x, Axis(x, log=False))
     split = metric.removesuffix("_acc")
-    runs = table.dropna(subset=[x, metric]).assign(label=lambda t: t["model"].map(LABELS), acc=lambda t: 100 * t[metric])
+    runs = table.dropna(subset=[x, metric]).assign(
+        label=lambda t: t["model"].map(LABELS), acc=lambda t: 100 * t[metric]
+    )
     means = runs.groupby(["label", x], as_index=False)["acc"].mean()
     best = means.loc[means.groupby("label")["acc"].idxmax()] if star else means.iloc[:0]
     palette = {label: COLOURS[label] for label in means["label"].unique()}
@@ -262,7 +302,13 @@ def plot_accuracy_vs(table: pd.DataFrame, x: str, path: Path, metric: str = "val
         sns.lineplot(means, x=x, y="acc", hue="label", palette=palette, marker="o", ax=ax)
         for _, row in best.iterrows():
             ax.scatter(row[x], row["acc"], marker="*", s=260, color=palette[row["label"]], edgecolor="black", zorder=5)
-            ax.annotate(f"best {row['label']}: {row[x]:g}", (row[x], row["acc"]), xytext=(6, 6), textcoords="offset points", fontsize=8)
+            ax.annotate(
+                f"best {row['label']}: {row[x]:g}",
+                (row[x], row["acc"]),
+                xytext=(6, 6),
+                textcoords="offset points",
+                fontsize=8,
+            )
         if axis.log:
             positive = runs.loc[runs[x] > 0, x]
             if len(positive) < len(runs):  # a 0 (e.g. no weight decay) has no place on a log axis
@@ -288,16 +334,27 @@ def _markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_study(table: pd.DataFrame, out: Path = STUDY, x: Sequence[str] = DEFAULT_X, name: str = "study", source: str = "") -> Path:
+def write_study(
+    table: pd.DataFrame, out: Path = STUDY, x: Sequence[str] = DEFAULT_X, name: str = "study", source: str = ""
+) -> Path:
     """study.csv, one PNG per varying setting, and study.md tying them together; returns the md path."""
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "study.csv", index=False)
     counts = ", ".join(f"{LABELS.get(m, m)} {n}" for m, n in table["model"].value_counts().sort_index().items())
-    lines = [f"# Study: {name}", "", f"{len(table)} finished classifier runs ({counts}){source}. Table: [study.csv](study.csv).", ""]
+    lines = [
+        f"# Study: {name}",
+        "",
+        f"{len(table)} finished classifier runs ({counts}){source}. Table: [study.csv](study.csv).",
+        "",
+    ]
     for context in CONTEXT:
         values = sorted(table[context].dropna().unique())
         if len(values) > 1:
-            lines += [f"> **Warning:** the runs differ in `{context}` ({', '.join(map(str, values))}): accuracies are not directly comparable.", ""]
+            lines += [
+                f"> **Warning:** the runs differ in `{context}` ({', '.join(map(str, values))}): "
+                "accuracies are not directly comparable.",
+                "",
+            ]
 
     moving = varying(table, x)
     decide_on = decision_metric(table)
@@ -305,13 +362,23 @@ def write_study(table: pd.DataFrame, out: Path = STUDY, x: Sequence[str] = DEFAU
     if decide_on:
         best = best_settings(table, moving or list(x))
         shown = best.assign(model=best["model"].map(lambda m: LABELS.get(m, m)))
-        lines += ["## Best settings", "", "Highest mean final validation accuracy per model (mean over runs with the same "
-                  "settings); test accuracy beside it is reported, never used to choose:", ""]
+        lines += [
+            "## Best settings",
+            "",
+            "Highest mean final validation accuracy per model (mean over runs with the same "
+            "settings); test accuracy beside it is reported, never used to choose:",
+            "",
+        ]
         lines += [_markdown_table(shown[["model", *(moving or x), "runs", *METRICS]]), ""]
     else:
-        lines += ["## Best settings", "", "None chosen: not every run held out a validation split (`data.val_fraction` = 0), "
-                  "and choosing on the test split would leak it. Re-run the study with e.g. `--set data.val_fraction=0.1`. "
-                  "The plots show final test accuracy, without a best.", ""]
+        lines += [
+            "## Best settings",
+            "",
+            "None chosen: not every run held out a validation split (`data.val_fraction` = 0), "
+            "and choosing on the test split would leak it. Re-run the study with e.g. `--set data.val_fraction=0.1`. "
+            "The plots show final test accuracy, without a best.",
+            "",
+        ]
 
     for setting in x:
         label = AXES.get(setting, Axis(setting, log=False)).label
@@ -331,19 +398,37 @@ def write_study(table: pd.DataFrame, out: Path = STUDY, x: Sequence[str] = DEFAU
         starred = plot_accuracy_vs(runs, setting, figure, metric, star=bool(decide_on))
         lines += [f"![Final {metric.removesuffix('_acc')} accuracy vs {label}]({figure.name})", ""]
         if decide_on:
-            lines += [", ".join(f"best {r['model']}: `{setting}` = {r[setting]:g} (validation {100 * r[metric]:.2f} %)" for _, r in starred.iterrows()) + "."]
+            lines += [
+                ", ".join(
+                    f"best {r['model']}: `{setting}` = {r[setting]:g} (validation {100 * r[metric]:.2f} %)"
+                    for _, r in starred.iterrows()
+                )
+                + "."
+            ]
         elif others:
-            lines.append(f"Each point is a run; the line is the mean over runs at that setting, whatever the other settings ({', '.join(others)}).")
+            lines.append(
+                "Each point is a run; the line is the mean over runs at that setting, whatever the "
+                f"other settings ({', '.join(others)})."
+            )
         if decide_on and others:
             held = "; ".join(
-                f"{LABELS.get(top['model'], top['model'])} " + ", ".join(f"{o} = {top[o]:g}" for o in others) for _, top in best.iterrows()
+                f"{LABELS.get(top['model'], top['model'])} " + ", ".join(f"{o} = {top[o]:g}" for o in others)
+                for _, top in best.iterrows()
             )
-            lines.append(f"Other settings held at each model's best ({held}); {len(table) - len(runs)} runs off that slice are in the table only.")
+            lines.append(
+                f"Other settings held at each model's best ({held}); {len(table) - len(runs)} runs "
+                "off that slice are in the table only."
+            )
         if AXES.get(setting, Axis("", False)).log and (runs[setting] == 0).any():
             lines.append(f"`{setting}` = 0 is drawn on a symlog axis (linear near 0, logarithmic beyond).")
         lines.append("")
 
-    lines += ["## All runs", "", _markdown_table(table.assign(model=table["model"].map(lambda m: LABELS.get(m, m)))), ""]
+    lines += [
+        "## All runs",
+        "",
+        _markdown_table(table.assign(model=table["model"].map(lambda m: LABELS.get(m, m)))),
+        "",
+    ]
     path = out / "study.md"
     path.write_text("\n".join(lines))
     return path
@@ -359,14 +444,19 @@ def run_study(
 ) -> Path:
     """Gather the runs and write the study; returns the path of study.md."""
     table = collect_runs(x, exp_names, since, tracking_uri)
-    filters = [f"dvc experiments {', '.join(exp_names)}" if exp_names else "", f"started since {since}" if since else ""]
+    filters = [
+        f"dvc experiments {', '.join(exp_names)}" if exp_names else "",
+        f"started since {since}" if since else "",
+    ]
     source = f" from {tracking_uri or track.tracking_uri()}" + "".join(f"; {f}" for f in filters if f)
     return write_study(table, out, x, name, source)
 
 
 # ---------------------------------------------------------------------------- queue the data-size study
 def data_size_commands(
-    fractions: Sequence[float] = DATA_SIZE_FRACTIONS, sets: Sequence[str] = (), key: str = "data.train_fraction",
+    fractions: Sequence[float] = DATA_SIZE_FRACTIONS,
+    sets: Sequence[str] = (),
+    key: str = "data.train_fraction",
 ) -> list[list[str]]:
     """The commands of R4's accuracy-vs-training-set-size study (`key`: data.train_fraction, or
     ssl.train_fraction for the pre-training-set size): queue, then run two at a time."""
@@ -397,7 +487,10 @@ def check_sets(sets: Sequence[str]) -> None:
 
 
 def queue_data_size(
-    fractions: Sequence[float] = DATA_SIZE_FRACTIONS, sets: Sequence[str] = (), dry_run: bool = False, ssl: bool = False,
+    fractions: Sequence[float] = DATA_SIZE_FRACTIONS,
+    sets: Sequence[str] = (),
+    dry_run: bool = False,
+    ssl: bool = False,
 ) -> list[list[str]]:
     """Queue the study (unless dry_run) and print what to run next; returns the commands. `ssl`: the
     pre-training-set-size study (ssl.train_fraction) instead of the classifiers' training-set size."""

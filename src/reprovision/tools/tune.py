@@ -8,11 +8,12 @@ so every trial is cached, reproducible, and has its own MLflow training run. The
 `train-<model>` keeps a trial from re-running the other classifier, evaluate and report.
 Trials are judged on the validation split (`data.val_fraction` > 0 is required; the test split
 is never read for a decision). While a trial trains, its per-epoch validation accuracy
-(metrics/<model>/history.csv, rewritten after every epoch) goes to Optuna; a trial below the median of the earlier ones at the same epoch is
-stopped there (MedianPruner), its whole process group terminated.
+(metrics/<model>/history.csv, rewritten after every epoch) goes to Optuna; a trial below the median
+of the earlier ones at the same epoch is stopped there (MedianPruner), its whole process group terminated.
 
     reprovision tune --model vit --trials 20 --epochs 10 --set data.val_fraction=0.1
-    reprovision tune --model cnn --trials 8 --epochs 3 --set data.train_fraction=0.1 --set data.val_fraction=0.2 --timeout 3600
+    reprovision tune --model cnn --trials 8 --epochs 3 --timeout 3600 \\
+        --set data.train_fraction=0.1 --set data.val_fraction=0.2
     reprovision study --name "tune vit" --exp-names 'tune-<study>-*'    # the trials' runs, plotted
 
 `--timeout S` stops starting new trials after S seconds (the running one finishes).
@@ -42,15 +43,15 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Sequence
 
 import optuna
 import yaml
 
-from reprovision.core import track
 from reprovision.config import PARAMS_FILE, ConfigError, Params, parse_params, with_overrides
+from reprovision.core import track
 from reprovision.layout import CLASSIFIERS, METRICS
 from reprovision.tools.study import executable
 
@@ -110,7 +111,9 @@ def check_overrides(sets: Sequence[str], model: str, path: Path = PARAMS_FILE) -
     for item in sets:
         key = item.partition("=")[0]
         if key in searched:
-            raise TuneError(f"--set {key}: tune searches {key} itself; drop it from --set (searched: {', '.join(sorted(searched))})")
+            raise TuneError(
+                f"--set {key}: tune searches {key} itself; drop it from --set (searched: {', '.join(sorted(searched))})"
+            )
     try:
         raw = with_overrides(yaml.safe_load(path.read_text()) or {}, sets, str(path))
         params = parse_params(raw, f"{path} with --set {' '.join(sets)}" if sets else str(path))
@@ -174,7 +177,9 @@ def run_trial(command: list[str], model: str, trial: optuna.Trial, poll: float =
                 reported = epoch
                 if not finished and trial.should_prune():
                     stop(proc)
-                    raise optuna.TrialPruned(f"val_acc {val_acc:.4f} at epoch {epoch}: below the median of earlier trials")
+                    raise optuna.TrialPruned(
+                        f"val_acc {val_acc:.4f} at epoch {epoch}: below the median of earlier trials"
+                    )
             if finished:
                 break
             time.sleep(poll)
@@ -182,7 +187,9 @@ def run_trial(command: list[str], model: str, trial: optuna.Trial, poll: float =
         if proc.poll() is None:
             stop(proc)
     if proc.returncode:
-        raise TrialFailed(f"trial {trial.number}: `{shlex.join(command)}` exited with {proc.returncode}; its output is above")
+        raise TrialFailed(
+            f"trial {trial.number}: `{shlex.join(command)}` exited with {proc.returncode}; its output is above"
+        )
     if not result.exists():
         raise TrialFailed(f"trial {trial.number}: `{shlex.join(command)}` succeeded but wrote no {result}")
     return float(json.loads(result.read_text())["val_acc"])
@@ -199,7 +206,9 @@ def trial_rows(study: optuna.Study, model: str) -> list[dict]:
                 "number": t.number,
                 "exp_name": t.user_attrs.get("exp_name", ""),
                 "state": t.state.name,
-                "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else "",  # Optuna gives pruned ones their last report
+                "value": t.value
+                if t.state == optuna.trial.TrialState.COMPLETE
+                else "",  # Optuna gives pruned ones their last report
                 "last_epoch": last_epoch if last_epoch is not None else "",
                 "last_val_acc": t.intermediate_values[last_epoch] if last_epoch is not None else "",
                 **{param_key(name, model): value for name, value in t.params.items()},
@@ -249,7 +258,10 @@ def tune(
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = trials - len(study.get_trials(deepcopy=False, states=finished))
     if len(study.trials):
-        print(f"[tune {name}] resuming: {len(study.trials)} trials on record in {storage}, {max(remaining, 0)} to run", flush=True)
+        print(
+            f"[tune {name}] resuming: {len(study.trials)} trials on record in {storage}, {max(remaining, 0)} to run",
+            flush=True,
+        )
 
     def objective(trial: optuna.Trial) -> float:
         values = {n: trial.suggest_float(n, low, high, log=log) for n, (low, high, log) in SEARCH_SPACE.items()}
@@ -264,8 +276,17 @@ def tune(
         if trial.state == optuna.trial.TrialState.COMPLETE:
             mlflow.log_metric("trial_value", trial.value, step=trial.number)
 
-    run_params = {"model": model, "trials": trials, "epochs": epochs or "params.yaml", "sets": " ".join(sets), "storage": storage,
-                  "timeout": timeout or "none", "seed": seed, "sampler": "TPE", "pruner": "median(2 startup, 1 warmup)"}
+    run_params = {
+        "model": model,
+        "trials": trials,
+        "epochs": epochs or "params.yaml",
+        "sets": " ".join(sets),
+        "storage": storage,
+        "timeout": timeout or "none",
+        "seed": seed,
+        "sampler": "TPE",
+        "pruner": "median(2 startup, 1 warmup)",
+    }
     tags = {"study": name, "search_space": json.dumps(SEARCH_SPACE)}
     with track.stage_run("tune", model, run_params, tags, params) as run:
         # Each trial's `dvc exp run` groups its stage runs under a run that nests under this one.
@@ -279,7 +300,9 @@ def tune(
                 table = Path(tmp) / "trials.csv"
                 rows = trial_rows(study, model)
                 if rows:
-                    fields = list(dict.fromkeys(k for row in rows for k in row))  # a failed first trial may lack later params
+                    fields = list(
+                        dict.fromkeys(k for row in rows for k in row)
+                    )  # a failed first trial may lack later params
                     with table.open("w", newline="") as fh:
                         writer = csv.DictWriter(fh, fieldnames=fields, restval="")
                         writer.writeheader()
@@ -287,7 +310,9 @@ def tune(
                     mlflow.log_artifact(str(table))
         complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
         if not complete:
-            raise TuneError(f"no trial of study {name} finished (all pruned or stopped by --timeout {timeout}); raise --timeout")
+            raise TuneError(
+                f"no trial of study {name} finished (all pruned or stopped by --timeout {timeout}); raise --timeout"
+            )
         best = study.best_trial
         reproduce = dvc_command(None, [*overrides(best.params, model), *fixed], f"train-{model}")
         mlflow.log_params({f"best.{param_key(k, model)}": v for k, v in best.params.items()})
@@ -295,8 +320,10 @@ def tune(
         mlflow.set_tags({"best_exp_name": best.user_attrs["exp_name"], "best_command": shlex.join(reproduce)})
 
     pruned = len(study.get_trials(states=(optuna.trial.TrialState.PRUNED,)))
-    print(f"\n[tune {name}] {len(study.trials)} trials ({len(complete)} finished, {pruned} pruned); "
-          f"best: trial {best.number} ({best.user_attrs['exp_name']}), val_acc {best.value:.4f}")
+    print(
+        f"\n[tune {name}] {len(study.trials)} trials ({len(complete)} finished, {pruned} pruned); "
+        f"best: trial {best.number} ({best.user_attrs['exp_name']}), val_acc {best.value:.4f}"
+    )
     for key, value in best.params.items():
         print(f"  {param_key(key, model)} = {value:.6g}")
     print(f"reproduce:  {shlex.join(reproduce)}")

@@ -46,11 +46,15 @@ def _step(what: str, cmd: list[str], cwd: Path | None = None) -> None:
         raise WorkerError(f"{what} failed (exit {code}): {' '.join(cmd)}")
 
 
-def run(origin: str, name: str, sets: list[str], targets: list[str], rev: str = "main", workdir: Path | None = None) -> Path:
+def run(
+    origin: str, name: str, sets: list[str], targets: list[str], rev: str = "main", workdir: Path | None = None
+) -> Path:
     """Clone `origin` at `rev`, run experiment `name` with `sets` (`-S` overrides) on `targets`
     (all stages when empty), push it and its run-cache back. Returns the clone's folder."""
     if not EXPERIMENT_NAME.match(name):
-        raise WorkerError(f"experiment name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
+        raise WorkerError(
+            f"experiment name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
     bad = [s for s in sets if "=" not in s]
     if bad:
         raise WorkerError(f"-S {bad[0]!r}: expected KEY=VALUE, e.g. -S lr=4e-4")

@@ -13,21 +13,21 @@ params, data and code that produced it) matches, and never once it is marked com
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from reprovision.core import checkpoint as ckpt
-from reprovision.data.augment import BatchAugment
 from reprovision.config import TrainConfig
+from reprovision.core import checkpoint as ckpt
 from reprovision.core.distributed import World, sum_over_ranks, sync_buffers, wrap
 from reprovision.core.graphs import CapturedStep, capturable
-from reprovision.training.optim import SAM, build_optimizer, build_scheduler, clip_gradients
 from reprovision.core.runtime import attention_kernels, autocast_dtype, compiled_for_determinism
+from reprovision.data.augment import BatchAugment
+from reprovision.training.optim import SAM, build_optimizer, build_scheduler, clip_gradients
 
 
 @dataclass
@@ -151,8 +151,14 @@ def fit_classifier(
         # Accuracy against the original labels, also under CutMix/MixUp (the references' convention).
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
-    graphed = (cuda_graphs and device.type == "cuda" and world.size == 1 and not cfg.compile
-               and not isinstance(optimizer, SAM) and capturable([optimizer]) is None)
+    graphed = (
+        cuda_graphs
+        and device.type == "cuda"
+        and world.size == 1
+        and not cfg.compile
+        and not isinstance(optimizer, SAM)
+        and capturable([optimizer]) is None
+    )
     step_fn = CapturedStep(train_step, [model], [optimizer]) if graphed else train_step
 
     for epoch in range(first_epoch, cfg.epochs + 1):
@@ -195,7 +201,9 @@ def fit_classifier(
         history.append(row)
         if not world.is_main:
             continue
-        shown = " | ".join(f"{split} loss {row[f'{split}_loss']:.4f} acc {row[f'{split}_acc']:.4f}" for split in ("train", *splits))
+        shown = " | ".join(
+            f"{split} loss {row[f'{split}_loss']:.4f} acc {row[f'{split}_acc']:.4f}" for split in ("train", *splits)
+        )
         print(f"epoch {epoch:3d} | {shown} | {train_seconds:6.2f} s | lr {lr_now:.2e}", flush=True)
         if checkpoint is not None:
             ckpt.save(

@@ -15,8 +15,8 @@ uninterrupted run. Only a checkpoint with the same fingerprint, not marked compl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -101,9 +101,9 @@ def fit_gan(
         # Discriminator: real -> 1, fake -> 0.
         d_real = discriminator(real)
         d_fake = discriminator(fake.detach())
-        d_loss = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + F.binary_cross_entropy_with_logits(
-            d_fake, torch.zeros_like(d_fake)
-        )
+        d_loss = F.binary_cross_entropy_with_logits(
+            d_real, torch.ones_like(d_real)
+        ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
@@ -119,7 +119,11 @@ def fit_gan(
             return torch.stack([d_loss, g_loss, torch.sigmoid(d_real).mean(), torch.sigmoid(d_fake).mean()])
 
     graphed = cuda_graphs and device.type == "cuda" and capturable([opt_g, opt_d]) is None
-    step_fn = CapturedStep(lambda real, z: (train_step(real, z),), [generator_net, discriminator], [opt_g, opt_d]) if graphed else None
+    step_fn = (
+        CapturedStep(lambda real, z: (train_step(real, z),), [generator_net, discriminator], [opt_g, opt_d])
+        if graphed
+        else None
+    )
 
     for epoch in range(first_epoch, epochs + 1):
         generator_net.train()

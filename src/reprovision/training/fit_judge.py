@@ -10,8 +10,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from reprovision.config import JudgeConfig
-from reprovision.models.judge import LeNet
 from reprovision.data.pixels import to_pm1
+from reprovision.models.judge import LeNet
 
 IMAGE_SHAPE = (1, 28, 28)
 EVAL_BATCH = 1000
@@ -97,5 +97,3 @@ def fit_judge(
                     flush=True,
                 )
     return model.eval(), history
-
-

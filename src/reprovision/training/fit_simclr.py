@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from reprovision.core import checkpoint as ckpt
-from reprovision.data.augment import Policy
 from reprovision.config import SSLConfig
+from reprovision.core import checkpoint as ckpt
 from reprovision.core.runtime import autocast_dtype
+from reprovision.data.augment import Policy
 
 # RGB -> YIQ: a hue shift is a rotation of the (I, Q) chroma plane, a linear op on the whole batch
 # (the usual approximation of rotating H in HSV, e.g. Pillow's and TensorFlow's image ops differ too).
@@ -46,7 +46,7 @@ class ViewParams:
     grayscale_prob: float = 0.2
 
     @classmethod
-    def of(cls, cfg: SSLConfig) -> "ViewParams":
+    def of(cls, cfg: SSLConfig) -> ViewParams:
         return cls(cfg.crop_scale_min, cfg.jitter, cfg.hue, cfg.jitter_prob, cfg.grayscale_prob)
 
 
@@ -138,7 +138,9 @@ class SimCLR(nn.Module):
     def __init__(self, encoder: nn.Module, *, features: int, hidden: int, out: int):
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Sequential(nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+        self.head = nn.Sequential(
+            nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
@@ -210,16 +212,32 @@ def fit_simclr(
                 hits += (similarity.argmax(1) == partners(len(zn) // 2, device)).sum()
             loss_sum += loss.detach()
         seconds = time.perf_counter() - started
-        row = {"epoch": epoch, "loss": loss_sum.item() / steps, "pair_acc": hits.item() / (2 * batch * steps),
-               "epoch_seconds": seconds, "lr": optimizer.param_groups[0]["lr"]}
+        row = {
+            "epoch": epoch,
+            "loss": loss_sum.item() / steps,
+            "pair_acc": hits.item() / (2 * batch * steps),
+            "epoch_seconds": seconds,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         history.append(row)
-        print(f"epoch {epoch:3d} | nt-xent {row['loss']:.4f} | pair acc {row['pair_acc']:.4f} | {seconds:6.2f} s", flush=True)
+        print(
+            f"epoch {epoch:3d} | nt-xent {row['loss']:.4f} | pair acc {row['pair_acc']:.4f} | {seconds:6.2f} s",
+            flush=True,
+        )
         if checkpoint is not None:
-            ckpt.save(checkpoint, {
-                "fingerprint": fingerprint, "epoch": epoch, "complete": epoch == cfg.epochs,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": ckpt.capture_rng(generator, device), "history": history,
-            })
+            ckpt.save(
+                checkpoint,
+                {
+                    "fingerprint": fingerprint,
+                    "epoch": epoch,
+                    "complete": epoch == cfg.epochs,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": ckpt.capture_rng(generator, device),
+                    "history": history,
+                },
+            )
         if on_epoch is not None:
             on_epoch(row)
     return history
