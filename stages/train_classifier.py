@@ -169,6 +169,7 @@ def train(family: ClassifierFamily) -> None:
             epochs=cfg.epochs,
             train_seconds=train_seconds,
             s_per_epoch=train_seconds / len(history),
+            test_images=len(test),
             device=str(device),
         )
         # The whole record for the report and the card; the few numbers a person compares across

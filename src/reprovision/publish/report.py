@@ -194,6 +194,18 @@ def curves_section(root: Path, classifiers: dict, gans: dict) -> tuple[list[dict
     return curves, notes
 
 
+def test_noise_note(test_images: int | None) -> str | None:
+    """What the ± after a test accuracy means, and how far apart two models must be to tell apart."""
+    if not test_images:
+        return None
+    widest = 100 * 1.96 * 0.5 / test_images**0.5  # at 50 % accuracy
+    return (
+        f"± after a test accuracy: half its 95 % interval from the {test_images:,} test images alone "
+        f"(binomial; at most ±{widest:.1f} points). Two accuracies closer than the two halves together "
+        "are not told apart by this test set."
+    )
+
+
 def evaluation_rows(root: Path) -> tuple[list[list[dict]], str | None]:
     """The evaluate stage's pictures that exist, row by row, and a note naming those that don't."""
     rows, missing = [], []
@@ -324,6 +336,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
     results = {m: j for m, path in results_json.items() if (j := read_json(root / path))}
     absent = [path.as_posix() for m, path in results_json.items() if m not in results]
     classifiers = {m: results[m] for m in CLASSIFIERS if m in results}
+    test_images = next((c["test_images"] for c in classifiers.values() if c.get("test_images")), None)
     gans = {g: results[g] for g in GANS if g in results}
     judge = results.get("judge")
     evaluation = read_json(root / EVAL_METRICS / SUMMARY) or {}
@@ -371,7 +384,8 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         ),
         "curves": curves,
         "curve_notes": curve_notes,
-        "evaluation_table": evaluation_table(evaluation),
+        "evaluation_table": evaluation_table(evaluation, test_images),
+        "test_noise": test_noise_note(test_images),
         "evaluation_rows": figure_rows,
         "evaluation_note": figure_note,
         "gan_quality": gan_quality_table(gans) if gans else None,

@@ -43,6 +43,14 @@ def approx(value: float | tuple[float, float] | None, scale: float = 1.0, unit: 
     return f"~{value * scale:g}{unit}"
 
 
+def test_noise(acc: float | None, n: int | None) -> str:
+    """' ± h': h is half the 95 % interval of an accuracy measured on n test images, in points (binomial,
+    normal approximation). Empty when n is unknown (results written before the stage recorded it)."""
+    if acc is None or not n:
+        return ""
+    return f" ± {100 * 1.96 * math.sqrt(acc * (1 - acc) / n):.1f}"
+
+
 def cell(
     text: str, ref: str | None = None, href: str | None = None, code: bool = False, badge: str | None = None
 ) -> dict:
@@ -184,7 +192,7 @@ def summary_rows(
         ):  # a family without a reference (README "Add a model family") shows its own numbers only
             size = cell(count(m.get("params")), ref=f"{source}: {count(ref['params'])}" if ref else None)
             result = cell(
-                f"test acc {pct(m.get('test_acc'))}",
+                f"test acc {pct(m.get('test_acc'))}{test_noise(m.get('test_acc'), m.get('test_images'))}",
                 ref=f"{source}: {approx(ref['test_acc'], 100, '%')}" if ref else None,
             )
             time = cell(
@@ -230,7 +238,11 @@ def comparison_table(classifiers: dict[str, dict]) -> dict:
     header = ["", *[f"{LABELS[m]} {who}" for m in classifiers for who in ("ours", "R3")]]
     quantities = [
         ("Parameters", lambda m: count(m.get("params")), lambda r: count(r["params"])),
-        ("Test accuracy", lambda m: pct(m.get("test_acc")), lambda r: approx(r["test_acc"], 100, "%")),
+        (
+            "Test accuracy",
+            lambda m: pct(m.get("test_acc")) + test_noise(m.get("test_acc"), m.get("test_images")),
+            lambda r: approx(r["test_acc"], 100, "%"),
+        ),
         ("Seconds / epoch", lambda m: fixed(m.get("s_per_epoch"), 1), lambda r: approx(r["s_per_epoch"])),
         (
             "Total training time",
@@ -247,7 +259,7 @@ def comparison_table(classifiers: dict[str, dict]) -> dict:
     return table(header, rows)
 
 
-def evaluation_table(evaluation: dict) -> dict | None:
+def evaluation_table(evaluation: dict, test_images: int | None = None) -> dict | None:
     scores = {m: s for m, s in (evaluation.get("classifiers") or {}).items() if isinstance(s, dict)}
     if not scores:
         return None
@@ -257,7 +269,14 @@ def evaluation_table(evaluation: dict) -> dict | None:
         "macro_recall": "Macro recall",
         "macro_f1": "Macro F1",
     }
-    rows = [[LABELS.get(m, m), *[pct(s.get(k)) for k in keys]] for m, s in scores.items()]
+    rows = [
+        [
+            LABELS.get(m, m),
+            pct(s.get("accuracy")) + test_noise(s.get("accuracy"), test_images),
+            *[pct(s.get(k)) for k in keys][1:],
+        ]
+        for m, s in scores.items()
+    ]
     return table(["Model", *keys.values()], rows)
 
 
