@@ -152,18 +152,23 @@ def train(family: ClassifierFamily) -> None:
         )
         distributed.leave(world)
         wall = time.perf_counter() - started
-        final = history[-1]
         train_seconds = sum(r["epoch_seconds"] for r in history)
-        metrics = {key: final[key] for key in ("test_acc", "test_loss", "train_acc", "train_loss")}
+        # What ships: with a validation split, the best validation epoch (fit_classifier left the
+        # model holding its weights; the first of equals); without one, the last. The test split only reports.
+        shipped = max(history, key=lambda r: r["val_acc"]) if val is not None else history[-1]
+        metrics = {key: shipped[key] for key in ("test_acc", "test_loss", "train_acc", "train_loss")}
         if val is not None:
-            # The validation split decides; the test split only reports (README: validation and test).
-            best = max(history, key=lambda r: r["val_acc"])
             metrics.update(
-                val_acc=final["val_acc"],
-                val_loss=final["val_loss"],
-                best_val_acc=best["val_acc"],
-                best_val_epoch=best["epoch"],
+                val_acc=shipped["val_acc"],
+                val_loss=shipped["val_loss"],
+                best_val_acc=shipped["val_acc"],
+                best_val_epoch=shipped["epoch"],
             )
+        metrics.update(
+            shipped_epoch=shipped["epoch"],
+            shipped_why="the best validation accuracy" if val is not None else "the last epoch (no validation split)",
+            epochs_trained=len(history),
+        )
         metrics.update(
             params=count_parameters(model),
             epochs=cfg.epochs,
@@ -195,7 +200,7 @@ def train(family: ClassifierFamily) -> None:
             example=test.x[:2],
             description=card,
             params=run_params,
-            step=cfg.epochs,
+            step=metrics["shipped_epoch"],  # the model's metrics: those of the epoch whose weights ship
             run_tags=tags,
             metadata={
                 "classes": classes,

@@ -182,6 +182,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device computes it natively (runtime.py)
     compile: bool = False
     augment: bool = True  # apply the augment-stage policy to training batches
+    # Stop after this many epochs without a better validation accuracy (0: train every epoch). Needs
+    # data.val_fraction > 0; with a validation split the best epoch's weights ship either way.
+    early_stop: NonNegativeInt = 0
 
     def architecture(self) -> str:
         """A short name of what this section builds (the run param `arch`)."""
@@ -340,6 +343,11 @@ class Params(Section):
         world = self.dist.nnodes * self.dist.nproc
         for key in CLASSIFIERS:
             section = self.classifier(key)
+            if section.early_stop and self.data.val_fraction == 0:
+                raise ValueError(
+                    f"{key}.early_stop = {section.early_stop} decides on a validation split, and there is none: "
+                    "set data.val_fraction > 0 (e.g. 0.1), or early_stop to 0"
+                )
             if section.batch_size < 2 * world:
                 raise ValueError(
                     f"{key}.batch_size = {section.batch_size} is split over dist.nnodes x dist.nproc = {world} "

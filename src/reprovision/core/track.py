@@ -598,7 +598,7 @@ def log_model(
 ):
     """Log `module` (serving.py's raw-input wrappers) as the active run's logged model `name`, with
     its params and the run's tags that identify what it was trained on, returning its ModelInfo.
-    MLflow links the run's metrics of `step` (the last epoch's, with their datasets) to it.
+    MLflow links the run's metrics of `step` (the shipped epoch's, with their datasets) to it.
 
     pt2 format (torch.export, batch size left dynamic), so it loads without this package and without
     unpickling; the signature and input example come from `example`, a real input batch of 2 or more.

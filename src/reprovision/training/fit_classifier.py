@@ -88,8 +88,10 @@ def fit_classifier(
     """Train for cfg.epochs; return one dict per epoch (the columns of the per-epoch table).
 
     `val` (None when no validation split is held out) is what decisions read; `test` is evaluated
-    every epoch for R3's learning curve, and only reported. With several ranks (`world`, see
-    distributed.py) each trains on its share of every global batch of cfg.batch_size images;
+    every epoch for R3's learning curve, and only reported. With `val`, the model ends holding the
+    weights of its best validation epoch (the first of equals), which are what ships, and training
+    stops early once `cfg.early_stop` epochs (0: never) have passed without a better one.
+    With several ranks (`world`, see distributed.py) each trains on its share of every global batch of cfg.batch_size images;
     only rank 0 writes the checkpoint and prints; every rank returns the same history.
 
     On one CUDA device the step is replayed as a CUDA graph (graphs.py) unless `cuda_graphs` is
@@ -108,6 +110,7 @@ def fit_classifier(
     progress = progress and world.is_main
     history: list[dict] = []
     first_epoch = 1
+    best: dict | None = None  # {"epoch", "val_acc", "model"}: the best validation epoch's weights
 
     state = ckpt.load(checkpoint, fingerprint)
     if state is not None:
@@ -117,6 +120,7 @@ def fit_classifier(
             scheduler.load_state_dict(state["scheduler"])
         ckpt.restore_rng(state["rng"], generator, device)
         history = state["history"]
+        best = state["best"]
         first_epoch = state["epoch"] + 1
         if world.is_main:
             print(f"resuming from {checkpoint} after epoch {state['epoch']}")
@@ -199,7 +203,13 @@ def fit_classifier(
             row[f"{split}_loss"], row[f"{split}_acc"] = measured["loss"], measured["acc"]
         row.update(epoch_seconds=train_seconds, lr=lr_now)
         history.append(row)
+        if val is not None and (best is None or row["val_acc"] > best["val_acc"]):
+            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best = {"epoch": epoch, "val_acc": row["val_acc"], "model": weights}
+        stop = val is not None and cfg.early_stop > 0 and epoch - best["epoch"] >= cfg.early_stop
         if not world.is_main:
+            if stop:
+                break
             continue
         shown = " | ".join(
             f"{split} loss {row[f'{split}_loss']:.4f} acc {row[f'{split}_acc']:.4f}" for split in ("train", *splits)
@@ -211,14 +221,20 @@ def fit_classifier(
                 {
                     "fingerprint": fingerprint,
                     "epoch": epoch,
-                    "complete": epoch == cfg.epochs,
+                    "complete": epoch == cfg.epochs or stop,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "rng": ckpt.capture_rng(generator, device),
                     "history": history,
+                    "best": best,
                 },
             )
         if on_epoch is not None:
             on_epoch(row)
+        if stop:
+            print(f"early stop after epoch {epoch}: no better validation accuracy since epoch {best['epoch']}")
+            break
+    if best is not None:
+        model.load_state_dict(best["model"])  # what ships: the best validation epoch
     return history
