@@ -91,8 +91,8 @@ def fit_classifier(
     every epoch for R3's learning curve, and only reported. With `val`, the model ends holding the
     weights of its best validation epoch (the first of equals), which are what ships, and training
     stops early once `cfg.early_stop` epochs (0: never) have passed without a better one.
-    With several ranks (`world`, see distributed.py) each trains on its share of every global batch of cfg.batch_size images;
-    only rank 0 writes the checkpoint and prints; every rank returns the same history.
+    With several ranks (`world`, see distributed.py) each trains on its share of every global batch
+    of cfg.batch_size images; only rank 0 writes the checkpoint and prints; every rank returns the same history.
 
     On one CUDA device the step is replayed as a CUDA graph (graphs.py) unless `cuda_graphs` is
     False or the step cannot be captured (several ranks, SAM's two passes, torch.compile, an
