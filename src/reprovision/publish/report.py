@@ -72,6 +72,7 @@ from reprovision.publish.report_tables import (
     reference_scale_table,
     summary_rows,
     table,
+    test_noise,
 )
 
 # report.md.j2, report.html.j2 and the CSS the HTML inlines; package data in a wheel (pyproject.toml).
@@ -198,10 +199,10 @@ def test_noise_note(test_images: int | None) -> str | None:
     """What the ± after a test accuracy means, and how far apart two models must be to tell apart."""
     if not test_images:
         return None
-    widest = 100 * 1.96 * 0.5 / test_images**0.5  # at 50 % accuracy
+    widest = test_noise(0.5, test_images).removeprefix(" ± ")  # at 50 % accuracy, where it is widest
     return (
         f"± after a test accuracy: half its 95 % interval from the {test_images:,} test images alone "
-        f"(binomial; at most ±{widest:.1f} points). Two accuracies closer than the two halves together "
+        f"(binomial; at most ±{widest} points). Two accuracies closer than the two halves together "
         "are not told apart by this test set."
     )
 
