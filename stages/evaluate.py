@@ -23,6 +23,7 @@ from reprovision.layout import EVAL_METRICS, FIGURES, METRICS, MODELS, POLICY, R
 from reprovision.measure import evaluation as ev  # noqa: E402
 from reprovision.measure.heatmaps import attention_rollout, grad_cam, save_heatmap_grid  # noqa: E402
 from reprovision.models.classifiers import FAMILIES  # noqa: E402
+from reprovision.models.tta import for_inference  # noqa: E402
 
 SCORES = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 HEADLINE = ("accuracy", "macro_f1")
@@ -50,7 +51,7 @@ def evaluate() -> None:
         model = family.build(cfg, num_classes=num_classes, channels=channels, image_size=size)
         model.load_state_dict(torch.load(MODELS / name / "model.pt", map_location="cpu", weights_only=True))
         model = model.to(device).eval()
-        preds, _ = ev.predict(model, normalised, len(test_y), cfg.eval_batch_size, device)
+        preds, _ = ev.predict(for_inference(model, cfg.tta), normalised, len(test_y), cfg.eval_batch_size, device)
         metrics = ev.classification_metrics(y_host, preds, classes)
         write_json(EVAL_METRICS / f"{name}_confusion.json", ev.confusion_records(y_host, preds, classes))
         confusions[name] = np.array(metrics["confusion_matrix"])

@@ -18,13 +18,14 @@ from reprovision.config import DATASET_SHAPES, Params
 from reprovision.core import checkpoint, distributed, track
 from reprovision.core.runtime import attention_backend, autocast_dtype, resolve_precision, seed_everything
 from reprovision.core.stage import load_subset, run_tags, start, write_csv, write_json
-from reprovision.data.augment import BatchAugment, Policy
+from reprovision.data.augment import BatchAugment, Policy, normalize
 from reprovision.data.datasets import validation_split
 from reprovision.layout import CHECKPOINTS, METRICS, MODELS, POLICY, REGISTERED_MODELS, SUMMARY
 from reprovision.models import ClassifierFamily, count_parameters
+from reprovision.models.tta import for_inference
 from reprovision.publish import cards
 from reprovision.publish.serving import RawImageClassifier
-from reprovision.training.fit_classifier import DeviceData, fit_classifier
+from reprovision.training.fit_classifier import DeviceData, evaluate, fit_classifier
 
 # metrics/<name>.json: what `dvc exp show` shows of this stage (the validation figures only when held out).
 HEADLINE = ("test_acc", "val_acc", "best_val_acc", "train_acc", "test_loss", "train_seconds")
@@ -50,6 +51,9 @@ def setup(
     val = DeviceData(x[val_idx], y[val_idx]) if len(val_idx) else None
     augmenter = BatchAugment(policy if cfg.augment else policy.without_augmentation(), num_classes, rng)
     model = family.build(cfg, num_classes=num_classes, channels=channels, image_size=size).to(device)
+    init_from_images = getattr(model, "init_from_images", None)
+    if init_from_images is not None:  # a layer set from the training images (airbench's whitening)
+        init_from_images(train.x, lambda images: normalize(images, augmenter.policy))
     if family.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, train, val, augmenter
@@ -157,6 +161,18 @@ def train(family: ClassifierFamily) -> None:
         # model holding its weights; the first of equals); without one, the last. The test split only reports.
         shipped = max(history, key=lambda r: r["val_acc"]) if val is not None else history[-1]
         metrics = {key: shipped[key] for key in ("test_acc", "test_loss", "train_acc", "train_loss")}
+        inference = for_inference(model, cfg.tta)
+        if cfg.tta != "none":
+            # What evaluate and the served model compute: the shipped weights under test-time augmentation.
+            tta_started = time.perf_counter()
+            measured = evaluate(inference, test, augmenter, cfg.eval_batch_size, autocast_dtype(cfg.precision, device))
+            metrics.update(
+                test_acc=measured["acc"],
+                test_loss=measured["loss"],
+                test_acc_plain=shipped["test_acc"],
+                tta=cfg.tta,
+                tta_seconds=time.perf_counter() - tta_started,
+            )
         if val is not None:
             metrics.update(
                 val_acc=shipped["val_acc"],
@@ -184,15 +200,17 @@ def train(family: ClassifierFamily) -> None:
         # Per-epoch metrics are already logged with their step; add only the run-level figures.
         run_level = {
             k: metrics[k]
-            for k in ("params", "train_seconds", "s_per_epoch", "best_val_acc", "best_val_epoch")
+            for k in ("params", "train_seconds", "s_per_epoch", "best_val_acc", "best_val_epoch", "tta_seconds")
             if k in metrics
         }
+        if cfg.tta != "none":  # the per-epoch test_acc is without it
+            run_level["tta_test_acc"] = metrics["test_acc"]
         track.log_metrics({"wall_seconds": wall, **run_level}, step=cfg.epochs)
         torch.save(model.state_dict(), out / "model.pt")
         card = cards.classifier_card(name, params, metrics, classes, family.describe(cfg, num_classes=len(classes)))
         (out / "card.md").write_text(card)
         track.log_artifacts(out / "card.md", history_path)
-        served = RawImageClassifier(model, mean=policy.mean, std=policy.std)
+        served = RawImageClassifier(inference, mean=policy.mean, std=policy.std)
         registered = REGISTERED_MODELS[name]
         logged = track.log_model(
             served,

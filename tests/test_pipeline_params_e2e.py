@@ -157,3 +157,49 @@ def test_a_rejected_param_leaves_the_workspace_whole(module_repo, override, mess
     assert "Traceback" not in failed.stderr + failed.stdout
     assert outputs_sha256(module_repo) == outputs  # nothing deleted, nothing rewritten
     (module_repo / "params.yaml").write_text(text)  # DVC leaves the value the user set; put ours back
+
+
+def test_airbench94_through_the_dag_with_its_test_time_augmentation_where_the_model_serves(module_repo):
+    """Issue 35: a tiny `-S cnn.arch=airbench94` run through the real DAG, with its recipe's cnn params:
+    only the CNN and what reads it re-run; evaluate and the logged (served) model compute the recipe's
+    test-time augmentation, whose figure the stage records beside the un-augmented one."""
+    import mlflow
+    import numpy as np
+    import yaml
+
+    from reprovision.data.datasets import load_split, stratified_subset
+
+    sys.path.insert(0, str(module_repo / "benchmarks"))
+    from recipes import AIRBENCH94, hydra_value
+
+    recipe = [f"{k}={hydra_value(v)}" for k, v in AIRBENCH94.overrides.items() if k.startswith("cnn.")]
+    recipe += ["cnn.epochs=2", "cnn.batch_size=64"]  # TINY's size: two epochs of 200 images
+    run = exp_run(module_repo, *recipe)
+    ran = stages_run(run.stdout)
+    assert {"train-cnn", "evaluate", "report"} <= ran and not ran & {"train-vit", "augment", "train-gan@dcgan"}
+    summary = json.loads((module_repo / "metrics/cnn/summary.json").read_text())
+    assert summary["tta"] == "mirror_translate" and 0 <= summary["test_acc_plain"] <= 1 and summary["tta_seconds"] > 0
+    newest = max(
+        (r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-cnn"), key=lambda r: r.info.start_time
+    )
+    assert newest.data.params["arch"] == "airbench94" and newest.data.params["tta"] == "mirror_translate"
+    assert newest.data.metrics["tta_test_acc"] == summary["test_acc"]
+
+    params = yaml.safe_load((module_repo / "params.yaml").read_text())
+    test = load_split(module_repo / "data/prepared", "cifar10", "test")
+    images = test.x[stratified_subset(test.y, params["data"]["test_fraction"], params["seed"])]
+    records = json.loads((module_repo / "metrics/eval/cnn_confusion.json").read_text())
+    evaluated = [test.classes.index(r["predicted"]) for r in records]
+    mlflow.set_tracking_uri(f"sqlite:///{module_repo / 'mlflow.db'}")
+    try:
+        uri = json.loads((module_repo / "models/cnn/run.json").read_text())["model_uri"]
+        probabilities = mlflow.pyfunc.load_model(uri).predict(images)
+        module = mlflow.pytorch.load_model(uri)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert images.dtype == np.uint8 and probabilities.argmax(axis=1).tolist() == evaluated  # they agree
+    # ... on the augmented model: the wrapper's views around the network, not the bare network.
+    assert type(module.model).__name__ == "AveragedViews" and module.model.views == "mirror_translate"
+    assert type(module.model.model).__name__ == "Airbench94"
+    back = exp_run(module_repo)  # the params of the first run again: everything from the run-cache
+    assert fingerprints(module_repo) == FIRST_RUN, back.stdout

@@ -66,6 +66,9 @@ Widths = Annotated[list[PositiveInt], Field(min_length=1)]  # layer widths: a ne
 NonNegativeInt = Annotated[int, Field(ge=0), NotBool]
 
 
+Scheduler = Literal["none", "cosine", "step", "warmup_cosine", "warmup_linear"]  # optim.build_scheduler
+
+
 class Section(BaseModel):
     # extra="forbid" turns a typo into an error instead of a silently ignored key; allow_inf_nan=False
     # a `-S lr=inf` (or nan) into one, instead of a run that trains into NaN.
@@ -85,8 +88,11 @@ class DataConfig(Section):
 class AugmentConfig(Section):
     """Training-time augmentation of the classifier dataset (batched tensor ops, see augment.py)."""
 
-    crop_padding: NonNegativeInt = 4  # random crop after zero padding by this many pixels
+    crop_padding: NonNegativeInt = 4  # random crop after padding by this many pixels
+    pad_mode: Literal["zeros", "reflect"] = "zeros"
     hflip: bool = True
+    # hflip as airbench: a fixed half of the images mirrored in odd epochs, the other half in even ones
+    alternate_flips: bool = False
     cutmix_prob: Probability = 0.0  # per mini-batch, as in R4
     cutmix_alpha: PositiveFloat = 1.0  # box area ratio ~ Beta(alpha, alpha)
     mixup_prob: Probability = 0.0
@@ -171,10 +177,23 @@ class TrainConfig(Section):
     weight_decay: NonNegativeFloat = 0.0
     momentum: BelowOne = 0.9  # sgd only
     nesterov: bool = True  # sgd only
-    scheduler: Literal["none", "cosine", "step", "warmup_cosine"] = "none"
+    scheduler: Scheduler = "none"
     step_size: PositiveInt = 15  # step scheduler, in epochs
     gamma: PositiveFloat = 0.1  # step scheduler
     warmup_epochs: NonNegativeInt = 0  # warmup_cosine
+    # warmup_linear (airbench): lr x lr_start_factor rising linearly to lr over warmup_fraction of the
+    # steps, then falling linearly to lr x lr_end_factor
+    warmup_fraction: BelowOne = 0.23
+    lr_start_factor: PositiveFloat = 0.2
+    lr_end_factor: NonNegativeFloat = 0.07
+    # The normalisation layers' lr is lr x this, their weight decay / this (airbench raises it on BN biases)
+    norm_lr_mult: PositiveFloat = 1.0
+    # airbench's lookahead: every N steps (0: off) the weights join their moving average (optim.Lookahead)
+    lookahead_every: NonNegativeInt = 0
+    lookahead_decay: BelowOne = 0.95
+    # Test-time augmentation in evaluate and the served model (models/tta.py): the mean logits over the
+    # image and its mirror, and, with mirror_translate, also over both shifted by one pixel (airbench)
+    tta: Literal["none", "mirror", "mirror_translate"] = "none"
     label_smoothing: BelowOne = 0.0
     grad_clip: NonNegativeFloat = 0.0  # max global grad norm; 0 disables
     sam: Literal["none", "sam", "asam"] = "none"
@@ -206,7 +225,7 @@ class ViTConfig(TrainConfig):
     label: ClassVar[str] = "ViT"
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     weight_decay: NonNegativeFloat = 0.05
-    scheduler: Literal["none", "cosine", "step", "warmup_cosine"] = "cosine"
+    scheduler: Scheduler = "cosine"
     patch_size: PositiveInt = 4
     embed_dim: PositiveInt = 192
     depth: PositiveInt = 12
@@ -230,9 +249,9 @@ class ViTConfig(TrainConfig):
 
 class CNNConfig(TrainConfig):
     label: ClassVar[str] = "CNN"
-    arch: Literal["refcnn", "resnet18"] = "refcnn"
+    arch: Literal["refcnn", "resnet18", "airbench94"] = "refcnn"
     weight_decay: NonNegativeFloat = 1e-4
-    scheduler: Literal["none", "cosine", "step", "warmup_cosine"] = "step"
+    scheduler: Scheduler = "step"
     widths: Widths = [64, 128, 256, 512]  # refcnn
     convs_per_block: PositiveInt = 2  # refcnn
     hidden: PositiveInt = 256  # refcnn
@@ -248,6 +267,11 @@ class CNNConfig(TrainConfig):
     def check_images(self, key: str, height: int, width: int, dataset: str) -> None:
         if self.arch == "refcnn":
             _check_halvings(key, self.widths, height, width, dataset)
+        if self.arch == "airbench94" and (height, width) != (32, 32):
+            raise ValueError(
+                f"{key}.arch = airbench94 is built for 32x32 images and {dataset}'s are {height}x{width}; "
+                "use refcnn or resnet18"
+            )
 
 
 class SSLConfig(Section):
@@ -283,6 +307,11 @@ class SSLConfig(Section):
     def check_images(self, key: str, height: int, width: int, dataset: str) -> None:
         if self.arch == "refcnn":
             _check_halvings(key, self.widths, height, width, dataset)
+        if self.arch == "airbench94" and (height, width) != (32, 32):
+            raise ValueError(
+                f"{key}.arch = airbench94 is built for 32x32 images and {dataset}'s are {height}x{width}; "
+                "use refcnn or resnet18"
+            )
 
 
 class ProbeConfig(Section):

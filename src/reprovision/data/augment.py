@@ -40,6 +40,8 @@ class Policy:
     mixup_alpha: float
     cutout_prob: float
     cutout_size: int
+    pad_mode: str = "zeros"  # the crop's padding: zeros or reflect (airbench)
+    alternate_flips: bool = False
 
     def __post_init__(self) -> None:
         if len(self.mean) != len(self.std) or not self.mean:
@@ -122,6 +124,8 @@ def make_policy(dataset: str, cfg: AugmentConfig, train_x_uint8: np.ndarray | to
         mixup_alpha=cfg.mixup_alpha,
         cutout_prob=cfg.cutout_prob,
         cutout_size=cfg.cutout_size,
+        pad_mode=cfg.pad_mode,
+        alternate_flips=cfg.alternate_flips,
     )
 
 
@@ -180,12 +184,12 @@ def _scalar_rng(generator: torch.Generator) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `padding` then take a random H x W window per image, in one gather."""
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator, mode: str = "zeros") -> torch.Tensor:
+    """Pad by `padding` (zeros, or `mode="reflect"`) then take a random H x W window per image, in one gather."""
     if padding == 0:
         return x
     n, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
+    padded = F.pad(x, (padding, padding, padding, padding), mode="constant" if mode == "zeros" else mode)
     top = _randint(generator, 2 * padding + 1, n, x)
     left = _randint(generator, 2 * padding + 1, n, x)
     rows = (top[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (N, 1, H, 1)
@@ -199,6 +203,15 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Mirror each image left-right with probability 1/2."""
     flip = _rand(generator, x.shape[0], like=x) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def alternating_hflip(x: torch.Tensor, index: torch.Tensor, epoch: int, seed: int) -> torch.Tensor:
+    """airbench's alternating flip: a fixed random half of the images is mirrored in odd epochs and the
+    other half in even ones, so every image is seen both ways every two epochs. The half is a hash of
+    the image's index in the training set and the seed: the same on any device and after a resume."""
+    hashed = (index.to(torch.int64) * 2654435761 + seed * 40503) % 2**32  # Knuth's multiplicative hash
+    flip = ((hashed >> 16) & 1) != (epoch % 2)
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
 def cutout(x: torch.Tensor, size: int, prob: float, generator: torch.Generator) -> torch.Tensor:
@@ -262,13 +275,25 @@ class BatchAugment:
         self.num_classes = num_classes
         self.generator = generator
 
-    def __call__(self, x_uint8: torch.Tensor, y: torch.Tensor, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self,
+        x_uint8: torch.Tensor,
+        y: torch.Tensor,
+        train: bool = True,
+        index: torch.Tensor | None = None,
+        epoch: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`index`: the images' places in the training set and `epoch`, which alternating flips need."""
         p, g = self.policy, self.generator
         targets = F.one_hot(y.to(device=x_uint8.device, dtype=torch.long), self.num_classes).float()
         if not train:
             return normalize(x_uint8, p), targets
-        x = random_crop(x_uint8, p.crop_padding, g)
-        if p.hflip:
+        x = random_crop(x_uint8, p.crop_padding, g, p.pad_mode)
+        if p.hflip and p.alternate_flips:
+            if index is None:
+                raise ValueError("alternate_flips needs each image's index in the training set: pass index=")
+            x = alternating_hflip(x, index, epoch, g.initial_seed())
+        elif p.hflip:
             x = random_hflip(x, g)
         x = normalize(x, p)
         if p.cutout_prob > 0:

@@ -2,8 +2,10 @@
 vit.py (R3 ViT), cnn.py (R3 CNN, R4 ResNet-18 from resnet.py), gan.py (R1, R2), judge.py (LeNet).
 
 A classifier family is a module here holding a `FAMILY = ClassifierFamily(...)`: what the pipeline
-asks of it. Its params are a TrainConfig section of config.py; classifiers.py lists the families.
-README "Add a model family" walks through a new one.
+asks of it. A model it builds may also define `init_from_images(images, normalize)` (called once with
+the uint8 training images before training: airbench's whitening) and `start_epoch(epoch)` (called
+before each epoch by training/fit_classifier.py). Its params are a TrainConfig section of config.py;
+classifiers.py lists the families. README "Add a model family" walks through a new one.
 """
 
 from __future__ import annotations

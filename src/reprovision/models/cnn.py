@@ -1,6 +1,7 @@
-"""The CNN baselines: R3's reference CNN here, R4's ResNet-18 with the CIFAR stem in resnet.py.
+"""The CNN baselines: R3's reference CNN here, R4's ResNet-18 with the CIFAR stem in resnet.py,
+airbench94 (the fast CIFAR-10 network of KellerJordan/cifar10-airbench) in airbench.py.
 
-Both expose `gradcam_layer`, the module whose output is the last convolutional feature map
+All expose `gradcam_layer`, the module whose output is the last convolutional feature map
 (before any pooling), which is where Grad-CAM reads activations and gradients.
 """
 
@@ -65,7 +66,11 @@ class RefCNN(nn.Module):
 
 
 def build_cnn(cfg, *, num_classes: int, channels: int, image_size: int) -> nn.Module:
-    """The CNN that the `cnn` section of params.yaml describes: `arch` refcnn (R3) or resnet18 (R4)."""
+    """The CNN that the `cnn` section of params.yaml describes: `arch` refcnn (R3), resnet18 (R4) or airbench94."""
+    if cfg.arch == "airbench94":
+        from reprovision.models.airbench import Airbench94
+
+        return Airbench94(channels=channels, num_classes=num_classes)
     if cfg.arch == "resnet18":
         from reprovision.models.resnet import resnet18_cifar  # torchvision is imported only when ResNet-18 is asked for
 
@@ -97,6 +102,12 @@ def build_encoder(cfg, *, channels: int) -> tuple[nn.Module, int]:
 
 
 def describe_cnn(cfg, *, num_classes: int) -> str:
+    if cfg.arch == "airbench94":
+        return (
+            "airbench94 (KellerJordan/cifar10-airbench): a frozen 2x2 patch-whitening conv from training images, "
+            f"3 x (Conv3x3, MaxPool, BN, GELU, Conv3x3, BN, GELU) of widths 64/256/256, MaxPool 3, "
+            f"linear 256->{num_classes} x 1/9"
+        )
     if cfg.arch == "resnet18":
         return "ResNet-18 with a CIFAR stem (3x3 stride-1 first conv, no max-pool) (R4)"
     return (

@@ -27,7 +27,7 @@ from reprovision.core.distributed import World, sum_over_ranks, sync_buffers, wr
 from reprovision.core.graphs import CapturedStep, capturable
 from reprovision.core.runtime import attention_kernels, autocast_dtype, compiled_for_determinism
 from reprovision.data.augment import BatchAugment
-from reprovision.training.optim import SAM, build_optimizer, build_scheduler, clip_gradients
+from reprovision.training.optim import SAM, Lookahead, build_optimizer, build_scheduler, clip_gradients
 
 
 @dataclass
@@ -94,9 +94,12 @@ def fit_classifier(
     With several ranks (`world`, see distributed.py) each trains on its share of every global batch
     of cfg.batch_size images; only rank 0 writes the checkpoint and prints; every rank returns the same history.
 
+    A model may define `start_epoch(epoch)`, called before each epoch (airbench freezes a layer
+    with it). `cfg.lookahead_every` > 0 adds airbench's lookahead (optim.Lookahead).
+
     On one CUDA device the step is replayed as a CUDA graph (graphs.py) unless `cuda_graphs` is
     False or the step cannot be captured (several ranks, SAM's two passes, torch.compile, an
-    optimiser `graphs.capturable` refuses): then it runs eagerly.
+    optimiser `graphs.capturable` refuses, a model whose `start_epoch` changes what trains): then it runs eagerly.
     """
     device = train.x.device
     amp = autocast_dtype(cfg.precision, device)
@@ -105,6 +108,12 @@ def fit_classifier(
     steps = len(train) // cfg.batch_size + (len(train) % cfg.batch_size >= 2 * world.size)
     optimizer = build_optimizer(model, cfg, lr, device)
     scheduler = build_scheduler(optimizer, cfg, steps)
+    start_epoch = getattr(model, "start_epoch", None)
+    lookahead = (
+        Lookahead(model, every=cfg.lookahead_every, decay=cfg.lookahead_decay, total_steps=cfg.epochs * steps)
+        if cfg.lookahead_every
+        else None
+    )
     step_model = wrap(model, world, device)
     step_model = compiled_for_determinism(step_model) if cfg.compile else step_model
     progress = progress and world.is_main
@@ -121,6 +130,8 @@ def fit_classifier(
         ckpt.restore_rng(state["rng"], generator, device)
         history = state["history"]
         best = state["best"]
+        if lookahead is not None:
+            lookahead.load_state_dict(state["lookahead"])
         first_epoch = state["epoch"] + 1
         if world.is_main:
             print(f"resuming from {checkpoint} after epoch {state['epoch']}")
@@ -162,11 +173,14 @@ def fit_classifier(
         and not cfg.compile
         and not isinstance(optimizer, SAM)
         and capturable([optimizer]) is None
+        and start_epoch is None
     )
     step_fn = CapturedStep(train_step, [model], [optimizer]) if graphed else train_step
 
     for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
+        if start_epoch is not None:
+            start_epoch(epoch)
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
@@ -176,7 +190,7 @@ def fit_classifier(
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             y = train.y[idx]
-            x, target = augment(train.x[idx], y, train=True)  # the global batch, the same on every rank
+            x, target = augment(train.x[idx], y, train=True, index=idx, epoch=epoch)  # the same on every rank
             weight = 1.0
             if world.size > 1:
                 mine = world.share(len(idx))
@@ -187,9 +201,13 @@ def fit_classifier(
             loss, hits = step_fn(x, target, y) if graphed else step_fn(x, target, y, weight)
             if scheduler is not None:
                 scheduler.step()
+            if lookahead is not None:
+                lookahead.step((epoch - 1) * steps + step + 1)
             loss_sum += loss * len(y)
             correct += hits
             seen += len(y)
+        if lookahead is not None and epoch == cfg.epochs:
+            lookahead.finish()  # the weights that ship are the average (airbench)
         lr_now = optimizer.param_groups[0]["lr"]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -228,6 +246,7 @@ def fit_classifier(
                     "rng": ckpt.capture_rng(generator, device),
                     "history": history,
                     "best": best,
+                    "lookahead": lookahead.state_dict() if lookahead is not None else None,
                 },
             )
         if on_epoch is not None:

@@ -10,9 +10,11 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR, StepLR
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LinearLR, LRScheduler, SequentialLR, StepLR
 
 from reprovision.config import TrainConfig
+
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)  # norm_lr_mult's layers
 
 
 class SAM(torch.optim.Optimizer):
@@ -103,10 +105,25 @@ class SAM(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD over the trainable parameters, wrapped in SAM/ASAM when `cfg.sam` asks."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    """Adam, AdamW or SGD over the trainable parameters, wrapped in SAM/ASAM when `cfg.sam` asks.
+
+    With `cfg.norm_lr_mult` != 1 the normalisation layers' parameters form a second group with
+    lr x norm_lr_mult and weight decay / norm_lr_mult, so their decay per step is unchanged (airbench's
+    raised lr on BatchNorm biases)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (all have requires_grad=False)")
+    params: list = trainable
+    if cfg.norm_lr_mult != 1.0:
+        norms = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters() if p.requires_grad}
+        params = [
+            {"params": [p for p in trainable if id(p) not in norms]},
+            {
+                "params": [p for p in trainable if id(p) in norms],
+                "lr": lr * cfg.norm_lr_mult,
+                "weight_decay": cfg.weight_decay / cfg.norm_lr_mult,
+            },
+        ]
     # The fused kernels update every parameter in one launch on CUDA; elsewhere torch's default is right.
     fast = {"fused": True} if device.type == "cuda" else {}
     if cfg.optimizer == "adam":
@@ -137,6 +154,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
         return CosineAnnealingLR(optimizer, T_max=total)
     if cfg.scheduler == "step":
         return StepLR(optimizer, step_size=cfg.step_size * steps_per_epoch, gamma=cfg.gamma)
+    if cfg.scheduler == "warmup_linear":
+        return LambdaLR(optimizer, warmup_linear(cfg, total))
     warmup = cfg.warmup_epochs * steps_per_epoch
     if cfg.warmup_epochs >= cfg.epochs:
         raise ValueError(
@@ -149,6 +168,53 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     rise = LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup)
     decay = CosineAnnealingLR(optimizer, T_max=total - warmup)
     return SequentialLR(optimizer, [rise, decay], milestones=[warmup])
+
+
+def warmup_linear(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """airbench's lr factor per step: linear from lr_start_factor to 1 over warmup_fraction of the
+    steps, then linear to lr_end_factor at the last step."""
+    warmup = int(total * cfg.warmup_fraction)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            frac = step / warmup
+            return cfg.lr_start_factor * (1 - frac) + frac
+        frac = (step - warmup) / max(total - warmup, 1)
+        return (1 - frac) + cfg.lr_end_factor * frac
+
+    return factor
+
+
+class Lookahead:
+    """airbench's lookahead: every `every` steps the weights' moving average takes a step towards the
+    weights, and the weights are set to it; the average's decay rises as decay**every * (step/total)**3,
+    so it follows the weights early and holds them late. `finish()` after the last step sets the weights
+    to the average. Floating state only (BatchNorm's running statistics too, as airbench)."""
+
+    def __init__(self, model: nn.Module, *, every: int, decay: float, total_steps: int) -> None:
+        self.model, self.every, self.decay, self.total = model, every, decay, total_steps
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def _pull(self, decay: float) -> None:
+        current = self.model.state_dict()
+        for key, average in self.average.items():
+            average.lerp_(current[key], 1 - decay)
+            current[key].copy_(average)
+
+    def step(self, steps_done: int) -> None:
+        if steps_done % self.every == 0:
+            self._pull(self.decay**self.every * (steps_done / self.total) ** 3)
+
+    def finish(self) -> None:
+        self._pull(1.0)
+
+    def state_dict(self) -> dict:
+        return dict(self.average)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            self.average[key].copy_(value)
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor | None:
