@@ -75,6 +75,8 @@ SIZES = {
         "plain_warmup": 1,
         "plain_timed": 2,
         "full_epochs": 2,
+        # Small architectures: the smoke exercises the code, and CI runs it (the reference sizes took ~4 min)
+        "shrink": {"vit.depth": 1, "vit.embed_dim": 32, "vit.heads": 2, "cnn.widths": [8, 16], "cnn.hidden": 16},
     },
 }
 
@@ -90,6 +92,7 @@ def overrides_for(model: str, size: dict, arrays, *, images: int | None, epochs:
             "data.train_fraction": fraction(images, len(arrays["train_y"])),
             "data.test_fraction": fraction(size["test_images"], len(arrays["test_y"])),
             f"{model}.epochs": epochs,
+            **{k: v for k, v in size.get("shrink", {}).items() if k.startswith(f"{model}.")},
         }
     # gan.fid_samples only so that params validate (its FID floor needs as many training images);
     # no FID is computed here.

@@ -18,6 +18,10 @@ replaces that entry when the run ends. A run that can no longer resume (its chec
 its machine: checkpoints are not DVC outputs and live only in the clone) is marked with `stopped
 --why "..."`: its entry keeps the epochs it reached, shown as stopped; a new run starts afresh, and
 when it is recorded the stopped one stays beside it, in its entry's `earlier_runs`.
+
+A repeated run (airbench94 over five seeds, issue 35) is recorded seed by seed with `record-seed --repo
+../ref --model cnn --exp-seconds S` (S: the whole `dvc exp run`, timed by whoever ran it): the entry
+is named by the architecture and lists one run per seed with their spread.
 """
 
 from __future__ import annotations
@@ -167,6 +171,47 @@ def record(repo: Path, model: str) -> dict:
     return save(model, entry)
 
 
+def record_seed(repo: Path, model: str, exp_seconds: float) -> dict:
+    """One seed of a repeated classifier run (airbench94's five seeds, issue 35), under its architecture's
+    name: the entry lists one run per seed and their spread. `seconds` is training plus the test-time-
+    augmented evaluation (the stage's wall clock for both); `exp_seconds` the whole `dvc exp run`."""
+    import statistics
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    run = mlflow_run(repo, model)
+    metrics = stage_record(repo / METRICS, model)
+    arch = run["params"]["arch"]
+    seed_run = run_entry(model, run) | {
+        "model": arch,
+        "seed": params["seed"],
+        "epochs": metrics["epochs_trained"],
+        "train_images": int(run["params"]["train_images"]),
+        "precision": run["params"]["precision_resolved"],
+        "test_acc": metrics["test_acc"],
+        "test_acc_plain": metrics.get("test_acc_plain", metrics["test_acc"]),
+        "train_seconds": metrics["train_seconds"],
+        "tta_seconds": metrics.get("tta_seconds", 0.0),
+        "seconds": metrics["train_seconds"] + metrics.get("tta_seconds", 0.0),
+        "exp_seconds": exp_seconds,
+        "history": history(repo / METRICS / model / "history.csv"),
+    }
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    runs = [r for r in results.get(arch, {}).get("runs", []) if r["seed"] != seed_run["seed"]]
+    runs = sorted([*runs, seed_run], key=lambda r: r["seed"])
+    accs = [r["test_acc"] for r in runs]
+    results[arch] = {
+        "model": arch,
+        "runs": runs,
+        "test_acc_mean": statistics.fmean(accs),
+        "test_acc_min": min(accs),
+        "test_acc_max": max(accs),
+        "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "seconds_max": max(r["seconds"] for r in runs),
+    }
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return results[arch]
+
+
 def keep_picture(source: Path, name: str) -> str:
     """Copy a run's picture beside RESULTS (the run's clone may not outlive it); its path in a checkout."""
     if not source.exists():
@@ -256,6 +301,10 @@ def main() -> None:
     stop = sub.add_parser("stopped", help="a run under way that can no longer resume: keep its epochs, marked stopped")
     stop.add_argument("--model", required=True, choices=[*CLASSIFIERS, *GANS])
     stop.add_argument("--why", required=True, help="why it cannot resume, e.g. its machine is gone")
+    seed = sub.add_parser("record-seed", help="one seed of a repeated classifier run, under its architecture")
+    seed.add_argument("--repo", type=Path, required=True, help="the clone the run happened in")
+    seed.add_argument("--model", required=True, choices=CLASSIFIERS)
+    seed.add_argument("--exp-seconds", type=float, required=True, help="the whole `dvc exp run`, wall clock")
     sub.add_parser("table")
     args = parser.parse_args()
     if args.command == "table":
@@ -263,6 +312,9 @@ def main() -> None:
         return
     if args.command == "stopped":
         entry = stopped(args.model, args.why)
+    elif args.command == "record-seed":
+        entry = record_seed(args.repo.resolve(), args.model, args.exp_seconds)
+        entry = {**entry, "runs": [{k: v for k, v in r.items() if k != "history"} for r in entry["runs"]]}
     else:
         entry = (record if args.command == "record" else progress)(args.repo.resolve(), args.model)
     print(json.dumps({k: v for k, v in entry.items() if k not in ("history", "fid_curve", "earlier_runs")}, indent=2))

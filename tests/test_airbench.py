@@ -196,3 +196,10 @@ def test_airbench94_needs_32x32_images():
     with pytest.raises(ValueError, match=r"cnn.arch = airbench94 is built for 32x32 images and mnist's are 28x28"):
         CNNConfig(arch="airbench94").check_images("cnn", 28, 28, "mnist")
     assert parse_params(nest(AIRBENCH94.overrides)).cnn.arch == "airbench94"
+
+
+def test_the_augment_stages_preview_takes_alternating_flips_without_indices(tmp_path):
+    from reprovision.data.augment import preview_grid
+
+    preview_grid(images(8)[0], POLICY, tmp_path / "preview.png", generator=torch.Generator().manual_seed(0))
+    assert (tmp_path / "preview.png").stat().st_size > 0

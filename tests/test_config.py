@@ -77,7 +77,9 @@ BAD_VALUES = [
     ),
     pytest.param("vit.patch_size", 5, "vit.patch_size", "5", "a divisor of 32", id="patch-not-dividing-image"),
     pytest.param("vit.heads", 5, "vit.heads", "5", "a divisor of 192", id="embed-dim-not-divisible-by-heads"),
-    pytest.param("cnn.arch", "vgg16", "cnn.arch", '"vgg16"', "'refcnn', 'resnet18' or 'airbench94'", id="unknown-architecture"),
+    pytest.param(
+        "cnn.arch", "vgg16", "cnn.arch", '"vgg16"', "'refcnn', 'resnet18' or 'airbench94'", id="unknown-architecture"
+    ),
     pytest.param(
         "vit.optimizer", "adagrad", "vit.optimizer", '"adagrad"', "'adam', 'adamw' or 'sgd'", id="unknown-optimiser"
     ),

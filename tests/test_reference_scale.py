@@ -191,3 +191,46 @@ def test_record_of_a_finished_gan_keeps_its_figures_and_its_grid(tmp_path, refer
     assert entry["grid"] == "benchmarks/reference_scale/mlp_grid_10x10.png"
     assert (reference_scale.RESULTS.with_suffix("") / "mlp_grid_10x10.png").read_bytes() == grid
     assert json.loads(reference_scale.RESULTS.read_text())["mlp"] == entry
+
+
+def test_record_seed_keeps_one_run_per_seed_under_the_architecture_with_their_spread(tmp_path, reference_scale):
+    repo = tmp_path / "ref"
+    (repo / "models/cnn").mkdir(parents=True)
+    (repo / "metrics/cnn").mkdir(parents=True)
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.create_experiment("reprovision")
+
+    def seed_run(seed: int, test_acc: float) -> dict:
+        (repo / "params.yaml").write_text(yaml.safe_dump({"seed": seed, "cnn": {"epochs": 10}}))
+        tags = {"stage": "train-cnn", "git_commit": "e" * 40, "threads": "2", "device": "cpu"}
+        run = client.create_run(experiment, tags={**tags, "dvc_exp_name": f"ref-airbench94-s{seed}"})
+        for key, value in {"arch": "airbench94", "train_images": 50000, "precision_resolved": "bf16"}.items():
+            client.log_param(run.info.run_id, key, value)
+        (repo / "models/cnn/run.json").write_text(
+            json.dumps({"tracking_uri": f"sqlite:///{repo / 'mlflow.db'}", "run_id": run.info.run_id})
+        )
+        summary = {"epochs_trained": 10, "test_acc": test_acc, "test_acc_plain": test_acc - 0.005}
+        (repo / "metrics/cnn/summary.json").write_text(
+            json.dumps(summary | {"train_seconds": 1000.0, "tta_seconds": 50.0})
+        )
+        (repo / "metrics/cnn/history.csv").write_text("epoch,test_acc\n1,0.8\n")
+        return reference_scale.record_seed(repo, "cnn", exp_seconds=1100.0)
+
+    seed_run(1, 0.942)
+    seed_run(0, 0.938)
+    entry = seed_run(1, 0.940)  # seed 1 again: replaces its run
+    assert [r["seed"] for r in entry["runs"]] == [0, 1] and entry["model"] == "airbench94"
+    first = entry["runs"][0]
+    assert (first["model"], first["train_images"], first["test_acc"], first["seconds"]) == (
+        "airbench94",
+        50000,
+        0.938,
+        1050.0,
+    )
+    assert first["exp_seconds"] == 1100.0 and first["dvc_exp_name"] == "ref-airbench94-s0"
+    assert entry["test_acc_mean"] == pytest.approx(0.939) and (entry["test_acc_min"], entry["test_acc_max"]) == (
+        0.938,
+        0.94,
+    )
+    assert entry["test_acc_std"] == pytest.approx(0.0014142, abs=1e-6)
+    assert json.loads(reference_scale.RESULTS.read_text())["airbench94"] == entry

@@ -283,15 +283,14 @@ class BatchAugment:
         index: torch.Tensor | None = None,
         epoch: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`index`: the images' places in the training set and `epoch`, which alternating flips need."""
+        """`index`: the images' places in the training set (default: in this batch), for alternating flips."""
         p, g = self.policy, self.generator
         targets = F.one_hot(y.to(device=x_uint8.device, dtype=torch.long), self.num_classes).float()
         if not train:
             return normalize(x_uint8, p), targets
         x = random_crop(x_uint8, p.crop_padding, g, p.pad_mode)
         if p.hflip and p.alternate_flips:
-            if index is None:
-                raise ValueError("alternate_flips needs each image's index in the training set: pass index=")
+            index = torch.arange(len(x), device=x.device) if index is None else index  # (a preview's batch)
             x = alternating_hflip(x, index, epoch, g.initial_seed())
         elif p.hflip:
             x = random_hflip(x, g)
