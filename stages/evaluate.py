@@ -19,7 +19,7 @@ from reprovision.core import track  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
 from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
 from reprovision.data.augment import BatchAugment, Policy  # noqa: E402
-from reprovision.layout import EVAL_METRICS, FIGURES, METRICS, MODELS, POLICY, RUN_REF, SUMMARY  # noqa: E402
+from reprovision.layout import EMA_WEIGHTS, EVAL_METRICS, FIGURES, METRICS, MODELS, POLICY, RUN_REF, SUMMARY  # noqa: E402
 from reprovision.measure import evaluation as ev  # noqa: E402
 from reprovision.measure.heatmaps import attention_rollout, grad_cam, save_heatmap_grid  # noqa: E402
 from reprovision.models.classifiers import FAMILIES  # noqa: E402
@@ -64,6 +64,13 @@ def evaluate() -> None:
             save_heatmap_grid(x_host[:k], maps.cpu(), labels, figure)
             figures.append(figure)
         results[name] = {key: metrics[key] for key in SCORES}
+        if cfg.ema_decay > 0:  # the weights' moving average, scored beside them
+            averaged = family.build(cfg, num_classes=num_classes, channels=channels, image_size=size)
+            averaged.load_state_dict(torch.load(MODELS / name / EMA_WEIGHTS, map_location="cpu", weights_only=True))
+            ema_preds, _ = ev.predict(
+                for_inference(averaged.to(device), cfg.tta), normalised, len(test_y), cfg.eval_batch_size, device
+            )
+            results[name]["ema_accuracy"] = float((ema_preds == y_host).mean())
         results[name]["per_class_accuracy"] = dict(zip(classes, per_class[name]))
         # A run of its own (this stage's code and params may change without the model changing),
         # naming the training run and the logged model it evaluated; the figures link to that model.

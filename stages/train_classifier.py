@@ -20,12 +20,13 @@ from reprovision.core.runtime import attention_backend, autocast_dtype, resolve_
 from reprovision.core.stage import load_subset, run_tags, start, write_csv, write_json
 from reprovision.data.augment import BatchAugment, Policy, normalize
 from reprovision.data.datasets import validation_split
-from reprovision.layout import CHECKPOINTS, METRICS, MODELS, POLICY, REGISTERED_MODELS, SUMMARY
+from reprovision.layout import CHECKPOINTS, EMA_WEIGHTS, METRICS, MODELS, POLICY, REGISTERED_MODELS, SUMMARY
 from reprovision.models import ClassifierFamily, count_parameters
 from reprovision.models.tta import for_inference
 from reprovision.publish import cards
 from reprovision.publish.serving import RawImageClassifier
 from reprovision.training.fit_classifier import DeviceData, evaluate, fit_classifier
+from reprovision.training.optim import ema_of
 
 # metrics/<name>.json: what `dvc exp show` shows of this stage (the validation figures only when held out).
 HEADLINE = ("test_acc", "val_acc", "best_val_acc", "train_acc", "test_loss", "train_seconds")
@@ -139,6 +140,7 @@ def train(family: ClassifierFamily) -> None:
     with track.stage_run(f"train-{name}", name, run_params, tags, params, system_metrics=True) as run:
         images = {"train": len(train), **({"val": len(val)} if val is not None else {}), "test": len(test)}
         track.log_datasets(Path.cwd(), data.classifier_dataset, tags["data_sha256"], images)
+        ema = ema_of(model, cfg.ema_decay)
         started = time.perf_counter()
         history = fit_classifier(
             model,
@@ -153,6 +155,7 @@ def train(family: ClassifierFamily) -> None:
             fingerprint=fingerprint,
             on_epoch=on_epoch,
             world=world,
+            ema=ema,
         )
         distributed.leave(world)
         wall = time.perf_counter() - started
@@ -180,6 +183,14 @@ def train(family: ClassifierFamily) -> None:
                 best_val_acc=shipped["val_acc"],
                 best_val_epoch=shipped["epoch"],
             )
+        if ema is not None:  # the average after the last epoch, scored beside the weights that ship
+            amp = autocast_dtype(cfg.precision, device)
+            for split, data in (("val", val), ("test", test)):
+                if data is not None:
+                    metrics[f"ema_{split}_acc"] = evaluate(
+                        for_inference(ema.module, cfg.tta), data, augmenter, cfg.eval_batch_size, amp
+                    )["acc"]
+            torch.save(ema.module.state_dict(), out / EMA_WEIGHTS)
         metrics.update(
             shipped_epoch=shipped["epoch"],
             shipped_why="the best validation accuracy" if val is not None else "the last epoch (no validation split)",
@@ -200,7 +211,16 @@ def train(family: ClassifierFamily) -> None:
         # Per-epoch metrics are already logged with their step; add only the run-level figures.
         run_level = {
             k: metrics[k]
-            for k in ("params", "train_seconds", "s_per_epoch", "best_val_acc", "best_val_epoch", "tta_seconds")
+            for k in (
+                "params",
+                "train_seconds",
+                "s_per_epoch",
+                "best_val_acc",
+                "best_val_epoch",
+                "tta_seconds",
+                "ema_val_acc",
+                "ema_test_acc",
+            )
             if k in metrics
         }
         if cfg.tta != "none":  # the per-epoch test_acc is without it

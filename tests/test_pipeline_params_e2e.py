@@ -173,7 +173,7 @@ def test_airbench94_through_the_dag_with_its_test_time_augmentation_where_the_mo
     from recipes import AIRBENCH94, hydra_value
 
     recipe = [f"{k}={hydra_value(v)}" for k, v in AIRBENCH94.overrides.items() if k.startswith("cnn.")]
-    recipe += ["cnn.epochs=2", "cnn.batch_size=64"]  # TINY's size: two epochs of 200 images
+    recipe += ["cnn.epochs=2", "cnn.batch_size=64", "cnn.ema_decay=0.9"]  # TINY's size; an EMA scored beside
     run = exp_run(module_repo, *recipe)
     ran = stages_run(run.stdout)
     assert {"train-cnn", "evaluate", "report"} <= ran and not ran & {"train-vit", "augment", "train-gan@dcgan"}
@@ -184,6 +184,9 @@ def test_airbench94_through_the_dag_with_its_test_time_augmentation_where_the_mo
     )
     assert newest.data.params["arch"] == "airbench94" and newest.data.params["tta"] == "mirror_translate"
     assert newest.data.metrics["tta_test_acc"] == summary["test_acc"]
+    evaluated_summary = json.loads((module_repo / "metrics/eval/summary.json").read_text())["classifiers"]["cnn"]
+    assert 0 <= summary["ema_test_acc"] <= 1 and 0 <= evaluated_summary["ema_accuracy"] <= 1
+    assert (module_repo / "models/cnn/model_ema.pt").exists()
 
     params = yaml.safe_load((module_repo / "params.yaml").read_text())
     test = load_split(module_repo / "data/prepared", "cifar10", "test")

@@ -511,6 +511,28 @@ def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
     assert dcgan["Result"]["text"] == "FID 7.89 at epoch 5 (N = 2,000, during training); D 1.100 / G 0.950"
 
 
+def test_the_fast_cnn_is_shown_beside_r3s_models_with_its_seeds_spread_and_time():
+    run = {"epochs": 10, "train_images": 50_000, "precision": "bf16", "threads": 2, "git_commit": "c" * 40}
+    results = {
+        "cnn": {**run, "epochs": 30, "precision": "fp32", "test_acc": 0.9132, "seconds": 24717.0, "history": []},
+        "airbench94": {
+            "model": "airbench94",
+            "runs": [{**run, "seed": 0, "test_acc": 0.9405}, {**run, "seed": 1, "test_acc": 0.9391}],
+            "test_acc_mean": 0.9398,
+            "test_acc_min": 0.9391,
+            "test_acc_max": 0.9405,
+            "test_acc_std": 0.00099,
+            "seconds_max": 1130.0,
+        },
+    }
+    built = report_tables.reference_scale_table(results)
+    cnn, fast = (dict(zip(built["header"], row)) for row in built["rows"])
+    assert cnn["Result"]["text"] == "test acc 91.32%" and fast["Model"] == "airbench94 as the CNN (2 seeds)"
+    assert fast["Result"]["text"] == "test acc 93.98% mean (min 93.91%, max 94.05%, std 0.10 points), with TTA"
+    assert fast["Result"]["ref"] == "KellerJordan/cifar10-airbench: 94.01%, mean of 1,000 runs"
+    assert (fast["Epochs"], fast["Precision"], fast["Training time"]) == ("10", "bf16", "18.8 min per seed at most")
+
+
 def test_reference_scale_epochs_are_shown_beside_the_figures_the_sources_printed_for_them():
     results = {
         "vit": {"history": [{"epoch": e, "train_acc": a} for e, a in ((1, 0.2871), (2, 0.4012), (6, 0.55))]},

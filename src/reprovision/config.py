@@ -93,6 +93,8 @@ class AugmentConfig(Section):
     hflip: bool = True
     # hflip as airbench: a fixed half of the images mirrored in odd epochs, the other half in even ones
     alternate_flips: bool = False
+    trivial_augment: bool = False  # one TrivialAugmentWide op per image (batched, augment.trivial_augment)
+    erasing_prob: Probability = 0.0  # random erasing per image
     cutmix_prob: Probability = 0.0  # per mini-batch, as in R4
     cutmix_alpha: PositiveFloat = 1.0  # box area ratio ~ Beta(alpha, alpha)
     mixup_prob: Probability = 0.0
@@ -194,6 +196,11 @@ class TrainConfig(Section):
     # Test-time augmentation in evaluate and the served model (models/tta.py): the mean logits over the
     # image and its mirror, and, with mirror_translate, also over both shifted by one pixel (airbench)
     tta: Literal["none", "mirror", "mirror_translate"] = "none"
+    # No weight decay on biases, normalisation weights and what the model's `no_weight_decay()` names
+    # (the ViT's position embedding and [CLS] token), as DeiT/timm train ViTs
+    decay_exempt: bool = False
+    # An exponential moving average of the weights, kept beside them (0: none); evaluate scores both
+    ema_decay: BelowOne = 0.0
     label_smoothing: BelowOne = 0.0
     grad_clip: NonNegativeFloat = 0.0  # max global grad norm; 0 disables
     sam: Literal["none", "sam", "asam"] = "none"
@@ -232,6 +239,7 @@ class ViTConfig(TrainConfig):
     heads: PositiveInt = 3
     mlp_ratio: PositiveFloat = 4.0
     dropout: Probability = 0.1
+    drop_path: Probability = 0.0  # stochastic depth: the last block's rate, rising linearly from 0 at the first
 
     def check_images(self, key: str, height: int, width: int, dataset: str) -> None:
         side = math.gcd(height, width)

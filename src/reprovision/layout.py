@@ -25,6 +25,7 @@ GAN_MODELS = MODELS / "gan"  # models/gan/<name>/: weights, pictures, card.md, r
 GAN_METRICS = METRICS / "gan"  # metrics/gan/<name>.json, metrics/gan/<name>/{summary.json,history.csv,fid.csv}
 EVAL_METRICS = METRICS / "eval"  # evaluate: summary.json, <classifier>_confusion.json (metrics/evaluate.json beside it)
 RUN_REF = "run.json"  # in each model's folder: the MLflow run that trained it (track.write_run_ref)
+EMA_WEIGHTS = "model_ema.pt"  # in a classifier's folder when its `ema_decay` > 0: the averaged weights
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"  # evaluate's pictures
 CURVES = REPORTS / "curves"  # report's charts

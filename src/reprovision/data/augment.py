@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class Policy:
     cutout_size: int
     pad_mode: str = "zeros"  # the crop's padding: zeros or reflect (airbench)
     alternate_flips: bool = False
+    trivial_augment: bool = False
+    erasing_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.mean) != len(self.std) or not self.mean:
@@ -60,7 +63,16 @@ class Policy:
 
     def without_augmentation(self) -> Policy:
         """The same normalisation, no random transform (a classifier's `augment: false`)."""
-        return dataclasses.replace(self, crop_padding=0, hflip=False, cutmix_prob=0.0, mixup_prob=0.0, cutout_prob=0.0)
+        return dataclasses.replace(
+            self,
+            crop_padding=0,
+            hflip=False,
+            cutmix_prob=0.0,
+            mixup_prob=0.0,
+            cutout_prob=0.0,
+            trivial_augment=False,
+            erasing_prob=0.0,
+        )
 
     @classmethod
     def from_json(cls, d: dict) -> Policy:
@@ -126,6 +138,8 @@ def make_policy(dataset: str, cfg: AugmentConfig, train_x_uint8: np.ndarray | to
         cutout_size=cfg.cutout_size,
         pad_mode=cfg.pad_mode,
         alternate_flips=cfg.alternate_flips,
+        trivial_augment=cfg.trivial_augment,
+        erasing_prob=cfg.erasing_prob,
     )
 
 
@@ -214,6 +228,51 @@ def alternating_hflip(x: torch.Tensor, index: torch.Tensor, epoch: int, seed: in
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
+def trivial_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """TrivialAugment (Müller & Hutter 2021, torchvision's TrivialAugmentWide) per image, on a uint8 batch:
+    each image gets one op of torchvision's space, a magnitude bin and a sign drawn from `generator`,
+    applied by torchvision's own op code to the images that drew the same (op, bin, sign) together."""
+    import_torchvision()
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import TrivialAugmentWide
+
+    policy = TrivialAugmentWide()
+    space = list(policy._AUGMENTATION_SPACE.items())
+    n, bins = x.shape[0], policy.num_magnitude_bins
+    op = _randint(generator, len(space), n, x)
+    level = _randint(generator, bins, n, x)
+    negative = _rand(generator, n, like=x) <= 0.5
+    out = x.clone()
+    for key in torch.unique(torch.stack([op, level, negative.long()], 1), dim=0).tolist():
+        name, (magnitudes_of, signed) = space[key[0]]
+        magnitudes = magnitudes_of(bins, x.shape[-2], x.shape[-1])
+        magnitude = 0.0 if magnitudes is None else float(magnitudes[key[1]]) * (-1 if signed and key[2] else 1)
+        chosen = (op == key[0]) & (level == key[1]) & (negative.long() == key[2])
+        out[chosen] = policy._apply_image_or_video_transform(
+            x[chosen], name, magnitude, interpolation=InterpolationMode.NEAREST, fill=policy._fill
+        )
+    return out
+
+
+def random_erasing(x: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020) per image with probability `prob`: a rectangle of 2-33 % of the
+    image with aspect ratio in [0.3, 3.3] (log-uniform), clipped to the image, set to 0 (after
+    normalisation: the mean colour), as torchvision's RandomErasing does for one image."""
+    n, _, h, w = x.shape
+    selected = _rand(generator, n, like=x) < prob
+    area = (0.02 + 0.31 * _rand(generator, n, like=x)) * h * w
+    aspect = torch.exp(math.log(0.3) + (math.log(3.3) - math.log(0.3)) * _rand(generator, n, like=x))
+    eh = (area * aspect).sqrt().round().clamp(1, h).long()
+    ew = (area / aspect).sqrt().round().clamp(1, w).long()
+    top = (_rand(generator, n, like=x) * (h - eh + 1)).long()
+    left = (_rand(generator, n, like=x) * (w - ew + 1)).long()
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
+    mask = in_rows[:, :, None] & in_cols[:, None, :] & selected[:, None, None]
+    return x.masked_fill(mask[:, None], 0)
+
+
 def cutout(x: torch.Tensor, size: int, prob: float, generator: torch.Generator) -> torch.Tensor:
     """Zero a size x size square (clipped at the border) in each image with probability `prob`.
 
@@ -267,7 +326,8 @@ def mixup(
 class BatchAugment:
     """uint8 images + integer labels -> normalised float images + soft targets, per mini-batch.
 
-    Order: crop -> flip -> normalise -> cutout -> (CutMix with cutmix_prob, else MixUp with mixup_prob).
+    Order: crop -> flip -> TrivialAugment -> normalise -> cutout -> random erasing -> (CutMix with
+    cutmix_prob, else MixUp with mixup_prob).
     """
 
     def __init__(self, policy: Policy, num_classes: int, generator: torch.Generator):
@@ -294,9 +354,13 @@ class BatchAugment:
             x = alternating_hflip(x, index, epoch, g.initial_seed())
         elif p.hflip:
             x = random_hflip(x, g)
+        if p.trivial_augment:
+            x = trivial_augment(x, g)
         x = normalize(x, p)
         if p.cutout_prob > 0:
             x = cutout(x, p.cutout_size, p.cutout_prob, g)
+        if p.erasing_prob > 0:
+            x = random_erasing(x, p.erasing_prob, g)
         if p.cutmix_prob > 0 or p.mixup_prob > 0:  # skip the draw (a device sync) when mixing is off
             use_cutmix, use_mixup = torch.rand(2, generator=g, device=g.device).tolist()
             if use_cutmix < p.cutmix_prob:

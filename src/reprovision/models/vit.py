@@ -39,11 +39,24 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out)), attention
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+def drop_path(rate: float) -> nn.Module:
+    """Stochastic depth (Huang et al. 2016) on a residual branch: torchvision's, per sample ("row")."""
+    if rate == 0:
+        return nn.Identity()  # no module with randomness: the model is exactly R3's
+    from reprovision.core.compat import import_torchvision
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+    import_torchvision()
+    from torchvision.ops import StochasticDepth
+
+    return StochasticDepth(rate, mode="row")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)), each branch dropped at `drop_rate`."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, drop_rate: float = 0.0) -> None:
         super().__init__()
+        self.drop_path = drop_path(drop_rate)
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, dropout)
@@ -54,8 +67,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
         update, attention = self.attn(self.norm1(x), return_attention)
-        x = x + update
-        return x + self.mlp(self.norm2(x)), attention
+        x = x + self.drop_path(update)
+        return x + self.drop_path(self.mlp(self.norm2(x))), attention
 
 
 class ViT(nn.Module):
@@ -71,6 +84,7 @@ class ViT(nn.Module):
         heads: int = 3,
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -86,12 +100,18 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.embed_drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(embed_dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        # Stochastic depth rises linearly with depth, from 0 at the first block to `drop_path` (DeiT).
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(Block(embed_dim, heads, mlp_ratio, dropout, rate) for rate in rates)
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         # Small random embeddings (as in ViT/timm): zeros would make every position look the same at start.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that `decay_exempt` keeps out of weight decay besides biases and norms (timm's convention)."""
+        return {"pos_embed", "cls_token"}
 
     def _encode(self, x: Tensor, return_attention: bool) -> tuple[Tensor, list[Tensor]]:
         """The normalised [CLS] embedding (B, D), and each block's attention when asked."""
@@ -133,6 +153,7 @@ def build_vit(cfg, *, num_classes: int, channels: int, image_size: int) -> ViT:
         heads=cfg.heads,
         mlp_ratio=cfg.mlp_ratio,
         dropout=cfg.dropout,
+        drop_path=cfg.drop_path,
     )
 
 
@@ -140,6 +161,7 @@ def describe_vit(cfg, *, num_classes: int) -> str:
     return (
         f"Vision Transformer (R3): patch {cfg.patch_size}, embed {cfg.embed_dim}, depth {cfg.depth}, "
         f"heads {cfg.heads}, MLP ratio {cfg.mlp_ratio}, dropout {cfg.dropout}, learned position embeddings, [CLS] token"
+        + (f", stochastic depth up to {cfg.drop_path}" if cfg.drop_path else "")
     )
 
 

@@ -52,6 +52,18 @@ REFERENCE: dict[str, dict[str, Any]] = {
     },
 }
 
+# Figures of architectures that the pipeline reproduces beside R1-R3 (benchmarks/reference_scale.json
+# names their repeated runs by the architecture), as their sources published them.
+ARCHITECTURE_REFERENCE: dict[str, dict[str, Any]] = {
+    "airbench94": {
+        "source": "KellerJordan/cifar10-airbench",
+        "test_acc": 0.9401,  # mean of 1,000 runs, legacy/airbench94.py
+        "runs": 1000,
+        "seconds": 3.83,
+        "hardware": "one NVIDIA A100",
+    },
+}
+
 
 def midpoint(value: float | tuple[float, float] | None) -> float | None:
     """One number for a reference figure: a range counts as its middle (R3's CNN, 8–10 s: 9 s)."""

@@ -84,6 +84,7 @@ def fit_classifier(
     progress: bool = True,
     world: World = World(),
     cuda_graphs: bool = True,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> list[dict]:
     """Train for cfg.epochs; return one dict per epoch (the columns of the per-epoch table).
 
@@ -95,7 +96,8 @@ def fit_classifier(
     of cfg.batch_size images; only rank 0 writes the checkpoint and prints; every rank returns the same history.
 
     A model may define `start_epoch(epoch)`, called before each epoch (airbench freezes a layer
-    with it). `cfg.lookahead_every` > 0 adds airbench's lookahead (optim.Lookahead).
+    with it). `cfg.lookahead_every` > 0 adds airbench's lookahead (optim.Lookahead). `ema` (torch's
+    AveragedModel of `model`, see train_classifier.py) is updated after every step and checkpointed.
 
     On one CUDA device the step is replayed as a CUDA graph (graphs.py) unless `cuda_graphs` is
     False or the step cannot be captured (several ranks, SAM's two passes, torch.compile, an
@@ -132,6 +134,8 @@ def fit_classifier(
         best = state["best"]
         if lookahead is not None:
             lookahead.load_state_dict(state["lookahead"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         first_epoch = state["epoch"] + 1
         if world.is_main:
             print(f"resuming from {checkpoint} after epoch {state['epoch']}")
@@ -203,6 +207,8 @@ def fit_classifier(
                 scheduler.step()
             if lookahead is not None:
                 lookahead.step((epoch - 1) * steps + step + 1)
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += loss * len(y)
             correct += hits
             seen += len(y)
@@ -247,6 +253,7 @@ def fit_classifier(
                     "history": history,
                     "best": best,
                     "lookahead": lookahead.state_dict() if lookahead is not None else None,
+                    "ema": ema.state_dict() if ema is not None else None,
                 },
             )
         if on_epoch is not None:

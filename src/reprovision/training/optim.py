@@ -107,22 +107,28 @@ class SAM(torch.optim.Optimizer):
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """Adam, AdamW or SGD over the trainable parameters, wrapped in SAM/ASAM when `cfg.sam` asks.
 
-    With `cfg.norm_lr_mult` != 1 the normalisation layers' parameters form a second group with
-    lr x norm_lr_mult and weight decay / norm_lr_mult, so their decay per step is unchanged (airbench's
-    raised lr on BatchNorm biases)."""
+    With `cfg.norm_lr_mult` != 1 the normalisation layers' parameters form a group with lr x norm_lr_mult
+    and weight decay / norm_lr_mult, so their decay per step is unchanged (airbench's raised lr on
+    BatchNorm biases); with `cfg.decay_exempt`, biases, norms and the model's `no_weight_decay()` names
+    take no weight decay."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (all have requires_grad=False)")
     params: list = trainable
-    if cfg.norm_lr_mult != 1.0:
-        norms = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters() if p.requires_grad}
+    if cfg.norm_lr_mult != 1.0 or cfg.decay_exempt:
+        norms = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters()}
+        named = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+        exempt = {id(p) for name, p in model.named_parameters() if p.ndim <= 1 or name in named or id(p) in norms}
+        groups: dict[tuple[bool, bool], list] = {}
+        for p in trainable:
+            groups.setdefault((id(p) in norms, cfg.decay_exempt and id(p) in exempt), []).append(p)
         params = [
-            {"params": [p for p in trainable if id(p) not in norms]},
             {
-                "params": [p for p in trainable if id(p) in norms],
-                "lr": lr * cfg.norm_lr_mult,
-                "weight_decay": cfg.weight_decay / cfg.norm_lr_mult,
-            },
+                "params": members,
+                "lr": lr * (cfg.norm_lr_mult if norm else 1.0),
+                "weight_decay": 0.0 if no_decay else cfg.weight_decay / (cfg.norm_lr_mult if norm else 1.0),
+            }
+            for (norm, no_decay), members in sorted(groups.items())
         ]
     # The fused kernels update every parameter in one launch on CUDA; elsewhere torch's default is right.
     fast = {"fused": True} if device.type == "cuda" else {}
@@ -215,6 +221,15 @@ class Lookahead:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             self.average[key].copy_(value)
+
+
+def ema_of(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """torch's exponential moving average of `model`'s weights and buffers (None when `decay` is 0)."""
+    if decay == 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor | None:
