@@ -1,7 +1,8 @@
 """DVC stage `report`: every result on one page beside the reference figures (reports/report.html,
 reports/report.md), an MLflow summary run linked to the model runs (reprovision/publish/report.py), and the
-registry alias `champion` on the better classifier by validation accuracy (reprovision/publish/registry.py);
-without a validation split no champion is named and the alias stays where it was.
+registry alias `champion` moved to the better classifier by validation accuracy only through the gate of
+reprovision/publish/registry.py (it must beat the alias's holder on the same split); without a validation
+split no champion is named and the alias stays where it was.
 """
 
 import sys
@@ -17,15 +18,16 @@ from reprovision.publish.report import build_report, log_summary_run  # noqa: E4
 
 def report() -> None:
     ctx = start("report")
-    key_numbers = build_report(Path("."), ctx.params)
-    run_id = log_summary_run(Path("."), key_numbers, ctx.params)
-    print(f"[report] reports/report.html and reports/report.md; MLflow run {run_id}")
-    champion = read_champion(Path("."))
+    champion, promotion = read_champion(Path(".")), None
     if champion is not None and champion.version:
-        promote(champion)
-        print(f"[report] champion: {champion.sentence()} {champion.uri}")
+        val_split = read_records(Path("."))[0][champion.model].get("val_split", "unrecorded")
+        promotion = promote(champion, val_split, margin=ctx.params.registry.promote_margin)
+        print(f"[report] champion of this run: {champion.sentence()} Registry: {promotion.why}.")
     elif reason := why_no_champion(read_records(Path("."))[0]):
         print(f"[report] {reason}")
+    key_numbers = build_report(Path("."), ctx.params, promotion.why if promotion else None)
+    run_id = log_summary_run(Path("."), key_numbers, ctx.params)
+    print(f"[report] reports/report.html and reports/report.md; MLflow run {run_id}")
 
 
 if __name__ == "__main__":

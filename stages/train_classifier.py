@@ -191,6 +191,11 @@ def train(family: ClassifierFamily) -> None:
                         for_inference(ema.module, cfg.tta), data, augmenter, cfg.eval_batch_size, amp
                     )["acc"]
             torch.save(ema.module.state_dict(), out / EMA_WEIGHTS)
+        if val is not None:  # what the registry's gate compares scores on (registry.promote)
+            metrics["val_split"] = (
+                f"{data.classifier_dataset} {tags['data_sha256'][:12]}, train_fraction {data.train_fraction}, "
+                f"val_fraction {data.val_fraction}, seed {params.seed}"
+            )
         metrics.update(
             shipped_epoch=shipped["epoch"],
             shipped_why="the best validation accuracy" if val is not None else "the last epoch (no validation split)",

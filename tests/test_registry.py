@@ -38,10 +38,11 @@ def test_one_classifier_is_no_contest():
     assert registry.why_no_champion({"vit": {"test_acc": 0.4}}) is None
 
 
-def write_checkout(root, scores: dict[str, float], versions: dict[str, str], uri: str) -> None:
+def write_checkout(root, scores: dict[str, float], versions: dict[str, str], uri: str, split: str = "split A") -> None:
     for model, acc in scores.items():
         (root / "metrics" / model).mkdir(parents=True, exist_ok=True)
-        (root / "metrics" / model / "summary.json").write_text(json.dumps({"val_acc": acc, "test_acc": acc}))
+        summary = {"val_acc": acc, "test_acc": acc, "val_split": split}
+        (root / "metrics" / model / "summary.json").write_text(json.dumps(summary))
         (root / "models" / model).mkdir(parents=True, exist_ok=True)
         ref = {
             "run_id": "r",
@@ -63,16 +64,20 @@ def store(tmp_path) -> tuple[str, mlflow.MlflowClient]:
     return uri, client
 
 
-def test_the_alias_moves_to_the_new_champion_and_leaves_the_old_one(tmp_path, store):
+def test_the_alias_moves_to_a_better_champion_and_leaves_the_old_one(tmp_path, store):
     uri, client = store
     write_checkout(tmp_path, {"vit": 0.7, "cnn": 0.5}, {"vit": "1", "cnn": "1"}, uri)
     first = registry.read_champion(tmp_path)
     assert (first.model, first.version, first.uri) == ("vit", "1", "models:/reprovision-vit@champion")
-    registry.promote(first)
-    assert client.get_model_version_by_alias("reprovision-vit", "champion").tags["champion_by"] == "val_acc"
+    assert registry.promote(first, "split A").moved
+    tags = client.get_model_version_by_alias("reprovision-vit", "champion").tags
+    assert (tags["champion_by"], float(tags["val_acc"]), tags["val_split"]) == ("val_acc", 0.7, "split A")
 
     write_checkout(tmp_path, {"vit": 0.7, "cnn": 0.8}, {"vit": "1", "cnn": "1"}, uri)
-    registry.promote(registry.read_champion(tmp_path))
+    moved = registry.promote(registry.read_champion(tmp_path), "split A")
+    assert (
+        moved.moved and "from reprovision-vit version 1 (70.00 %) to reprovision-cnn version 1 (80.00 %)" in moved.why
+    )
     assert str(client.get_model_version_by_alias("reprovision-cnn", "champion").version) == "1"
     assert "champion" not in client.get_registered_model("reprovision-vit").aliases
     with pytest.raises(mlflow.exceptions.MlflowException):
@@ -84,7 +89,7 @@ def test_without_a_validation_split_promote_moves_no_alias_and_says_why(tmp_path
 
     uri, client = store
     write_checkout(tmp_path, {"vit": 0.7, "cnn": 0.5}, {"vit": "1", "cnn": "1"}, uri)
-    registry.promote(registry.read_champion(tmp_path))  # an earlier run, with a validation split
+    registry.promote(registry.read_champion(tmp_path), "split A")  # an earlier run, with a validation split
     for model in ("vit", "cnn"):  # this checkout's run held none out
         (tmp_path / "metrics" / model / "summary.json").write_text(
             json.dumps({"test_acc": {"vit": 0.4, "cnn": 0.9}[model]})

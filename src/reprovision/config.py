@@ -348,6 +348,12 @@ class EvaluateConfig(Section):
     misclassified_images: PositiveInt = 32
 
 
+class RegistryConfig(Section):
+    # The registry alias `champion` moves to a run's better classifier only when its validation accuracy beats
+    # the holder's on the same split by more than this (0.01: one point; 0: any gain, a tie keeps the holder)
+    promote_margin: BelowOne = 0.0
+
+
 class Params(Section):
     seed: NonNegativeInt = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
@@ -368,6 +374,7 @@ class Params(Section):
     probe: ProbeConfig = ProbeConfig()
     dist: DistConfig = DistConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     @model_validator(mode="after")
     def _check_geometry(self) -> Params:

@@ -456,14 +456,16 @@ def render(kind: str, ctx: dict) -> str:
     return env.get_template(f"report.{kind}.j2").render(**ctx)
 
 
-def build_report(root: Path = Path("."), params: Params | None = None) -> dict:
+def build_report(root: Path = Path("."), params: Params | None = None, promotion: str | None = None) -> dict:
     """Write reports/report.md, reports/report.html and reports/curves/*.png; the key numbers shown.
 
-    `params`: as the calling stage read them; by default root's params.yaml.
+    `params`: as the calling stage read them; by default root's params.yaml. `promotion`: what the
+    registry's gate decided for this run's champion (registry.promote), said under it.
     """
     root = Path(root)
     params = load_params(root / PARAMS) if params is None else params
     ctx, key_numbers = context(root, params)
+    ctx["promotion"] = promotion
     (root / REPORTS).mkdir(parents=True, exist_ok=True)
     (root / REPORTS / "report.md").write_text(render("md", ctx))
     (root / REPORTS / "report.html").write_text(render("html", ctx))

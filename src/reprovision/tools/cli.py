@@ -116,9 +116,15 @@ def _promote(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    registry.promote(champion)
-    print(f"champion: {champion.sentence()}\n{champion.uri}")
-    return 0
+    from reprovision.config import PARAMS_FILE, load_params
+
+    val_split = registry.read_records(root)[0][champion.model].get("val_split", "unrecorded")
+    margin = load_params(root / PARAMS_FILE).registry.promote_margin
+    promotion = registry.promote(champion, val_split, margin=margin, force=args.force)
+    print(f"this checkout's champion: {champion.sentence()}\n{promotion.why}")
+    return (
+        0 if promotion.moved or promotion.incumbent == f"{champion.registered_model} version {champion.version}" else 1
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     wrk.set_defaults(func=_exp_worker)
 
     pro = sub.add_parser(
-        "promote", help="set the registry alias `champion` on the better classifier of this checkout (by val_acc)"
+        "promote", help="move the registry alias `champion` to this checkout's better classifier through the gate"
+    )
+    pro.add_argument(
+        "--force", action="store_true", help="move the alias even if the holder scores as well or on another split"
     )
     pro.set_defaults(func=_promote)
 
