@@ -185,10 +185,10 @@ def train(family: ClassifierFamily) -> None:
             )
         if ema is not None:  # the average after the last epoch, scored beside the weights that ship
             amp = autocast_dtype(cfg.precision, device)
-            for split, data in (("val", val), ("test", test)):
-                if data is not None:
+            for split, images in (("val", val), ("test", test)):
+                if images is not None:
                     metrics[f"ema_{split}_acc"] = evaluate(
-                        for_inference(ema.module, cfg.tta), data, augmenter, cfg.eval_batch_size, amp
+                        for_inference(ema.module, cfg.tta), images, augmenter, cfg.eval_batch_size, amp
                     )["acc"]
             torch.save(ema.module.state_dict(), out / EMA_WEIGHTS)
         if val is not None:  # what the registry's gate compares scores on (registry.promote)
