@@ -49,7 +49,7 @@ from reprovision.layout import (
     REFERENCE_SCALE_PICTURES,
     SUMMARY,
 )  # noqa: E402
-from reprovision.publish.references import REFERENCE  # noqa: E402
+from reprovision.publish.references import ARCHITECTURE_REFERENCE, REFERENCE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / REFERENCE_SCALE
 
@@ -171,7 +171,7 @@ def record(repo: Path, model: str) -> dict:
     return save(model, entry)
 
 
-def record_seed(repo: Path, model: str, exp_seconds: float) -> dict:
+def record_seed(repo: Path, model: str, exp_seconds: float, note: str = "") -> dict:
     """One seed of a repeated classifier run (airbench94's five seeds, issue 35), under its architecture's
     name: the entry lists one run per seed and their spread. `seconds` is training plus the test-time-
     augmented evaluation (the stage's wall clock for both); `exp_seconds` the whole `dvc exp run`."""
@@ -183,6 +183,7 @@ def record_seed(repo: Path, model: str, exp_seconds: float) -> dict:
     arch = run["params"]["arch"]
     seed_run = run_entry(model, run) | {
         "model": arch,
+        "source": ARCHITECTURE_REFERENCE.get(arch, {}).get("source", ""),
         "seed": params["seed"],
         "epochs": metrics["epochs_trained"],
         "train_images": int(run["params"]["train_images"]),
@@ -193,6 +194,7 @@ def record_seed(repo: Path, model: str, exp_seconds: float) -> dict:
         "tta_seconds": metrics.get("tta_seconds", 0.0),
         "seconds": metrics["train_seconds"] + metrics.get("tta_seconds", 0.0),
         "exp_seconds": exp_seconds,
+        **({"note": note} if note else {}),
         "history": history(repo / METRICS / model / "history.csv"),
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -206,6 +208,7 @@ def record_seed(repo: Path, model: str, exp_seconds: float) -> dict:
         "test_acc_min": min(accs),
         "test_acc_max": max(accs),
         "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "seconds_median": statistics.median(r["seconds"] for r in runs),
         "seconds_max": max(r["seconds"] for r in runs),
     }
     RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
@@ -305,6 +308,7 @@ def main() -> None:
     seed.add_argument("--repo", type=Path, required=True, help="the clone the run happened in")
     seed.add_argument("--model", required=True, choices=CLASSIFIERS)
     seed.add_argument("--exp-seconds", type=float, required=True, help="the whole `dvc exp run`, wall clock")
+    seed.add_argument("--note", default="", help="what a reader must know of this run, e.g. what slowed it")
     sub.add_parser("table")
     args = parser.parse_args()
     if args.command == "table":
@@ -313,7 +317,7 @@ def main() -> None:
     if args.command == "stopped":
         entry = stopped(args.model, args.why)
     elif args.command == "record-seed":
-        entry = record_seed(args.repo.resolve(), args.model, args.exp_seconds)
+        entry = record_seed(args.repo.resolve(), args.model, args.exp_seconds, args.note)
         entry = {**entry, "runs": [{k: v for k, v in r.items() if k != "history"} for r in entry["runs"]]}
     else:
         entry = (record if args.command == "record" else progress)(args.repo.resolve(), args.model)

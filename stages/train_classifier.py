@@ -202,7 +202,7 @@ def train(family: ClassifierFamily) -> None:
             epochs_trained=len(history),
         )
         metrics.update(
-            params=count_parameters(model),
+            params=run_params["params_count"],  # counted before training: airbench freezes a bias in it
             epochs=cfg.epochs,
             train_seconds=train_seconds,
             s_per_epoch=train_seconds / len(history),

@@ -232,5 +232,5 @@ def test_record_seed_keeps_one_run_per_seed_under_the_architecture_with_their_sp
         0.938,
         0.94,
     )
-    assert entry["test_acc_std"] == pytest.approx(0.0014142, abs=1e-6)
+    assert entry["test_acc_std"] == pytest.approx(0.0014142, abs=1e-6) and entry["seconds_median"] == 1050.0
     assert json.loads(reference_scale.RESULTS.read_text())["airbench94"] == entry
