@@ -35,12 +35,14 @@ LONGEST_FILES = [
     "test_team_server.py",
     "test_example_family.py",
     "test_tracking_outage.py",
+    "test_promotion_gate.py",
     "test_gan_resume.py",
     "test_ssl.py",
-    "test_gpu_path.py",
     "test_runtime.py",
     "test_distributed.py",
+    "test_airbench.py",
     "test_report.py",
+    "test_gpu_path.py",
 ]
 
 
