@@ -65,7 +65,9 @@ def _study(args: argparse.Namespace) -> int:
 
     try:
         if args.queue_data_size or args.queue_ssl_size:
-            study.queue_data_size(args.fractions, args.set, dry_run=args.dry_run, ssl=args.queue_ssl_size)
+            study.queue_data_size(
+                args.fractions, args.set, dry_run=args.dry_run, ssl=args.queue_ssl_size, seeds=args.seeds
+            )
         elif args.ssl_size:
             table = study.collect_probe_runs(_csv(args.exp_names), args.since)
             print(f"study: {study.write_ssl_size_study(table, Path(args.out), record=args.record)}")
@@ -229,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="extra override for every queued experiment (repeatable)",
+    )
+    std.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="with --queue-*-size: run each setting with seeds 0..N-1, so that study.md gives 95 %% intervals",
     )
     std.add_argument("--dry-run", action="store_true", help="with --queue-*-size: print the commands, queue nothing")
     std.set_defaults(func=_study)

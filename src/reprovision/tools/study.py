@@ -258,11 +258,40 @@ def decision_metric(table: pd.DataFrame) -> str | None:
     return "val_acc" if table["val_acc"].notna().all() else None
 
 
+def interval(values) -> float:
+    """Half the 95 % confidence interval of the mean of `values` (Student's t: runs of one setting over
+    seeds); nan for fewer than two values, where no interval can be given."""
+    from scipy import stats
+
+    values = pd.Series(values, dtype=float).dropna()
+    if len(values) < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+def clears(best_mean: float, best_half: float, other_mean: float, other_half: float) -> bool:
+    """Whether the best setting's 95 % interval lies wholly above the runner-up's: only then is it starred."""
+    return not (math.isnan(best_half) or math.isnan(other_half)) and best_mean - best_half > other_mean + other_half
+
+
 def best_settings(table: pd.DataFrame, x: Sequence[str]) -> pd.DataFrame:
-    """Per model, the settings (a combination of x) with the highest mean final validation accuracy."""
+    """Per model, the settings (a combination of x) with the highest mean final validation accuracy, the
+    95 % interval of that mean over its runs (`val_acc_ci`, half-width), and whether that interval clears
+    the runner-up setting's (`distinguishable`; a model with one setting has no runner-up: True)."""
     groups = table.groupby(["model", *x], dropna=False)
     means = groups[list(METRICS)].mean().join(groups.size().rename("runs")).reset_index()
-    return means.loc[means.groupby("model")["val_acc"].idxmax()].reset_index(drop=True)
+    means["val_acc_ci"] = groups["val_acc"].agg(interval).to_numpy()
+    rows = []
+    for _, block in means.groupby("model", sort=False):
+        ranked = block.sort_values("val_acc", ascending=False, kind="stable")
+        top = ranked.iloc[0].copy()
+        if len(ranked) > 1:
+            second = ranked.iloc[1]
+            top["distinguishable"] = clears(top["val_acc"], top["val_acc_ci"], second["val_acc"], second["val_acc_ci"])
+        else:
+            top["distinguishable"] = True
+        rows.append(top)
+    return pd.DataFrame(rows).sort_values("model").reset_index(drop=True)
 
 
 def slice_through_best(table: pd.DataFrame, best: pd.DataFrame, others: Sequence[str]) -> pd.DataFrame:
@@ -283,24 +312,38 @@ def slice_through_best(table: pd.DataFrame, best: pd.DataFrame, others: Sequence
 def plot_accuracy_vs(
     table: pd.DataFrame, x: str, path: Path, metric: str = "val_acc", star: bool = True
 ) -> pd.DataFrame:
-    """Every run as a faint point, the mean `metric` per setting as a line, each model's best mean
-    starred when `star` (only ever on validation accuracy).
+    """Every run as a faint point, the mean `metric` per setting as a line with its 95 % interval over the
+    runs (seeds) at that setting, each model's best mean starred when `star` (only ever on validation
+    accuracy) and its interval clears the runner-up's.
 
-    Returns the starred rows (model, x, metric); none when not `star`."""
+    Returns each model's best row (model, x, metric, metric + "_ci", runs, distinguishable, runner_up);
+    none when not `star`."""
     axis = AXES.get(x, Axis(x, log=False))
     split = metric.removesuffix("_acc")
     runs = table.dropna(subset=[x, metric]).assign(
         label=lambda t: t["model"].map(LABELS), acc=lambda t: 100 * t[metric]
     )
-    means = runs.groupby(["label", x], as_index=False)["acc"].mean()
+    grouped = runs.groupby(["label", x])["acc"]
+    means = grouped.mean().reset_index().assign(half=grouped.agg(interval).to_numpy(), runs=grouped.size().to_numpy())
     best = means.loc[means.groupby("label")["acc"].idxmax()] if star else means.iloc[:0]
+    best = best.assign(distinguishable=False, runner_up=math.nan)
+    for index, row in best.iterrows():
+        others = means[(means["label"] == row["label"]) & (means.index != index)]
+        if others.empty:
+            best.loc[index, "distinguishable"] = True
+            continue
+        second = others.loc[others["acc"].idxmax()]
+        best.loc[index, "runner_up"] = second[x]
+        best.loc[index, "distinguishable"] = clears(row["acc"], row["half"], second["acc"], second["half"])
     palette = {label: COLOURS[label] for label in means["label"].unique()}
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85, rc={"legend.fontsize": 8}):
         fig = Figure(figsize=(5.2, 3.6), layout="constrained")
         ax = fig.add_subplot()
         sns.scatterplot(runs, x=x, y="acc", hue="label", palette=palette, alpha=0.35, legend=False, ax=ax)
         sns.lineplot(means, x=x, y="acc", hue="label", palette=palette, marker="o", ax=ax)
-        for _, row in best.iterrows():
+        for label, block in means.dropna(subset=["half"]).groupby("label"):
+            ax.errorbar(block[x], block["acc"], yerr=block["half"], fmt="none", ecolor=palette[label], capsize=3)
+        for _, row in best[best["distinguishable"]].iterrows():
             ax.scatter(row[x], row["acc"], marker="*", s=260, color=palette[row["label"]], edgecolor="black", zorder=5)
             ax.annotate(
                 f"best {row['label']}: {row[x]:g}",
@@ -319,10 +362,24 @@ def plot_accuracy_vs(
         ax.legend(title=None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    return best.assign(model=best["label"], **{metric: best["acc"] / 100})[["model", x, metric]]
+    best = best.assign(model=best["label"], **{metric: best["acc"] / 100, f"{metric}_ci": best["half"] / 100})
+    return best[["model", x, metric, f"{metric}_ci", "runs", "distinguishable", "runner_up"]]
 
 
 # ---------------------------------------------------------------------------- report
+def verdict(row: pd.Series, setting: str, metric: str) -> str:
+    """One model's best setting along `setting`, starred only when its interval clears the runner-up's."""
+    ci = "" if math.isnan(row[f"{metric}_ci"]) else f" ± {100 * row[f'{metric}_ci']:.2f}"
+    score = f"(validation {100 * row[metric]:.2f} %{ci}, {row['runs']} run{'s' * (row['runs'] > 1)})"
+    if row["distinguishable"]:
+        return f"best {row['model']}: `{setting}` = {row[setting]:g} {score}"
+    runs = int(row["runs"])
+    return (
+        f"highest {row['model']}: `{setting}` = {row[setting]:g} {score}, not distinguishable from "
+        f"`{setting}` = {row['runner_up']:g} at {runs} seed{'s' * (runs > 1)}"
+    )
+
+
 def _markdown_table(frame: pd.DataFrame) -> str:
     def cell(value) -> str:
         if isinstance(value, float):
@@ -366,10 +423,17 @@ def write_study(
             "## Best settings",
             "",
             "Highest mean final validation accuracy per model (mean over runs with the same "
-            "settings); test accuracy beside it is reported, never used to choose:",
+            "settings, e.g. seeds; `val_acc_ci`: half the 95 % interval of that mean, Student's t); "
+            "`distinguishable`: whether that interval clears the runner-up setting's. Test accuracy beside "
+            "it is reported, never used to choose:",
             "",
         ]
-        lines += [_markdown_table(shown[["model", *(moving or x), "runs", *METRICS]]), ""]
+        lines += [
+            _markdown_table(
+                shown[["model", *(moving or x), "runs", "val_acc", "val_acc_ci", "distinguishable", *METRICS[1:]]]
+            ),
+            "",
+        ]
     else:
         lines += [
             "## Best settings",
@@ -398,13 +462,7 @@ def write_study(
         starred = plot_accuracy_vs(runs, setting, figure, metric, star=bool(decide_on))
         lines += [f"![Final {metric.removesuffix('_acc')} accuracy vs {label}]({figure.name})", ""]
         if decide_on:
-            lines += [
-                ", ".join(
-                    f"best {r['model']}: `{setting}` = {r[setting]:g} (validation {100 * r[metric]:.2f} %)"
-                    for _, r in starred.iterrows()
-                )
-                + "."
-            ]
+            lines += ["; ".join(verdict(r, setting, metric) for _, r in starred.iterrows()) + "."]
         elif others:
             lines.append(
                 "Each point is a run; the line is the mean over runs at that setting, whatever the "
@@ -457,12 +515,18 @@ def data_size_commands(
     fractions: Sequence[float] = DATA_SIZE_FRACTIONS,
     sets: Sequence[str] = (),
     key: str = "data.train_fraction",
+    seeds: int = 1,
 ) -> list[list[str]]:
     """The commands of R4's accuracy-vs-training-set-size study (`key`: data.train_fraction, or
-    ssl.train_fraction for the pre-training-set size): queue, then run two at a time."""
+    ssl.train_fraction for the pre-training-set size): queue, then run two at a time. With `seeds` > 1
+    each fraction is queued with seeds 0..seeds-1 (DVC's grid of the two lists)."""
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         raise StudyError(f"training-set fractions must be in (0, 1], got {list(fractions)}")
+    if seeds < 1:
+        raise StudyError(f"--seeds {seeds}: give the number of seeds per setting, 1 or more (e.g. --seeds 3)")
     queue = ["dvc", "exp", "run", "--queue", "-S", f"{key}=" + ",".join(f"{f:g}" for f in fractions)]
+    if seeds > 1:
+        queue += ["-S", "seed=" + ",".join(str(k) for k in range(seeds))]
     for override in sets:
         queue += ["-S", override]
     return [queue, ["reprovision", "mlflow-server", "start"], ["dvc", "queue", "start", "-j", "2"]]
@@ -491,11 +555,12 @@ def queue_data_size(
     sets: Sequence[str] = (),
     dry_run: bool = False,
     ssl: bool = False,
+    seeds: int = 1,
 ) -> list[list[str]]:
     """Queue the study (unless dry_run) and print what to run next; returns the commands. `ssl`: the
     pre-training-set-size study (ssl.train_fraction) instead of the classifiers' training-set size."""
     check_sets(sets)
-    commands = data_size_commands(fractions, sets, "ssl.train_fraction" if ssl else "data.train_fraction")
+    commands = data_size_commands(fractions, sets, "ssl.train_fraction" if ssl else "data.train_fraction", seeds)
     queued_at = datetime.now().isoformat(timespec="seconds")
     print(f"{'would run' if dry_run else 'running'}: {shlex.join(commands[0])}")
     if not dry_run:
@@ -505,7 +570,7 @@ def queue_data_size(
     print("then:")
     for command in commands[1:]:
         print(f"  {shlex.join(command)}")
-    print(f"  dvc queue status                    # until all {len(fractions)} are done")
+    print(f"  dvc queue status                    # until all {len(fractions) * seeds} are done")
     if ssl:
         print(f"  reprovision study --ssl-size --since {queued_at}")
     else:
