@@ -108,6 +108,10 @@ def test_tune_reads_values_prunes_hopeless_trial_and_records_best(workspace, cap
     assert float(run.data.params["best.lr"]) == best.params["lr"]
     assert float(run.data.params["best.vit.weight_decay"]) == best.params["weight_decay"]
     assert run.data.metrics["best_value"] == pytest.approx(best.value)
+    # Parameter importances (Optuna's fANOVA): a share per searched parameter, summing to 1.
+    shares = {k: v for k, v in run.data.metrics.items() if k.startswith("importance.")}
+    assert set(shares) == {"importance.lr", "importance.vit.weight_decay", "importance.vit.label_smoothing"}
+    assert sum(shares.values()) == pytest.approx(1.0) and all(v >= 0 for v in shares.values())
     history = client.get_metric_history(run.info.run_id, "trial_value")
     assert {m.step: m.value for m in history} == {
         t.number: t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE

@@ -25,7 +25,8 @@ or a kill -9 and the search goes on from the trials on record, the sampler seein
 stops sending its heartbeat and is marked failed by the next start, once GRACE_S have passed.
 At the end it prints the best settings and the `dvc exp run` that reproduces the best trial, and
 logs one MLflow run "tune" (tags stage=tune, model, study): `trial_value` per finished trial
-(step = trial number), `trials.csv`, the best settings as params `best.<name>`, `best_value`.
+(step = trial number), `trials.csv`, the best settings as params `best.<name>`, `best_value`, and
+each parameter's importance (Optuna's fANOVA) as `importance.<name>`, also printed.
 
 Like any `dvc exp run` in the workspace, the trials leave params.yaml with the last trial's values:
 `dvc exp apply tune-<study>-<best>` brings back the best trial's params and results.
@@ -218,6 +219,15 @@ def trial_rows(study: optuna.Study, model: str) -> list[dict]:
     return rows
 
 
+def param_importances(study: optuna.Study, seed: int = 0) -> dict[str, float]:
+    """Each searched parameter's share of the variance of the finished trials' validation accuracy
+    (Optuna's fANOVA, seeded so that the same trials give the same shares); {} with fewer than 2 trials."""
+    if len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) < 2:
+        return {}
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+
+
 def tune(
     model: str,
     trials: int,
@@ -318,6 +328,8 @@ def tune(
         mlflow.log_params({f"best.{param_key(k, model)}": v for k, v in best.params.items()})
         mlflow.log_metric("best_value", best.value)
         mlflow.set_tags({"best_exp_name": best.user_attrs["exp_name"], "best_command": shlex.join(reproduce)})
+        importances = param_importances(study, seed)
+        mlflow.log_metrics({f"importance.{param_key(k, model)}": v for k, v in importances.items()})
 
     pruned = len(study.get_trials(states=(optuna.trial.TrialState.PRUNED,)))
     print(
@@ -326,6 +338,9 @@ def tune(
     )
     for key, value in best.params.items():
         print(f"  {param_key(key, model)} = {value:.6g}")
+    if importances:
+        shown = ", ".join(f"{param_key(k, model)} {v:.2f}" for k, v in importances.items())
+        print(f"parameter importances (Optuna's fANOVA over the finished trials): {shown}")
     print(f"reproduce:  {shlex.join(reproduce)}")
     print(f"its results: dvc exp apply {best.user_attrs['exp_name']}")
     print(f"all trials:  reprovision study --name 'tune {name}' --exp-names 'tune-{name}-*'")
