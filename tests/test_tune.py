@@ -232,3 +232,38 @@ def test_a_killed_search_resumes_from_its_database(workspace, monkeypatch, capsy
     # Run again: nothing left to do, the same best.
     again = tune("vit", trials=4, epochs=3, sets=["data.val_fraction=0.1"], name="k", command=fake_dvc, poll=0.05)
     assert len(again.trials) == 5 and again.best_trial.number == study.best_trial.number
+
+
+TUNE_WORKER = """
+import sys
+from reprovision.tools import tune
+fake = lambda exp_name, sets: [sys.executable, "fake_dvc.py", "dvc", exp_name, *sets]
+tune.tune("vit", trials=5, epochs=2, sets=["data.val_fraction=0.1"], name="shared", command=fake, poll=0.05,
+          storage=sys.argv[1])
+"""
+
+
+def test_two_workers_share_one_search_through_its_storage(tmp_path):
+    """Two `reprovision tune` processes, each in a workspace of its own (two clones, or two machines),
+    on one storage: trial numbers are handed out once, both workers run trials, and together they stop
+    at the study's --trials (plus at most the other's trial under way)."""
+    import subprocess
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}?timeout=60"
+    workers = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "params.yaml").write_text(committed_params())
+        (folder / "fake_dvc.py").write_text(FAKE_DVC.replace('hopeless = name.endswith("-2")', "hopeless = False"))
+        (folder / "worker.py").write_text(TUNE_WORKER)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+        workers.append(subprocess.Popen([sys.executable, "worker.py", storage], cwd=folder, env=env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name="shared", storage=storage)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) and 5 <= len(study.trials) <= 6
+    ran = {name: sorted(p.name for p in (tmp_path / name / "pids").glob("*.train")) for name in ("a", "b")}
+    assert ran["a"] and ran["b"] and not set(ran["a"]) & set(ran["b"])  # both worked, never on the same trial

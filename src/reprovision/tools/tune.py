@@ -18,6 +18,11 @@ of the earlier ones at the same epoch is stopped there (MedianPruner), its whole
 
 `--timeout S` stops starting new trials after S seconds (the running one finishes).
 
+Several workers, on one machine (each in a clone of its own) or several, share one search: the same
+`--name` and `--storage` (the team's PostgreSQL; SQLite for clones on one disk) in each. Each asks the
+study for its next trial, so the sampler sees every worker's results, and each stops once the study
+holds `--trials` finished trials (a worker's trial under way then still finishes).
+
 The study lives in a database, not in memory: `optuna.db` in the workspace (SQLite, git-ignored) or
 `--storage URL` (e.g. the team's PostgreSQL). Run the same `--name` again after a crash, a Ctrl-C
 or a kill -9 and the search goes on from the trials on record, the sampler seeing all of them:
@@ -303,7 +308,9 @@ def tune(
         os.environ[track.PARENT_RUN_ENV] = run.info.run_id
         try:
             if remaining > 0:
-                study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[log_trial])
+                # The study's total, not this process's: other workers on the same storage count too.
+                enough = optuna.study.MaxTrialsCallback(trials, states=finished)
+                study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[log_trial, enough])
         finally:  # a failed or interrupted search still leaves its trials on record
             os.environ.pop(track.PARENT_RUN_ENV, None)
             with tempfile.TemporaryDirectory() as tmp:
