@@ -261,7 +261,7 @@ def test_two_workers_share_one_search_through_its_storage(tmp_path):
         workers.append(subprocess.Popen([sys.executable, "worker.py", storage], cwd=folder, env=env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
     outputs = [w.communicate(timeout=300)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outputs
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2500:] for o in outputs)
     study = optuna.load_study(study_name="shared", storage=storage)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers)) and 5 <= len(study.trials) <= 6

@@ -224,6 +224,21 @@ def trial_rows(study: optuna.Study, model: str) -> list[dict]:
     return rows
 
 
+def rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Optuna's database storage at `url`. Workers started together on a new database race to create its
+    tables, and all but one fail doing so: those try again, and find the tables made."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
 def param_importances(study: optuna.Study, seed: int = 0) -> dict[str, float]:
     """Each searched parameter's share of the variance of the finished trials' validation accuracy
     (Optuna's fANOVA, seeded so that the same trials give the same shares); {} with fewer than 2 trials."""
@@ -261,7 +276,7 @@ def tune(
     storage = storage or f"sqlite:///{Path.cwd() / STORAGE_FILE}"
     study = optuna.create_study(
         study_name=name,
-        storage=optuna.storages.RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S),
+        storage=rdb_storage(storage),
         load_if_exists=True,
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed),
