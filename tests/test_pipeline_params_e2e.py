@@ -179,7 +179,10 @@ def test_airbench94_through_the_dag_with_its_test_time_augmentation_where_the_mo
     ran = stages_run(run.stdout)
     assert {"train-cnn", "evaluate", "report"} <= ran and not ran & {"train-vit", "augment", "train-gan@dcgan"}
     summary = json.loads((module_repo / "metrics/cnn/summary.json").read_text())
-    assert summary["tta"] == "mirror_translate" and 0 <= summary["test_acc_plain"] <= 1 and summary["tta_seconds"] > 0
+    assert summary["tta"] == "mirror_translate" and summary["tta_seconds"] > 0
+    # The best epoch ships with its un-augmented figure beside, or the EMA if it validates better (issue 36).
+    ema_shipped = summary["shipped_why"].startswith("the weights' moving average")
+    assert ema_shipped or 0 <= summary["test_acc_plain"] <= 1
     newest = max(
         (r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-cnn"), key=lambda r: r.info.start_time
     )
