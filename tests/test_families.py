@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reprovision.config import CLASSIFIERS, DATASET_SHAPES, Params
-from reprovision.layout import HEATMAPS, LABELS, REGISTERED_MODELS
+from reprovision.layout import GANS, HEATMAPS, LABELS, REGISTERED_MODELS
 from reprovision.models.classifiers import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,18 +33,19 @@ def test_every_family_builds_from_its_section_and_describes_itself(name):
 
 
 def _name_branches(path: Path) -> list[str]:
-    """Comparisons (==, !=, in) against a family's name as a string constant."""
+    """Comparisons (==, !=, in) against a family's name (a classifier's or a GAN's) as a string constant."""
+    families = {*CLASSIFIERS, *GANS}
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Compare):
             operands = [node.left, *node.comparators]
-            names = [o.value for o in operands if isinstance(o, ast.Constant) and o.value in CLASSIFIERS]
+            names = [o.value for o in operands if isinstance(o, ast.Constant) and o.value in families]
             names += [
                 e.value
                 for o in operands
                 if isinstance(o, (ast.Tuple, ast.List, ast.Set))
                 for e in o.elts
-                if isinstance(e, ast.Constant) and e.value in CLASSIFIERS
+                if isinstance(e, ast.Constant) and e.value in families
             ]
             if names:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} compares with {names}")

@@ -118,6 +118,13 @@ class MLPGANConfig(Section):
     beta2: BelowOne = 0.9
     batch_size: PositiveInt = 64
 
+    def describe(self) -> str:
+        """The architecture in one line (the model card)."""
+        return (
+            f"MLP GAN (R1): latent {self.latent_dim}, G hidden {self.g_hidden}, D hidden {self.d_hidden}, "
+            f"D dropout {self.d_dropout}"
+        )
+
 
 class DCGANConfig(Section):
     """R2: the Keras DCGAN, rebuilt in PyTorch."""
@@ -132,6 +139,14 @@ class DCGANConfig(Section):
     beta2: BelowOne = 0.999
     init_std: PositiveFloat = 0.02
     batch_size: PositiveInt = 32
+
+    def describe(self) -> str:
+        """The architecture in one line (the model card)."""
+        w = self.width
+        return (
+            f"DCGAN (R2{'' if w == 64 else f', narrowed to width {w}'}): noise {self.latent_dim}, Dense 7x7x{4 * w}, "
+            f"ConvTranspose {2 * w}/{w}, Conv 1; D Conv {w}/{2 * w}; N(0, {self.init_std}) init"
+        )
 
 
 class GANConfig(Section):
@@ -315,11 +330,6 @@ class SSLConfig(Section):
     def check_images(self, key: str, height: int, width: int, dataset: str) -> None:
         if self.arch == "refcnn":
             _check_halvings(key, self.widths, height, width, dataset)
-        if self.arch == "airbench94" and (height, width) != (32, 32):
-            raise ValueError(
-                f"{key}.arch = airbench94 is built for 32x32 images and {dataset}'s are {height}x{width}; "
-                "use refcnn or resnet18"
-            )
 
 
 class ProbeConfig(Section):

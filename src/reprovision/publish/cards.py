@@ -44,15 +44,7 @@ not for any decision about people. Accuracy on a fraction of the data is not com
 def gan_card(name: str, params: Params, metrics: dict) -> str:
     g = params.gan
     cfg = getattr(g, name)
-    arch = (
-        f"MLP GAN (R1): latent {cfg.latent_dim}, G hidden {cfg.g_hidden}, D hidden {cfg.d_hidden}, D "
-        f"dropout {cfg.d_dropout}"
-        if name == "mlp"
-        else f"DCGAN (R2{'' if cfg.width == 64 else f', narrowed to width {cfg.width}'}): noise {cfg.latent_dim}, "
-        f"Dense 7x7x{4 * cfg.width}, ConvTranspose {2 * cfg.width}/{cfg.width}, Conv 1; D Conv "
-        f"{cfg.width}/{2 * cfg.width}; "
-        f"N(0, {cfg.init_std}) init"
-    )
+    arch = cfg.describe()
     return f"""# Model card: GAN {name}
 
 **Architecture.** {arch}; G {metrics["g_params"]:,} / D {metrics["d_params"]:,} parameters.
