@@ -1,0 +1,1 @@
+"""The datasets (fetch, checksums, splits), the batched augmentation and pixel conversions."""

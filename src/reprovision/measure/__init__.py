@@ -1,0 +1,1 @@
+"""What the stages measure: evaluation, heat maps, GAN metrics, the linear probe."""
