@@ -102,6 +102,7 @@ def test_a_new_family_is_the_readme_steps_and_make_deps(tmp_path, shared_cache, 
 
     columns = metric_columns(json.loads(dvc(repo, "exp", "show", "--json").stdout))
     assert columns[f"metrics/{name}.json:test_acc"] == summary["test_acc"]
+    assert columns[f"metrics/{name}.json:test_acc_ci95"] == summary["test_acc_ci95"] > 0
     plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)["data"]
     assert f"Confusion matrix ({name})" in plots and f"{name}/history.csv::train_acc" in json.dumps(
         plots["Classifier accuracy"]

@@ -9,6 +9,7 @@ import math
 from reprovision.config import Params
 from reprovision.core import track
 from reprovision.layout import CLASSIFIERS, GANS, LABELS
+from reprovision.measure.noise import accuracy_ci95
 from reprovision.publish.references import ARCHITECTURE_REFERENCE, REFERENCE
 
 DASH = "—"
@@ -48,7 +49,7 @@ def test_noise(acc: float | None, n: int | None) -> str:
     normal approximation). Empty when n is unknown (results written before the stage recorded it)."""
     if acc is None or not n:
         return ""
-    return f" ± {100 * 1.96 * math.sqrt(acc * (1 - acc) / n):.1f}"
+    return f" ± {100 * accuracy_ci95(acc, n):.1f}"
 
 
 def cell(
