@@ -224,3 +224,47 @@ def test_airbench94_through_the_dag_with_its_test_time_augmentation_where_the_mo
     (module_repo / "params.yaml").write_text(text)  # `dvc exp run -S` leaves its values in the workspace
     back = exp_run(module_repo)  # the params of the first run again: everything from the run-cache
     assert fingerprints(module_repo) == FIRST_RUN, back.stdout
+
+
+def test_a_run_that_gets_worse_ships_registers_and_serves_its_best_validation_epoch(module_repo):
+    """Issue 36: the CNN's lr multiplied by 1,000 after its third epoch (a step schedule) ruins its fourth.
+    The stage ships the best validation epoch's weights: its summary's figures, and the version it registers
+    and the server loads, whose test accuracy (fp32, as the CNN trains here) is that epoch's to the image."""
+    import csv
+
+    import mlflow
+    import numpy as np
+    import yaml
+
+    from reprovision.data.datasets import load_split, stratified_subset
+
+    text = (module_repo / "params.yaml").read_text()
+    # 1,000 images (200 held out) and 200 test images: enough for three epochs to climb above chance.
+    sizes = ["data.train_fraction=0.02", "data.test_fraction=0.02", "cnn.epochs=4", "cnn.batch_size=32"]
+    worse = ["cnn.precision=fp32", "cnn.scheduler=step", "cnn.step_size=3", "cnn.gamma=1000"]
+    dvc(module_repo, "exp", "run", *(arg for s in [*TINY, *sizes, *worse] for arg in ("-S", s)), "train-cnn")
+    with open(module_repo / "metrics/cnn/history.csv") as f:
+        history = list(csv.DictReader(f))
+    val = [float(row["val_acc"]) for row in history]
+    best = val.index(max(val)) + 1  # the first of equals
+    summary = json.loads((module_repo / "metrics/cnn/summary.json").read_text())
+    assert len(history) == 4 and best < 4 and val[3] < val[best - 1], history
+    assert summary["shipped_epoch"] == summary["best_val_epoch"] == best
+    best_test, last_test = float(history[best - 1]["test_acc"]), float(history[3]["test_acc"])
+    assert summary["test_acc"] == best_test != last_test  # so the served model's figure tells the two apart
+
+    params = yaml.safe_load((module_repo / "params.yaml").read_text())
+    test = load_split(module_repo / "data/prepared", "cifar10", "test")
+    chosen = stratified_subset(test.y, params["data"]["test_fraction"], params["seed"])
+    run_id = json.loads((module_repo / "models/cnn/run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{module_repo / 'mlflow.db'}")
+    try:
+        client = mlflow.MlflowClient()
+        (version,) = [v for v in client.search_model_versions("name = 'reprovision-cnn'") if v.run_id == run_id]
+        served = mlflow.pyfunc.load_model(f"models:/reprovision-cnn/{version.version}").predict(test.x[chosen])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert len(chosen) == 200 and np.mean(np.asarray(served).argmax(axis=1) == test.y[chosen]) == best_test
+    (module_repo / "params.yaml").write_text(text)
+    exp_run(module_repo)  # back to the first run's params: from the run-cache
+    assert fingerprints(module_repo) == FIRST_RUN
