@@ -21,7 +21,8 @@ when it is recorded the stopped one stays beside it, in its entry's `earlier_run
 
 A repeated run (airbench94 over five seeds, issue 35) is recorded seed by seed with `record-seed --repo
 ../ref --model cnn --exp-seconds S` (S: the whole `dvc exp run`, timed by whoever ran it): the entry
-is named by the architecture and lists one run per seed with their spread.
+is named by the architecture and lists one run per seed with their spread; a seed recorded again
+replaces its run, which stays in that seed's `earlier_runs`.
 """
 
 from __future__ import annotations
@@ -198,8 +199,12 @@ def record_seed(repo: Path, model: str, exp_seconds: float, note: str = "") -> d
         "history": history(repo / METRICS / model / "history.csv"),
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    runs = [r for r in results.get(arch, {}).get("runs", []) if r["seed"] != seed_run["seed"]]
-    runs = sorted([*runs, seed_run], key=lambda r: r["seed"])
+    runs = results.get(arch, {}).get("runs", [])
+    # A seed run again replaces its run, which stays beside it in `earlier_runs` (newest first).
+    for replaced in [r for r in runs if r["seed"] == seed_run["seed"]]:
+        earlier = replaced.pop("earlier_runs", [])
+        seed_run["earlier_runs"] = [replaced, *earlier]
+    runs = sorted([*(r for r in runs if r["seed"] != seed_run["seed"]), seed_run], key=lambda r: r["seed"])
     accs = [r["test_acc"] for r in runs]
     results[arch] = {
         "model": arch,

@@ -218,8 +218,11 @@ def test_record_seed_keeps_one_run_per_seed_under_the_architecture_with_their_sp
 
     seed_run(1, 0.942)
     seed_run(0, 0.938)
-    entry = seed_run(1, 0.940)  # seed 1 again: replaces its run
+    entry = seed_run(1, 0.940)  # seed 1 again: replaces its run, which stays beside it
     assert [r["seed"] for r in entry["runs"]] == [0, 1] and entry["model"] == "airbench94"
+    assert [r["test_acc"] for r in entry["runs"][1]["earlier_runs"]] == [0.942]
+    entry = seed_run(1, 0.940)
+    assert [r["test_acc"] for r in entry["runs"][1]["earlier_runs"]] == [0.940, 0.942]
     first = entry["runs"][0]
     assert (first["model"], first["train_images"], first["test_acc"], first["seconds"]) == (
         "airbench94",
