@@ -200,11 +200,10 @@ def record_seed(repo: Path, model: str, exp_seconds: float, note: str = "") -> d
     }
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     runs = results.get(arch, {}).get("runs", [])
-    # A seed run again replaces its run, which stays beside it in `earlier_runs` (newest first).
-    for replaced in [r for r in runs if r["seed"] == seed_run["seed"]]:
-        earlier = replaced.pop("earlier_runs", [])
-        seed_run["earlier_runs"] = [replaced, *earlier]
-    runs = sorted([*(r for r in runs if r["seed"] != seed_run["seed"]), seed_run], key=lambda r: r["seed"])
+    replaced = next((r for r in runs if r["seed"] == seed_run["seed"]), None)
+    if replaced:  # a seed run again: the run it replaces stays beside it in `earlier_runs`, newest first
+        seed_run["earlier_runs"] = [replaced, *replaced.pop("earlier_runs", [])]
+    runs = sorted([*(r for r in runs if r is not replaced), seed_run], key=lambda r: r["seed"])
     accs = [r["test_acc"] for r in runs]
     results[arch] = {
         "model": arch,
