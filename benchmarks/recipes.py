@@ -140,7 +140,45 @@ AIRBENCH94 = Recipe(
     "lookahead, label smoothing 0.2, translate 2, alternating flips, test-time augmentation",
 )
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (REFERENCE, IMPROVED, VIT_LONG, VIT_MODERN, AIRBENCH94)}
+# A ViT for small data on a CPU budget (issue 43): `vit.arch: hybrid`, a three-convolution tokenizer (CCT) giving
+# 8x8 tokens of 256 channels to a 3-block transformer, trained the way airbench trains its CNN: a short schedule
+# with warm-up and linear decay, label smoothing, translate with reflect padding, alternating flips and
+# test-time augmentation; AdamW (a transformer's optimiser) with no decay on biases, norms and embeddings.
+# The CPU's reference attention kernel ("math") is the faster one at 65 tokens (BENCHMARKS "CPU attention").
+VIT_HYBRID = Recipe(
+    name="vit-hybrid",
+    models=("vit",),
+    overrides={
+        "vit.arch": "hybrid",
+        "vit.tokenizer_widths": [64, 128],
+        "vit.embed_dim": 256,
+        "vit.depth": 3,
+        "vit.heads": 4,
+        "vit.mlp_ratio": 2.0,
+        "vit.dropout": 0.0,
+        "vit.epochs": 15,
+        "vit.batch_size": 256,
+        "vit.optimizer": "adamw",
+        "vit.lr_mult": 2.0,
+        "vit.weight_decay": 0.05,
+        "vit.decay_exempt": True,
+        "vit.scheduler": "warmup_linear",
+        "vit.warmup_fraction": 0.1,
+        "vit.lr_start_factor": 0.1,
+        "vit.lr_end_factor": 0.02,
+        "vit.label_smoothing": 0.1,
+        "vit.grad_clip": 1.0,
+        "vit.tta": "mirror_translate",
+        "vit.cpu_attention": "math",
+        "augment.crop_padding": 4,
+        "augment.pad_mode": "reflect",
+        "augment.alternate_flips": True,
+    },
+    why="a hybrid ViT (3-conv tokenizer, 3 transformer blocks of 256) trained airbench-style: 15 epochs, AdamW "
+    "lr 2e-3 with warm-up and linear decay, label smoothing, translate 4, alternating flips, test-time augmentation",
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (REFERENCE, IMPROVED, VIT_LONG, VIT_MODERN, AIRBENCH94, VIT_HYBRID)}
 
 
 def get(name: str) -> Recipe:

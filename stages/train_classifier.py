@@ -128,7 +128,7 @@ def train(family: ClassifierFamily) -> None:
         "world_size": world.size,
         "precision_resolved": precision,
         "deterministic": params.deterministic,
-        "attention_kernel": attention_backend(device, autocast_dtype(cfg.precision, device)),
+        "attention_kernel": attention_backend(device, autocast_dtype(cfg.precision, device), cfg.cpu_attention),
         "dataset": data.classifier_dataset,
         "train_fraction": data.train_fraction,
         "val_fraction": data.val_fraction,
@@ -170,7 +170,8 @@ def train(family: ClassifierFamily) -> None:
         if cfg.tta != "none":
             # What evaluate and the served model compute: the shipped weights under test-time augmentation.
             tta_started = time.perf_counter()
-            measured = evaluate(inference, test, augmenter, cfg.eval_batch_size, autocast_dtype(cfg.precision, device))
+            amp = autocast_dtype(cfg.precision, device)
+            measured = evaluate(inference, test, augmenter, cfg.eval_batch_size, amp, cpu_attention=cfg.cpu_attention)
             metrics.update(
                 test_acc=measured["acc"],
                 test_loss=measured["loss"],
@@ -190,7 +191,14 @@ def train(family: ClassifierFamily) -> None:
         if ema is not None:  # the average after the last epoch, scored beside the weights that ship
             amp = autocast_dtype(cfg.precision, device)
             averaged = {
-                split: evaluate(for_inference(ema.module, cfg.tta), images, augmenter, cfg.eval_batch_size, amp)
+                split: evaluate(
+                    for_inference(ema.module, cfg.tta),
+                    images,
+                    augmenter,
+                    cfg.eval_batch_size,
+                    amp,
+                    cpu_attention=cfg.cpu_attention,
+                )
                 for split, images in (("val", val), ("test", test))
                 if images is not None
             }
@@ -201,7 +209,7 @@ def train(family: ClassifierFamily) -> None:
             plain = (
                 averaged.get("val")
                 if cfg.tta == "none" or val is None
-                else evaluate(ema.module, val, augmenter, cfg.eval_batch_size, amp)
+                else evaluate(ema.module, val, augmenter, cfg.eval_batch_size, amp, cpu_attention=cfg.cpu_attention)
             )
             if plain is not None and plain["acc"] > shipped["val_acc"]:
                 model.load_state_dict(ema.module.state_dict())

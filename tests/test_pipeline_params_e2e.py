@@ -226,6 +226,34 @@ def test_airbench94_through_the_dag_with_its_test_time_augmentation_where_the_mo
     assert fingerprints(module_repo) == FIRST_RUN, back.stdout
 
 
+def test_the_hybrid_vit_through_the_dag_with_its_card_rollout_and_math_attention(module_repo):
+    """Issue 43: a tiny `-S vit.arch=hybrid` run through the real DAG with the vit-hybrid recipe's vit params:
+    only the ViT and what reads it re-run; the card splits the tokenizer's and the transformer's cost, the run
+    records the CPU's math attention kernel, evaluate rolls the attention out over the 8x8 tokens, and the
+    served model computes the recipe's test-time augmentation."""
+    sys.path.insert(0, str(module_repo / "benchmarks"))
+    from recipes import VIT_HYBRID, hydra_value
+
+    recipe = [f"{k}={hydra_value(v)}" for k, v in VIT_HYBRID.overrides.items() if k.startswith("vit.")]
+    tiny = ["vit.epochs=2", "vit.batch_size=64", "vit.tokenizer_widths=[8,16]", "vit.embed_dim=32", "vit.depth=1"]
+    text = (module_repo / "params.yaml").read_text()
+    run = exp_run(module_repo, *recipe, *tiny, "vit.heads=2")
+    ran = stages_run(run.stdout)
+    assert {"train-vit", "evaluate", "report"} <= ran and not ran & {"train-cnn", "augment", "train-gan@dcgan"}
+    summary = json.loads((module_repo / "metrics/vit/summary.json").read_text())
+    assert summary["tta"] == "mirror_translate" and 0 <= summary["test_acc"] <= 1
+    card = (module_repo / "models/vit/card.md").read_text()
+    assert "Hybrid ViT" in card and "MFLOPs per 32x32 image; transformer:" in card
+    newest = max(
+        (r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-vit"), key=lambda r: r.info.start_time
+    )
+    assert newest.data.params["arch"] == "hybrid" and newest.data.params["attention_kernel"] == "math"
+    assert (module_repo / "reports/figures/rollout_vit.png").stat().st_size > 0
+    (module_repo / "params.yaml").write_text(text)
+    exp_run(module_repo)  # back to the first run's params: from the run-cache
+    assert fingerprints(module_repo) == FIRST_RUN
+
+
 def test_a_run_that_gets_worse_ships_registers_and_serves_its_best_validation_epoch(module_repo):
     """Issue 36: the CNN's lr multiplied by 1,000 after its third epoch (a step schedule) ruins its fourth.
     The stage ships the best validation epoch's weights: its summary's figures, and the version it registers

@@ -221,6 +221,8 @@ class TrainConfig(Section):
     sam: Literal["none", "sam", "asam"] = "none"
     sam_rho: PositiveFloat = 0.05
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device computes it natively (runtime.py)
+    # The attention kernel on the CPU (runtime.attention_backend): torch's default, or "math", faster here
+    cpu_attention: Literal["default", "math"] = "default"
     compile: bool = False
     augment: bool = True  # apply the augment-stage policy to training batches
     # Stop after this many epochs without a better validation accuracy (0: train every epoch). Needs
@@ -248,7 +250,10 @@ class ViTConfig(TrainConfig):
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     weight_decay: NonNegativeFloat = 0.05
     scheduler: Scheduler = "cosine"
-    patch_size: PositiveInt = 4
+    # vit: R3's patch embedding; hybrid: a convolutional tokenizer (CCT) of tokenizer_widths, then embed_dim
+    arch: Literal["vit", "hybrid"] = "vit"
+    tokenizer_widths: Annotated[list[PositiveInt], Field(max_length=2)] = [64, 128]  # hybrid: at most 3 convs
+    patch_size: PositiveInt = 4  # vit
     embed_dim: PositiveInt = 192
     depth: PositiveInt = 12
     heads: PositiveInt = 3
@@ -256,9 +261,21 @@ class ViTConfig(TrainConfig):
     dropout: Probability = 0.1
     drop_path: Probability = 0.0  # stochastic depth: the last block's rate, rising linearly from 0 at the first
 
+    def architecture(self) -> str:
+        return self.arch
+
+    def token_stride(self) -> int:
+        """Image pixels per token side: the patch size, or the hybrid tokenizer's 2 x 2 pools."""
+        return self.patch_size if self.arch == "vit" else 2 ** len(self.tokenizer_widths)
+
     def check_images(self, key: str, height: int, width: int, dataset: str) -> None:
         side = math.gcd(height, width)
-        if side % self.patch_size:
+        if self.arch == "hybrid" and side % self.token_stride():
+            raise ValueError(
+                f"{key}.tokenizer_widths has {len(self.tokenizer_widths)} widths, each halving the {height}x{width} "
+                f"images of {dataset}; use fewer widths"
+            )
+        if self.arch == "vit" and side % self.patch_size:
             raise ValueError(
                 f"{key}.patch_size = {self.patch_size} does not tile the {height}x{width} images of "
                 f"{dataset}; allowed: a divisor of {side}, e.g. {_divisors(side)}"

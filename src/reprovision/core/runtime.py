@@ -143,26 +143,33 @@ def nondeterministic_op(err: BaseException) -> ConfigError | None:
     )
 
 
-def attention_backend(device: torch.device, amp: torch.dtype | None) -> str:
-    """The scaled-dot-product attention kernel a classifier uses on CUDA, chosen here, not by torch.
+def attention_backend(device: torch.device, amp: torch.dtype | None, cpu_attention: str = "default") -> str:
+    """The scaled-dot-product attention kernel a classifier uses, chosen here, not by torch, on CUDA.
 
     torch's own first choice there can be cuDNN's attention, whose backward has no deterministic
     mode. Flash attention's and the memory-efficient kernel's backward switch to one under
     deterministic algorithms (attention_backward.cu); flash takes bf16 and fp16, the other fp32 too.
-    Elsewhere torch's choice stands ("default"): the CPU's results stay those recorded so far."""
+    On the CPU, `cpu_attention` (a classifier's param): "default" keeps torch's choice (its CPU flash
+    kernel; the results recorded so far), "math" the reference implementation, matrix products and a
+    softmax, whose backward is the faster at ViT token counts here (BENCHMARKS "CPU attention")."""
     if device.type != "cuda":
-        return "default"
+        return "math" if device.type == "cpu" and cpu_attention == "math" else "default"
     return "flash" if amp in (torch.bfloat16, torch.float16) else "efficient"
 
 
-def attention_kernels(device: torch.device, amp: torch.dtype | None):
-    """A context that makes `F.scaled_dot_product_attention` use `attention_backend(device, amp)`."""
-    name = attention_backend(device, amp)
+def attention_kernels(device: torch.device, amp: torch.dtype | None, cpu_attention: str = "default"):
+    """A context that makes `F.scaled_dot_product_attention` use `attention_backend(device, amp, cpu_attention)`."""
+    name = attention_backend(device, amp, cpu_attention)
     if name == "default":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}[name])
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    return sdpa_kernel(backends[name])
 
 
 def compiled_for_determinism(model: torch.nn.Module) -> torch.nn.Module:

@@ -4,6 +4,10 @@ At the defaults (CIFAR-10, patch 4, embed 192, depth 12, heads 3) it has exactly
 5,362,762 parameters of R3's ViT. Attention runs through `F.scaled_dot_product_attention`
 (fused kernels on GPU); `return_attention=True` instead computes softmax(QK^T / sqrt(d))
 explicitly so that attention rollout can read every block's maps.
+
+`arch: hybrid` swaps the patch embedding for a convolutional tokenizer (CCT, Hassani et al. 2021):
+up to three Conv3x3-BN-GELU layers, each but the last halving the image, whose output pixels are
+the tokens. Everything after the tokens ([CLS], position embeddings, blocks, head) is the same.
 """
 
 from __future__ import annotations
@@ -71,6 +75,26 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))), attention
 
 
+def conv_bn_gelu(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+
+
+class ConvTokenizer(nn.Module):
+    """Images (B, C, H, W) -> a map of tokens (B, D, H/2^k, W/2^k): k = len(widths) convolutions each followed
+    by a 2x2 max-pool, then one to `embed_dim` at that resolution. Convolutions see the image in channels-last
+    memory, where the CPU's convolution kernels are fastest; the map then flattens into tokens with no copy."""
+
+    def __init__(self, *, channels: int, widths: tuple[int, ...], embed_dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip((channels, *widths[:-1]), widths):
+            layers += [*conv_bn_gelu(c_in, c_out), nn.MaxPool2d(2)]
+        self.convs = nn.Sequential(*layers, *conv_bn_gelu(widths[-1] if widths else channels, embed_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.convs(x.contiguous(memory_format=torch.channels_last))
+
+
 class ViT(nn.Module):
     def __init__(
         self,
@@ -85,8 +109,13 @@ class ViT(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
         drop_path: float = 0.0,
+        tokenizer_widths: tuple[int, ...] | None = None,
     ) -> None:
+        """`tokenizer_widths` None: R3's patch embedding of `patch_size`; else the convolutional tokenizer
+        (ConvTokenizer) of those widths, whose stride 2^len(widths) replaces `patch_size`."""
         super().__init__()
+        if tokenizer_widths is not None:
+            patch_size = 2 ** len(tokenizer_widths)
         if image_size % patch_size:
             raise ValueError(
                 f"patch_size={patch_size} does not divide image_size={image_size}; pick a divisor of {image_size}"
@@ -95,8 +124,12 @@ class ViT(nn.Module):
             raise ValueError(f"embed_dim={embed_dim} is not divisible by heads={heads}; pick heads dividing embed_dim")
         self.image_size = image_size
         num_patches = (image_size // patch_size) ** 2
-        # A stride-patch conv is the linear projection of non-overlapping flattened patches.
-        self.patch_embed = nn.Conv2d(channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        # R3: a stride-patch conv is the linear projection of non-overlapping flattened patches.
+        self.patch_embed = (
+            nn.Conv2d(channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+            if tokenizer_widths is None
+            else ConvTokenizer(channels=channels, widths=tuple(tokenizer_widths), embed_dim=embed_dim)
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.embed_drop = nn.Dropout(dropout)
@@ -142,7 +175,7 @@ class ViT(nn.Module):
 
 
 def build_vit(cfg, *, num_classes: int, channels: int, image_size: int) -> ViT:
-    """The ViT that the `vit` section of params.yaml describes."""
+    """The ViT that the `vit` section of params.yaml describes (`arch` vit: R3's; hybrid: a conv tokenizer)."""
     return ViT(
         image_size=image_size,
         channels=channels,
@@ -154,14 +187,51 @@ def build_vit(cfg, *, num_classes: int, channels: int, image_size: int) -> ViT:
         mlp_ratio=cfg.mlp_ratio,
         dropout=cfg.dropout,
         drop_path=cfg.drop_path,
+        tokenizer_widths=tuple(cfg.tokenizer_widths) if cfg.arch == "hybrid" else None,
     )
 
 
+def tokenizer_and_transformer_cost(
+    model: ViT, *, channels: int = 3, image_size: int = 32
+) -> dict[str, tuple[int, int]]:
+    """{"tokenizer": (parameters, forward FLOPs per image), "transformer": (...)}: FLOPs as torch's
+    FlopCounterMode counts them (matrix products, convolutions, attention), of one image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.zeros(1, channels, image_size, image_size))
+    flops = counter.get_flop_counts()
+    tokenizer_flops = sum(flops.get(f"{type(model).__name__}.patch_embed", {}).values())
+    total_flops = sum(flops.get("Global", {}).values())
+    tokenizer_params = sum(p.numel() for p in model.patch_embed.parameters())
+    total_params = sum(p.numel() for p in model.parameters())
+    return {
+        "tokenizer": (tokenizer_params, tokenizer_flops),
+        "transformer": (total_params - tokenizer_params, total_flops - tokenizer_flops),
+    }
+
+
 def describe_vit(cfg, *, num_classes: int) -> str:
+    drop = f", stochastic depth up to {cfg.drop_path}" if cfg.drop_path else ""
+    blocks = f"depth {cfg.depth}, heads {cfg.heads}, MLP ratio {cfg.mlp_ratio}, dropout {cfg.dropout}"
+    if cfg.arch == "vit":
+        return (
+            f"Vision Transformer (R3): patch {cfg.patch_size}, embed {cfg.embed_dim}, {blocks}, "
+            f"learned position embeddings, [CLS] token{drop}"
+        )
+    # The card's cost split, of a CIFAR-sized image (3x32x32: every classifier dataset's), from a model built
+    # aside: its initialisation leaves the caller's random streams where they were.
+    with torch.random.fork_rng(devices=[]):
+        cost = tokenizer_and_transformer_cost(build_vit(cfg, num_classes=num_classes, channels=3, image_size=32))
+    (tok_params, tok_flops), (tf_params, tf_flops) = cost["tokenizer"], cost["transformer"]
+    convs = " -> ".join(str(w) for w in (*cfg.tokenizer_widths, cfg.embed_dim))
+    stride = 2 ** len(cfg.tokenizer_widths)
     return (
-        f"Vision Transformer (R3): patch {cfg.patch_size}, embed {cfg.embed_dim}, depth {cfg.depth}, "
-        f"heads {cfg.heads}, MLP ratio {cfg.mlp_ratio}, dropout {cfg.dropout}, learned position embeddings, [CLS] token"
-        + (f", stochastic depth up to {cfg.drop_path}" if cfg.drop_path else "")
+        f"Hybrid ViT (a convolutional tokenizer, then a transformer; CCT-style): tokenizer of "
+        f"{len(cfg.tokenizer_widths) + 1} Conv3x3-BN-GELU ({convs} channels, a 2x2 max-pool after each but the last: "
+        f"one token per {stride}x{stride} pixels), {tok_params:,} parameters and {tok_flops / 1e6:,.1f} MFLOPs per "
+        f"32x32 image; transformer: embed {cfg.embed_dim}, {blocks}, learned position embeddings, [CLS] token{drop}, "
+        f"{tf_params:,} parameters and {tf_flops / 1e6:,.1f} MFLOPs"
     )
 
 

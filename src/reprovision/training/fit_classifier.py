@@ -49,7 +49,13 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def evaluate(
-    model, data: DeviceData, augment: BatchAugment, batch_size: int, amp: torch.dtype | None, world: World = World()
+    model,
+    data: DeviceData,
+    augment: BatchAugment,
+    batch_size: int,
+    amp: torch.dtype | None,
+    world: World = World(),
+    cpu_attention: str = "default",
 ) -> dict[str, float]:
     """Mean loss and accuracy on `data`; with several ranks each evaluates its share and the sums are added."""
     model.eval()
@@ -61,7 +67,7 @@ def evaluate(
     for start in range(0, len(labels), batch_size):
         x, _ = augment(images[start : start + batch_size], labels[start : start + batch_size], train=False)
         y = labels[start : start + batch_size]
-        with _autocast(device, amp), attention_kernels(device, amp):
+        with _autocast(device, amp), attention_kernels(device, amp, cpu_attention):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
@@ -144,7 +150,7 @@ def fit_classifier(
                 on_epoch(row)
 
     def loss_of(x, target):
-        with _autocast(device, amp), attention_kernels(device, amp):
+        with _autocast(device, amp), attention_kernels(device, amp, cfg.cpu_attention):
             logits = step_model(x)
         return F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing), logits
 
@@ -223,7 +229,7 @@ def fit_classifier(
         row = {"epoch": epoch, "train_loss": loss_sum.item() / seen.item(), "train_acc": correct.item() / seen.item()}
         splits = {"val": val, "test": test} if val is not None else {"test": test}
         for split, data in splits.items():
-            measured = evaluate(model, data, augment, cfg.eval_batch_size, amp, world)
+            measured = evaluate(model, data, augment, cfg.eval_batch_size, amp, world, cfg.cpu_attention)
             row[f"{split}_loss"], row[f"{split}_acc"] = measured["loss"], measured["acc"]
         row.update(epoch_seconds=train_seconds, lr=lr_now)
         history.append(row)

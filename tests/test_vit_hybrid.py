@@ -1,0 +1,135 @@
+"""The hybrid ViT (issue 43): `vit.arch: hybrid`, a convolutional tokenizer (CCT) before R3's transformer, with
+its recipe (benchmarks/recipes.py VIT_HYBRID): the tokenizer's shapes, the card's cost split, the CPU's math
+attention kernel, a resume that ends bit for bit where an uninterrupted run does, and params that cannot be built."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reprovision.config import ConfigError, ViTConfig, parse_params
+from reprovision.core import runtime
+from reprovision.data.augment import BatchAugment, Policy
+from reprovision.models.vit import FAMILY, ConvTokenizer, ViT, describe_vit, tokenizer_and_transformer_cost
+from reprovision.training.fit_classifier import DeviceData, fit_classifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from recipes import VIT_HYBRID, nest  # noqa: E402
+
+CPU = torch.device("cpu")
+POLICY = Policy("tiny", (0.5,) * 3, (0.25,) * 3, 4, True, 0.0, 1.0, 0.0, 0.2, 0.0, 8, "reflect", True)
+EPOCHS = 3
+
+
+def recipe(**changes) -> ViTConfig:
+    """The recipe's vit section at a test's size: a narrow tokenizer and one block."""
+    small = {"tokenizer_widths": [8, 16], "embed_dim": 32, "depth": 1, "heads": 2, "epochs": EPOCHS, "batch_size": 16}
+    return ViTConfig(**{**nest(VIT_HYBRID.overrides)["vit"], **small, "precision": "fp32", **changes})
+
+
+@pytest.mark.parametrize("widths, grid", [([], 32), ([16], 16), ([16, 24], 8)])
+def test_the_tokenizer_gives_one_token_per_pooled_pixel_of_embed_dim_channels(widths, grid):
+    tokenizer = ConvTokenizer(channels=3, widths=tuple(widths), embed_dim=40)
+    convs = [m for m in tokenizer.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == len(widths) + 1 <= 3 and [c.out_channels for c in convs] == [*widths, 40]
+    tokens = tokenizer(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 40, grid, grid)
+    model = ViT(tokenizer_widths=tuple(widths), embed_dim=40, depth=1, heads=2)
+    assert model.pos_embed.shape == (1, 1 + grid * grid, 40)  # [CLS] and one per token
+    logits, attentions = model(torch.randn(2, 3, 32, 32), return_attention=True)
+    assert logits.shape == (2, 10) and attentions[0].shape == (2, 2, 1 + grid * grid, 1 + grid * grid)
+
+
+def test_r3s_vit_is_untouched_by_the_hybrid_option():
+    torch.manual_seed(0)
+    model = FAMILY.build(ViTConfig(), num_classes=10, channels=3, image_size=32)
+    assert sum(p.numel() for p in model.parameters()) == 5_362_762 and isinstance(model.patch_embed, torch.nn.Conv2d)
+    assert describe_vit(ViTConfig(), num_classes=10).startswith("Vision Transformer (R3)")
+
+
+def test_the_card_says_hybrid_and_splits_parameters_and_flops_between_tokenizer_and_transformer():
+    cfg = ViTConfig(**nest(VIT_HYBRID.overrides)["vit"])
+    model = FAMILY.build(cfg, num_classes=10, channels=3, image_size=32)
+    cost = tokenizer_and_transformer_cost(model)
+    (tok_params, tok_flops), (tf_params, tf_flops) = cost["tokenizer"], cost["transformer"]
+    assert tok_params + tf_params == sum(p.numel() for p in model.parameters())
+    # The tokenizer's convolutions by hand: 2 x H x W x C_in x C_out x 9 each, at 32, 16 and 8 pixels a side.
+    w1, w2 = cfg.tokenizer_widths
+    convs = [(32, 3, w1), (16, w1, w2), (8, w2, cfg.embed_dim)]
+    assert tok_flops == sum(2 * side * side * c_in * c_out * 9 for side, c_in, c_out in convs)
+    assert tf_flops > 0
+    card = describe_vit(cfg, num_classes=10)
+    assert (
+        card.startswith("Hybrid ViT") and f"{tok_params:,} parameters" in card and f"{tf_params:,} parameters" in card
+    )
+    assert f"{tok_flops / 1e6:,.1f} MFLOPs" in card and f"{tf_flops / 1e6:,.1f} MFLOPs" in card
+
+
+def test_the_math_attention_kernel_is_the_cpus_only_when_asked():
+    assert runtime.attention_backend(CPU, torch.bfloat16) == "default"
+    assert runtime.attention_backend(CPU, torch.bfloat16, "math") == "math"
+    assert runtime.attention_backend(torch.device("cuda"), torch.bfloat16, "math") == "flash"  # CUDA chooses its own
+    q = torch.randn(2, 2, 5, 8, requires_grad=True)
+    with runtime.attention_kernels(CPU, None, "math"):
+        math = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    default = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert torch.allclose(math, default, atol=1e-6)  # the same attention, another kernel
+
+
+def images(n: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = (y.view(-1, 1, 1, 1) * 40 + torch.randint(0, 120, (n, 3, 32, 32), generator=g)).to(torch.uint8)
+    return x, y
+
+
+def train(*, checkpoint=None, on_epoch=None):
+    torch.set_num_threads(1)
+    rng = runtime.seed_everything(0, CPU)
+    cfg = recipe()
+    model = FAMILY.build(cfg, num_classes=4, channels=3, image_size=32)
+    x, y = images(80)
+    history = fit_classifier(
+        model,
+        DeviceData(x[:48], y[:48]),
+        DeviceData(x[48:64], y[48:64]),
+        DeviceData(x[64:], y[64:]),
+        BatchAugment(POLICY, 4, rng),
+        cfg,
+        2e-3,
+        rng,
+        checkpoint=checkpoint,
+        fingerprint="hybrid",
+        on_epoch=on_epoch,
+        progress=False,
+    )
+    return model, history
+
+
+def test_a_resumed_hybrid_run_ends_bit_for_bit_as_an_uninterrupted_one(tmp_path):
+    uninterrupted, history = train()
+
+    def crash_after_epoch_2(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(checkpoint=tmp_path / "vit.pt", on_epoch=crash_after_epoch_2)
+    resumed, resumed_history = train(checkpoint=tmp_path / "vit.pt")
+    state, expected = resumed.state_dict(), uninterrupted.state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    timeless = [[{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h] for h in (resumed_history, history)]
+    assert timeless[0] == timeless[1] and len(history) == EPOCHS
+
+
+def test_a_tokenizer_of_more_than_three_convolutions_or_one_that_overshrinks_is_refused_with_its_fix():
+    with pytest.raises(ConfigError, match=r"vit\.tokenizer_widths.*at most 2 items"):
+        parse_params({"vit": {"arch": "hybrid", "tokenizer_widths": [8, 16, 32]}})
+    with pytest.raises(ConfigError, match="unknown key 'vit.tokenizer_width'; did you mean 'vit.tokenizer_widths'"):
+        parse_params({"vit": {"tokenizer_width": [8]}})
+    parse_params({"vit": {"arch": "hybrid", "tokenizer_widths": [8, 16], "patch_size": 3}})  # patch_size unused
+    with pytest.raises(ConfigError, match=r"vit\.patch_size = 3 does not tile"):
+        parse_params({"vit": {"patch_size": 3}})
