@@ -1,7 +1,7 @@
 """Training recipes: plain dicts of params.yaml overrides, for the benchmark and for `dvc exp run`.
 
 A recipe is a dict of dotted params.yaml keys and values. The benchmark applies it on top of
-`Params()`, the code defaults, which ARE the reference settings of ../shared/SEEDS.md (R1-R3).
+`Params()`, the code defaults, which ARE the reference settings of docs/references.md (R1-R3).
 `dvc_set_args` renders the very same dict as `dvc exp run -S key=value` arguments, so any row
 of the benchmark can be re-run through the pipeline, tracked, with nothing translated by hand.
 
