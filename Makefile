@@ -15,7 +15,7 @@ endif
 # defaults are the reference configurations. 5,500 CIFAR-10 images, 550 held out for validation
 # (the champion is named on them); a narrowed CNN (cosine schedule) and ViT; the GANs see 28,800
 # MNIST images once, enough for the DCGAN to draw digits; SimCLR far too little to show much.
-# Why each size: README "Measured" and BENCHMARKS.md.
+# Why each size: docs/measurements.md (2026-12-01, 2026-11-23); its figures: BENCHMARKS.md.
 CPU_SIZED := -S data.train_fraction=0.11 -S data.val_fraction=0.1 -S data.test_fraction=0.2 \
   -S judge.epochs=1 -S judge.train_fraction=0.2 \
   -S gan.epochs=1 -S gan.train_fraction=0.48 -S gan.sample_every=1 -S gan.fid_every=1 \
@@ -28,7 +28,7 @@ CPU_SIZED := -S data.train_fraction=0.11 -S data.val_fraction=0.1 -S data.test_f
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-# A newer pip resolves this project twice as fast as a fresh venv's, to the same packages (BENCHMARKS.md).
+# A newer pip resolves this project twice as fast as a fresh venv's, to the same packages (docs/make-test-time.md).
 PIP_VERSION := 26.3
 # pip would byte-compile all of torch, MLflow and DVC, most of the install's time, while a run imports
 # a fraction: --no-compile, and Python writes each module's bytecode when first imported (git-ignored
@@ -38,8 +38,8 @@ unexport PYTHONDONTWRITEBYTECODE
 # The interpreter the venv is made from (`make PYTHON=python3.12 ...` picks another): the
 # distribution's /usr/bin/python3 when it is 3.10 or newer and can make a venv (Debian: the
 # python3-venv package), else python3 from PATH. Debian builds CPython with --enable-optimizations,
-# pyenv by default does not, and much of a stage is Python importing torch and MLflow (BENCHMARKS.md
-# "Where make test's time goes"). An existing .venv keeps its interpreter.
+# pyenv by default does not, and much of a stage is Python importing torch and MLflow
+# (docs/make-test-time.md). An existing .venv keeps its interpreter.
 PYTHON ?= $(shell /usr/bin/python3 -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && echo /usr/bin/python3 || echo python3)
 
 $(VENV)/.installed: pyproject.toml
@@ -74,7 +74,7 @@ run: install
 	@echo "report: reports/report.html   runs: mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db (the report links their page)"
 
 # One pytest-xdist worker per core and one more: much of the suite waits (servers starting, a queue
-# polled, processes it signals), and a third worker fills that time (BENCHMARKS.md). Whole files go
+# polled, processes it signals), and a third worker fills that time (docs/make-test-time.md). Whole files go
 # to a worker (--dist loadfile): their tests build on each other. The longest go first
 # (tests/conftest.py LONGEST_FILES, kept in that order by --no-loadscope-reorder).
 TEST_WORKERS ?= $(shell python3 -c 'import os; print((os.cpu_count() or 1) + 1)')

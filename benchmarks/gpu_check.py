@@ -1,7 +1,7 @@
 """The one command a GPU owner runs: is this GPU exact, and how fast, on the four reference models?
 
     python benchmarks/gpu_check.py --data <mirror>            # on one CUDA GPU, <= 8 minutes on an H200
-    python benchmarks/gpu_check.py --data <mirror> --smoke    # the same checks at tiny sizes, on the CPU (~2 min)
+    python benchmarks/gpu_check.py --data <mirror> --smoke    # the same checks at tiny sizes, on the CPU (~15 s)
 
 For each of R3's ViT and CNN and R2's DCGAN and R1's MLP GAN, under their reference recipes and
 full epochs (50,000 CIFAR-10 or 60,000 MNIST images), it measures, in this order:
@@ -10,7 +10,7 @@ full epochs (50,000 CIFAR-10 or 60,000 MNIST images), it measures, in this order
    ("identical", or the first tensor that differs); on CUDA also one with torch's NaN fill of
    unwritten memory kept in the captured step (graphs.py leaves it out: the same bits prove that
    safe) and one with the step eager instead of captured, which must give the same bits too;
-2. speed: the project's loop (`fit`, `fit_gan`) for 3 epochs; s/epoch is the median of epochs 2-3
+2. speed: the project's loop (`fit_classifier`, `fit_gan`) for 3 epochs; s/epoch is the median of epochs 2-3
    (the first one captures the graphs), against the reference's figure and the H200 target;
    images/s, counted TFLOP/s (FlopCounterMode), peak GPU memory;
 3. the project loop against a minimal hand-written eager loop (speed_tables.py, `benchmark.py --gpu-table`);

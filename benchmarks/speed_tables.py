@@ -125,7 +125,7 @@ def _timed(seconds: list[float], warmup: int, images_per_epoch: int) -> dict:
 
 
 def table_project(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, warmup: int) -> dict:
-    """The project's loop, exactly as the train-<name> stage runs it: stage `setup`, then `fit`."""
+    """The project's loop, exactly as the train-<name> stage runs it: stage `setup`, then `fit_classifier`."""
     cfg = params.classifier(name)
     rng = seed_everything(params.seed, device)
     train_x, train_y = subset(arrays, "train", params.data.train_fraction, params.seed, device)

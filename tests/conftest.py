@@ -26,7 +26,7 @@ torch.set_num_threads(1)
 MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared" / "datasets")
 
 
-# The longest test files, longest first (BENCHMARKS.md "Where make test's time goes"). `make test` hands
+# The longest test files, longest first (docs/make-test-time.md). `make test` hands
 # out whole files in collection order (--dist loadfile --no-loadscope-reorder): the two pipeline files
 # start at once, and the many short files fill the end instead of the long ones starting late.
 LONGEST_FILES = [

@@ -33,7 +33,7 @@ def images(channels: int = 3, size: int = 32) -> torch.Tensor:
         (RefCNN, 4_823_114),  # R3
         (MLPDiscriminator, 533_505),  # R1
         (MLPGenerator, 1_513_616),  # R1's layers as listed: latent 128 -> 128 -> 256 -> 512 -> 1024 -> 784
-        (lambda: MLPGenerator(hidden=(256, 512, 1024)), 1_496_592),  # the figure SEEDS quotes
+        (lambda: MLPGenerator(hidden=(256, 512, 1024)), 1_496_592),  # the figure docs/references.md quotes
         (DCGANGenerator, 2_318_209),  # R2, PyTorch counting (BN: 2 trainable per channel)
         (DCGANDiscriminator, 213_249),  # R2, PyTorch counting
     ],

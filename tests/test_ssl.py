@@ -138,7 +138,7 @@ def test_pretraining_beats_the_random_floor_on_real_images(tmp_path, stage_mirro
     baseline on CIFAR-10 (~37 % here, ~45 % for make run's wider encoder), so "near chance" would be
     the wrong expectation for it. The linear probe gains too, but by less than its noise at this size
     (measured: +1.1 points on one thread, +3.6 on two; 1,000 test images, standard error ~1.5), so
-    this test does not assert it; 15 epochs on 10,000 images gave +7.9 (README)."""
+    this test does not assert it; 15 epochs on 10,000 images gave +7.9 (BENCHMARKS.md, SimCLR)."""
     from reprovision.data import datasets as data
     from reprovision.data.augment import make_policy
 

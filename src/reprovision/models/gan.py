@@ -18,7 +18,7 @@ class MLPGenerator(nn.Module):
     """R1: latent -> hidden... -> prod(out_shape), LeakyReLU(0.2), BatchNorm1d on all hidden layers but the first.
 
     At the defaults (latent 128 -> 128 -> 256 -> 512 -> 1024 -> 784, R1's layers as listed) it
-    has 1,513,616 parameters. SEEDS quotes 1,496,592 for "the layers as listed"; that figure is
+    has 1,513,616 parameters. docs/references.md quotes 1,496,592 for "the layers as listed"; that figure is
     what the same network WITHOUT the 128-wide first hidden layer has (latent 128 -> 256 ->
     512 -> 1024 -> 784, i.e. hidden=(256, 512, 1024)); R1 itself states "~1.2M".
     """

@@ -1,7 +1,7 @@
 """The figures the source documents reported, the baseline our numbers are shown beside.
 
-Transcribed from ../shared/SEEDS.md (R1: MLP GAN, R2: DCGAN, R3: ViT vs CNN on CIFAR-10) and
-stated only here: the report and benchmarks/benchmark.py read them from this module. Plain data,
+Transcribed from docs/references.md (R1: MLP GAN, R2: DCGAN, R3: ViT vs CNN on CIFAR-10); in code
+they are stated only here: the report and benchmarks/benchmark.py read them from this module. Plain data,
 no heavy imports, so that anything may import it cheaply.
 """
 
