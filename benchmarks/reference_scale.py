@@ -184,6 +184,7 @@ def record_seed(repo: Path, model: str, exp_seconds: float, note: str = "") -> d
     arch = run["params"]["arch"]
     seed_run = run_entry(model, run) | {
         "model": arch,
+        "family": model,  # the classifier family it ran as (cnn, vit)
         "source": ARCHITECTURE_REFERENCE.get(arch, {}).get("source", ""),
         "seed": params["seed"],
         "epochs": metrics["epochs_trained"],

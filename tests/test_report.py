@@ -512,7 +512,14 @@ def test_reference_scale_runs_are_shown_beside_the_seeds_figures():
 
 
 def test_the_fast_cnn_is_shown_beside_r3s_models_with_its_seeds_spread_and_time():
-    run = {"epochs": 10, "train_images": 50_000, "precision": "bf16", "threads": 2, "git_commit": "c" * 40}
+    run = {
+        "epochs": 10,
+        "train_images": 50_000,
+        "precision": "bf16",
+        "threads": 2,
+        "git_commit": "c" * 40,
+        "family": "cnn",
+    }
     results = {
         "cnn": {**run, "epochs": 30, "precision": "fp32", "test_acc": 0.9132, "seconds": 24717.0, "history": []},
         "airbench94": {

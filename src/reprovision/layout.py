@@ -35,6 +35,9 @@ STUDY = REPORTS / "study"  # `reprovision study` (not a stage: git-ignored)
 # runs in the folder beside the JSON; and the pre-training-set-size study's results (`reprovision
 # study --ssl-size --record`; {"runs": []} until recorded).
 REFERENCE_SCALE = Path("benchmarks/reference_scale.json")
+ABLATIONS = Path(
+    "benchmarks/ablations.json"
+)  # one entry per run of a "what closes the gap" study (measure/ablation.py)
 REFERENCE_SCALE_PICTURES = REFERENCE_SCALE.with_suffix("")
 SSL_SIZE_STUDY = Path("benchmarks/ssl_size_study.json")
 # Resume checkpoints of the training stages: git-ignored, not DVC outputs (a persist output would

@@ -26,6 +26,7 @@ from markupsafe import Markup, escape
 from reprovision.config import Params, load_params
 from reprovision.core import track
 from reprovision.layout import (
+    ABLATIONS,
     CLASSIFIERS,
     CURVES,
     EVAL_METRICS,
@@ -61,6 +62,7 @@ from reprovision.publish.report_charts import (
 )
 from reprovision.publish.report_tables import (
     DASH,
+    ablation_table,
     cell,
     comparison_table,
     count,
@@ -375,6 +377,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         ],
         "reference_scale_grids": [figure(p, c, root / REPORTS) for p, c in grids],
         "reference_scale_notes": grid_notes,
+        "ablations": ablation_table((read_json(root / ABLATIONS) or {}).get("runs", [])),
         # R3 trained its families' default architectures on CIFAR-10: other settings are not its comparison.
         "r3_mismatch": bool(classifiers)
         and (

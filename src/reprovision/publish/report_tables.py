@@ -9,6 +9,7 @@ import math
 from reprovision.config import Params
 from reprovision.core import track
 from reprovision.layout import CLASSIFIERS, GANS, LABELS
+from reprovision.measure import ablation
 from reprovision.measure.noise import accuracy_ci95
 from reprovision.publish.references import ARCHITECTURE_REFERENCE, REFERENCE
 
@@ -118,8 +119,8 @@ def reference_scale_table(results: dict[str, dict]) -> dict | None:
 
 
 def repeated_runs_rows(results: dict[str, dict]) -> list[list]:
-    """An architecture run over several seeds (airbench94 as the CNN): its mean and spread, and its time
-    per seed (training plus the test-time-augmented evaluation), the median and the slowest."""
+    """An architecture run over several seeds (airbench94 as the CNN, the hybrid as the ViT): its mean and
+    spread, and its time per seed (training plus the test-time-augmented evaluation), the median and the slowest."""
     rows = []
     for arch, entry in results.items():
         if "runs" not in entry:
@@ -131,7 +132,7 @@ def repeated_runs_rows(results: dict[str, dict]) -> list[list]:
         theirs = f"{ref['source']}: {pct(ref['test_acc'])}, mean of {ref['runs']:,} runs" if ref else None
         rows.append(
             [
-                f"{arch} as the CNN ({n} seed{'s' * (n > 1)})",
+                f"{arch} as the {LABELS[runs[0]['family']]} ({n} seed{'s' * (n > 1)})",
                 str(runs[0]["epochs"]),
                 count(runs[0]["train_images"]),
                 runs[0]["precision"],
@@ -142,6 +143,11 @@ def repeated_runs_rows(results: dict[str, dict]) -> list[list]:
             ]
         )
     return rows
+
+
+def ablation_table(entries: list[dict]) -> dict | None:
+    """What closes the gap (benchmarks/ablations.json): each variant's gain over its study's baseline."""
+    return table(ablation.HEADER, [ablation.cells(row) for row in ablation.gap_rows(entries)]) if entries else None
 
 
 def reference_scale_epochs(results: dict[str, dict]) -> dict | None:

@@ -1,0 +1,78 @@
+"""What closes the gap (issue 43 item 3): the table built from benchmarks/ablations.json, each variant's gain over
+its study's baseline with Welch's 95 % interval, decided on the validation split, in the report and BENCHMARKS."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from scipy import stats
+from test_report import page, write_results
+
+from reprovision.measure import ablation
+from reprovision.publish import report
+
+
+def runs(study: str, variant: str, val: list[float], test: list[float], overrides: dict) -> list[dict]:
+    return [
+        {
+            "study": study,
+            "variant": variant,
+            "seed": seed,
+            "val_acc": v,
+            "test_acc": t,
+            "seconds": 900.0 + seed,
+            "overrides": overrides,
+        }  # fmt: skip
+        for seed, (v, t) in enumerate(zip(val, test))
+    ]
+
+
+ENTRIES = [
+    *runs("gap", "baseline", [0.900, 0.904, 0.902], [0.897, 0.899, 0.901], {}),
+    *runs("gap", "sam", [0.915, 0.918, 0.916], [0.911, 0.913, 0.915], {"vit.sam": "sam"}),
+    *runs("gap", "mixup", [0.899, 0.906, 0.901], [0.900, 0.896, 0.902], {"augment.mixup_prob": 1.0}),
+    *runs("gap", "cutout", [0.880, 0.884, 0.882], [0.905, 0.903, 0.907], {"augment.cutout_prob": 1.0}),
+    *runs("gap", "adam-r4", [0.92], [0.91], {"lr": 4e-4}),
+]
+
+
+def test_each_variants_gain_and_interval_are_welchs_and_the_verdict_reads_validation():
+    rows = {r["variant"]: r for r in ablation.gap_rows(ENTRIES)}
+    assert rows["baseline"]["verdict"] == "" and math.isnan(rows["baseline"]["val_gain"])
+    for variant in ("sam", "mixup", "cutout"):
+        mine = [e for e in ENTRIES if e["variant"] == variant]
+        base = [e for e in ENTRIES if e["variant"] == "baseline"]
+        for split in ("val", "test"):
+            a, b = [e[f"{split}_acc"] for e in mine], [e[f"{split}_acc"] for e in base]
+            low, high = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+            assert rows[variant][f"{split}_gain"] == pytest.approx((low + high) / 2)
+            assert rows[variant][f"{split}_half"] == pytest.approx((high - low) / 2)
+    assert rows["sam"]["verdict"] == "helps" and rows["mixup"]["verdict"] == "not distinguishable from zero"
+    # Cutout helps on the test set here and hurts on validation: the verdict is validation's.
+    assert rows["cutout"]["test_gain"] - rows["cutout"]["test_half"] > 0 and rows["cutout"]["verdict"] == "hurts"
+    assert rows["adam-r4"]["verdict"] == "no interval (fewer than 2 seeds a side)" and rows["adam-r4"]["seeds"] == 1
+
+
+def test_a_run_recorded_twice_or_missing_a_field_is_refused_naming_it():
+    with pytest.raises(ValueError, match="variant 'sam', seed 0 is recorded twice"):
+        ablation.gap_rows([*ENTRIES, ENTRIES[3]])
+    with pytest.raises(ValueError, match="ablations entry 0 lacks overrides"):
+        ablation.gap_rows([{k: v for k, v in ENTRIES[0].items() if k != "overrides"}])
+
+
+def test_the_report_and_benchmarks_show_the_table_from_a_synthetic_ablations_json(tmp_path):
+    write_results(tmp_path)
+    (tmp_path / "benchmarks").mkdir(exist_ok=True)
+    (tmp_path / "benchmarks/ablations.json").write_text(json.dumps({"runs": ENTRIES}))
+    report.build_report(tmp_path)
+    md, html = page(tmp_path)
+    sam = next(r for r in ablation.gap_rows(ENTRIES) if r["variant"] == "sam")
+    shown = ablation.points(sam["val_gain"], sam["val_half"])
+    assert shown.startswith("+1.43 ± ") and 'id="ablations"' in html and shown in html
+    assert "## What closes the gap" in md and f"| gap | sam | 3 | 91.63% | 91.30% | {shown} |" in md
+    assert f"| gap | sam | 3 | 91.63% | 91.30% | {shown} |" in ablation.markdown(ENTRIES)
+    (tmp_path / "benchmarks/ablations.json").write_text('{"runs": []}')  # none recorded: no section
+    report.build_report(tmp_path)
+    assert 'id="ablations"' not in page(tmp_path)[1]
