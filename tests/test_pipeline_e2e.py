@@ -121,6 +121,7 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     assert json.loads((repo / "metrics/evaluate.json").read_text())["vit"]["accuracy"] == vit["test_acc"]
     html = (repo / "reports/report.html").read_text()
     assert f"{100 * vit['test_acc']:.1f}" in html
+    assert f"ViT vs CNN on the same {n:,} test images: " in html  # McNemar on evaluate's per-image predictions
 
     client, runs = all_runs(repo)
     by_stage: dict[str, list] = {}
