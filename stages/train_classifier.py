@@ -30,7 +30,8 @@ from reprovision.training.fit_classifier import DeviceData, evaluate, fit_classi
 from reprovision.training.optim import ema_of
 
 # metrics/<name>.json: what `dvc exp show` shows of this stage (the validation figures only when held out);
-# test_acc_ci95: half the 95 % interval of test_acc from the test images alone (binomial).
+# test_acc_ci95: half the width of test_acc's 95 % Wilson interval from the test images alone (one column;
+# the interval is not symmetric around test_acc, and the report prints its bounds: measure/noise.py).
 HEADLINE = ("test_acc", "test_acc_ci95", "val_acc", "best_val_acc", "train_acc", "test_loss", "train_seconds")
 
 

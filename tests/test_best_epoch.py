@@ -1,6 +1,7 @@
 """What ships is the best validation epoch: fit_classifier ends holding its weights (the first of
 equals), stops early after `early_stop` epochs without a better one, and a resumed run ends exactly
-as an uninterrupted one; without a validation split, the last epoch, as before."""
+as an uninterrupted one; without a validation split, the last epoch, as before. A checkpoint that
+cannot be read is moved aside and the run starts from epoch 1, ending as one that had none."""
 
 from __future__ import annotations
 
@@ -95,6 +96,22 @@ def test_a_resumed_run_ships_what_an_uninterrupted_one_does(tmp_path):
         train(checkpoint=tmp_path / "cnn.pt", on_epoch=crash_after_epoch_2)
     resumed, history, _ = train(checkpoint=tmp_path / "cnn.pt")
     assert len(history) == EPOCHS and same(resumed, uninterrupted)
+
+
+def test_a_corrupt_checkpoint_is_moved_aside_and_training_starts_from_epoch_1(tmp_path, capsys):
+    uninterrupted, full, _ = train()
+    capsys.readouterr()
+    path = tmp_path / "cnn.pt"
+    path.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)  # the head of a zip, then nothing a torch file holds
+    weights, history, _ = train(checkpoint=path)
+    out = capsys.readouterr().out
+    assert [row["epoch"] for row in history] == list(range(1, EPOCHS + 1)) and "resuming" not in out
+    said = [line for line in out.splitlines() if str(path) in line]
+    assert len(said) == 1 and f"moved to {path}.corrupt" in said[0] and "starts afresh" in said[0]
+    assert path.with_name("cnn.pt.corrupt").read_bytes()[:4] == b"PK\x03\x04"
+    timeless = [[{k: v for k, v in row.items() if k != "epoch_seconds"} for row in h] for h in (history, full)]
+    assert timeless[0] == timeless[1] and same(weights, uninterrupted)
+    assert torch.load(path, weights_only=True)["complete"]  # and a sound checkpoint took its place
 
 
 def test_early_stop_without_a_validation_split_is_a_config_error():

@@ -104,7 +104,7 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     assert vit["params"] == tiny_parameters("vit") and vit["epochs"] == 1 and 0.0 <= vit["test_acc"] <= 1.0
     assert json.loads((repo / "metrics/cnn/summary.json").read_text())["params"] == tiny_parameters("cnn")
     # What `dvc exp show` compares: numbers only, the classifiers first, each test accuracy with its noise
-    # (half its binomial 95 % interval), 31 columns (27 without a validation split).
+    # (half the width of its 95 % Wilson interval), 31 columns (27 without a validation split).
     shown = dvc(repo, "exp", "show", "--json").stdout
     columns = metric_columns(json.loads(shown))
     assert len(columns) == 31 and all(isinstance(v, (int, float)) for v in columns.values()), columns
@@ -115,11 +115,13 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
         "metrics/vit.json:best_val_acc",
         "metrics/vit.json:train_acc",
     ]
-    acc, n = vit["test_acc"], vit["test_images"]
-    assert columns["metrics/vit.json:test_acc_ci95"] == pytest.approx(1.96 * (acc * (1 - acc) / n) ** 0.5)
+    acc, n, z = vit["test_acc"], vit["test_images"], 1.959963984540054
+    wilson_half_width = z / (1 + z * z / n) * (acc * (1 - acc) / n + z * z / (4 * n * n)) ** 0.5
+    assert columns["metrics/vit.json:test_acc_ci95"] == pytest.approx(wilson_half_width)
     assert json.loads((repo / "metrics/evaluate.json").read_text())["vit"]["accuracy"] == vit["test_acc"]
     html = (repo / "reports/report.html").read_text()
     assert f"{100 * vit['test_acc']:.1f}" in html
+    assert f"ViT vs CNN on the same {n:,} test images: " in html  # McNemar on evaluate's per-image predictions
 
     client, runs = all_runs(repo)
     by_stage: dict[str, list] = {}

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from markupsafe import escape
 from PIL import Image
 
 from reprovision.publish import registry, report, report_charts, report_tables
@@ -51,6 +52,18 @@ def noise_image(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
 def write_png(path: Path, seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     noise_image(seed).save(path)
+
+
+def write_predictions(root: Path, table: dict[tuple[bool, bool], int]) -> None:
+    """metrics/eval/{vit,cnn}_confusion.json with `table[(vit right, cnn right)]` images of each kind."""
+    records: dict[str, list[dict]] = {"vit": [], "cnn": []}
+    for (vit_right, cnn_right), images in table.items():
+        for i in range(images):
+            actual = ("cat", "dog", "ship")[i % 3]
+            for model, right in (("vit", vit_right), ("cnn", cnn_right)):
+                records[model].append({"actual": actual, "predicted": actual if right else "frog"})
+    for model, rows in records.items():
+        write_json(root / f"metrics/eval/{model}_confusion.json", rows)
 
 
 def write_results(root: Path, classifiers: bool = True, gans: bool = True, ssl: bool = True) -> None:
@@ -130,6 +143,8 @@ def write_results(root: Path, classifiers: bool = True, gans: bool = True, ssl: 
         )
         for seed, name in enumerate(EVALUATION_FIGURES):
             write_png(root / "reports/figures" / name, seed)
+        # Per test image, as the evaluate stage records it: 350 both get right, 67 only the ViT, 236 only the CNN.
+        write_predictions(root, {(True, True): 350, (True, False): 67, (False, True): 236, (False, False): 347})
     if gans:
         write_json(root / "metrics/judge/summary.json", {"test_acc": 0.9871, "params": 44426, "epochs": 4})
         write_json(
@@ -239,16 +254,45 @@ def test_key_numbers_appear_as_on_the_page(built):
         assert "5,362,762" in text  # R3's ViT parameter count, beside ours
         assert "~52–55%" in text  # R3's ViT test accuracy
         assert "0.347" in text and "0.728" in text  # R1 and R2 reported losses
-    # The test set's own noise beside each test accuracy: 41.72 % on 1,000 images is ± 3.1 points (95 %).
+    # The test set's own noise beside each test accuracy: 417 of 1,000 images, Wilson's 95 % interval.
     for text in (md, html):
-        assert f"{report_tables.pct(vit['test_acc'])} ± 3.1" in text and "1,000 test images alone" in text
-    assert report_tables.test_noise(0.5, 10_000) == " ± 1.0" and report_tables.test_noise(0.9, None) == ""
+        assert f"{report_tables.pct(vit['test_acc'])} [38.7–44.8]" in text and "1,000 test images alone" in text
+    assert report_tables.test_noise(0.5, 10_000) == " [49.0–51.0]" and report_tables.test_noise(0.9, None) == ""
     # Sections in the order the brief asks for.
     heads = [
         html.index(f'id="{anchor}"')
         for anchor in ("summary", "comparison", "curves", "evaluation", "gans", "provenance")
     ]
     assert heads == sorted(heads)
+
+
+def test_two_classifiers_are_compared_by_mcnemar_on_the_same_images_not_by_their_intervals(built, tmp_path):
+    md, html = page(built[0])
+    line = (
+        "ViT vs CNN on the same 1,000 test images: 67 right only by the ViT against 236 right only by the CNN, "
+        "p < 0.001 (McNemar, exact)."
+    )
+    assert md.count(line) == 2 and html.count(f'<p class="paired">{escape(line)}</p>') == 2  # summary and evaluation
+    for text in (md, html):
+        assert "told apart" not in text and "two halves" not in text
+    # b = 10, c = 2: the exact two-sided p is 2 x P(X <= 2 | 12, 1/2) = 158 / 4096.
+    write_results(tmp_path, gans=False, ssl=False)
+    write_predictions(tmp_path, {(True, True): 5, (True, False): 10, (False, True): 2, (False, False): 3})
+    report.build_report(tmp_path)
+    md, _ = page(tmp_path)
+    assert "on the same 20 test images: 10 right only by the ViT against 2 right only by the CNN, p = 0.039" in md
+
+
+def test_predictions_of_different_test_images_are_refused(tmp_path):
+    write_results(tmp_path, gans=False, ssl=False)
+    path = tmp_path / "metrics/eval/cnn_confusion.json"
+    records = json.loads(path.read_text())
+    path.write_text(json.dumps(records[1:] + records[:1]))  # another order: not the ViT's images
+    with pytest.raises(report.ReportError, match=r"vit_confusion\.json and cnn_confusion\.json are not of the same"):
+        report.build_report(tmp_path)
+    path.write_text(json.dumps({"accuracy": 0.5}))
+    with pytest.raises(report.ReportError, match=r"cnn_confusion\.json is not a list of \{actual, predicted\}"):
+        report.build_report(tmp_path)
 
 
 def test_reduced_configuration_is_flagged(built):

@@ -12,6 +12,7 @@ run): its section says so and moves on.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import mimetypes
 import os
@@ -46,6 +47,7 @@ from reprovision.layout import (
     SSL_SIZE_STUDY,
     SUMMARY,
 )
+from reprovision.measure.noise import mcnemar
 from reprovision.models.classifiers import FAMILIES
 from reprovision.publish.palette import COLOURS
 from reprovision.publish.references import REFERENCE
@@ -69,6 +71,7 @@ from reprovision.publish.report_tables import (
     evaluation_table,
     gan_quality_table,
     key_numbers_of,
+    paired_line,
     pct,
     reference_scale_epochs,
     reference_scale_table,
@@ -143,6 +146,27 @@ def read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame | None:
     return table
 
 
+def read_predictions(root: Path, model: str) -> list[dict] | None:
+    """The evaluate stage's per-image record of `model` (EVAL_METRICS/<model>_confusion.json: each test
+    image's actual and predicted class, in the test set's order), or None when it did not run."""
+    path = root / EVAL_METRICS / f"{model}_confusion.json"
+    if not path.exists():
+        return None
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReportError(
+            f"{path} is not valid JSON ({err}); re-run the evaluate stage (`dvc repro evaluate`)"
+        ) from None
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and {"actual", "predicted"} <= r.keys() for r in records
+    ):
+        raise ReportError(
+            f"{path} is not a list of {{actual, predicted}} records, one per test image; re-run the evaluate stage"
+        )
+    return records
+
+
 def run_refs(root: Path) -> dict[str, dict | None]:
     """The MLflow run that trained each model (None when its stage did not run)."""
     return {m: read_json(root / model_dir(m) / RUN_REF) for m in TRAINED}
@@ -198,15 +222,34 @@ def curves_section(root: Path, classifiers: dict, gans: dict) -> tuple[list[dict
 
 
 def test_noise_note(test_images: int | None) -> str | None:
-    """What the ± after a test accuracy means, and how far apart two models must be to tell apart."""
+    """What the interval after a test accuracy means, and what tells two classifiers apart instead."""
     if not test_images:
         return None
-    widest = test_noise(0.5, test_images).removeprefix(" ± ")  # at 50 % accuracy, where it is widest
+    widest = test_noise(0.5, test_images)  # at 50 % accuracy, where it is widest
     return (
-        f"± after a test accuracy: half its 95 % interval from the {test_images:,} test images alone "
-        f"(binomial; at most ±{widest} points). Two accuracies closer than the two halves together "
-        "are not told apart by this test set."
+        f"[low–high] after a test accuracy: its 95 % interval from the {test_images:,} test images alone "
+        f"(Wilson score; at 50 %{widest}). Whether two classifiers differ is not read from their intervals "
+        "(both are scored on the same images) but from McNemar's exact test on the images only one of them gets right."
     )
+
+
+def paired_lines(root: Path) -> list[str]:
+    """McNemar's exact test of every two classifiers the evaluate stage scored, on its per-image predictions."""
+    records = {m: r for m in CLASSIFIERS if (r := read_predictions(root, m)) is not None}
+    lines = []
+    for first, second in itertools.combinations(records, 2):
+        a, b = records[first], records[second]
+        if [r["actual"] for r in a] != [r["actual"] for r in b]:
+            raise ReportError(
+                f"{EVAL_METRICS.as_posix()}/{first}_confusion.json and {second}_confusion.json are not of the same "
+                "test images (their true classes differ); re-run the evaluate stage (`dvc repro evaluate`)"
+            )
+        paired = mcnemar(
+            first_right=[r["actual"] == r["predicted"] for r in a],
+            second_right=[r["actual"] == r["predicted"] for r in b],
+        )
+        lines.append(paired_line(first, second, paired))
+    return lines
 
 
 def evaluation_rows(root: Path) -> tuple[list[list[dict]], str | None]:
@@ -390,6 +433,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "curve_notes": curve_notes,
         "evaluation_table": evaluation_table(evaluation, test_images),
         "test_noise": test_noise_note(test_images),
+        "paired": paired_lines(root),
         "evaluation_rows": figure_rows,
         "evaluation_note": figure_note,
         "gan_quality": gan_quality_table(gans) if gans else None,

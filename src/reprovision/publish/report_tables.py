@@ -10,7 +10,7 @@ from reprovision.config import Params
 from reprovision.core import track
 from reprovision.layout import CLASSIFIERS, GANS, LABELS
 from reprovision.measure import ablation
-from reprovision.measure.noise import accuracy_ci95
+from reprovision.measure.noise import Paired, accuracy_interval
 from reprovision.publish.references import ARCHITECTURE_REFERENCE, REFERENCE
 
 DASH = "—"
@@ -46,11 +46,27 @@ def approx(value: float | tuple[float, float] | None, scale: float = 1.0, unit: 
 
 
 def test_noise(acc: float | None, n: int | None) -> str:
-    """' ± h': h is half the 95 % interval of an accuracy measured on n test images, in points (binomial,
-    normal approximation). Empty when n is unknown (results written before the stage recorded it)."""
+    """' [lo–hi]': the 95 % Wilson interval of an accuracy measured on n test images, in percent (not
+    symmetric around it: noise.wilson_interval). Empty when n is unknown (results written before the
+    stage recorded it)."""
     if acc is None or not n:
         return ""
-    return f" ± {100 * accuracy_ci95(acc, n):.1f}"
+    low, high = accuracy_interval(acc, n)
+    return f" [{100 * low:.1f}–{100 * high:.1f}]"
+
+
+def p_value(p: float) -> str:
+    """A p-value as a sentence says it: `p < 0.001`, `p = 0.039`, `p = 1.000`."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def paired_line(first: str, second: str, paired: Paired) -> str:
+    """McNemar's exact test of two classifiers on the same test images, in one line."""
+    return (
+        f"{LABELS.get(first, first)} vs {LABELS.get(second, second)} on the same {paired.images:,} test images: "
+        f"{paired.only_first:,} right only by the {LABELS.get(first, first)} against {paired.only_second:,} "
+        f"right only by the {LABELS.get(second, second)}, {p_value(paired.p_value)} (McNemar, exact)."
+    )
 
 
 def cell(

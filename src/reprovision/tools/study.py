@@ -258,6 +258,10 @@ def decision_metric(table: pd.DataFrame) -> str | None:
     return "val_acc" if table["val_acc"].notna().all() else None
 
 
+# A study has each run's accuracies from MLflow, not its per-image predictions, so McNemar's paired test
+# (measure/noise.py, the report's ViT vs CNN) cannot apply: settings are compared by their means over
+# seeds with Student's t, which is right for that. `clears` asks for non-overlapping intervals, stricter
+# than a test of the difference: overlap is reported as "not distinguishable at N seeds", not as "equal".
 def interval(values) -> float:
     """Half the 95 % confidence interval of the mean of `values` (Student's t: runs of one setting over
     seeds); nan for fewer than two values, where no interval can be given."""

@@ -129,7 +129,7 @@ def fit_classifier(
     first_epoch = 1
     best: dict | None = None  # {"epoch", "val_acc", "model"}: the best validation epoch's weights
 
-    state = ckpt.load(checkpoint, fingerprint)
+    state = ckpt.load(checkpoint, fingerprint, main=world.is_main)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
