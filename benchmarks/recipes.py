@@ -159,7 +159,7 @@ VIT_HYBRID = Recipe(
         "vit.heads": 4,
         "vit.mlp_ratio": 2.0,
         "vit.dropout": 0.0,
-        "vit.epochs": 15,
+        "vit.epochs": 13,
         "vit.batch_size": 256,
         "vit.optimizer": "adamw",
         "vit.lr_mult": 2.0,
@@ -177,7 +177,7 @@ VIT_HYBRID = Recipe(
         "augment.pad_mode": "reflect",
         "augment.alternate_flips": True,
     },
-    why="a hybrid ViT (3-conv tokenizer, 3 transformer blocks of 256) trained airbench-style: 15 epochs, AdamW "
+    why="a hybrid ViT (3-conv tokenizer, 3 transformer blocks of 256) trained airbench-style: 13 epochs, AdamW "
     "lr 2e-3 with warm-up and linear decay, label smoothing, translate 4, alternating flips, test-time augmentation",
 )
 
