@@ -76,3 +76,32 @@ def test_the_report_and_benchmarks_show_the_table_from_a_synthetic_ablations_jso
     (tmp_path / "benchmarks/ablations.json").write_text('{"runs": []}')  # none recorded: no section
     report.build_report(tmp_path)
     assert 'id="ablations"' not in page(tmp_path)[1]
+
+
+def test_a_finished_run_is_recorded_once_per_variant_and_seed_and_a_mislabelled_one_refused(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ablations  # benchmarks/ablations.py
+    from recipes import nest
+
+    monkeypatch.setattr(ablations, "RESULTS", tmp_path / "ablations.json")
+    repo = tmp_path / "clone"
+    (repo / "metrics/vit").mkdir(parents=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump(nest(ablations.overrides("sam", 1))))
+    summary = {"val_acc": 0.81, "test_acc": 0.8, "train_seconds": 1800.0, "epochs_trained": 5}
+    (repo / "metrics/vit/summary.json").write_text(json.dumps(summary))
+    for _ in range(2):  # recorded again: replaces its entry
+        ablations.record(repo, "sam")
+    (entry,) = json.loads((tmp_path / "ablations.json").read_text())["runs"]
+    assert (entry["study"], entry["variant"], entry["seed"], entry["val_acc"], entry["seconds"]) == (
+        "gap", "sam", 1, 0.81, 1800.0)  # fmt: skip
+    assert entry["overrides"] == {"vit.sam": "sam"} and entry["params"]["vit.epochs"] == ablations.BUDGET["vit.epochs"]
+    with pytest.raises(SystemExit, match="is not variant 'mixup'"):
+        ablations.record(repo, "mixup")
+    assert "abl-gap-cutmix-s2" in ablations.command("cutmix", 2) and "augment.cutmix_prob=0.5" in ablations.command(
+        "cutmix", 2
+    )
