@@ -147,7 +147,7 @@ AIRBENCH94 = Recipe(
 # 8x8 tokens of 256 channels to a 3-block transformer, trained the way airbench trains its CNN: a short schedule
 # with warm-up and linear decay, label smoothing, translate with reflect padding, alternating flips and
 # test-time augmentation; AdamW (a transformer's optimiser) with no decay on biases, norms and embeddings.
-# The CPU's reference attention kernel ("math") is the faster one at 65 tokens (BENCHMARKS "CPU attention").
+# The CPU's reference attention kernel ("math") is faster at 65 tokens (BENCHMARKS "ViT speed levers").
 VIT_HYBRID = Recipe(
     name="vit-hybrid",
     models=("vit",),

@@ -151,7 +151,7 @@ def attention_backend(device: torch.device, amp: torch.dtype | None, cpu_attenti
     deterministic algorithms (attention_backward.cu); flash takes bf16 and fp16, the other fp32 too.
     On the CPU, `cpu_attention` (a classifier's param): "default" keeps torch's choice (its CPU flash
     kernel; the results recorded so far), "math" the reference implementation, matrix products and a
-    softmax, whose backward is the faster at ViT token counts here (BENCHMARKS "CPU attention")."""
+    softmax, whose backward is the faster at ViT token counts here (BENCHMARKS "ViT speed levers")."""
     if device.type != "cuda":
         return "math" if device.type == "cpu" and cpu_attention == "math" else "default"
     return "flash" if amp in (torch.bfloat16, torch.float16) else "efficient"

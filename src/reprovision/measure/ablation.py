@@ -3,8 +3,8 @@
 benchmarks/ablations.json holds `{"runs": [...]}`, one entry per run: `study`, `variant`, `seed`, `val_acc`,
 `test_acc`, `seconds` and the `overrides` that make the variant. A variant's gain is its mean over its seeds
 minus the baseline's; the interval is Welch's t for a difference of two means (the two sets of runs share no
-random draws that pairing by seed could cancel). Decisions read the validation gain: a variant helps when that interval lies
-wholly above zero. The test gain is reported beside it, never decided on.
+random draws that pairing by seed could cancel). Decisions read the validation gain: a variant helps when that
+interval lies wholly above zero. The test gain is reported beside it, never decided on.
 """
 
 from __future__ import annotations
