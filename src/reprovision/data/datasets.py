@@ -33,8 +33,8 @@ from urllib.error import URLError
 
 import numpy as np
 
+from reprovision.compat import import_torchvision
 from reprovision.config import DATASET_SHAPES
-from reprovision.core.compat import import_torchvision
 
 # torchvision is imported only when downloading (it costs seconds at every stage start otherwise);
 # test_data.py checks that the md5 tables below equal torchvision's published ones.
