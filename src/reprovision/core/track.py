@@ -25,7 +25,6 @@ next attempt of the same stage, which links the two (`previous_attempt` / `super
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import platform
@@ -514,10 +513,6 @@ def stage_run(
         raise
     with _reports_outage():
         mlflow.end_run("FINISHED")
-
-
-def params_hash(flat: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def log_epoch(metrics: dict[str, float], step: int) -> None:
