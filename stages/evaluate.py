@@ -16,8 +16,9 @@ import torch  # noqa: E402
 
 from reprovision.config import DATASET_SHAPES  # noqa: E402
 from reprovision.core import track  # noqa: E402
+from reprovision.core.context import load_subset, run_tags, start  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
-from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
+from reprovision.core.stage import main, write_json  # noqa: E402
 from reprovision.data.augment import BatchAugment, Policy  # noqa: E402
 from reprovision.layout import EMA_WEIGHTS, EVAL_METRICS, FIGURES, METRICS, MODELS, POLICY, RUN_REF, SUMMARY  # noqa: E402
 from reprovision.measure import evaluation as ev  # noqa: E402

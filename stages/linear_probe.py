@@ -21,8 +21,9 @@ import torch  # noqa: E402
 
 from reprovision.config import DATASET_SHAPES  # noqa: E402
 from reprovision.core import track  # noqa: E402
+from reprovision.core.context import load_subset, run_tags, start  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
-from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
+from reprovision.core.stage import main, write_json  # noqa: E402
 from reprovision.data.augment import Policy  # noqa: E402
 from reprovision.data.datasets import validation_split  # noqa: E402
 from reprovision.layout import METRICS, POLICY, SSL_ENCODER, SUMMARY  # noqa: E402

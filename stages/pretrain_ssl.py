@@ -21,8 +21,9 @@ import torch  # noqa: E402
 
 from reprovision.config import DATASET_SHAPES  # noqa: E402
 from reprovision.core import checkpoint, track  # noqa: E402
+from reprovision.core.context import run_tags, start  # noqa: E402
 from reprovision.core.runtime import resolve_precision, seed_everything  # noqa: E402
-from reprovision.core.stage import main, run_tags, start, write_csv, write_json  # noqa: E402
+from reprovision.core.stage import main, write_csv, write_json  # noqa: E402
 from reprovision.data.augment import Policy  # noqa: E402
 from reprovision.data.datasets import load_split, stratified_subset, validation_split  # noqa: E402
 from reprovision.layout import CHECKPOINTS, METRICS, POLICY, PREPARED, SSL_ENCODER, SUMMARY  # noqa: E402

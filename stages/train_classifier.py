@@ -16,8 +16,9 @@ from torch import nn
 
 from reprovision.config import DATASET_SHAPES, Params
 from reprovision.core import checkpoint, distributed, track
+from reprovision.core.context import load_subset, run_tags, start
 from reprovision.core.runtime import attention_backend, autocast_dtype, resolve_precision, seed_everything
-from reprovision.core.stage import load_subset, run_tags, start, write_csv, write_json
+from reprovision.core.stage import write_csv, write_json
 from reprovision.data.augment import BatchAugment, Policy, normalize
 from reprovision.data.datasets import validation_split
 from reprovision.layout import CHECKPOINTS, EMA_WEIGHTS, METRICS, MODELS, POLICY, REGISTERED_MODELS, SUMMARY

@@ -22,8 +22,9 @@ import torch  # noqa: E402
 
 from reprovision.config import DATASET_SHAPES  # noqa: E402
 from reprovision.core import checkpoint, track  # noqa: E402
+from reprovision.core.context import load_subset, run_tags, start  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
-from reprovision.core.stage import load_subset, main, run_tags, start, write_csv, write_json  # noqa: E402
+from reprovision.core.stage import main, write_csv, write_json  # noqa: E402
 from reprovision.data.pixels import to_pm1  # noqa: E402
 from reprovision.layout import CHECKPOINTS, GAN_METRICS, GANS, METRICS, MODELS, SUMMARY  # noqa: E402
 from reprovision.measure import gan_metrics as gm  # noqa: E402

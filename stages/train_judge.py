@@ -9,8 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from reprovision.core import track  # noqa: E402
+from reprovision.core.context import load_subset, run_tags, start  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
-from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
+from reprovision.core.stage import main, write_json  # noqa: E402
 from reprovision.layout import METRICS, MODELS, SUMMARY  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
 from reprovision.publish import cards  # noqa: E402

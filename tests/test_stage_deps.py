@@ -64,6 +64,14 @@ def test_stages_import_only_the_architectures_they_run():
     )
 
 
+@pytest.mark.parametrize("name", ["check-params", "fetch-data"])
+def test_the_data_stages_depend_on_no_tracking_code(name):
+    """Editing an MLflow helper (core/track*.py) re-runs no data stage: they end through core/stage.py,
+    which imports none of it."""
+    tracking = sorted(d for d in code_deps(DVC_YAML[name]) if d.startswith("src/reprovision/core/track"))
+    assert not tracking, f"{name} depends on {tracking}"
+
+
 def test_a_lazy_import_counts(tmp_path):
     """An import inside a function is part of the closure: it runs when that code path does."""
     import imports

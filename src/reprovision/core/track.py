@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from reprovision.config import Params
+from reprovision.core.stage import attempt, resume_hint
+from reprovision.errors import Terminated, TrackingError
 from reprovision.layout import CHECKPOINTS, PREPARED
 
 DEFAULT_EXPERIMENT = "reprovision"
@@ -63,17 +65,6 @@ HTTP_DEFAULTS = {
 }
 for _name, _value in HTTP_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
-
-# The stage run of this process (stage_run fills it): what an error message says is safe.
-_attempt: dict[str, Any] = {}
-
-
-class TrackingError(RuntimeError):
-    """The tracking store can't be used: refused before training starts, or lost during a run."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process was (like Ctrl-C's KeyboardInterrupt), so that clean-up runs."""
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -223,19 +214,10 @@ def _outage_cause(err: BaseException | None) -> BaseException | None:
     return err
 
 
-def resume_hint() -> str:
-    """What is safe and the command that continues, for the one-line error of a stopped stage."""
-    command = "`dvc exp run` again (same -S options)" if os.environ.get("DVC_EXP_NAME") else "`dvc repro`"
-    checkpoint = _attempt.get("checkpoint")
-    if checkpoint is not None and checkpoint.exists():
-        return f"Training so far is safe in the per-epoch checkpoint {checkpoint}; {command} continues from it."
-    return f"{command} runs the stage again."
-
-
 def _outage_error(cause: BaseException) -> TrackingError:
     import mlflow
 
-    run = _attempt.get("run")  # the stage's own run (not one that evaluate reopened)
+    run = attempt.get("run")  # the stage's own run (not one that evaluate reopened)
     text = str(cause).lower()  # requests reports a read timeout after retries as a ConnectionError
     if "timed out" in text:
         what = f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT')} s"
@@ -465,8 +447,8 @@ def stage_run(
     check_store(uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    _attempt.clear()
-    _attempt["checkpoint"] = checkpoint or CHECKPOINTS / f"{model}.pt"
+    attempt.clear()
+    attempt["checkpoint"] = checkpoint or CHECKPOINTS / f"{model}.pt"
     commit, dirty = git_state(Path.cwd())
     exp_name = os.environ.get("DVC_EXP_NAME", "")
     all_tags = {
@@ -491,7 +473,7 @@ def stage_run(
         parent = _parent_run(client, experiment_id, exp_name, commit)
         if parent:
             all_tags["mlflow.parentRunId"] = parent  # how MLflow nests a run under another
-        run = _attempt["run"] = mlflow.start_run(
+        run = attempt["run"] = mlflow.start_run(
             experiment_id=experiment_id, run_name=run_name, tags=all_tags, log_system_metrics=system_metrics
         )
     try:
