@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from reprovision.core.track import experiment_name, tracking_uri  # noqa: E402
+from reprovision.core.track_store import experiment_name, tracking_uri  # noqa: E402
 from reprovision.layout import (
     CHECKPOINTS,
     CLASSIFIERS,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from reprovision.config import Params, load_params
-from reprovision.core import track
+from reprovision.core import track_store
 from reprovision.data.datasets import data_sha256, load_split, stratified_subset
 from reprovision.layout import PREPARED
 
@@ -39,7 +39,7 @@ def start(stage: str) -> Context:
     device = resolve_device(params.device)
     threads = apply_threads(params.threads)
     reuse_freed_memory()
-    track.check_store(track.tracking_uri())
+    track_store.check_store(track_store.tracking_uri())
     print(f"[{stage}] device {device}, {threads} thread(s), params sha256 {params.digest()[:12]}", flush=True)
     return Context(params, device, threads)
 

@@ -21,7 +21,7 @@ from typing import Any
 from reprovision.config import ConfigError
 from reprovision.errors import DataError, Terminated, TrackingError
 
-# The stage run of this process (track.stage_run fills it): what a stopped stage's message says is safe.
+# The stage run of this process (track_run.stage_run fills it): what a stopped stage's message says is safe.
 attempt: dict[str, Any] = {}
 
 
@@ -51,7 +51,7 @@ def main(stage: Callable[..., None], *args) -> None:
             raise
         print(f"error: {explained}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt as err:  # its MLflow run is already ended KILLED (track.stage_run)
+    except KeyboardInterrupt as err:  # its MLflow run is already ended KILLED (track_run.stage_run)
         how = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C (SIGINT)"
         print(f"error: interrupted by {how}. {resume_hint()}", file=sys.stderr)
         code = 130
