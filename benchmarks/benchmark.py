@@ -14,8 +14,9 @@ and the speed-up over the time the reference reported. Recipes live in recipes.p
 runs.py.
 
 `--cpu-table` (speed_tables.py) instead times, on the CPU with a fixed thread count, the R3 ViT and CNN in the
-project's loop (`fit_classifier`, set up by the stage's own `setup`) and in a minimal hand-written PyTorch
-loop, each in fp32 and under bf16 autocast, and prints one Markdown table with the machine it ran on.
+project's loop (`fit_classifier`, set up by the stages' own `setup`, reprovision/training/classifier_setup.py)
+and in a minimal hand-written PyTorch loop, each in fp32 and under bf16 autocast, and prints one Markdown
+table with the machine it ran on.
 
 Imports only torch, numpy, PIL, PyYAML, scikit-learn/torchvision (through reprovision.data.datasets)
 and pydantic (through reprovision.config); no dvc, no mlflow. Reads data from prepared
@@ -27,20 +28,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import recipes  # benchmarks/recipes.py: this script's folder is on sys.path
-
-from reprovision.config import ConfigError, Params
-from reprovision.core.runtime import resolve_device
-from reprovision.models.classifiers import FAMILIES
-from reprovision.publish.references import REFERENCE, midpoint
-
-# The train-vit / train-cnn stages' own set-up (stages/train_classifier.py), not a copy of it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
-from runs import (  # noqa: E402  benchmarks/runs.py, beside this script
+from runs import (  # benchmarks/runs.py, beside this script
+    CPU_MODE,
     apply,
     benchmark,
     dataset_of,
@@ -50,18 +43,10 @@ from runs import (  # noqa: E402  benchmarks/runs.py, beside this script
     markdown_table,
     write_results,
 )
-from speed_tables import CPU_TABLE, GPU_TABLE, LOAD_LIMIT, LOAD_POLL_S, LOAD_WAIT_S, cpu_table, gpu_table  # noqa: E402
+from speed_tables import CPU_TABLE, GPU_TABLE, LOAD_LIMIT, LOAD_POLL_S, LOAD_WAIT_S, cpu_table, gpu_table
 
-# Seconds per epoch the references reported on their own hardware (reprovision/publish/references.py), a
-# range taken as its middle; None where the source reported none (R1's MLP GAN).
-REFERENCE_S_PER_EPOCH: dict[str, float | None] = {m: midpoint(ref.get("s_per_epoch")) for m, ref in REFERENCE.items()}
-# The issue's back-of-envelope training cost, GFLOP per image (forward + backward).
-ISSUE_GFLOP_PER_IMAGE: dict[str, float | None] = {"vit": 2.1, "cnn": 1.25, "dcgan": None, "mlp": None}
-CLASSIFIERS = tuple(FAMILIES)
-FLOP_BATCH = 16  # FLOPs are linear in the batch: a small batch keeps the count cheap on a CPU
-# 200 CIFAR-10 train images, 100 test images, 1 epoch, <= 5 GAN steps: about 3 minutes on 2 vCPUs.
-CPU_MODE = {"train_fraction": 0.004, "test_fraction": 0.01, "epochs": 1, "gan_steps": 5}
-
+from reprovision.config import ConfigError, Params
+from reprovision.core.runtime import resolve_device
 
 # ------------------------------------------------------------------------------------------- cli
 

@@ -32,13 +32,11 @@ import csv
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from reprovision.core.track import experiment_name, tracking_uri  # noqa: E402
+from reprovision.core.track_store import experiment_name, tracking_uri
 from reprovision.layout import (
     CHECKPOINTS,
     CLASSIFIERS,
@@ -49,8 +47,8 @@ from reprovision.layout import (
     REFERENCE_SCALE,
     REFERENCE_SCALE_PICTURES,
     SUMMARY,
-)  # noqa: E402
-from reprovision.publish.references import ARCHITECTURE_REFERENCE, REFERENCE  # noqa: E402
+)
+from reprovision.publish.references import ARCHITECTURE_REFERENCE, REFERENCE
 
 RESULTS = Path(__file__).resolve().parents[1] / REFERENCE_SCALE
 

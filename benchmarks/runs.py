@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,13 +31,11 @@ from reprovision.models import count_parameters
 from reprovision.models.classifiers import FAMILIES
 from reprovision.models.gan import build_gan
 from reprovision.publish.references import REFERENCE, midpoint
+from reprovision.training.classifier_setup import setup as classifier_setup  # the stages' own set-up
 from reprovision.training.fit_classifier import DeviceData, fit_classifier
 from reprovision.training.fit_gan import fit_gan, gan_optimizers
 
-# The train-vit / train-cnn stages' own set-up (stages/train_classifier.py), not a copy of it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
-from train_classifier import setup as classifier_setup  # noqa: E402
-
+# The benchmarks' shared constants, defined here only: benchmark.py and speed_tables.py import them.
 # Seconds per epoch the references reported on their own hardware (reprovision/publish/references.py), a
 # range taken as its middle; None where the source reported none (R1's MLP GAN).
 REFERENCE_S_PER_EPOCH: dict[str, float | None] = {m: midpoint(ref.get("s_per_epoch")) for m, ref in REFERENCE.items()}

@@ -19,18 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from reprovision.config import CLASSIFIER_LABELS, DATASET_SHAPES, Params
-from reprovision.core.runtime import autocast_dtype, cpu_has_native_bf16, seed_everything
-from reprovision.data.augment import make_policy, normalize
-from reprovision.models.classifiers import FAMILIES
-from reprovision.models.gan import build_gan
-from reprovision.publish.references import REFERENCE, midpoint
-from reprovision.training.fit_classifier import DeviceData, fit_classifier
-
-# The train-vit / train-cnn stages' own set-up (stages/train_classifier.py), not a copy of it.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
-from runs import (  # noqa: E402  benchmarks/runs.py, beside this script
+from runs import (  # benchmarks/runs.py, beside this script
+    CLASSIFIERS,
     _fmt,
     apply,
     classifier_flops,
@@ -41,18 +31,14 @@ from runs import (  # noqa: E402  benchmarks/runs.py, beside this script
     subset,
     write_results,
 )
-from train_classifier import setup as classifier_setup  # noqa: E402
 
-# Seconds per epoch the references reported on their own hardware (reprovision/publish/references.py), a
-# range taken as its middle; None where the source reported none (R1's MLP GAN).
-REFERENCE_S_PER_EPOCH: dict[str, float | None] = {m: midpoint(ref.get("s_per_epoch")) for m, ref in REFERENCE.items()}
-# The issue's back-of-envelope training cost, GFLOP per image (forward + backward).
-ISSUE_GFLOP_PER_IMAGE: dict[str, float | None] = {"vit": 2.1, "cnn": 1.25, "dcgan": None, "mlp": None}
-CLASSIFIERS = tuple(FAMILIES)
-FLOP_BATCH = 16  # FLOPs are linear in the batch: a small batch keeps the count cheap on a CPU
-# 200 CIFAR-10 train images, 100 test images, 1 epoch, <= 5 GAN steps: about 3 minutes on 2 vCPUs.
-CPU_MODE = {"train_fraction": 0.004, "test_fraction": 0.01, "epochs": 1, "gan_steps": 5}
-
+from reprovision.config import CLASSIFIER_LABELS, DATASET_SHAPES, Params
+from reprovision.core.runtime import autocast_dtype, cpu_has_native_bf16, seed_everything
+from reprovision.data.augment import make_policy, normalize
+from reprovision.models.classifiers import FAMILIES
+from reprovision.models.gan import build_gan
+from reprovision.training.classifier_setup import setup as classifier_setup  # the stages' own set-up
+from reprovision.training.fit_classifier import DeviceData, fit_classifier
 
 # ------------------------------------------------------------------------------------- cpu table
 # `--cpu-table`: the steady-state CPU speed of the R3 classifiers, the project's loop against a

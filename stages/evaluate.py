@@ -15,9 +15,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from reprovision.config import DATASET_SHAPES  # noqa: E402
-from reprovision.core import track  # noqa: E402
+from reprovision.core import track_log, track_run  # noqa: E402
+from reprovision.core.context import load_subset, run_tags, start  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
-from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
+from reprovision.core.stage import main, write_json  # noqa: E402
 from reprovision.data.augment import BatchAugment, Policy  # noqa: E402
 from reprovision.layout import EMA_WEIGHTS, EVAL_METRICS, FIGURES, METRICS, MODELS, POLICY, RUN_REF, SUMMARY  # noqa: E402
 from reprovision.measure import evaluation as ev  # noqa: E402
@@ -85,11 +86,11 @@ def evaluate() -> None:
             "test_images": len(test_y),
             **params.evaluate.model_dump(),
         }
-        with track.stage_run("evaluate", name, run_params, tags, params, run_name=f"evaluate-{name}"):
-            test_set = track.log_datasets(Path.cwd(), dataset, tags["data_sha256"], {"test": len(test_y)})["test"]
+        with track_run.stage_run("evaluate", name, run_params, tags, params, run_name=f"evaluate-{name}"):
+            test_set = track_log.log_datasets(Path.cwd(), dataset, tags["data_sha256"], {"test": len(test_y)})["test"]
             scores = {f"eval_{key}": results[name][key] for key in SCORES}
-            track.log_metrics(scores, model_id=trained.get("model_id"), dataset=test_set)
-            track.log_artifacts(*figures, folder="figures")
+            track_log.log_metrics(scores, model_id=trained.get("model_id"), dataset=test_set)
+            track_log.log_artifacts(*figures, folder="figures")
         print(f"[evaluate] {name}: accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
 
     ev.plot_confusions_side_by_side(confusions, classes, FIGURES / "confusion_raw.png", normalize=False)

@@ -20,9 +20,10 @@ import json  # noqa: E402
 import torch  # noqa: E402
 
 from reprovision.config import DATASET_SHAPES  # noqa: E402
-from reprovision.core import track  # noqa: E402
+from reprovision.core import track_log, track_run  # noqa: E402
+from reprovision.core.context import load_subset, run_tags, start  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
-from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
+from reprovision.core.stage import main, write_json  # noqa: E402
 from reprovision.data.augment import Policy  # noqa: E402
 from reprovision.data.datasets import validation_split  # noqa: E402
 from reprovision.layout import METRICS, POLICY, SSL_ENCODER, SUMMARY  # noqa: E402
@@ -81,10 +82,10 @@ def linear_probe() -> None:
         "val_images": len(val_idx),
         "test_images": len(test_y),
     }
-    with track.stage_run("linear-probe", "probe", run_params, tags, params):
+    with track_run.stage_run("linear-probe", "probe", run_params, tags, params):
         images = {"train": len(train_idx), **({"val": len(val_idx)} if len(val_idx) else {}), "test": len(test_y)}
-        track.log_datasets(Path.cwd(), data.classifier_dataset, tags["data_sha256"], images)
-        track.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=0)
+        track_log.log_datasets(Path.cwd(), data.classifier_dataset, tags["data_sha256"], images)
+        track_log.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=0)
     write_json(METRICS / "probe" / SUMMARY, metrics)
     write_json(METRICS / "probe.json", {k: metrics[k] for k in HEADLINE}, sort_keys=False)
     print(

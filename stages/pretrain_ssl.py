@@ -20,9 +20,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from reprovision.config import DATASET_SHAPES  # noqa: E402
-from reprovision.core import checkpoint, track  # noqa: E402
+from reprovision.core import checkpoint, track_log, track_run  # noqa: E402
+from reprovision.core.context import run_tags, start  # noqa: E402
 from reprovision.core.runtime import resolve_precision, seed_everything  # noqa: E402
-from reprovision.core.stage import main, run_tags, start, write_csv, write_json  # noqa: E402
+from reprovision.core.stage import main, write_csv, write_json  # noqa: E402
 from reprovision.data.augment import Policy  # noqa: E402
 from reprovision.data.datasets import load_split, stratified_subset, validation_split  # noqa: E402
 from reprovision.layout import CHECKPOINTS, METRICS, POLICY, PREPARED, SSL_ENCODER, SUMMARY  # noqa: E402
@@ -76,7 +77,7 @@ def pretrain_ssl() -> None:
     def on_epoch(row: dict) -> None:
         rows.append(row)
         write_csv(history_path, rows)
-        track.log_epoch({f"ssl_{k}": v for k, v in row.items() if k != "epoch"}, row["epoch"])
+        track_log.log_epoch({f"ssl_{k}": v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
     run_params = {
         **cfg.model_dump(),
@@ -87,8 +88,8 @@ def pretrain_ssl() -> None:
         "train_images": len(images),
         "params_count": count_parameters(encoder),
     }
-    with track.stage_run("pretrain-ssl", "ssl", run_params, tags, params, system_metrics=True) as run:
-        track.log_datasets(Path.cwd(), dataset, tags["data_sha256"], {"train": len(images)})
+    with track_run.stage_run("pretrain-ssl", "ssl", run_params, tags, params, system_metrics=True) as run:
+        track_log.log_datasets(Path.cwd(), dataset, tags["data_sha256"], {"train": len(images)})
         started = time.perf_counter()
         history = fit_simclr(
             model,
@@ -116,11 +117,11 @@ def pretrain_ssl() -> None:
         }
         write_json(METRICS / "ssl" / SUMMARY, metrics)
         write_json(METRICS / "ssl.json", {k: metrics[k] for k in HEADLINE}, sort_keys=False)
-        track.log_metrics({k: metrics[k] for k in ("train_seconds", "params")}, step=cfg.epochs)
+        track_log.log_metrics({k: metrics[k] for k in ("train_seconds", "params")}, step=cfg.epochs)
         SSL_ENCODER.parent.mkdir(parents=True, exist_ok=True)
         torch.save(encoder.state_dict(), SSL_ENCODER)
-        track.log_artifacts(history_path)
-        logged = track.log_model(
+        track_log.log_artifacts(history_path)
+        logged = track_log.log_model(
             RawImageEncoder(encoder, mean=policy.mean, std=policy.std),
             name="ssl-encoder",
             example=images[:2],
@@ -131,7 +132,7 @@ def pretrain_ssl() -> None:
             step=cfg.epochs,
             metadata={"input": "uint8 images (N, C, H, W) in [0, 255]", "output": f"features (N, {features})"},
         )
-        track.write_run_ref(SSL_ENCODER.parent / "run.json", run, logged)
+        track_log.write_run_ref(SSL_ENCODER.parent / "run.json", run, logged)
     print(f"[pretrain-ssl] NT-Xent {final['loss']:.4f}, pair accuracy {final['pair_acc']:.4f} in {train_seconds:.1f} s")
 
 

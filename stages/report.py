@@ -11,7 +11,8 @@ from pathlib import Path
 # This checkout's library, also inside DVC's temporary experiment copies.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from reprovision.core.stage import main, start  # noqa: E402
+from reprovision.core.context import start  # noqa: E402
+from reprovision.core.stage import main  # noqa: E402
 from reprovision.publish.registry import promote, read_champion, read_records, why_no_champion  # noqa: E402
 from reprovision.publish.report import build_report, log_summary_run  # noqa: E402
 

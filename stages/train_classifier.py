@@ -12,20 +12,19 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from reprovision.config import DATASET_SHAPES, Params
 from reprovision.core import checkpoint, distributed, track
+from reprovision.core.context import load_subset, run_tags, start
 from reprovision.core.runtime import attention_backend, autocast_dtype, resolve_precision, seed_everything
-from reprovision.core.stage import load_subset, run_tags, start, write_csv, write_json
-from reprovision.data.augment import BatchAugment, Policy, normalize
-from reprovision.data.datasets import validation_split
+from reprovision.core.stage import write_csv, write_json
+from reprovision.data.augment import Policy
 from reprovision.layout import CHECKPOINTS, EMA_WEIGHTS, METRICS, MODELS, POLICY, REGISTERED_MODELS, SUMMARY
 from reprovision.measure.noise import accuracy_ci95
 from reprovision.models import ClassifierFamily, count_parameters
 from reprovision.models.tta import for_inference
 from reprovision.publish import cards
 from reprovision.publish.serving import RawImageClassifier
+from reprovision.training.classifier_setup import setup
 from reprovision.training.fit_classifier import DeviceData, evaluate, fit_classifier
 from reprovision.training.optim import ema_of
 
@@ -33,34 +32,6 @@ from reprovision.training.optim import ema_of
 # test_acc_ci95: half the width of test_acc's 95 % Wilson interval from the test images alone (one column;
 # the interval is not symmetric around test_acc, and the report prints its bounds: measure/noise.py).
 HEADLINE = ("test_acc", "test_acc_ci95", "val_acc", "best_val_acc", "train_acc", "test_loss", "train_seconds")
-
-
-def setup(
-    family: ClassifierFamily,
-    params: Params,
-    device: torch.device,
-    rng: torch.Generator,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    policy: Policy,
-) -> tuple[nn.Module, DeviceData, DeviceData | None, BatchAugment]:
-    """The model, training and validation splits and augmenter, exactly as this stage trains them.
-
-    `x`, `y`: the training subset on `device`. benchmarks/benchmark.py calls this too, so that it
-    times the stage's own set-up."""
-    cfg = params.classifier(family.name)
-    channels, size, _, num_classes = DATASET_SHAPES[params.data.classifier_dataset]
-    train_idx, val_idx = validation_split(y.cpu().numpy(), params.data.val_fraction, params.seed)
-    train = DeviceData(x[train_idx], y[train_idx])
-    val = DeviceData(x[val_idx], y[val_idx]) if len(val_idx) else None
-    augmenter = BatchAugment(policy if cfg.augment else policy.without_augmentation(), num_classes, rng)
-    model = family.build(cfg, num_classes=num_classes, channels=channels, image_size=size).to(device)
-    init_from_images = getattr(model, "init_from_images", None)
-    if init_from_images is not None:  # a layer set from the training images (airbench's whitening)
-        init_from_images(train.x, lambda images: normalize(images, augmenter.policy))
-    if family.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, train, val, augmenter
 
 
 def train(family: ClassifierFamily) -> None:

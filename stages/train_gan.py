@@ -21,9 +21,10 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from reprovision.config import DATASET_SHAPES  # noqa: E402
-from reprovision.core import checkpoint, track  # noqa: E402
+from reprovision.core import checkpoint, track_log, track_run  # noqa: E402
+from reprovision.core.context import load_subset, run_tags, start  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
-from reprovision.core.stage import load_subset, main, run_tags, start, write_csv, write_json  # noqa: E402
+from reprovision.core.stage import main, write_csv, write_json  # noqa: E402
 from reprovision.data.pixels import to_pm1  # noqa: E402
 from reprovision.layout import CHECKPOINTS, GAN_METRICS, GANS, METRICS, MODELS, SUMMARY  # noqa: E402
 from reprovision.measure import gan_metrics as gm  # noqa: E402
@@ -110,7 +111,7 @@ def train_gan(name: str) -> None:
         if "fid_during" in row:
             fid_curve.append({"epoch": epoch, "fid": row["fid_during"]})
         history_rows.append({k: row[k] for k in ("epoch", "d_loss", "g_loss", "d_real", "d_fake", "epoch_seconds")})
-        track.log_epoch(row, epoch)
+        track_log.log_epoch(row, epoch)
 
     def on_resume(epoch: int, extra: dict) -> None:
         """Back to the state after `epoch`: the earlier frames (DVC deleted their PNGs), the time spent."""
@@ -156,8 +157,8 @@ def train_gan(name: str) -> None:
         "d_params": count_parameters(disc),
     }
     model_name = f"gan-{name}-generator"
-    with track.stage_run("train-gan", f"gan-{name}", run_params, tags, params, system_metrics=True) as run:
-        track.log_datasets(Path.cwd(), "mnist", tags["data_sha256"], {"train": len(train_x), "test": len(test_x)})
+    with track_run.stage_run("train-gan", f"gan-{name}", run_params, tags, params, system_metrics=True) as run:
+        track_log.log_datasets(Path.cwd(), "mnist", tags["data_sha256"], {"train": len(train_x), "test": len(test_x)})
         snapshot(0)
         started = time.perf_counter()
         fit_gan(
@@ -205,7 +206,7 @@ def train_gan(name: str) -> None:
         write_csv(METRICS / "gan" / name / "history.csv", history_rows)
         write_csv(METRICS / "gan" / name / "fid.csv", fid_curve or [{"epoch": 0, "fid": float("nan")}])
         per_epoch = {"d_loss", "g_loss"}  # logged with their step already
-        track.log_metrics({k: v for k, v in metrics.items() if k not in per_epoch}, step=gcfg.epochs)
+        track_log.log_metrics({k: v for k, v in metrics.items() if k not in per_epoch}, step=gcfg.epochs)
 
         gm.save_grid(sample(100, params.seed + 5), out / "grid_10x10.png", nrow=10)
         gm.save_progression_gif(frames, out / "progression.gif")
@@ -216,10 +217,10 @@ def train_gan(name: str) -> None:
         torch.save(disc.state_dict(), out / "discriminator.pt")
         card = cards.gan_card(name, params, metrics)
         (out / "card.md").write_text(card)
-        track.log_artifacts(
+        track_log.log_artifacts(
             out / "grid_10x10.png", out / "progression.gif", out / "nearest_neighbours.png", *frames, folder="figures"
         )
-        logged = track.log_model(
+        logged = track_log.log_model(
             RawImageGenerator(gen),
             name=model_name,
             example=fixed_noise[:4],
@@ -232,7 +233,7 @@ def train_gan(name: str) -> None:
                 "output": "uint8 images (N, 1, 28, 28) in [0, 255]",
             },
         )
-        track.write_run_ref(out / "run.json", run, logged)
+        track_log.write_run_ref(out / "run.json", run, logged)
     print(
         f"[train-gan {name}] FID {metrics['fid']:.3f} (floor {metrics['fid_floor']:.3f}), IS "
         f"{metrics['inception_score']:.3f}"

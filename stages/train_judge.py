@@ -8,9 +8,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from reprovision.core import track  # noqa: E402
+from reprovision.core import track_log, track_run  # noqa: E402
+from reprovision.core.context import load_subset, run_tags, start  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
-from reprovision.core.stage import load_subset, main, run_tags, start, write_json  # noqa: E402
+from reprovision.core.stage import main, write_json  # noqa: E402
 from reprovision.layout import METRICS, MODELS, SUMMARY  # noqa: E402
 from reprovision.models import count_parameters  # noqa: E402
 from reprovision.publish import cards  # noqa: E402
@@ -28,11 +29,11 @@ def train_judge() -> None:
     out = MODELS / "judge"
     run_params = {**cfg.model_dump(), "seed": params.seed, "threads": ctx.threads, "dataset": "mnist"}
     tags = run_tags(ctx, "mnist")
-    with track.stage_run("train-judge", "judge", run_params, tags, params, system_metrics=True) as run:
-        track.log_datasets(Path.cwd(), "mnist", tags["data_sha256"], {"train": len(train_x), "test": len(test_x)})
+    with track_run.stage_run("train-judge", "judge", run_params, tags, params, system_metrics=True) as run:
+        track_log.log_datasets(Path.cwd(), "mnist", tags["data_sha256"], {"train": len(train_x), "test": len(test_x)})
         judge, history = fit_judge(train_x, train_y, test_x, test_y, cfg, device, rng)
         for row in history:  # named as the judge's, so that they stay out of the classifiers' charts
-            track.log_epoch({f"judge_{k}": v for k, v in row.items() if k != "epoch"}, row["epoch"])
+            track_log.log_epoch({f"judge_{k}": v for k, v in row.items() if k != "epoch"}, row["epoch"])
         final = history[-1]
         out.mkdir(parents=True, exist_ok=True)
         torch.save(judge.state_dict(), out / "model.pt")
@@ -48,7 +49,7 @@ def train_judge() -> None:
         (out / "card.md").write_text(card)
         # Served with the judge's own scaling, x / 127.5 - 1 (pixels.to_pm1), as a mean and std of 0.5.
         served = RawImageClassifier(judge, mean=[0.5], std=[0.5])
-        logged = track.log_model(
+        logged = track_log.log_model(
             served,
             name="judge",
             example=test_x[:4],
@@ -62,7 +63,7 @@ def train_judge() -> None:
                 "output": "digit probabilities (N, 10)",
             },
         )
-        track.write_run_ref(out / "run.json", run, logged)
+        track_log.write_run_ref(out / "run.json", run, logged)
     print(f"[train-judge] test accuracy {final['test_acc']:.4f}")
 
 

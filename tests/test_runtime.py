@@ -88,7 +88,7 @@ def test_bf16_and_fp32_are_different_configurations(threads):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
-    """What stage.start() sets: a block freed and allocated again costs no new page faults (and so no
+    """What context.start() sets: a block freed and allocated again costs no new page faults (and so no
     kernel time zeroing pages), where glibc's default unmaps it and maps fresh pages each time."""
     out = subprocess.run(
         [sys.executable, Path(__file__).with_name("page_faults.py")], capture_output=True, text=True, check=True

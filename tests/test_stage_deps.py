@@ -64,6 +64,44 @@ def test_stages_import_only_the_architectures_they_run():
     )
 
 
+@pytest.mark.parametrize("name", ["check-params", "fetch-data"])
+def test_the_data_stages_depend_on_no_tracking_code(name):
+    """Editing an MLflow helper (core/track*.py) re-runs no data stage: they end through core/stage.py,
+    which imports none of it."""
+    tracking = sorted(d for d in code_deps(DVC_YAML[name]) if d.startswith("src/reprovision/core/track"))
+    assert not tracking, f"{name} depends on {tracking}"
+
+
+def deps_lines(text: str) -> dict[str, list[str]]:
+    """Each stage's `deps:` lines in dvc.yaml's text, as written (items and comments), stripped."""
+    from reprovision.tools.deps import STAGE
+
+    found, stage, lines = {}, None, iter(text.splitlines())
+    for line in lines:
+        stage = STAGE.match(line).group(1) if STAGE.match(line) else stage
+        if line.rstrip() == "    deps:":
+            found[stage] = []
+            for item in lines:
+                if not item.startswith("      "):
+                    break
+                found[stage].append(item.strip())
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(DVC_YAML))
+def test_data_deps_come_first_then_the_code_below_its_comment(name):
+    """What a person writes (data, earlier stages' outputs) first; `make deps` writes the code after its comment."""
+    from reprovision.tools.deps import CODE_COMMENT
+
+    lines = deps_lines((ROOT / "dvc.yaml").read_text())[name]
+    assert lines.count(CODE_COMMENT.strip()) == 1, f"{name}: no {CODE_COMMENT.strip()!r} line"
+    cut = lines.index(CODE_COMMENT.strip())
+    data, code = lines[:cut], lines[cut + 1 :]
+    assert not [d for d in data if d.endswith(".py")], f"{name}: a code dep above the comment"
+    assert code and all(d.startswith("- ") and d.endswith(".py") for d in code), f"{name}: {code}"
+    assert code[0] == f"- {script_of(DVC_YAML[name])}"
+
+
 def test_a_lazy_import_counts(tmp_path):
     """An import inside a function is part of the closure: it runs when that code path does."""
     import imports
@@ -79,14 +117,21 @@ def test_a_lazy_import_counts(tmp_path):
 
 
 def test_make_deps_writes_what_this_checks(tmp_path):
-    """The generator restores a dropped dep and drops a stray one, and leaves the rest of dvc.yaml alone."""
+    """The generator restores a dropped dep, drops a stray one, puts a data dep back above the code and the
+    code's comment back above the code, and leaves the rest of dvc.yaml alone."""
     from reprovision.tools import deps
 
     current = (ROOT / "dvc.yaml").read_text()
     assert deps.rewrite(ROOT, current) == (current, [])
-    damaged = current.replace("      - src/reprovision/core/graphs.py\n", "", 1).replace(
-        "      - stages/augment.py\n", "      - stages/augment.py\n      - src/reprovision/publish/report.py\n", 1
+    damaged = (
+        current.replace("      - src/reprovision/core/graphs.py\n", "", 1)
+        .replace(
+            "      - stages/augment.py\n", "      - stages/augment.py\n      - src/reprovision/publish/report.py\n", 1
+        )
+        .replace(deps.CODE_COMMENT, "", 1)  # check-params': its code deps then follow no comment
+        .replace("      - data/prepared\n" + deps.CODE_COMMENT, deps.CODE_COMMENT + "      - data/prepared\n", 1)
     )
+    assert damaged.count(deps.CODE_COMMENT) == current.count(deps.CODE_COMMENT) - 1
     (tmp_path / "dvc.yaml").write_text(damaged)
     for name in ("src", "stages"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

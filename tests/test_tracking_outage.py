@@ -1,7 +1,7 @@
 """A tracking outage mid-run (issue 14): no hang, no lost training, no orphan runs.
 
 A real `mlflow server` on 127.0.0.1 is killed (SIGKILL to its process group) while train-cnn runs:
-the stage must stop within the bound track.py sets, after the epoch's checkpoint, with one line
+the stage must stop within the bound track_store.py sets, after the epoch's checkpoint, with one line
 and no traceback; once the server is back, `dvc repro` resumes and ends with the outputs of an
 uninterrupted run, and no MLflow run is left RUNNING. Ctrl-C and SIGTERM end the run KILLED.
 """
@@ -37,7 +37,7 @@ DVC = str(Path(sys.executable).parent / "dvc")
 
 
 def stage_env() -> dict:
-    """The stages' environment without MLflow's HTTP settings: the bound must come from track.py."""
+    """The stages' environment without MLflow's HTTP settings: the bound must come from track_store.py."""
     return {k: v for k, v in pipeline_env().items() if not k.startswith("MLFLOW_HTTP_")}
 
 

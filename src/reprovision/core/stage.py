@@ -1,9 +1,11 @@
-"""What every computing stage does first, and how it ends: the one shared piece of the stage scripts.
+"""How every stage script ends, and the writers of its JSON and CSV outputs.
 
-`start()` checks everything a stage could be refused for, before it reads data or computes:
-params (config.py), the device, the thread count, the tracking store. `main()` turns the errors a
-user can fix into one line on stderr and exit status 2, without a traceback, and so does it for
-Ctrl-C / SIGTERM (exit status 130).
+`main()` turns the errors a user can fix into one line on stderr and exit status 2, without a
+traceback, and so does it for Ctrl-C / SIGTERM (exit status 130). What a computing stage does first
+is `start()` of core/context.py.
+
+No MLflow and no torch here: check-params and fetch-data end through `main()` too, so editing the
+tracking code re-runs neither (their deps in dvc.yaml), and check-params starts without torch's ~1.3 s.
 """
 
 from __future__ import annotations
@@ -13,42 +15,23 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-import numpy as np
+from reprovision.config import ConfigError
+from reprovision.errors import DataError, Terminated, TrackingError
 
-from reprovision.config import ConfigError, Params, load_params
-from reprovision.core import track
-from reprovision.data.datasets import DataError, data_sha256, load_split, stratified_subset
-from reprovision.layout import PREPARED
-
-# torch is imported where it is used: check-params and fetch-data compute nothing with it, and
-# importing it costs ~1.3 s of CPU (measured), which check-params would pay on every `dvc exp run`.
-if TYPE_CHECKING:
-    import torch
+# The stage run of this process (track_run.stage_run fills it): what a stopped stage's message says is safe.
+attempt: dict[str, Any] = {}
 
 
-@dataclass(frozen=True)
-class Context:
-    """What a stage knows once its checks pass."""
-
-    params: Params
-    device: torch.device
-    threads: int  # torch's intra-op threads in force (params' `threads`, "auto" resolved)
-
-
-def start(stage: str) -> Context:
-    from reprovision.core.runtime import apply_threads, resolve_device, reuse_freed_memory
-
-    params = load_params()
-    device = resolve_device(params.device)
-    threads = apply_threads(params.threads)
-    reuse_freed_memory()
-    track.check_store(track.tracking_uri())
-    print(f"[{stage}] device {device}, {threads} thread(s), params sha256 {params.digest()[:12]}", flush=True)
-    return Context(params, device, threads)
+def resume_hint() -> str:
+    """What is safe and the command that continues, for the one-line error of a stopped stage."""
+    command = "`dvc exp run` again (same -S options)" if os.environ.get("DVC_EXP_NAME") else "`dvc repro`"
+    checkpoint = attempt.get("checkpoint")
+    if checkpoint is not None and checkpoint.exists():
+        return f"Training so far is safe in the per-epoch checkpoint {checkpoint}; {command} continues from it."
+    return f"{command} runs the stage again."
 
 
 def main(stage: Callable[..., None], *args) -> None:
@@ -57,7 +40,7 @@ def main(stage: Callable[..., None], *args) -> None:
     code = 0
     try:
         stage(*args)
-    except (ConfigError, DataError, track.TrackingError) as err:
+    except (ConfigError, DataError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     except RuntimeError as err:  # an op with no deterministic kernel: one line naming it and the opt-out
@@ -68,9 +51,9 @@ def main(stage: Callable[..., None], *args) -> None:
             raise
         print(f"error: {explained}", file=sys.stderr)
         code = 2
-    except KeyboardInterrupt as err:  # its MLflow run is already ended KILLED (track.stage_run)
-        how = "SIGTERM" if isinstance(err, track.Terminated) else "Ctrl-C (SIGINT)"
-        print(f"error: interrupted by {how}. {track.resume_hint()}", file=sys.stderr)
+    except KeyboardInterrupt as err:  # its MLflow run is already ended KILLED (track_run.stage_run)
+        how = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C (SIGINT)"
+        print(f"error: interrupted by {how}. {resume_hint()}", file=sys.stderr)
         code = 130
     # Every output is written and closed and the MLflow run ended by now. Python's own teardown of
     # the torch and MLflow modules would take another 1.5-2.6 s per stage on this machine (measured:
@@ -78,38 +61,6 @@ def main(stage: Callable[..., None], *args) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def load_subset(
-    name: str, split: str, fraction: float, seed: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The class-stratified `fraction` of a prepared split, on `device`: uint8 images, int64 labels, class names."""
-    import torch
-
-    data = load_split(PREPARED, name, split)
-    idx = stratified_subset(data.y, fraction, seed)
-    x = torch.from_numpy(np.ascontiguousarray(data.x[idx])).to(device)
-    y = torch.from_numpy(data.y[idx]).to(device)
-    return x, y, data.classes
-
-
-def run_tags(ctx: Context, dataset: str) -> dict[str, str]:
-    """Tags every training run carries: where it ran and on exactly which data and params."""
-    import torch
-
-    from reprovision.core.runtime import cpu_kernels
-
-    device = ctx.device
-    return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": str(ctx.threads),
-        "cpu_kernels": cpu_kernels(),
-        "params_sha256": ctx.params.digest(),
-        "data_sha256": data_sha256(PREPARED, dataset),
-        "dataset": dataset,
-        "seed": str(ctx.params.seed),
-    }
 
 
 def write_json(path: Path, obj, sort_keys: bool = True) -> None:

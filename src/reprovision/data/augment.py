@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from reprovision.compat import import_torchvision
 from reprovision.config import AugmentConfig
-from reprovision.core.compat import import_torchvision
 
 
 @dataclass(frozen=True)

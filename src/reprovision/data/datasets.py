@@ -33,8 +33,9 @@ from urllib.error import URLError
 
 import numpy as np
 
+from reprovision.compat import import_torchvision
 from reprovision.config import DATASET_SHAPES
-from reprovision.core.compat import import_torchvision
+from reprovision.errors import DataError
 
 # torchvision is imported only when downloading (it costs seconds at every stage start otherwise);
 # test_data.py checks that the md5 tables below equal torchvision's published ones.
@@ -96,10 +97,6 @@ MNIST_CLASSES = [str(digit) for digit in range(10)]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 _CHUNK = 1 << 20
-
-
-class DataError(RuntimeError):
-    """A missing, corrupt or malformed data file, or unusable data: the message names it and the fix."""
 
 
 @dataclass(frozen=True)

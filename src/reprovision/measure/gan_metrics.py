@@ -29,7 +29,7 @@ from PIL import Image
 from scipy.stats import entropy
 from torch import Tensor, nn
 
-from reprovision.core.compat import import_torchvision
+from reprovision.compat import import_torchvision
 from reprovision.models.judge import LeNet
 
 import_torchvision()  # before torchmetrics too: its image package imports torchvision

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from reprovision.core.compat import import_torchvision
+from reprovision.compat import import_torchvision
 
 import_torchvision()
 from torchvision.models.resnet import BasicBlock, ResNet  # noqa: E402

@@ -47,7 +47,7 @@ def drop_path(rate: float) -> nn.Module:
     """Stochastic depth (Huang et al. 2016) on a residual branch: torchvision's, per sample ("row")."""
     if rate == 0:
         return nn.Identity()  # no module with randomness: the model is exactly R3's
-    from reprovision.core.compat import import_torchvision
+    from reprovision.compat import import_torchvision
 
     import_torchvision()
     from torchvision.ops import StochasticDepth

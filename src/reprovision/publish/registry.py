@@ -171,10 +171,10 @@ def _promotion_lock(tracking_uri: str | None):
     team's queue of experiments on one machine resolves). Runs on other machines are not serialised."""
     import fcntl
 
-    from reprovision.core import track
+    from reprovision.core import track_store
 
-    uri = tracking_uri or track.tracking_uri(track.project_root())
-    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else track.project_root()
+    uri = tracking_uri or track_store.tracking_uri(track_store.project_root())
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else track_store.project_root()
     with (folder / ".champion.lock").open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

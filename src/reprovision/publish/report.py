@@ -25,7 +25,7 @@ from markdown_it import MarkdownIt
 from markupsafe import Markup, escape
 
 from reprovision.config import Params, load_params
-from reprovision.core import track
+from reprovision.core import track_run, track_store
 from reprovision.layout import (
     ABLATIONS,
     CLASSIFIERS,
@@ -393,7 +393,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
     curves, curve_notes = curves_section(root, classifiers, gans)
     figure_rows, figure_note = evaluation_rows(root) if classifiers else ([], None)
     histograms = {g: m for g, m in gans.items() if len(m.get("class_histogram") or []) == 10}
-    commit, dirty = track.git_state(root)
+    commit, dirty = track_run.git_state(root)
     cards = {LABELS[m]: path.read_text() for m in CLASSIFIERS if (path := root / model_dir(m) / "card.md").exists()}
     reference_runs = read_json(root / REFERENCE_SCALE) or {}
     grids, grid_notes = reference_scale_grids(reference_runs, root)
@@ -442,7 +442,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "ssl": ssl_section(root, params, probe, classifiers.get(params.ssl.counterpart)),
         "params_yaml": (root / PARAMS).read_text(),
         "datasets": datasets(read_json(root / MANIFEST) or {}),
-        "versions": track.library_versions(),
+        "versions": track_run.library_versions(),
         "cards": cards,
         "runs": {LABELS[m]: r for m, r in runs.items() if r},
         "max_frames": MAX_FRAMES,
@@ -537,7 +537,9 @@ def log_summary_run(root: Path, key_numbers: dict[str, float], params: Params | 
         **{f"linked_run.{m}": run_id for m, run_id in linked.items()},
         "params_sha256": params.digest(),
     }
-    with track.stage_run("report", "summary", params.flat(), tags, params, root=track.project_root(root)) as run:
+    with track_run.stage_run(
+        "report", "summary", params.flat(), tags, params, root=track_store.project_root(root)
+    ) as run:
         mlflow.log_metrics({k: float(v) for k, v in key_numbers.items()})
         for page in pages:
             mlflow.log_artifact(str(page))

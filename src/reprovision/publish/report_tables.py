@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from reprovision.config import Params
-from reprovision.core import track
+from reprovision.core import track_store
 from reprovision.layout import CLASSIFIERS, GANS, LABELS
 from reprovision.measure import ablation
 from reprovision.measure.noise import Paired, accuracy_interval
@@ -198,7 +198,7 @@ def run_link(ref: dict | None) -> tuple[dict | str, dict | None]:
         return cell(ref.get("run_name", "run"), href=href), None
     store = {
         "command": f"mlflow ui --backend-store-uri {uri}",
-        "url": track.training_runs_url(track.LOCAL_UI, ref["experiment_id"]),
+        "url": track_store.training_runs_url(track_store.LOCAL_UI, ref["experiment_id"]),
     }
     return cell(ref["run_id"], code=True), store
 

@@ -12,7 +12,8 @@ Code deps: a stage depends on its script and on every project file the script im
 imports inside functions count (they run when their code path does). The closure is read from the
 source (ast; nothing is executed); models/classifiers.py imports the module of each family by name,
 so those count as its imports. Each stage's `deps:` keeps its other entries (data, outputs of earlier
-stages) after the code, in their order. tests/test_stage_deps.py checks that dvc.yaml is current.
+stages) first, in their order, then `CODE_COMMENT` and the code. tests/test_stage_deps.py checks that
+dvc.yaml is current.
 """
 
 from __future__ import annotations
@@ -225,6 +226,8 @@ def lines_per_family(lines: list[str], present: list[str], as_pattern, per_famil
 
 STAGE = re.compile(r"^  ([A-Za-z0-9_-]+):\s*$")
 ITEM = re.compile(r"^      - (\S+)\s*$")
+# The line between a stage's data deps, which people write, and its code deps, which this module does.
+CODE_COMMENT = "      # code: written by make deps (python -m reprovision.tools.deps)\n"
 
 
 def rewrite(root: Path, text: str) -> tuple[str, list[str]]:
@@ -242,7 +245,8 @@ def rewrite(root: Path, text: str) -> tuple[str, list[str]]:
 
 
 def write_code_deps(root: Path, text: str) -> str:
-    """dvc.yaml's text with every stage's `.py` deps replaced by its closure."""
+    """dvc.yaml's text with every stage's `.py` deps replaced by its closure: its other deps first,
+    then CODE_COMMENT, then the code."""
     stages = yaml.safe_load(text)["stages"]
     out, stage, lines = [], None, text.splitlines(keepends=True)
     i = 0
@@ -255,11 +259,13 @@ def write_code_deps(root: Path, text: str) -> str:
         i += 1
         if line.rstrip() == "    deps:" and stage in stages:
             block = []
-            while i < len(lines) and ITEM.match(lines[i]):
-                block.append(ITEM.match(lines[i]).group(1))
+            while i < len(lines) and (ITEM.match(lines[i]) or lines[i].strip() == CODE_COMMENT.strip()):
+                if ITEM.match(lines[i]):
+                    block.append(ITEM.match(lines[i]).group(1))
                 i += 1
-            code = code_deps(root, stages[stage]["cmd"])
-            out.extend(f"      - {dep}\n" for dep in code + [dep for dep in block if not dep.endswith(".py")])
+            out.extend(f"      - {dep}\n" for dep in block if not dep.endswith(".py"))
+            out.append(CODE_COMMENT)
+            out.extend(f"      - {dep}\n" for dep in code_deps(root, stages[stage]["cmd"]))
     return "".join(out)
 
 

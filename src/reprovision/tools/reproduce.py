@@ -28,10 +28,11 @@ from pathlib import Path
 
 import yaml
 
-from reprovision.core.track import RESOLVED_PARAMS, project_root, tracking_uri
+from reprovision.core.track_run import RESOLVED_PARAMS
+from reprovision.core.track_store import project_root, tracking_uri
 
 TIMING = {"epoch_seconds", "wall_seconds", "train_seconds", "s_per_epoch", "total_seconds"}
-REPRODUCES_ENV = "REPROVISION_REPRODUCES"  # track.stage_run tags the new run with the run it replays
+REPRODUCES_ENV = "REPROVISION_REPRODUCES"  # track_run.stage_run tags the new run with the run it replays
 
 
 class ReproduceError(RuntimeError):

@@ -3,7 +3,7 @@
 `dvc queue start -j N` runs N stages at once in temporary copies of the repo. SQLite takes one
 writer at a time, so the stages log over HTTP to one server instead; by default the server owns the
 SQLite file (the same `mlflow.db` at the repository root) and the artifacts folder, and listens on
-127.0.0.1 only. While the server runs, `track.tracking_uri()` finds it through `.mlflow-server/server.json`.
+127.0.0.1 only. While the server runs, `track_store.tracking_uri()` finds it through `.mlflow-server/server.json`.
 
 A team server (README, "Team setup") is the same command with options:
 
@@ -45,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from reprovision.core.track import SERVER_STATE, project_root, server_uri
+from reprovision.core.track_store import SERVER_STATE, project_root, server_uri
 
 # MLflow's own variables for the admin account the auth app creates on first start (see above).
 ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"

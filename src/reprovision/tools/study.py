@@ -1,6 +1,6 @@
 """`reprovision study`: what a set of experiments says, read back from the classifier runs in MLflow.
 
-Every executed train-vit / train-cnn stage logs one MLflow run (see track.py). A study is a set of
+Every executed train-vit / train-cnn stage logs one MLflow run (see track_run.py). A study is a set of
 those runs: all of them, those of named DVC experiments (`--exp-names`, shell patterns allowed), or
 those started after a moment (`--since`). This module tabulates the FINISHED ones and plots final
 accuracy against each setting that varies, ViT and CNN on the same axes. "Best" is decided on the
@@ -56,7 +56,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from reprovision.core import track
+from reprovision.core import track_store
 from reprovision.layout import LABELS, SSL_SIZE_STUDY, STUDY
 from reprovision.publish.palette import COLOURS
 
@@ -109,17 +109,17 @@ def _search(uri: str | None, stages: str, since: str | None, exp_names: Sequence
     """(uri, FINISHED runs of the stages matching the `tags.stage` LIKE pattern, filtered as asked)."""
     import mlflow
 
-    uri = uri or track.tracking_uri()
+    uri = uri or track_store.tracking_uri()
     if (
         uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
     ):  # don't create an empty store
         raise StudyError(f"no MLflow store at {uri}: train something first (`dvc exp run`), or set MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(track.experiment_name())
+    experiment = client.get_experiment_by_name(track_store.experiment_name())
     if experiment is None:
         raise StudyError(
-            f"no MLflow experiment {track.experiment_name()!r} in {uri}: train something first (`dvc exp run`)"
+            f"no MLflow experiment {track_store.experiment_name()!r} in {uri}: train something first (`dvc exp run`)"
         )
     query = ["attributes.status = 'FINISHED'", f"tags.stage LIKE '{stages}'"]
     if since:
@@ -220,7 +220,7 @@ def collect_runs(
             [f", dvc_exp_name in {list(exp_names)}" if exp_names else "", f", started since {since}" if since else ""]
         )
         raise StudyError(
-            f"no FINISHED train-vit/train-cnn runs in {uri} (experiment {track.experiment_name()!r}{filters}): "
+            f"no FINISHED train-vit/train-cnn runs in {uri} (experiment {track_store.experiment_name()!r}{filters}): "
             "run experiments first (see `reprovision study --help`), or widen --exp-names/--since"
         )
 
@@ -510,7 +510,7 @@ def run_study(
         f"dvc experiments {', '.join(exp_names)}" if exp_names else "",
         f"started since {since}" if since else "",
     ]
-    source = f" from {tracking_uri or track.tracking_uri()}" + "".join(f"; {f}" for f in filters if f)
+    source = f" from {tracking_uri or track_store.tracking_uri()}" + "".join(f"; {f}" for f in filters if f)
     return write_study(table, out, x, name, source)
 
 

@@ -6,6 +6,9 @@ PyPI's torchvision wheel is built against CUDA torch; beside a CPU-only torch it
 torchvision's Python code registers fakes for lets the pure-Python parts (datasets,
 transforms, utils) import. `torchvision.ops` and `torchvision.io` stay unusable, so this
 project reads image files with PIL and never calls torchvision ops.
+
+It imports nothing of this project, so data/, models/ and measure/ use it from beneath them all
+(tests/test_layers.py).
 """
 
 from __future__ import annotations
