@@ -250,10 +250,10 @@ class ViTConfig(TrainConfig):
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     weight_decay: NonNegativeFloat = 0.05
     scheduler: Scheduler = "cosine"
-    # vit: R3's patch embedding; hybrid: a convolutional tokenizer (CCT) of tokenizer_widths, then embed_dim
-    arch: Literal["vit", "hybrid"] = "vit"
+    # patch: R3's patch embedding; hybrid: a convolutional tokenizer (CCT) of tokenizer_widths, then embed_dim
+    arch: Literal["patch", "hybrid"] = "patch"
     tokenizer_widths: Annotated[list[PositiveInt], Field(max_length=2)] = [64, 128]  # hybrid: at most 3 convs
-    patch_size: PositiveInt = 4  # vit
+    patch_size: PositiveInt = 4  # patch
     embed_dim: PositiveInt = 192
     depth: PositiveInt = 12
     heads: PositiveInt = 3
@@ -262,11 +262,12 @@ class ViTConfig(TrainConfig):
     drop_path: Probability = 0.0  # stochastic depth: the last block's rate, rising linearly from 0 at the first
 
     def architecture(self) -> str:
-        return self.arch
+        """R3's ViT keeps the run param `arch` it always had (the family's name); the hybrid says so."""
+        return super().architecture() if self.arch == "patch" else self.arch
 
     def token_stride(self) -> int:
         """Image pixels per token side: the patch size, or the hybrid tokenizer's 2 x 2 pools."""
-        return self.patch_size if self.arch == "vit" else 2 ** len(self.tokenizer_widths)
+        return self.patch_size if self.arch == "patch" else 2 ** len(self.tokenizer_widths)
 
     def check_images(self, key: str, height: int, width: int, dataset: str) -> None:
         side = math.gcd(height, width)
@@ -275,7 +276,7 @@ class ViTConfig(TrainConfig):
                 f"{key}.tokenizer_widths has {len(self.tokenizer_widths)} widths, each halving the {height}x{width} "
                 f"images of {dataset}; use fewer widths"
             )
-        if self.arch == "vit" and side % self.patch_size:
+        if self.arch == "patch" and side % self.patch_size:
             raise ValueError(
                 f"{key}.patch_size = {self.patch_size} does not tile the {height}x{width} images of "
                 f"{dataset}; allowed: a divisor of {side}, e.g. {_divisors(side)}"

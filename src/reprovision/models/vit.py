@@ -214,7 +214,7 @@ def tokenizer_and_transformer_cost(
 def describe_vit(cfg, *, num_classes: int) -> str:
     drop = f", stochastic depth up to {cfg.drop_path}" if cfg.drop_path else ""
     blocks = f"depth {cfg.depth}, heads {cfg.heads}, MLP ratio {cfg.mlp_ratio}, dropout {cfg.dropout}"
-    if cfg.arch == "vit":
+    if cfg.arch == "patch":
         return (
             f"Vision Transformer (R3): patch {cfg.patch_size}, embed {cfg.embed_dim}, {blocks}, "
             f"learned position embeddings, [CLS] token{drop}"
