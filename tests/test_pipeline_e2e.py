@@ -143,6 +143,9 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     runs = [run for run in runs if run is not group]
     assert group.info.run_name == group.data.tags["dvc_exp_name"] and group.info.status == "FINISHED"
     assert all(run.data.tags["mlflow.parentRunId"] == group.info.run_id for run in runs)
+    # ...and spans them: its duration in the UI is the pipeline's, from the first stage run to the last.
+    assert group.info.start_time <= min(run.info.start_time for run in runs)
+    assert group.info.end_time == max(run.info.end_time for run in runs)
     for run in runs:
         tags = run.data.tags
         assert len(tags["git_commit"]) == 40 and tags["dvc_exp_name"] and tags["version.torch"] and tags["model"]
