@@ -60,6 +60,13 @@ def stage_record(folder: Path, model: str) -> dict:
     return json.loads((path if path.exists() else folder / f"{model}.json").read_text())
 
 
+def stage_figure(metrics: dict, name: str) -> float | None:
+    """A training stage's test figure of the weights it shipped: summary.json's `monitor_<name>`, or
+    `<name>` as runs from before evaluate's test accuracy became the one wrote it. A reference-scale run
+    trains only (no evaluate stage): this is its figure, under the precision it trained in."""
+    return metrics.get(f"monitor_{name}", metrics.get(name))
+
+
 def history(path: Path) -> list[dict]:
     with path.open() as fh:
         return [
@@ -140,7 +147,7 @@ def record(repo: Path, model: str) -> dict:
             "epochs_planned": params[model]["epochs"],
             "train_images": int(run["params"]["train_images"]),
             "precision": run["params"]["precision_resolved"],
-            "test_acc": metrics["test_acc"],
+            "test_acc": stage_figure(metrics, "test_acc"),
             "seconds": metrics["train_seconds"],
             "history": rows,
         }
@@ -179,6 +186,7 @@ def record_seed(repo: Path, model: str, exp_seconds: float, note: str = "") -> d
     params = yaml.safe_load((repo / "params.yaml").read_text())
     run = mlflow_run(repo, model)
     metrics = stage_record(repo / METRICS, model)
+    acc, plain = stage_figure(metrics, "test_acc"), stage_figure(metrics, "test_acc_plain")
     arch = run["params"]["arch"]
     seed_run = run_entry(model, run) | {
         "model": arch,
@@ -188,8 +196,8 @@ def record_seed(repo: Path, model: str, exp_seconds: float, note: str = "") -> d
         "epochs": metrics["epochs_trained"],
         "train_images": int(run["params"]["train_images"]),
         "precision": run["params"]["precision_resolved"],
-        "test_acc": metrics["test_acc"],
-        "test_acc_plain": metrics.get("test_acc_plain", metrics["test_acc"]),
+        "test_acc": acc,
+        "test_acc_plain": acc if plain is None else plain,
         "train_seconds": metrics["train_seconds"],
         "tta_seconds": metrics.get("tta_seconds", 0.0),
         "seconds": metrics["train_seconds"] + metrics.get("tta_seconds", 0.0),

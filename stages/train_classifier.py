@@ -19,7 +19,6 @@ from reprovision.core.runtime import attention_backend, autocast_dtype, resolve_
 from reprovision.core.stage import write_csv, write_json
 from reprovision.data.augment import Policy
 from reprovision.layout import CHECKPOINTS, EMA_WEIGHTS, METRICS, MODELS, POLICY, REGISTERED_MODELS, SUMMARY
-from reprovision.measure.noise import accuracy_ci95
 from reprovision.models import ClassifierFamily, count_parameters
 from reprovision.models.tta import for_inference
 from reprovision.publish import cards
@@ -28,10 +27,12 @@ from reprovision.training.classifier_setup import setup
 from reprovision.training.fit_classifier import DeviceData, evaluate, fit_classifier
 from reprovision.training.optim import ema_of
 
-# metrics/<name>.json: what `dvc exp show` shows of this stage (the validation figures only when held out);
-# test_acc_ci95: half the width of test_acc's 95 % Wilson interval from the test images alone (one column;
-# the interval is not symmetric around test_acc, and the report prints its bounds: measure/noise.py).
-HEADLINE = ("test_acc", "test_acc_ci95", "val_acc", "best_val_acc", "train_acc", "test_loss", "train_seconds")
+# metrics/<name>.json: what `dvc exp show` shows of this stage (val_acc only when a validation split is held
+# out: the shipped weights', what the registry and tune decide on). No test figure: the test accuracy is the
+# evaluate stage's (metrics/evaluate.json, the shipped weights in fp32 as the logged model serves them). This
+# stage scores the test split after every epoch under its own precision (bf16 autocast where the device has
+# it) for R3's learning curve: monitoring, kept in the history and summary.json as monitor_test_*.
+HEADLINE = ("val_acc", "train_acc", "train_seconds")
 
 
 def train(family: ClassifierFamily) -> None:
@@ -137,7 +138,12 @@ def train(family: ClassifierFamily) -> None:
         # What ships: with a validation split, the best validation epoch (fit_classifier left the
         # model holding its weights; the first of equals); without one, the last. The test split only reports.
         shipped = max(history, key=lambda r: r["val_acc"]) if val is not None else history[-1]
-        metrics = {key: shipped[key] for key in ("test_acc", "test_loss", "train_acc", "train_loss")}
+        metrics = {
+            "monitor_test_acc": shipped["test_acc"],
+            "monitor_test_loss": shipped["test_loss"],
+            "train_acc": shipped["train_acc"],
+            "train_loss": shipped["train_loss"],
+        }
         inference = for_inference(model, cfg.tta)
         if cfg.tta != "none":
             # What evaluate and the served model compute: the shipped weights under test-time augmentation.
@@ -145,9 +151,9 @@ def train(family: ClassifierFamily) -> None:
             amp = autocast_dtype(cfg.precision, device)
             measured = evaluate(inference, test, augmenter, cfg.eval_batch_size, amp, cpu_attention=cfg.cpu_attention)
             metrics.update(
-                test_acc=measured["acc"],
-                test_loss=measured["loss"],
-                test_acc_plain=shipped["test_acc"],
+                monitor_test_acc=measured["acc"],
+                monitor_test_loss=measured["loss"],
+                monitor_test_acc_plain=shipped["test_acc"],
                 tta=cfg.tta,
                 tta_seconds=time.perf_counter() - tta_started,
             )
@@ -174,7 +180,9 @@ def train(family: ClassifierFamily) -> None:
                 for split, images in (("val", val), ("test", test))
                 if images is not None
             }
-            metrics.update({f"ema_{split}_acc": scores["acc"] for split, scores in averaged.items()})
+            if "val" in averaged:
+                metrics["ema_val_acc"] = averaged["val"]["acc"]
+            metrics["monitor_ema_test_acc"] = averaged["test"]["acc"]  # evaluate's is ema_accuracy
             torch.save(ema.module.state_dict(), out / EMA_WEIGHTS)
             # With a validation split the average ships if it validates better than the best epoch did,
             # judged as the epochs are (without test-time augmentation).
@@ -185,10 +193,10 @@ def train(family: ClassifierFamily) -> None:
             )
             if plain is not None and plain["acc"] > shipped["val_acc"]:
                 model.load_state_dict(ema.module.state_dict())
-                metrics.pop("test_acc_plain", None)
+                metrics.pop("monitor_test_acc_plain", None)
                 metrics.update(
-                    test_acc=averaged["test"]["acc"],
-                    test_loss=averaged["test"]["loss"],
+                    monitor_test_acc=averaged["test"]["acc"],
+                    monitor_test_loss=averaged["test"]["loss"],
                     val_acc=plain["acc"],
                     val_loss=plain["loss"],
                 )
@@ -209,7 +217,6 @@ def train(family: ClassifierFamily) -> None:
             train_seconds=train_seconds,
             s_per_epoch=train_seconds / len(history),
             test_images=len(test),
-            test_acc_ci95=accuracy_ci95(metrics["test_acc"], len(test)),
             device=str(device),
         )
         # The whole record for the report and the card; the few numbers a person compares across
@@ -223,17 +230,16 @@ def train(family: ClassifierFamily) -> None:
                 "params",
                 "train_seconds",
                 "s_per_epoch",
-                "test_acc_ci95",
                 "best_val_acc",
                 "best_val_epoch",
                 "tta_seconds",
                 "ema_val_acc",
-                "ema_test_acc",
+                "monitor_ema_test_acc",
             )
             if k in metrics
         }
         if cfg.tta != "none":  # the per-epoch test_acc is without it
-            run_level["tta_test_acc"] = metrics["test_acc"]
+            run_level["monitor_tta_test_acc"] = metrics["monitor_test_acc"]
         track.log_metrics({"wall_seconds": wall, **run_level}, step=cfg.epochs)
         torch.save(model.state_dict(), out / "model.pt")
         card = cards.classifier_card(name, params, metrics, classes, family.describe(cfg, num_classes=len(classes)))
@@ -257,4 +263,7 @@ def train(family: ClassifierFamily) -> None:
             registered_model_name=registered,
         )
         track.write_run_ref(out / "run.json", run, logged, registered)
-    print(f"[train-{name}] test accuracy {metrics['test_acc']:.4f} in {train_seconds:.1f} s")
+    print(
+        f"[train-{name}] monitoring test accuracy {metrics['monitor_test_acc']:.4f} ({precision}; evaluate scores "
+        f"the shipped weights) in {train_seconds:.1f} s"
+    )

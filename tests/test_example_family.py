@@ -81,7 +81,8 @@ def test_a_new_family_is_the_readme_steps_and_make_deps(tmp_path, shared_cache, 
     summary = json.loads((repo / f"metrics/{name}/summary.json").read_text())
     assert summary["epochs"] == 1 and summary["params"] == 3 * 32 * 32 * 32 + 32 + 32 * 10 + 10
     evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert list(evaluated) == ["vit", "cnn", name] and evaluated[name]["accuracy"] == summary["test_acc"]
+    assert list(evaluated) == ["vit", "cnn", name] and 0 <= evaluated[name]["accuracy"] <= 1
+    assert "test_acc" not in summary and 0 <= summary["monitor_test_acc"] <= 1  # the stage's is monitoring
     assert (repo / f"reports/figures/misclassified_{name}.png").is_file()
     assert sorted(p.name for p in (repo / "reports/figures").glob(f"*_{name}.png")) == [
         f"misclassified_{name}.png"
@@ -90,7 +91,7 @@ def test_a_new_family_is_the_readme_steps_and_make_deps(tmp_path, shared_cache, 
     assert "Two-layer perceptron" in card
 
     report = (repo / "reports/report.md").read_text()
-    assert "| MLP |" in report and f"{100 * summary['test_acc']:.1f}" in report
+    assert "| MLP |" in report and f"{100 * evaluated[name]['accuracy']:.2f}%" in report
     assert "Not produced by the evaluate stage" not in report
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
@@ -101,8 +102,9 @@ def test_a_new_family_is_the_readme_steps_and_make_deps(tmp_path, shared_cache, 
     )
 
     columns = metric_columns(json.loads(dvc(repo, "exp", "show", "--json").stdout))
-    assert columns[f"metrics/{name}.json:test_acc"] == summary["test_acc"]
-    assert columns[f"metrics/{name}.json:test_acc_ci95"] == summary["test_acc_ci95"] > 0
+    assert columns[f"metrics/evaluate.json:{name}.accuracy"] == evaluated[name]["accuracy"]
+    assert columns[f"metrics/evaluate.json:{name}.accuracy_ci95"] > 0
+    assert not any(key.startswith(f"metrics/{name}.json:test") for key in columns)  # one test accuracy: evaluate's
     plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)["data"]
     assert f"Confusion matrix ({name})" in plots and f"{name}/history.csv::train_acc" in json.dumps(
         plots["Classifier accuracy"]

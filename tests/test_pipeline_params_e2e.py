@@ -182,14 +182,14 @@ def test_airbench94_through_the_dag_with_its_test_time_augmentation_where_the_mo
     assert summary["tta"] == "mirror_translate" and summary["tta_seconds"] > 0
     # The best epoch ships with its un-augmented figure beside, or the EMA if it validates better (issue 36).
     ema_shipped = summary["shipped_why"].startswith("the weights' moving average")
-    assert ema_shipped or 0 <= summary["test_acc_plain"] <= 1
+    assert ema_shipped or 0 <= summary["monitor_test_acc_plain"] <= 1
     newest = max(
         (r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-cnn"), key=lambda r: r.info.start_time
     )
     assert newest.data.params["arch"] == "airbench94" and newest.data.params["tta"] == "mirror_translate"
-    assert newest.data.metrics["tta_test_acc"] == summary["test_acc"]
+    assert newest.data.metrics["monitor_tta_test_acc"] == summary["monitor_test_acc"]
     evaluated_summary = json.loads((module_repo / "metrics/eval/summary.json").read_text())["classifiers"]["cnn"]
-    assert 0 <= summary["ema_test_acc"] <= 1 and 0 <= evaluated_summary["ema_accuracy"] <= 1
+    assert 0 <= summary["monitor_ema_test_acc"] <= 1 and 0 <= evaluated_summary["ema_accuracy"] <= 1
     assert (module_repo / "models/cnn/model_ema.pt").exists()
 
     params = yaml.safe_load((module_repo / "params.yaml").read_text())
@@ -241,7 +241,7 @@ def test_the_hybrid_vit_through_the_dag_with_its_card_rollout_and_math_attention
     ran = stages_run(run.stdout)
     assert {"train-vit", "evaluate", "report"} <= ran and not ran & {"train-cnn", "augment", "train-gan@dcgan"}
     summary = json.loads((module_repo / "metrics/vit/summary.json").read_text())
-    assert summary["tta"] == "mirror_translate" and 0 <= summary["test_acc"] <= 1
+    assert summary["tta"] == "mirror_translate" and 0 <= summary["monitor_test_acc"] <= 1
     card = (module_repo / "models/vit/card.md").read_text()
     assert "Hybrid ViT" in card and "MFLOPs per 32x32 image; transformer:" in card
     newest = max(
@@ -279,7 +279,7 @@ def test_a_run_that_gets_worse_ships_registers_and_serves_its_best_validation_ep
     assert len(history) == 4 and best < 4 and val[3] < val[best - 1], history
     assert summary["shipped_epoch"] == summary["best_val_epoch"] == best
     best_test, last_test = float(history[best - 1]["test_acc"]), float(history[3]["test_acc"])
-    assert summary["test_acc"] == best_test != last_test  # so the served model's figure tells the two apart
+    assert summary["monitor_test_acc"] == best_test != last_test  # so the served model's figure tells the two apart
 
     params = yaml.safe_load((module_repo / "params.yaml").read_text())
     test = load_split(module_repo / "data/prepared", "cifar10", "test")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
@@ -80,6 +81,46 @@ def test_the_stage_runs_of_one_experiment_nest_under_one_run_itself_under_a_call
         pass
     assert client.get_run(run.info.run_id).data.tags["mlflow.parentRunId"] == outer
     assert len(client.search_runs([experiment], f"tags.stage = '{track.EXP_PARENT}'")) == 1
+
+
+def test_the_group_run_spans_its_stage_runs_and_fails_with_one(tmp_path, monkeypatch):
+    """A `dvc exp run`'s group run starts before its first stage run and ends with its last; it is
+    RUNNING while a stage runs, FINISHED once all finished, and FAILED from the first stage that fails."""
+    import mlflow
+
+    from reprovision.config import Params
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "spanning-exp")
+    client = mlflow.MlflowClient(uri)
+
+    def group():
+        experiment = client.get_experiment_by_name(track.experiment_name()).experiment_id
+        [found] = client.search_runs([experiment], f"tags.stage = '{track.EXP_PARENT}'")
+        return found.info
+
+    def stage(name: str, fail: bool = False, meanwhile: str = "RUNNING"):
+        with track.stage_run(name, name, {}, {}, Params(), root=tmp_path) as run:
+            assert group().status == meanwhile
+            time.sleep(0.05)  # stages that take time: the group's span must cover it
+            if fail:
+                raise RuntimeError(f"{name} broke")
+        return client.get_run(run.info.run_id).info
+
+    first = stage("train-vit")
+    assert group().status == "FINISHED" and group().start_time <= first.start_time
+    assert group().end_time == first.end_time
+    second = stage("train-cnn")
+    assert group().status == "FINISHED" and group().end_time == second.end_time > first.end_time
+    assert group().end_time - group().start_time >= (second.end_time - first.start_time)
+    with pytest.raises(RuntimeError, match="evaluate broke"):
+        stage("evaluate", fail=True)
+    [failed] = client.search_runs([first.experiment_id], "tags.stage = 'evaluate'")
+    assert failed.info.status == "FAILED"
+    assert group().status == "FAILED" and group().end_time == failed.info.end_time
+    last = stage("report", meanwhile="FAILED")  # a stage after the failure: the group spans it and stays FAILED
+    assert group().status == "FAILED" and group().end_time == last.end_time and group().start_time <= first.start_time
 
 
 def test_the_experiment_is_mlflow_experiment_name_when_set(monkeypatch):

@@ -99,19 +99,24 @@ def _supersede_earlier_attempts(client, run, tags: dict[str, str]) -> None:
             if _process_alive(old.data.tags):
                 continue  # a parallel attempt (e.g. a queued twin), still at work
             client.set_terminated(old.info.run_id, "FAILED")
+            if old.data.tags.get("mlflow.parentRunId") and old.data.tags.get("dvc_exp_name"):
+                _settle_group(client, old.data.tags["mlflow.parentRunId"])  # its `dvc exp run` failed too
         client.set_tag(old.info.run_id, "superseded_by", run.info.run_id)
         earlier.append(old.info.run_id)
     if earlier:
         client.set_tag(run.info.run_id, "previous_attempt", ",".join(earlier))
 
 
-def _end_run(status: str, store_failed: bool) -> None:
-    """End the active run on the way out of an error, never hiding that error. After the store
-    failed, one short try only: if it is still down, the next attempt ends the run instead."""
+def _end_run(status: str, store_failed: bool, client=None, group: str | None = None) -> None:
+    """End the active run, and settle its `dvc exp run`'s group run, on the way out of an error, never
+    hiding that error. After the store failed, one short try only: if it is still down, the next
+    attempt ends the run (and settles its group) instead."""
     import mlflow
 
     with one_short_try() if store_failed else contextlib.nullcontext(), contextlib.suppress(Exception):
         mlflow.end_run(status)  # MLflow forgets the run locally before it calls the store
+        if group:
+            _settle_group(client, group)
 
 
 def git_state(root: Path) -> tuple[str, bool]:
@@ -180,26 +185,49 @@ def _ensure_experiment(client, root: Path, uri: str) -> str:
         return exp.experiment_id
 
 
-def _parent_run(client, experiment_id: str, exp_name: str, commit: str) -> str | None:
-    """The run the stage run nests under: the group run of its `dvc exp run` (made by the first stage
-    that logs, found by the next ones), itself nested under $REPROVISION_PARENT_RUN_ID when set;
-    that run alone for a plain `dvc repro`."""
+def _parent_run(client, experiment_id: str, exp_name: str, commit: str) -> tuple[str | None, str | None]:
+    """(the run the stage run nests under, the group run of its `dvc exp run` or None).
+
+    The group is made by the first stage that logs and found by the next ones, itself nested under
+    $REPROVISION_PARENT_RUN_ID when set; a plain `dvc repro` nests under that run alone (no group).
+    The group is made when that first stage starts, so it starts before its first stage run (MLflow
+    cannot move a run's start time); `_settle_group` keeps its end and status those of its stages."""
     outer = os.environ.get(PARENT_RUN_ENV) or None
     if not exp_name:
-        return outer
+        return outer, None
     query = f"tags.stage = '{EXP_PARENT}' and tags.dvc_exp_name = '{exp_name}'"
     found = client.search_runs([experiment_id], query, max_results=1)
     if found:
-        return found[0].info.run_id
+        return found[0].info.run_id, found[0].info.run_id
     tags = {
         "stage": EXP_PARENT,
         "dvc_exp_name": exp_name,
         "git_commit": commit,
         **({"mlflow.parentRunId": outer} if outer else {}),
     }
-    group = client.create_run(experiment_id, run_name=exp_name, tags=tags)
-    client.set_terminated(group.info.run_id, "FINISHED")  # a folder for the stage runs: nothing runs in it
-    return group.info.run_id
+    group = client.create_run(experiment_id, run_name=exp_name, tags=tags)  # RUNNING, from now
+    return group.info.run_id, group.info.run_id
+
+
+# A group run's status: the worst of its stage runs' (one FAILED stage fails the `dvc exp run`).
+WORST_FIRST = ("FAILED", "KILLED", "RUNNING", "SCHEDULED", "FINISHED")
+
+
+def _settle_group(client, group_id: str) -> None:
+    """Make the group run of a `dvc exp run` span its stage runs: it ends when the latest of them
+    ended, and its status is the worst of theirs (WORST_FIRST): FAILED as soon as one failed, RUNNING
+    while one runs, FINISHED once all finished. Called when a stage run starts and when it ends."""
+    group = client.get_run(group_id)
+    stages = client.search_runs([group.info.experiment_id], f"tags.mlflow.parentRunId = '{group_id}'")
+    if not stages:
+        return
+    statuses = {run.info.status for run in stages}
+    status = next((s for s in WORST_FIRST if s in statuses), "FINISHED")
+    end = max((run.info.end_time for run in stages if run.info.end_time), default=None)
+    if status in ("RUNNING", "SCHEDULED"):
+        client.update_run(group_id, status=status)  # keeps the end time so far (MLflow cannot clear it)
+    else:
+        client.set_terminated(group_id, status, end_time=end or group.info.end_time)
 
 
 @contextlib.contextmanager
@@ -255,7 +283,7 @@ def stage_run(
     run_name = f"{run_name}-{exp_name}" if exp_name else run_name
     with reports_outage(), reports_refusal(uri):
         experiment_id = _ensure_experiment(client, root, uri)
-        parent = _parent_run(client, experiment_id, exp_name, commit)
+        parent, group = _parent_run(client, experiment_id, exp_name, commit)
         if parent:
             all_tags["mlflow.parentRunId"] = parent  # how MLflow nests a run under another
         run = attempt["run"] = mlflow.start_run(
@@ -264,6 +292,8 @@ def stage_run(
     try:
         with _sigterm_as_interrupt():
             with reports_outage():
+                if group:
+                    _settle_group(client, group)  # RUNNING while this stage runs (unless one failed)
                 _supersede_earlier_attempts(client, run, all_tags)
                 items = sorted((k, str(v)) for k, v in params.items())
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -274,9 +304,16 @@ def stage_run(
     except BaseException as err:
         # Also the store failing inside the block through mlflow's own functions (report, tune).
         cause = outage_cause(err)
-        _end_run("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", store_failed=cause is not None)
+        _end_run(
+            "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
+            store_failed=cause is not None,
+            client=client,
+            group=group,
+        )
         if cause is not None and not isinstance(err, TrackingError):
             raise outage_error(cause) from None
         raise
     with reports_outage():
         mlflow.end_run("FINISHED")
+        if group:
+            _settle_group(client, group)

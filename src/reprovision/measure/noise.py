@@ -6,7 +6,7 @@ errors are correlated, and overlapping intervals do not mean "no difference" (no
 tells them apart is the images on which exactly one of the two is right (McNemar). Across seeds, with
 no per-image predictions, `reprovision study` compares means with Student's t instead.
 
-scipy is imported on first use: a stage that only writes `test_acc_ci95` pays for it once, at the end.
+scipy is imported on first use: evaluate, which writes `accuracy_ci95`, pays for it once, at the end.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def accuracy_interval(acc: float, n: int) -> tuple[float, float]:
 
 def accuracy_ci95(acc: float, n: int) -> float:
     """Half the width of the 95 % Wilson interval of an accuracy measured on n images: the one figure
-    `test_acc_ci95` in `dvc exp show`. The interval is not symmetric around acc (see wilson_interval):
-    the report prints its bounds (accuracy_interval), and this half width says only how wide it is."""
+    `accuracy_ci95` (metrics/evaluate.json) in `dvc exp show`. The interval is not symmetric around acc
+    (see wilson_interval): the report prints its bounds (accuracy_interval), and this half width says
+    only how wide it is."""
     low, high = accuracy_interval(acc, n)
     return (high - low) / 2
 

@@ -31,7 +31,9 @@ class-stratified subsets, seed {params.seed}). Decisions read the validation spl
 scheduler {cfg.scheduler}, label smoothing {cfg.label_smoothing:g}, gradient clipping {cfg.grad_clip:g},
 SAM {cfg.sam} (rho {cfg.sam_rho:g}), augmentation {"on" if cfg.augment else "off"}, precision {cfg.precision}.
 
-**Metrics** (on the test split used):
+**Metrics** of the weights that ship, as training measured them. `monitor_test_*` are the training
+stage's test figures under its precision (monitoring); the model's test accuracy is the evaluate
+stage's (metrics/evaluate.json and the report), in fp32 as the logged model serves it.
 
 {_table(metrics)}
 

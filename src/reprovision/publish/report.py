@@ -221,12 +221,28 @@ def curves_section(root: Path, classifiers: dict, gans: dict) -> tuple[list[dict
     return curves, notes
 
 
+def evaluated(classifiers: dict[str, dict], evaluation: dict) -> dict[str, dict]:
+    """Each classifier's record with `test_acc` the evaluate stage's accuracy: the one test accuracy the
+    page shows, of the shipped weights in fp32 as the logged model serves them. The training stage's own
+    test figures (`monitor_test_*`, the per-epoch curves) are monitoring under its precision and are not
+    shown as the model's; without evaluate's record (the stage did not run) there is no test accuracy."""
+    scores = evaluation.get("classifiers") or {}
+    out = {}
+    for m, record in classifiers.items():
+        out[m] = {k: v for k, v in record.items() if k != "test_acc"}  # a record from before the split had one
+        if isinstance(scores.get(m), dict) and isinstance(scores[m].get("accuracy"), (int, float)):
+            out[m]["test_acc"] = scores[m]["accuracy"]
+    return out
+
+
 def test_noise_note(test_images: int | None) -> str | None:
-    """What the interval after a test accuracy means, and what tells two classifiers apart instead."""
+    """What a test accuracy is, what the interval after it means, and what tells two classifiers apart instead."""
     if not test_images:
         return None
     widest = test_noise(0.5, test_images)  # at 50 % accuracy, where it is widest
     return (
+        "Test accuracy: the evaluate stage's, of the shipped weights in fp32 as the logged model serves them "
+        "(the training stage's per-epoch test figures, in the curves, are monitoring under its precision). "
         f"[low–high] after a test accuracy: its 95 % interval from the {test_images:,} test images alone "
         f"(Wilson score; at 50 %{widest}). Whether two classifiers differ is not read from their intervals "
         "(both are scored on the same images) but from McNemar's exact test on the images only one of them gets right."
@@ -381,11 +397,14 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
     results_json = {m: metrics_dir(m) / SUMMARY for m in TRAINED}
     results = {m: j for m, path in results_json.items() if (j := read_json(root / path))}
     absent = [path.as_posix() for m, path in results_json.items() if m not in results]
-    classifiers = {m: results[m] for m in CLASSIFIERS if m in results}
-    test_images = next((c["test_images"] for c in classifiers.values() if c.get("test_images")), None)
+    evaluation = read_json(root / EVAL_METRICS / SUMMARY) or {}
+    classifiers = evaluated({m: results[m] for m in CLASSIFIERS if m in results}, evaluation)
+    results |= classifiers
+    test_images = evaluation.get("test_images") or next(
+        (c["test_images"] for c in classifiers.values() if c.get("test_images")), None
+    )
     gans = {g: results[g] for g in GANS if g in results}
     judge = results.get("judge")
-    evaluation = read_json(root / EVAL_METRICS / SUMMARY) or {}
     probe = read_json(root / METRICS / "probe" / SUMMARY)
     runs = run_refs(root)
 

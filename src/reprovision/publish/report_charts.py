@@ -57,7 +57,9 @@ def classifier_curves(histories: dict[str, pd.DataFrame], out: Path) -> list[tup
         # The validation curve too, when a validation split was held out.
         splits = [f"{split}_{metric}" for split in ("train", "val", "test") if f"{split}_{metric}" in long]
         table = long.melt(["epoch", "model"], splits, var_name="split")
-        table["split"] = table["split"].str.removesuffix(f"_{metric}")
+        # The training stage's test figures after each epoch are monitoring (its precision); the
+        # test accuracy is the evaluate stage's (report.evaluated).
+        table["split"] = table["split"].str.removesuffix(f"_{metric}").replace({"test": "test (monitoring)"})
         table["value"] *= scale
         return table
 

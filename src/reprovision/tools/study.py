@@ -429,7 +429,8 @@ def write_study(
             "Highest mean final validation accuracy per model (mean over runs with the same "
             "settings, e.g. seeds; `val_acc_ci`: half the 95 % interval of that mean, Student's t); "
             "`distinguishable`: whether that interval clears the runner-up setting's. Test accuracy beside "
-            "it is reported, never used to choose:",
+            "it (the training runs' last-epoch figure, monitoring in their precision; a pipeline's test accuracy "
+            "is its evaluate stage's) is reported, never used to choose:",
             "",
         ]
         lines += [
