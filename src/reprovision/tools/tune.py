@@ -229,6 +229,12 @@ def rdb_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     tables, and all but one fail doing so: those try again, and find the tables made."""
     from sqlalchemy.exc import IntegrityError, OperationalError
 
+    problem = track.database_problem(url)  # a typo, a missing driver or a closed port: one line, at once
+    if problem:
+        raise TuneError(
+            f"--storage {track.shown_url(url)}: {problem}. Fix the URL or start the database; "
+            f"without --storage the study lives in sqlite:///{STORAGE_FILE} here"
+        )
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
@@ -261,8 +267,6 @@ def tune(
     storage: str | None = None,
 ) -> optuna.Study:
     """Search SEARCH_SPACE for `model` with `trials` DVC experiments; logs the "tune" MLflow run and prints the best."""
-    import mlflow
-
     if model not in CLASSIFIERS:
         raise TuneError(f"--model {model!r}: allowed: {', '.join(CLASSIFIERS)}")
     if trials < 1:
@@ -285,6 +289,8 @@ def tune(
     with warnings.catch_warnings():  # "experimental" since Optuna 2.9; what its own heartbeat runs
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # trials of a process that died (kill -9, a lost machine)
+    import mlflow  # seconds of imports: after the arguments and the storage are known to work
+
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = trials - len(study.get_trials(deepcopy=False, states=finished))
     if len(study.trials):
