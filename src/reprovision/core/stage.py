@@ -3,7 +3,8 @@
 `start()` checks everything a stage could be refused for, before it reads data or computes:
 params (config.py), the device, the thread count, the tracking store. `main()` turns the errors a
 user can fix into one line on stderr and exit status 2, without a traceback, and so does it for
-Ctrl-C / SIGTERM (exit status 130).
+Ctrl-C / SIGTERM (exit status 130); under DVC the line ends with the `dvc checkout` that restores the
+outputs DVC removed before the stage ran.
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ def start(stage: str) -> Context:
     return Context(params, device, threads)
 
 
+def restore_hint() -> str:
+    """Under `dvc repro` / `dvc exp run` in the workspace, DVC removed the stage's outputs before running it (all
+    but check-params', kept with `persist`): what puts the last ones back. Empty elsewhere (run by hand, or in a
+    queued experiment's temporary copy, which leaves the workspace alone)."""
+    stage = os.environ.get("DVC_STAGE", "")
+    if not stage or stage == "check-params" or track.project_root() != Path.cwd().resolve():
+        return ""
+    return f" DVC removed {stage}'s outputs before running it: `dvc checkout {stage}` restores the last ones."
+
+
 def main(stage: Callable[..., None], *args) -> None:
     """Run a stage function and end the process; errors a user can fix end with their message alone
     (exit 2; Ctrl-C / SIGTERM 130), not a traceback. Any other error propagates as usual (exit 1)."""
@@ -58,7 +69,7 @@ def main(stage: Callable[..., None], *args) -> None:
     try:
         stage(*args)
     except (ConfigError, DataError, track.TrackingError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}{restore_hint()}", file=sys.stderr)
         code = 2
     except RuntimeError as err:  # an op with no deterministic kernel: one line naming it and the opt-out
         from reprovision.core.runtime import nondeterministic_op
@@ -66,11 +77,11 @@ def main(stage: Callable[..., None], *args) -> None:
         explained = nondeterministic_op(err)
         if explained is None:
             raise
-        print(f"error: {explained}", file=sys.stderr)
+        print(f"error: {explained}{restore_hint()}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt as err:  # its MLflow run is already ended KILLED (track.stage_run)
         how = "SIGTERM" if isinstance(err, track.Terminated) else "Ctrl-C (SIGINT)"
-        print(f"error: interrupted by {how}. {track.resume_hint()}", file=sys.stderr)
+        print(f"error: interrupted by {how}. {track.resume_hint()}{restore_hint()}", file=sys.stderr)
         code = 130
     # Every output is written and closed and the MLflow run ended by now. Python's own teardown of
     # the torch and MLflow modules would take another 1.5-2.6 s per stage on this machine (measured:
