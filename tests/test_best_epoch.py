@@ -12,7 +12,7 @@ from reprovision.config import CNNConfig, ConfigError, parse_params
 from reprovision.core import runtime
 from reprovision.data.augment import BatchAugment, Policy
 from reprovision.models.cnn import RefCNN
-from reprovision.training.fit_classifier import DeviceData, fit_classifier
+from reprovision.training.fit_classifier import DeviceData, evaluate, fit_classifier
 
 CPU = torch.device("cpu")
 POLICY = Policy("tiny", (0.5,) * 3, (0.25,) * 3, 2, True, 0.0, 1.0, 0.0, 0.2, 0.0, 8)
@@ -27,12 +27,15 @@ def splits() -> tuple[DeviceData, DeviceData, DeviceData]:
     return DeviceData(x[:96], y[:96]), DeviceData(x[96:128], y[96:128]), DeviceData(x[128:], y[128:])
 
 
-def train(*, validate: bool = True, early_stop: int = 0, checkpoint=None, on_epoch=None):
+def train(*, validate: bool = True, early_stop: int = 0, checkpoint=None, on_epoch=None, test_labels=None):
+    """`test_labels`: a function of the test split's labels, the labels the test split is scored on instead."""
     torch.set_num_threads(1)
     rng = runtime.seed_everything(0, CPU)
     cfg = CNNConfig(epochs=EPOCHS, batch_size=16, widths=[8, 16], hidden=16, precision="fp32", early_stop=early_stop)
     model = RefCNN(channels=3, num_classes=4, widths=(8, 16), hidden=16)
     train_data, val, test = splits()
+    if test_labels is not None:
+        test = DeviceData(test.x, test_labels(test.y))
     snapshots = {}
 
     def record(row):
@@ -67,6 +70,29 @@ def test_the_model_ends_with_its_best_validation_epoch_not_its_last():
     best = accs.index(max(accs)) + 1  # the first of equals
     assert best < EPOCHS, f"this task must peak before its last epoch to test anything: {accs}"
     assert same(weights, snapshots[best]) and not same(weights, snapshots[EPOCHS])
+
+
+def test_the_shipped_epoch_is_the_validation_peak_where_the_test_split_peaks_elsewhere():
+    """The test split scored with each image labelled as the next class: its accuracy peaks at another epoch
+    than the validation accuracy. The weights that ship are the validation peak's, scoring that epoch's
+    figures on both splits; the test split's favourite epoch does not ship (the test split decides nothing)."""
+    shifted = lambda y: (y + 1) % 4  # noqa: E731
+    weights, history, snapshots = train(test_labels=shifted)
+    val_accs, test_accs = [row["val_acc"] for row in history], [row["test_acc"] for row in history]
+    val_best, test_best = val_accs.index(max(val_accs)) + 1, test_accs.index(max(test_accs)) + 1
+    assert val_best != test_best, f"the two splits must disagree to test anything: {val_accs} vs {test_accs}"
+    assert same(weights, snapshots[val_best]) and not same(weights, snapshots[test_best])
+
+    model = RefCNN(channels=3, num_classes=4, widths=(8, 16), hidden=16)
+    model.load_state_dict(weights)
+    _, val, test = splits()
+    scoring = BatchAugment(POLICY, 4, torch.Generator().manual_seed(0))  # evaluation only normalises
+    shipped = {
+        split: evaluate(model, data, scoring, 1000, None)["acc"]
+        for split, data in (("val", val), ("test", DeviceData(test.x, shifted(test.y))))
+    }
+    assert shipped == {"val": max(val_accs), "test": test_accs[val_best - 1]}
+    assert shipped["test"] < max(test_accs)
 
 
 def test_without_a_validation_split_the_last_epoch_ships():

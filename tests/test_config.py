@@ -280,6 +280,25 @@ def test_stage_stops_on_bad_params_before_any_compute(tmp_path):
     assert not (tmp_path / "no-such-folder").exists()
 
 
+def test_under_dvc_a_stopped_stage_says_that_dvc_checkout_restores_its_outputs(tmp_path, monkeypatch):
+    from reprovision.core.stage import restore_hint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    assert restore_hint() == ""  # run by hand: DVC removed nothing
+    monkeypatch.setenv("DVC_STAGE", "check-params")
+    assert restore_hint() == ""  # its output persists (dvc.yaml), so that a refusal leaves it
+    monkeypatch.setenv("DVC_STAGE", "train-gan@dcgan")
+    assert restore_hint() == (
+        " DVC removed train-gan@dcgan's outputs before running it: "
+        "`dvc checkout train-gan@dcgan` restores the last ones."
+    )
+    queued = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc"
+    queued.mkdir(parents=True)
+    monkeypatch.chdir(queued)
+    assert restore_hint() == ""  # a queued experiment's copy: the workspace lost nothing
+
+
 @pytest.mark.parametrize(
     "key, text",
     [

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import lzma
+import os
 import pickle
 from pathlib import Path
 from urllib.error import URLError
@@ -354,6 +355,119 @@ def test_mirror_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv(data.MIRROR_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match=rf"REPROVISION_DATA_MIRROR={tmp_path / 'nowhere'} is not an existing dir"):
         data.mirror_from_env()
+
+
+# ------------------------------------------------------------------------------ availability (check-params)
+
+
+def test_availability_sees_exactly_the_files_each_mirror_reader_reads(tmp_path, monkeypatch):
+    """in_mirror says yes for each layout a reader takes, and no once any file the reader needs is gone."""
+    mirrors = {
+        ("mnist", ""): make_mnist,
+        ("cifar10", "bin"): lambda m, mp: make_cifar10(m, mp, xz=False, meta=False),
+        ("cifar10", "bin.xz"): lambda m, mp: make_cifar10(m, mp, xz=True, meta=False),
+        ("cifar100", "python"): lambda m, mp: make_cifar100(m, mp, "python"),
+        ("cifar100", "binary"): lambda m, mp: make_cifar100(m, mp, "binary"),
+    }
+    for (name, layout), make in mirrors.items():
+        mirror = tmp_path / f"{name}-{layout}"
+        make(mirror, monkeypatch)
+        assert data.in_mirror(name, mirror) and data.fetch_dataset(name, tmp_path / "out", mirror)
+        assert [other for other in data.DATASET_SHAPES if data.in_mirror(other, mirror)] == [name]
+        for path in sorted(p for p in mirror.rglob("*") if p.is_file()):
+            content = path.read_bytes()
+            path.unlink()
+            needed = True
+            try:
+                data.fetch_dataset(name, tmp_path / "out", mirror)
+                needed = False
+            except DataError:
+                pass
+            assert data.in_mirror(name, mirror) is not needed, (path, needed)  # it needs what the reader needs
+            path.write_bytes(content)
+
+
+def test_a_dataset_found_nowhere_names_every_place_looked_and_what_to_set(tmp_path, monkeypatch):
+    make_mnist(tmp_path / "mirror", monkeypatch)
+    make_cifar10(tmp_path / "mirror", monkeypatch, xz=True)
+    selected = {"data.classifier_dataset": "cifar100", "data.gan_dataset": "mnist"}
+    with pytest.raises(DataError) as caught:
+        data.check_available(selected, tmp_path / "prepared", tmp_path / "mirror")
+    message = str(caught.value)
+    for part in (
+        "data.classifier_dataset = cifar100 is in neither",
+        f"{tmp_path / 'prepared' / 'cifar100'} (no prepared copy)",
+        f"nor the data mirror {tmp_path / 'mirror'} (REPROVISION_DATA_MIRROR, expected as <mirror>/cifar100/",
+        "with a mirror set fetch-data does not download",
+        "unset REPROVISION_DATA_MIRROR to download it",
+        "or set data.classifier_dataset to one the mirror holds (cifar10)",
+        "Nothing was fetched or removed.",
+    ):
+        assert part in message, (part, message)
+    assert "mnist" not in message.replace(str(tmp_path), "")  # the one that is there is not named
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_a_prepared_copy_or_a_download_counts_as_available(tmp_path, monkeypatch):
+    make_mnist(tmp_path / "mirror", monkeypatch)
+    make_cifar100(tmp_path / "elsewhere", monkeypatch, "python")
+    data.fetch_all(["cifar100"], tmp_path / "prepared", tmp_path / "elsewhere")  # prepared online, say
+    selected = {"data.classifier_dataset": "cifar100", "data.gan_dataset": "mnist"}
+    assert data.check_available(selected, tmp_path / "prepared", tmp_path / "mirror") == {
+        "cifar100": f"already in {tmp_path / 'prepared' / 'cifar100'}",
+        "mnist": f"mirror {tmp_path / 'mirror'}",
+    }
+    (tmp_path / "prepared" / "cifar100" / "test_y.npy").unlink()  # a copy cut short is no copy
+    with pytest.raises(DataError, match="cifar100 is in neither"):
+        data.check_available(selected, tmp_path / "prepared", tmp_path / "mirror")
+    # No mirror set: fetch-data downloads, which the check does not try (it never downloads).
+    assert data.check_available(selected, tmp_path / "prepared", None) == {
+        "cifar100": "download (no mirror set)",
+        "mnist": "download (no mirror set)",
+    }
+
+
+CHECK_PARAMS = """
+import sys
+sys.path[:0] = [{stages!r}]
+import check_params
+from reprovision.data.datasets import DataError
+try:
+    check_params.check_params()
+except DataError as err:
+    print("refused:", err)
+print("imported:", sorted(m for m in ("torch", "torchvision", "mlflow") if m in sys.modules))
+"""
+
+
+def test_check_params_refuses_a_dataset_it_cannot_get_and_leaves_the_data_untouched(tmp_path, monkeypatch):
+    """The stage's own check (without torch or MLflow): offline, CIFAR-100 in no mirror and not prepared."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, committed_params
+
+    make_mnist(tmp_path / "mirror", monkeypatch)
+    make_cifar10(tmp_path / "mirror", monkeypatch, xz=True)
+    work = tmp_path / "work"
+    data.fetch_all(["cifar10", "mnist"], work / "data" / "prepared", tmp_path / "mirror")
+    before = {p: p.read_bytes() for p in (work / "data").rglob("*") if p.is_file()}
+    env = {**os.environ, data.MIRROR_ENV: str(tmp_path / "mirror")}
+    script = CHECK_PARAMS.format(stages=str(ROOT / "stages"))
+    checked = work / "data" / "params-checked.txt"
+    for dataset, refused in (("cifar100", True), ("cifar10", False)):
+        (work / "params.yaml").write_text(
+            committed_params().replace("classifier_dataset: cifar10", f"classifier_dataset: {dataset}")
+        )
+        out = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True).stdout
+        assert ("refused: data.classifier_dataset = cifar100 is in neither data/prepared/cifar100" in out) is refused, (
+            out
+        )
+        assert "imported: []" in out, out  # the check stays light: no torch, no MLflow
+        assert checked.exists() is not refused
+    assert {
+        p: p.read_bytes() for p in (work / "data").rglob("*") if p.is_file() and p.name != "params-checked.txt"
+    } == before
 
 
 # ------------------------------------------------------------------------------ stratified subsets

@@ -141,17 +141,24 @@ print(json.dumps(found))
     assert dvc(module_repo, "status", "--json").stdout.strip() in ("{}", "")
 
 
-# One bad value and one impossible device through `dvc exp run`; test_config checks every message.
+# One bad value, one impossible device and one dataset that can't be had offline (CIFAR-100: in no mirror,
+# never prepared here; with enough training images that its 100 classes each get a validation image) through
+# `dvc exp run`; test_config and test_data check every message.
 @pytest.mark.parametrize(
     "override, message",
     [
         ("vit.heads=0", "vit.heads = 0: Input should be greater than 0"),
         ("device=cuda", "device = 'cuda', but no cuda device is available"),
+        (
+            "data.classifier_dataset=cifar100 data.train_fraction=0.02",
+            "data.classifier_dataset = cifar100 is in neither data/prepared/cifar100 (no prepared copy) nor the "
+            "data mirror",
+        ),
     ],
 )
 def test_a_rejected_param_leaves_the_workspace_whole(module_repo, override, message):
     outputs, text = outputs_sha256(module_repo), (module_repo / "params.yaml").read_text()
-    failed = exp_run(module_repo, override, env=pipeline_env(CUDA_VISIBLE_DEVICES=""), check=False)
+    failed = exp_run(module_repo, *override.split(), env=pipeline_env(CUDA_VISIBLE_DEVICES=""), check=False)
     assert failed.returncode != 0 and message in failed.stderr + failed.stdout
     assert stages_run(failed.stdout) == {"check-params"}, failed.stdout  # stopped before any other stage
     assert "Traceback" not in failed.stderr + failed.stdout

@@ -576,6 +576,17 @@ def with_overrides(raw: dict[str, Any], sets: list[str] | tuple[str, ...], sourc
     return raw
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what it found and where, and the fix."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(err, "context", None)
+    opened = getattr(err, "context_mark", None)
+    since = f" ({context} opened at line {opened.line + 1})" if context and opened is not None else ""
+    return f"{problem}{where}{since}; fix that line (`key: value`, sections indented under their name)"
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.exists():
@@ -584,5 +595,5 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         try:
             raw = yaml.safe_load(fh) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
     return parse_params(raw, str(path))

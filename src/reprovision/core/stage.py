@@ -1,8 +1,9 @@
 """How every stage script ends, and the writers of its JSON and CSV outputs.
 
 `main()` turns the errors a user can fix into one line on stderr and exit status 2, without a
-traceback, and so does it for Ctrl-C / SIGTERM (exit status 130). What a computing stage does first
-is `start()` of core/context.py.
+traceback, and so does it for Ctrl-C / SIGTERM (exit status 130); under DVC the line ends with the
+`dvc checkout` that restores the outputs DVC removed before the stage ran. What a computing stage does
+first is `start()` of core/context.py.
 
 No MLflow and no torch here: check-params and fetch-data end through `main()` too, so editing the
 tracking code re-runs neither (their deps in dvc.yaml), and check-params starts without torch's ~1.3 s.
@@ -34,6 +35,16 @@ def resume_hint() -> str:
     return f"{command} runs the stage again."
 
 
+def restore_hint() -> str:
+    """Under `dvc repro` / `dvc exp run` in the workspace, DVC removed the stage's outputs before running it (all
+    but check-params', kept with `persist`): what puts the last ones back. Empty elsewhere (run by hand, or in a
+    queued experiment's temporary copy under .dvc/tmp/exps, which leaves the workspace alone)."""
+    stage = os.environ.get("DVC_STAGE", "")
+    if not stage or stage == "check-params" or "/.dvc/tmp/exps/" in f"{Path.cwd().resolve().as_posix()}/":
+        return ""
+    return f" DVC removed {stage}'s outputs before running it: `dvc checkout {stage}` restores the last ones."
+
+
 def main(stage: Callable[..., None], *args) -> None:
     """Run a stage function and end the process; errors a user can fix end with their message alone
     (exit 2; Ctrl-C / SIGTERM 130), not a traceback. Any other error propagates as usual (exit 1)."""
@@ -41,7 +52,7 @@ def main(stage: Callable[..., None], *args) -> None:
     try:
         stage(*args)
     except (ConfigError, DataError, TrackingError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}{restore_hint()}", file=sys.stderr)
         code = 2
     except RuntimeError as err:  # an op with no deterministic kernel: one line naming it and the opt-out
         from reprovision.core.runtime import nondeterministic_op
@@ -49,11 +60,11 @@ def main(stage: Callable[..., None], *args) -> None:
         explained = nondeterministic_op(err)
         if explained is None:
             raise
-        print(f"error: {explained}", file=sys.stderr)
+        print(f"error: {explained}{restore_hint()}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt as err:  # its MLflow run is already ended KILLED (track_run.stage_run)
         how = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C (SIGINT)"
-        print(f"error: interrupted by {how}. {resume_hint()}", file=sys.stderr)
+        print(f"error: interrupted by {how}. {resume_hint()}{restore_hint()}", file=sys.stderr)
         code = 130
     # Every output is written and closed and the MLflow run ended by now. Python's own teardown of
     # the torch and MLflow modules would take another 1.5-2.6 s per stage on this machine (measured:

@@ -33,15 +33,18 @@ from reprovision.core.track_run import (
     stage_run,
 )
 from reprovision.core.track_store import (
+    DATABASE_SERVERS,
     DEFAULT_EXPERIMENT,
     HTTP_DEFAULTS,
     LOCAL_UI,
     SERVER_STATE,
     artifact_location,
     check_store,
+    database_problem,
     experiment_name,
     project_root,
     server_uri,
+    shown_url,
     tracking_uri,
     training_runs_url,
 )
@@ -50,6 +53,7 @@ from reprovision.errors import Terminated, TrackingError
 __all__ = [
     "DATASET_CONTEXTS",
     "DATASET_INSERT_CLASHES",
+    "DATABASE_SERVERS",
     "DEFAULT_EXPERIMENT",
     "EXPERIMENT_KIND",
     "EXP_PARENT",
@@ -64,6 +68,7 @@ __all__ = [
     "TrackingError",
     "artifact_location",
     "check_store",
+    "database_problem",
     "experiment_name",
     "git_state",
     "library_versions",
@@ -75,6 +80,7 @@ __all__ = [
     "project_root",
     "resume_hint",
     "server_uri",
+    "shown_url",
     "stage_run",
     "tracking_uri",
     "training_runs_url",

@@ -126,6 +126,67 @@ def check_store(uri: str) -> None:
                 f"MLflow store {db} is not writable. Fix the permissions, or point "
                 "MLFLOW_TRACKING_URI at a writable store (e.g. sqlite:////tmp/mlflow.db). Nothing was trained."
             )
+    elif uri.partition("://")[0].partition("+")[0] in DATABASE_SERVERS:
+        problem = database_problem(uri)
+        if problem:
+            raise TrackingError(
+                f"MLflow store {shown_url(uri)}: {problem}. Start the database, or point MLFLOW_TRACKING_URI at "
+                "a store that answers (unset, runs go to the local SQLite mlflow.db). Nothing was trained."
+            )
+
+
+# The database servers MLflow (and Optuna) store runs in through SQLAlchemy, by URL scheme; SQLite is a file.
+DATABASE_SERVERS = ("postgresql", "mysql", "mssql")
+
+
+def shown_url(uri: str) -> str:
+    """A database URL as a message may show it: its password masked (`ps` and logs see the rest anyway)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(uri).render_as_string(hide_password=True)
+    except ArgumentError:
+        return uri
+
+
+def database_problem(uri: str, timeout: int = 5) -> str | None:
+    """Why the SQLAlchemy database URL `uri` can't be used, in a few words, or None once it connects.
+
+    One connection attempt, bounded by `timeout` seconds for a database server (MLflow and Optuna
+    would retry for minutes, or end in a SQLAlchemy traceback); a SQLite file is opened (and made)."""
+    import sqlalchemy
+
+    try:
+        url = sqlalchemy.engine.make_url(uri)
+    except sqlalchemy.exc.ArgumentError:
+        return (
+            "not a database URL; expected dialect[+driver]://[user@]host[:port]/database, "
+            "e.g. postgresql+psycopg://mlflow@db.lan:5432/mlflow or sqlite:///optuna.db"
+        )
+    try:
+        url.get_dialect()
+    except sqlalchemy.exc.NoSuchModuleError:
+        return (
+            f"SQLAlchemy knows no database {url.drivername!r}; "
+            "use e.g. sqlite:///optuna.db or postgresql+psycopg://user@host:5432/database"
+        )
+    bounded = {"connect_timeout": timeout} if url.get_backend_name() in ("postgresql", "mysql") else {}
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=bounded)
+    except ImportError as err:
+        return (
+            f"its driver needs the Python module {err.name or err}, which is not installed; for PostgreSQL use "
+            "postgresql+psycopg://... (the team extras: pip install -e '.[team]')"
+        )
+    try:
+        with engine.connect():
+            return None
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        why = (str(getattr(err, "orig", None) or err).strip().splitlines() or ["no reason given"])[0]
+        return f"no connection ({why})"
+    finally:
+        engine.dispose()
 
 
 def _login_refused(uri: str) -> str | None:

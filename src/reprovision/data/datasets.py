@@ -29,12 +29,13 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 from urllib.error import URLError
 
 import numpy as np
 
 from reprovision.compat import import_torchvision
-from reprovision.config import DATASET_SHAPES
+from reprovision.config import DATASET_SHAPES, DataConfig
 from reprovision.errors import DataError
 
 # torchvision is imported only when downloading (it costs seconds at every stage start otherwise);
@@ -361,6 +362,80 @@ def _download(name: str) -> tuple[Arrays, list[str]]:
             arrays[f"{split}_x"] = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
             arrays[f"{split}_y"] = np.asarray(ds.targets)
     return arrays, MNIST_CLASSES if name == "mnist" else list(ds.classes)
+
+
+# ---------------------------------------------------------------------------------------- availability
+
+# The files each mirror reader above needs, relative to the mirror: one list per layout it reads (any one
+# complete is enough), "a|b" where either file serves.
+_CIFAR10_BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+MIRROR_FILES: dict[str, list[list[str]]] = {
+    "mnist": [
+        [
+            f"mnist/MNIST/raw/{prefix}-{kind}-ubyte.gz"
+            for prefix in ("train", "t10k")
+            for kind in ("images-idx3", "labels-idx1")
+        ]
+    ],
+    "cifar10": [
+        [f"cifar10/cifar-10-batches-bin/{b}.bin|cifar10/cifar-10-batches-bin/{b}.bin.xz" for b in _CIFAR10_BATCHES]
+    ],
+    "cifar100": [
+        [f"cifar100/cifar-100-python/{name}" for name in ("train", "test", "meta")],
+        [f"cifar100/cifar-100-binary/{name}" for name in ("train.bin", "test.bin", "fine_label_names.txt")],
+    ],
+}
+PREPARED_FILES = [f"{split}_{part}.npy" for split in SPLITS for part in ("x", "y")] + ["classes.json"]
+
+
+def in_mirror(name: str, mirror: Path) -> bool:
+    """Whether `mirror` holds every file fetch-data reads for `name` (present; fetch-data checks their md5s)."""
+    return any(
+        all(any((mirror / option).is_file() for option in need.split("|")) for need in layout)
+        for layout in MIRROR_FILES[name]
+    )
+
+
+def prepared(name: str, out_dir: Path) -> bool:
+    """Whether fetch-data's output folder already holds `name`, whole and in its manifest."""
+    manifest = Path(out_dir) / MANIFEST
+    try:
+        listed = name in json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return listed and all((Path(out_dir) / name / file).is_file() for file in PREPARED_FILES)
+
+
+def check_available(selected: dict[str, str], out_dir: Path, mirror: Path | None) -> dict[str, str]:
+    """Where each dataset the params select (`{"data.classifier_dataset": "cifar10", ...}`) would come from,
+    checked without reading or downloading anything: a copy already in `out_dir`, the `mirror` (set: fetch-data
+    is offline and reads only the mirror), or torchvision's download (no mirror set; not tried here). A DataError
+    names each one found nowhere, every place looked, and what to set."""
+    found: dict[str, str] = {}
+    missing = []
+    for key, name in selected.items():
+        _check_name(name)
+        if mirror is None:
+            found[name] = "download (no mirror set)"
+        elif in_mirror(name, mirror):
+            found[name] = f"mirror {mirror}"
+        elif prepared(name, out_dir):
+            found[name] = f"already in {Path(out_dir) / name}"
+        else:
+            missing.append((key, name))
+    problems = []
+    for key, name in missing:
+        field = DataConfig.model_fields.get(key.removeprefix("data."))
+        offline = [other for other in get_args(field.annotation) if in_mirror(other, mirror)] if field else []
+        problems.append(
+            f"{key} = {name} is in neither {Path(out_dir) / name} (no prepared copy) nor the data mirror {mirror} "
+            f"({MIRROR_ENV}, expected as <mirror>/{MIRROR_LAYOUT[name]}), and with a mirror set fetch-data does not "
+            f"download; put {name}'s official files there, unset {MIRROR_ENV} to download it, or set {key} to "
+            f"one the mirror holds ({', '.join(offline) or 'none'})"
+        )
+    if problems:
+        raise DataError("; ".join(problems) + ". Nothing was fetched or removed.")
+    return found
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,20 +15,16 @@ def _server(args: argparse.Namespace) -> int:
     from reprovision.tools import server
 
     if args.action == "start":
-        try:
-            print(
-                server.start(
-                    port=args.port,
-                    host=args.host,
-                    backend_store_uri=args.backend_store_uri,
-                    artifacts_destination=args.artifacts_destination,
-                    auth=args.auth,
-                    auth_database_uri=args.auth_database_uri,
-                )
+        print(
+            server.start(
+                port=args.port,
+                host=args.host,
+                backend_store_uri=args.backend_store_uri,
+                artifacts_destination=args.artifacts_destination,
+                auth=args.auth,
+                auth_database_uri=args.auth_database_uri,
             )
-        except server.ServerError as err:
-            print(f"reprovision mlflow-server: {err}", file=sys.stderr)
-            return 2
+        )
     elif args.action == "stop":
         print("stopped" if server.stop() else "not running")
     else:
@@ -38,13 +35,9 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from reprovision.tools.reproduce import ReproduceError, reproduce
+    from reprovision.tools.reproduce import reproduce
 
-    try:
-        return reproduce(args.run_id, args.dry_run)
-    except ReproduceError as err:
-        print(f"reprovision reproduce: {err}", file=sys.stderr)
-        return 2
+    return reproduce(args.run_id, args.dry_run)
 
 
 def _csv(text: str) -> list[str]:
@@ -63,45 +56,27 @@ def _fractions(text: str) -> list[float]:
 def _study(args: argparse.Namespace) -> int:
     from reprovision.tools import study
 
-    try:
-        if args.queue_data_size or args.queue_ssl_size:
-            study.queue_data_size(
-                args.fractions, args.set, dry_run=args.dry_run, ssl=args.queue_ssl_size, seeds=args.seeds
-            )
-        elif args.ssl_size:
-            table = study.collect_probe_runs(_csv(args.exp_names), args.since)
-            print(f"study: {study.write_ssl_size_study(table, Path(args.out), record=args.record)}")
-        else:
-            print(
-                f"study: {study.run_study(Path(args.out), args.name, _csv(args.x), _csv(args.exp_names), args.since)}"
-            )
-    except study.StudyError as err:
-        print(f"reprovision study: {err}", file=sys.stderr)
-        return 2
+    if args.queue_data_size or args.queue_ssl_size:
+        study.queue_data_size(args.fractions, args.set, dry_run=args.dry_run, ssl=args.queue_ssl_size, seeds=args.seeds)
+    elif args.ssl_size:
+        table = study.collect_probe_runs(_csv(args.exp_names), args.since)
+        print(f"study: {study.write_ssl_size_study(table, Path(args.out), record=args.record)}")
+    else:
+        print(f"study: {study.run_study(Path(args.out), args.name, _csv(args.x), _csv(args.exp_names), args.since)}")
     return 0
 
 
 def _tune(args: argparse.Namespace) -> int:
     from reprovision.tools import tune
 
-    try:
-        tune.tune(
-            args.model, args.trials, args.epochs, args.set, args.timeout, args.name, args.seed, storage=args.storage
-        )
-    except tune.TuneError as err:
-        print(f"reprovision tune: {err}", file=sys.stderr)
-        return 2
+    tune.tune(args.model, args.trials, args.epochs, args.set, args.timeout, args.name, args.seed, storage=args.storage)
     return 0
 
 
 def _exp_worker(args: argparse.Namespace) -> int:
     from reprovision.tools import worker
 
-    try:
-        worker.run(args.origin, args.name, args.set, args.targets, rev=args.rev, workdir=args.workdir)
-    except worker.WorkerError as err:
-        print(f"reprovision exp-worker: {err}", file=sys.stderr)
-        return 2
+    worker.run(args.origin, args.name, args.set, args.targets, rev=args.rev, workdir=args.workdir)
     return 0
 
 
@@ -129,7 +104,96 @@ def _promote(args: argparse.Namespace) -> int:
     )
 
 
+# The errors a user can fix, each raised with one message naming the problem and the fix: (module, class).
+# Looked up in sys.modules, so that naming them imports nothing (a module never imported raised none of them).
+USER_ERRORS = (
+    ("reprovision.config", "ConfigError"),
+    ("reprovision.data.datasets", "DataError"),
+    ("reprovision.core.track", "TrackingError"),
+    ("reprovision.tools.reproduce", "ReproduceError"),
+    ("reprovision.tools.server", "ServerError"),
+    ("reprovision.tools.study", "StudyError"),
+    ("reprovision.tools.tune", "TuneError"),
+    ("reprovision.tools.tune", "TrialFailed"),
+    ("reprovision.tools.worker", "WorkerError"),
+)
+
+
+# A command's `store` default: True, False, or this variable's name (checked when the variable names a store).
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+def one_line(text: str) -> str:
+    """A message on one line: a ConfigError's list of mistakes or a library's multi-line text, joined with '; '."""
+    lines = [line.strip().removeprefix("- ") for line in str(text).splitlines() if line.strip()]
+    if len(lines) < 2:
+        return "".join(lines)
+    head = lines[0] if lines[0].endswith(":") else lines[0] + ";"
+    return f"{head} {'; '.join(lines[1:])}"
+
+
+def _explain(err: Exception) -> str | None:
+    """What to print for an error a user can fix (None: a bug, left to its traceback). Library errors come from
+    what the user gave (a database URL, a tracking URI), so they are named with where to fix them."""
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(err, cls):
+            return str(err)
+    sqlalchemy_exc = sys.modules.get("sqlalchemy.exc")
+    if sqlalchemy_exc is not None and isinstance(err, sqlalchemy_exc.SQLAlchemyError):
+        why = (str(getattr(err, "orig", None) or err).strip().splitlines() or [type(err).__name__])[0]
+        return (
+            f"database error ({why}): check the database URL (--storage, --backend-store-uri, MLFLOW_TRACKING_URI) "
+            "and that its server is running"
+        )
+    store = sys.modules.get("reprovision.core.track_store")
+    cause = store.outage_cause(err) if store is not None and "requests" in sys.modules else None
+    if cause is not None:
+        return (
+            f"the MLflow tracking store {store.tracking_uri()} does not answer ({type(cause).__name__}): start it "
+            "(`reprovision mlflow-server start`), or point MLFLOW_TRACKING_URI at one that runs"
+        )
+    return None
+
+
+def _preflight(args: argparse.Namespace) -> None:
+    """What main checks before a command starts anything, each mistake a one-line error: the project's
+    params.yaml (when the folder has one), for every command but `mlflow-server stop|status`, which must work
+    whatever the file holds; then, for the commands that read or log runs, the MLflow tracking store."""
+    from reprovision.config import PARAMS_FILE, load_params
+    from reprovision.core import track
+
+    if args.command == "mlflow-server" and args.action != "start":
+        return
+    if PARAMS_FILE.exists():
+        load_params(PARAMS_FILE)
+    if args.store is True or (args.store == TRACKING_ENV and os.environ.get(TRACKING_ENV)):
+        track.check_store(track.tracking_uri())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Every command's errors that a user can fix end here: one line on stderr, exit status 2, no traceback
+    (Ctrl-C or SIGTERM: 130); a command adds no handling of its own."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _preflight(args)
+        return args.func(args)
+    except KeyboardInterrupt as err:  # tune's trial is stopped on the way out (tune.run_trial)
+        how = "SIGTERM" if type(err).__name__ == "Terminated" else "Ctrl-C (SIGINT)"
+        print(f"reprovision {args.command}: interrupted by {how}", file=sys.stderr)
+        return 130
+    except Exception as err:
+        explained = _explain(err)
+        if explained is None:
+            raise
+        print(f"reprovision {args.command}: {one_line(explained)}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; each subcommand's defaults name its function (`func`) and whether it reads or logs
+    MLflow runs (`store`, see TRACKING_ENV: main checks the tracking store first)."""
     parser = argparse.ArgumentParser(prog="reprovision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -171,14 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="URI",
         help="with --auth: MLflow's user and permission database (default: sqlite .mlflow-server/basic_auth.db)",
     )
-    srv.set_defaults(func=_server)
+    srv.set_defaults(func=_server, store=False)  # it is the store
 
     rep = sub.add_parser(
         "reproduce", help="train a recorded MLflow run again from its commit and params (in a temp clone) and compare"
     )
     rep.add_argument("run_id")
     rep.add_argument("--dry-run", action="store_true", help="print what would be replayed only")
-    rep.set_defaults(func=_reproduce)
+    rep.set_defaults(func=_reproduce, store=True)
 
     std = sub.add_parser(
         "study",
@@ -239,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         help="with --queue-*-size: run each setting with seeds 0..N-1, so that study.md gives 95 %% intervals",
     )
     std.add_argument("--dry-run", action="store_true", help="with --queue-*-size: print the commands, queue nothing")
-    std.set_defaults(func=_study)
+    std.set_defaults(func=_study, store=True)
 
     tun = sub.add_parser(
         "tune", help="Optuna search of lr, weight decay, label smoothing; one DVC experiment per trial"
@@ -262,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     tun.add_argument(
         "--storage", help="the study's database URL (default: sqlite:///optuna.db here); the same --name resumes it"
     )
-    tun.set_defaults(func=_tune)
+    tun.set_defaults(func=_tune, store=True)
 
     wrk = sub.add_parser(
         "exp-worker",
@@ -288,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", type=Path, help="an empty or new folder for the clone (default: a new temporary folder)"
     )
     wrk.add_argument("targets", nargs="*", help="stages to run (default: the whole pipeline)")
-    wrk.set_defaults(func=_exp_worker)
+    # Its stages log where MLFLOW_TRACKING_URI points (the team's server); unset, to the clone's own mlflow.db.
+    wrk.set_defaults(func=_exp_worker, store=TRACKING_ENV)
 
     pro = sub.add_parser(
         "promote", help="move the registry alias `champion` to this checkout's better classifier through the gate"
@@ -296,10 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     pro.add_argument(
         "--force", action="store_true", help="move the alias even if the holder scores as well or on another split"
     )
-    pro.set_defaults(func=_promote)
+    pro.set_defaults(func=_promote, store=True)
 
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from reprovision.core.track_store import SERVER_STATE, project_root, server_uri
+from reprovision.core.track_store import SERVER_STATE, database_problem, project_root, server_uri, shown_url
 
 # MLflow's own variables for the admin account the auth app creates on first start (see above).
 ADMIN_USERNAME_ENV = "MLFLOW_AUTH_ADMIN_USERNAME"
@@ -126,22 +126,12 @@ def _check_database(uri: str, option: str) -> None:
     retries an unreachable database for ~100 s before it says why; this says so in at most 5."""
     if uri.startswith("sqlite:"):
         return
-    import sqlalchemy
-
-    url = sqlalchemy.engine.make_url(uri)
-    timeout = {"connect_timeout": 5} if url.get_backend_name() == "postgresql" else {}
-    engine = sqlalchemy.create_engine(url, connect_args=timeout)
-    try:
-        with engine.connect():
-            pass
-    except sqlalchemy.exc.SQLAlchemyError as err:
-        why = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+    problem = database_problem(uri)
+    if problem:
         raise ServerError(
-            f"{option} {url.render_as_string(hide_password=True)}: no connection ({why}). Is the database "
-            "server running, does the database exist, and may this user log in? Nothing was started."
-        ) from None
-    finally:
-        engine.dispose()
+            f"{option} {shown_url(uri)}: {problem}. Is the database server running, does the database exist, "
+            "and may this user log in? Nothing was started."
+        )
 
 
 def _write_private(path: Path, text: str) -> None:
