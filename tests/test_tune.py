@@ -193,14 +193,30 @@ tune.tune("vit", trials=4, epochs=3, sets=["data.val_fraction=0.1"], name="k", c
 """
 
 
-def test_a_killed_search_resumes_from_its_database(workspace, monkeypatch, capsys):
-    """kill -9 in the middle of trial 1, then the same command again: trial 0 is kept, trial 1 is marked
-    failed once its heartbeat is stale, and the search runs to 4 finished trials with new numbers."""
+# Trial 1 would run for a hundred seconds: what ends it early is the kill, not its own end.
+ENDLESS_TRIAL_1 = FAKE_DVC.replace('hopeless = name.endswith("-2")', "hopeless = False").replace(
+    "epochs = 1000 if hopeless else", 'epochs = 1000 if hopeless or name.endswith("-1") else'
+)
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.parametrize("killed", ["tuner", "tuner and lifeline"])
+def test_a_killed_search_leaves_no_trial_running_and_resumes_from_its_database(killed, workspace, capsys):
+    """kill -9 of the tuner in the middle of trial 1: the trial's processes die with it (its lifeline ends
+    its process group). Had they survived (the lifeline killed too), the next start ends them. Either way
+    the same command again keeps trial 0, marks trial 1 failed at once (its tuner is gone: no heartbeat to
+    wait for), and runs to 4 finished trials with new numbers."""
     import signal
     import subprocess
 
     (workspace / "killed_search.py").write_text(KILLED_SEARCH)
-    (workspace / "fake_dvc.py").write_text(FAKE_DVC.replace('hopeless = name.endswith("-2")', "hopeless = False"))
+    (workspace / "fake_dvc.py").write_text(ENDLESS_TRIAL_1)
     proc = subprocess.Popen(
         [sys.executable, "killed_search.py"],
         cwd=workspace,
@@ -208,27 +224,35 @@ def test_a_killed_search_resumes_from_its_database(workspace, monkeypatch, capsy
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
-    while not (workspace / "pids" / "tune-k-1.train").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    assert wait_until(lambda: (workspace / "pids" / "tune-k-1.train").exists() or proc.poll() is not None, 300)
     assert (workspace / "pids" / "tune-k-1.train").exists(), "trial 1 never started"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    for role in ("dvc", "train"):  # the trial's own process group outlives the search it belonged to
-        pid = int((workspace / "pids" / f"tune-k-1.{role}").read_text())
-        if not gone(pid):
-            os.kill(pid, signal.SIGKILL)
+    trial = [int((workspace / "pids" / f"tune-k-1.{role}").read_text()) for role in ("dvc", "train")]
+    lifeline = os.getpgid(trial[0])
+    assert lifeline != os.getpgid(proc.pid) and os.getpgid(trial[1]) == lifeline  # a process group of its own
+    if killed == "tuner":
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        survivors = lambda: [pid for pid in (lifeline, *trial) if not gone(pid)]  # noqa: E731
+        assert wait_until(lambda: not survivors(), 30), f"outlived their tuner's kill -9: {survivors()}"
+    else:
+        os.kill(proc.pid, signal.SIGSTOP)  # the tuner can't stop its trial now...
+        os.kill(lifeline, signal.SIGKILL)  # ...nor can the lifeline
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert wait_until(lambda: gone(lifeline), 10) and not any(gone(pid) for pid in trial)  # orphans, running on
     assert (workspace / "optuna.db").exists()
 
-    monkeypatch.setattr("reprovision.tools.tune.HEARTBEAT_S", 1)
-    monkeypatch.setattr("reprovision.tools.tune.GRACE_S", 2)
-    time.sleep(3)  # the killed trial's heartbeat is now older than GRACE_S
     study = tune("vit", trials=4, epochs=3, sets=["data.val_fraction=0.1"], name="k", command=fake_dvc, poll=0.05)
+    out = capsys.readouterr().out
+    assert all(gone(pid) for pid in trial)
+    assert (f"trial 1: its tuner is gone and process group {lifeline} still runs: ending it" in out) is (
+        killed != "tuner"
+    )
     states = {t.number: t.state for t in study.trials}
     S = optuna.trial.TrialState
     assert states == {0: S.COMPLETE, 1: S.FAIL, 2: S.COMPLETE, 3: S.COMPLETE, 4: S.COMPLETE}
     assert len({t.user_attrs["exp_name"] for t in study.trials}) == 5
-    assert "[tune k] resuming: 2 trials on record" in capsys.readouterr().out
+    assert "[tune k] resuming: 2 trials on record" in out
     # Run again: nothing left to do, the same best.
     again = tune("vit", trials=4, epochs=3, sets=["data.val_fraction=0.1"], name="k", command=fake_dvc, poll=0.05)
     assert len(again.trials) == 5 and again.best_trial.number == study.best_trial.number

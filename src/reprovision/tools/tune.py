@@ -26,8 +26,12 @@ holds `--trials` finished trials (a worker's trial under way then still finishes
 The study lives in a database, not in memory: `optuna.db` in the workspace (SQLite, git-ignored) or
 `--storage URL` (e.g. the team's PostgreSQL). Run the same `--name` again after a crash, a Ctrl-C
 or a kill -9 and the search goes on from the trials on record, the sampler seeing all of them:
-`--trials` is the study's total of finished (complete or pruned) trials. A trial whose process died
-stops sending its heartbeat and is marked failed by the next start, once GRACE_S have passed.
+`--trials` is the study's total of finished (complete or pruned) trials. A trial dies with its tuner: it
+runs under a lifeline (lifeline.py) that ends the trial's process group when the tuner exits, even by
+kill -9 (Linux's parent-death signal). The next start on the same machine marks the trials of a dead tuner
+failed at once, ending first whatever of them still runs (the trial records its host, its tuner's pid and
+its process group); a trial of another machine stops sending its heartbeat and is marked failed once GRACE_S
+have passed.
 At the end it prints the best settings and the `dvc exp run` that reproduces the best trial, and
 logs one MLflow run "tune" (tags stage=tune, model, study): `trial_value` per finished trial
 (step = trial number), `trials.csv`, the best settings as params `best.<name>`, `best_value`, and
@@ -45,7 +49,9 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -155,7 +161,7 @@ def read_history(path: Path, since: float) -> list[tuple[int, float]]:
 
 
 def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """Terminate the trial's whole process group (dvc and the training under it)."""
+    """Terminate the trial's whole process group (its lifeline, dvc and the training under it)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -166,13 +172,30 @@ def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
         proc.wait()
 
 
+def process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), None when there is none: with the pid, it names
+    one process, also after the pid is reused."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
 def run_trial(command: list[str], model: str, trial: optuna.Trial, poll: float = POLL_SECONDS) -> float:
     """Run one trial's command, reporting each epoch's validation accuracy to Optuna; returns the final val_acc."""
     history, result = METRICS / model / "history.csv", METRICS / f"{model}.json"
     started = time.time()
-    # Its own process group, so that a prune (or Ctrl-C here) stops dvc and the training it started.
-    proc = subprocess.Popen(command, start_new_session=True)
+    # Its own process group, so that a prune (or Ctrl-C, SIGTERM, an error here) stops dvc and the training it
+    # started, under a lifeline that ends the group if this process dies without doing so (kill -9).
+    # Who runs the trial, for a search resumed after this process died (end_orphaned_trials).
+    trial.set_user_attr("host", socket.gethostname())
+    trial.set_user_attr("tuner", [os.getpid(), process_started(os.getpid())])
+    lifeline = [sys.executable, "-m", "reprovision.tools.lifeline", str(os.getpid())]
+    proc = subprocess.Popen([*lifeline, *command], start_new_session=True)
     try:
+        trial.set_user_attr("group", [proc.pid, process_started(proc.pid)])
         reported = 0
         while True:
             finished = proc.poll() is not None
@@ -202,6 +225,50 @@ def run_trial(command: list[str], model: str, trial: optuna.Trial, poll: float =
 
 
 # ---------------------------------------------------------------------------- the search
+def group_alive(leader: list) -> bool:
+    """Whether the process group a trial's lifeline led still has a live process (the trial's, not a later one's)."""
+    from reprovision.tools.lifeline import group_members
+
+    pgid, started = leader
+    if not group_members(pgid):
+        return False
+    now = process_started(pgid)
+    # A leader that started later leads another group (Linux keeps a pgid from reuse while its group lives).
+    return now is None or started is None or abs(now - started) < 1.0
+
+
+def end_orphaned_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, grace: float = 30.0) -> list[int]:
+    """The RUNNING trials started on this machine by a tuner that is gone (kill -9, a crash): whatever of their
+    process group still runs is ended (SIGTERM, then SIGKILL after `grace`), and they are marked failed now,
+    so that a resumed search never runs beside a live orphan nor waits for a heartbeat to go stale. A RUNNING
+    trial whose tuner lives (another worker here) or runs on another machine is left to it (and to Optuna's
+    heartbeat). Returns the trial numbers failed."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        if attrs.get("host") != socket.gethostname() or "group" not in attrs:
+            continue
+        pid, started = attrs["tuner"]
+        now = process_started(pid)
+        if now is not None and (started is None or abs(now - started) < 1.0):
+            continue  # its tuner still runs it
+        pgid = attrs["group"][0]
+        if group_alive(attrs["group"]):
+            print(f"[tune] trial {trial.number}: its tuner is gone and process group {pgid} still runs: ending it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while group_alive(attrs["group"]) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+        # What Optuna's fail_stale_trials does to a trial whose heartbeat stopped, without waiting for it to.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # another worker here was first
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            failed.append(trial.number)
+    return failed
+
+
 def trial_rows(study: optuna.Study, model: str) -> list[dict]:
     """One row per trial for trials.csv: what ran, how it ended, how far it got."""
     rows = []
@@ -278,17 +345,19 @@ def tune(
     name = name or f"{model}-{datetime.now():%m%d-%H%M}"
     build = command or (lambda exp_name, overrides_: dvc_command(exp_name, overrides_, f"train-{model}"))
     storage = storage or f"sqlite:///{Path.cwd() / STORAGE_FILE}"
+    database = rdb_storage(storage)
     study = optuna.create_study(
         study_name=name,
-        storage=rdb_storage(storage),
+        storage=database,
         load_if_exists=True,
         direction="maximize",
         sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
     )
+    end_orphaned_trials(study, database)  # trials of a tuner here that died (kill -9), their processes ended
     with warnings.catch_warnings():  # "experimental" since Optuna 2.9; what its own heartbeat runs
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # trials of a process that died (kill -9, a lost machine)
+        optuna.storages.fail_stale_trials(study)  # trials of a process that died elsewhere (a lost machine)
     import mlflow  # seconds of imports: after the arguments and the storage are known to work
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
