@@ -41,16 +41,21 @@ def parent_death_signal(signum: int) -> bool:
         return False
 
 
-def others_in_group() -> list[int]:
-    """The processes of this process group but this one (the command's, and what they started)."""
+def group_members(pgid: int) -> list[int]:
+    """The live processes of process group `pgid` (a zombie, dead but not yet reaped, runs nothing: left out)."""
     import psutil
 
-    me, found = os.getpid(), []
+    found = []
     for pid in psutil.pids():
-        with contextlib.suppress(OSError):
-            if pid != me and os.getpgid(pid) == me and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        with contextlib.suppress(OSError, psutil.Error):
+            if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
                 found.append(pid)
     return found
+
+
+def others_in_group() -> list[int]:
+    """The processes of this process group but this one (the command's, and what they started)."""
+    return [pid for pid in group_members(os.getpid()) if pid != os.getpid()]
 
 
 def drain(child: subprocess.Popen | None, grace: float = GRACE_S) -> None:

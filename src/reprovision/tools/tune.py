@@ -226,16 +226,14 @@ def run_trial(command: list[str], model: str, trial: optuna.Trial, poll: float =
 
 # ---------------------------------------------------------------------------- the search
 def group_alive(leader: list) -> bool:
-    """Whether the process group a trial's lifeline led still has a process (the trial's, not a later one's)."""
+    """Whether the process group a trial's lifeline led still has a live process (the trial's, not a later one's)."""
+    from reprovision.tools.lifeline import group_members
+
     pgid, started = leader
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+    if not group_members(pgid):
         return False
-    except PermissionError:
-        return False  # someone else's group: a pid reused by another user
     now = process_started(pgid)
-    # A live leader that started later leads another group (Linux keeps a pgid from reuse while its group lives).
+    # A leader that started later leads another group (Linux keeps a pgid from reuse while its group lives).
     return now is None or started is None or abs(now - started) < 1.0
 
 
