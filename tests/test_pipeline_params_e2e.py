@@ -166,10 +166,13 @@ def test_a_rejected_param_leaves_the_workspace_whole(module_repo, override, mess
     (module_repo / "params.yaml").write_text(text)  # DVC leaves the value the user set; put ours back
 
 
-def test_airbench94_through_the_dag_with_its_test_time_augmentation_where_the_model_serves(module_repo):
+def test_airbench94_and_the_hybrid_vit_through_the_dag_with_test_time_augmentation_where_the_model_serves(module_repo):
     """Issue 35: a tiny `-S cnn.arch=airbench94` run through the real DAG, with its recipe's cnn params:
-    only the CNN and what reads it re-run; evaluate and the logged (served) model compute the recipe's
-    test-time augmentation, whose figure the stage records beside the un-augmented one."""
+    only the classifiers and what reads them re-run; evaluate and the logged (served) model compute the recipe's
+    test-time augmentation, whose figure the stage records beside the un-augmented one. In the same run (one DAG
+    run for both fast recipes), issue 43's `-S vit.arch=hybrid` with the vit-hybrid recipe's vit params: the card
+    splits the tokenizer's and the transformer's cost, the run records the CPU's math attention kernel, and
+    evaluate rolls the attention out over the hybrid's tokens."""
     import mlflow
     import numpy as np
     import yaml
@@ -177,14 +180,23 @@ def test_airbench94_through_the_dag_with_its_test_time_augmentation_where_the_mo
     from reprovision.data.datasets import load_split, stratified_subset
 
     sys.path.insert(0, str(module_repo / "benchmarks"))
-    from recipes import AIRBENCH94, hydra_value
+    from recipes import AIRBENCH94, VIT_HYBRID, hydra_value
 
     recipe = [f"{k}={hydra_value(v)}" for k, v in AIRBENCH94.overrides.items() if k.startswith("cnn.")]
     recipe += ["cnn.epochs=2", "cnn.batch_size=64", "cnn.ema_decay=0.9"]  # TINY's size; an EMA scored beside
+    recipe += [f"{k}={hydra_value(v)}" for k, v in VIT_HYBRID.overrides.items() if k.startswith("vit.")]
+    recipe += ["vit.epochs=2", "vit.batch_size=64", "vit.tokenizer_widths=[8,16]", "vit.embed_dim=32", "vit.depth=1"]
     text = (module_repo / "params.yaml").read_text()
-    run = exp_run(module_repo, *recipe)
+    run = exp_run(module_repo, *recipe, "vit.heads=2")
     ran = stages_run(run.stdout)
-    assert {"train-cnn", "evaluate", "report"} <= ran and not ran & {"train-vit", "augment", "train-gan@dcgan"}
+    assert {"train-cnn", "train-vit", "evaluate", "report"} <= ran and not ran & {"augment", "train-gan@dcgan"}
+    card = (module_repo / "models/vit/card.md").read_text()
+    assert "Hybrid ViT" in card and "MFLOPs per 32x32 image; transformer:" in card
+    vit_run = max(
+        (r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-vit"), key=lambda r: r.info.start_time
+    )
+    assert vit_run.data.params["arch"] == "hybrid" and vit_run.data.params["attention_kernel"] == "math"
+    assert (module_repo / "reports/figures/rollout_vit.png").stat().st_size > 0
     summary = json.loads((module_repo / "metrics/cnn/summary.json").read_text())
     assert summary["tta"] == "mirror_translate" and summary["tta_seconds"] > 0
     # The best epoch ships with its un-augmented figure beside, or the EMA if it validates better (issue 36).
@@ -231,34 +243,6 @@ def test_airbench94_through_the_dag_with_its_test_time_augmentation_where_the_mo
     (module_repo / "params.yaml").write_text(text)  # `dvc exp run -S` leaves its values in the workspace
     back = exp_run(module_repo)  # the params of the first run again: everything from the run-cache
     assert fingerprints(module_repo) == FIRST_RUN, back.stdout
-
-
-def test_the_hybrid_vit_through_the_dag_with_its_card_rollout_and_math_attention(module_repo):
-    """Issue 43: a tiny `-S vit.arch=hybrid` run through the real DAG with the vit-hybrid recipe's vit params:
-    only the ViT and what reads it re-run; the card splits the tokenizer's and the transformer's cost, the run
-    records the CPU's math attention kernel, evaluate rolls the attention out over the 8x8 tokens, and the
-    served model computes the recipe's test-time augmentation."""
-    sys.path.insert(0, str(module_repo / "benchmarks"))
-    from recipes import VIT_HYBRID, hydra_value
-
-    recipe = [f"{k}={hydra_value(v)}" for k, v in VIT_HYBRID.overrides.items() if k.startswith("vit.")]
-    tiny = ["vit.epochs=2", "vit.batch_size=64", "vit.tokenizer_widths=[8,16]", "vit.embed_dim=32", "vit.depth=1"]
-    text = (module_repo / "params.yaml").read_text()
-    run = exp_run(module_repo, *recipe, *tiny, "vit.heads=2")
-    ran = stages_run(run.stdout)
-    assert {"train-vit", "evaluate", "report"} <= ran and not ran & {"train-cnn", "augment", "train-gan@dcgan"}
-    summary = json.loads((module_repo / "metrics/vit/summary.json").read_text())
-    assert summary["tta"] == "mirror_translate" and 0 <= summary["monitor_test_acc"] <= 1
-    card = (module_repo / "models/vit/card.md").read_text()
-    assert "Hybrid ViT" in card and "MFLOPs per 32x32 image; transformer:" in card
-    newest = max(
-        (r for r in training_runs(module_repo) if r.data.tags["stage"] == "train-vit"), key=lambda r: r.info.start_time
-    )
-    assert newest.data.params["arch"] == "hybrid" and newest.data.params["attention_kernel"] == "math"
-    assert (module_repo / "reports/figures/rollout_vit.png").stat().st_size > 0
-    (module_repo / "params.yaml").write_text(text)
-    exp_run(module_repo)  # back to the first run's params: from the run-cache
-    assert fingerprints(module_repo) == FIRST_RUN
 
 
 def test_a_run_that_gets_worse_ships_registers_and_serves_its_best_validation_epoch(module_repo):
