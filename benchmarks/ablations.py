@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 from recipes import VIT_HYBRID, dvc_set_args
 
+from reprovision.config import flatten
 from reprovision.layout import ABLATIONS, METRICS, SUMMARY
 from reprovision.measure import ablation
 
@@ -56,8 +57,8 @@ def record(repo: Path, variant: str) -> dict:
     summary = json.loads((repo / METRICS / "vit" / SUMMARY).read_text())
     seed = params["seed"]
     expected = overrides(variant, seed)
-    flat = {f"{s}.{k}": v for s, section in params.items() if isinstance(section, dict) for k, v in section.items()}
-    wrong = {k: (v, flat.get(k, params.get(k))) for k, v in expected.items() if flat.get(k, params.get(k)) != v}
+    flat = flatten(params)
+    wrong = {k: (v, flat.get(k)) for k, v in expected.items() if flat.get(k) != v}
     if wrong:
         raise SystemExit(f"{repo}'s params.yaml is not variant {variant!r} (key: wanted, found): {wrong}")
     entry = {

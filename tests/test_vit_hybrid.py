@@ -18,6 +18,7 @@ from reprovision.training.fit_classifier import DeviceData, fit_classifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from recipes import VIT_HYBRID, nest  # noqa: E402
+from test_airbench import images  # noqa: E402  the same learnable 4-class toy images
 
 CPU = torch.device("cpu")
 POLICY = Policy("tiny", (0.5,) * 3, (0.25,) * 3, 4, True, 0.0, 1.0, 0.0, 0.2, 0.0, 8, "reflect", True)
@@ -77,13 +78,6 @@ def test_the_math_attention_kernel_is_the_cpus_only_when_asked():
         math = torch.nn.functional.scaled_dot_product_attention(q, q, q)
     default = torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert torch.allclose(math, default, atol=1e-6)  # the same attention, another kernel
-
-
-def images(n: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    x = (y.view(-1, 1, 1, 1) * 40 + torch.randint(0, 120, (n, 3, 32, 32), generator=g)).to(torch.uint8)
-    return x, y
 
 
 def train(*, checkpoint=None, on_epoch=None):
