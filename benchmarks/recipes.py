@@ -144,25 +144,29 @@ AIRBENCH94 = Recipe(
 )
 
 # A ViT for small data on a CPU budget (issue 43): `vit.arch: hybrid`, a three-convolution tokenizer (CCT) giving
-# 8x8 tokens of 256 channels to a 3-block transformer, trained the way airbench trains its CNN: a short schedule
+# 8x8 tokens of 256 channels to a small transformer, trained the way airbench trains its CNN: a short schedule
 # with warm-up and linear decay, label smoothing, translate with reflect padding, alternating flips and
 # test-time augmentation; AdamW (a transformer's optimiser) with no decay on biases, norms and embeddings.
 # The CPU's reference attention kernel ("math") is faster at 65 tokens (BENCHMARKS "ViT speed levers").
+# The first recipe (widths 64/128, 3 blocks, batch 256, 13 epochs; commit 247840d) reached 88.02 % and still
+# underfit (train 89.4 %): the convolutions run at the CPU's fast rate and batch 128 is no slower per image
+# here, so this one moves capacity into the tokenizer (256 channels at 16x16), keeps two blocks (as
+# Brokttv/Vit-on-small-data's 93 % model) and takes twice the steps in 15 epochs.
 VIT_HYBRID = Recipe(
     name="vit-hybrid",
     models=("vit",),
     overrides={
         "vit.arch": "hybrid",
-        "vit.tokenizer_widths": [64, 128],
+        "vit.tokenizer_widths": [64, 256],
         "vit.embed_dim": 256,
-        "vit.depth": 3,
+        "vit.depth": 2,
         "vit.heads": 4,
         "vit.mlp_ratio": 2.0,
         "vit.dropout": 0.0,
-        "vit.epochs": 13,
-        "vit.batch_size": 256,
+        "vit.epochs": 15,
+        "vit.batch_size": 128,
         "vit.optimizer": "adamw",
-        "vit.lr_mult": 2.0,
+        "vit.lr_mult": 1.5,
         "vit.weight_decay": 0.05,
         "vit.decay_exempt": True,
         "vit.scheduler": "warmup_linear",
@@ -177,8 +181,9 @@ VIT_HYBRID = Recipe(
         "augment.pad_mode": "reflect",
         "augment.alternate_flips": True,
     },
-    why="a hybrid ViT (3-conv tokenizer, 3 transformer blocks of 256) trained airbench-style: 13 epochs, AdamW "
-    "lr 2e-3 with warm-up and linear decay, label smoothing, translate 4, alternating flips, test-time augmentation",
+    why="a hybrid ViT (3-conv tokenizer of 64/256 channels, 2 transformer blocks of 256) trained airbench-style: "
+    "15 epochs at batch 128, AdamW lr 1.5e-3 with warm-up and linear decay, label smoothing, translate 4, "
+    "alternating flips, test-time augmentation",
 )
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (REFERENCE, IMPROVED, VIT_LONG, VIT_MODERN, AIRBENCH94, VIT_HYBRID)}
