@@ -1,7 +1,7 @@
 """The one command a GPU owner runs: is this GPU exact, and how fast, on the four reference models?
 
     python benchmarks/gpu_check.py --data <mirror>            # on one CUDA GPU, <= 8 minutes on an H200
-    python benchmarks/gpu_check.py --data <mirror> --smoke    # the same checks at tiny sizes, on the CPU (~15 s)
+    python benchmarks/gpu_check.py --data <mirror> --smoke    # the same checks at tiny sizes, on the CPU (~20 s)
 
 For each of R3's ViT and CNN and R2's DCGAN and R1's MLP GAN, under their reference recipes and
 full epochs (50,000 CIFAR-10 or 60,000 MNIST images), it measures, in this order:
@@ -14,7 +14,14 @@ full epochs (50,000 CIFAR-10 or 60,000 MNIST images), it measures, in this order
    (the first one captures the graphs), against the reference's figure and the H200 target;
    images/s, counted TFLOP/s (FlopCounterMode), peak GPU memory;
 3. the project loop against a minimal hand-written eager loop (speed_tables.py, `benchmark.py --gpu-table`);
-4. then, while the budget lasts, R3's CNN and ViT for their full 30 epochs with test accuracy.
+4. every recipe option the classifier fit supports (OPTION_SETS: gradient clipping, label smoothing, MixUp,
+   CutMix, drop-path, decay-exempt groups, EMA, lookahead, each optimiser and scheduler, SAM, fp32, ...),
+   one tiny run each per classifier: on CUDA the step captured as a graph against the same step eager, bit
+   for bit, or the reason the loop runs it eagerly (fit_classifier.eager_reason: SAM's two passes);
+5. then, while the budget lasts, R3's CNN and ViT for their full 30 epochs with test accuracy.
+
+Every short run records the sha256 of its final weights (`weights_sha256`: two machines compare by it) and
+the attention kernel it ran (`attention_kernel`, runtime.attention_backend).
 
 It prints one Markdown table per part and writes every figure to --json after each step, so a run
 cut short keeps what it finished. Reads MNIST's idx files and CIFAR-10 (the lossless binary or the
@@ -33,21 +40,75 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import runs  # benchmarks/runs.py and speed_tables.py: this script's folder is on sys.path
 import torch
 from runs import CLASSIFIERS, apply, dataset_of, load_dataset, subset
 from speed_tables import GPU_TABLE, _fraction, plain_loop
 
-from reprovision.config import Params
+from reprovision.config import DATASET_SHAPES, Params
 from reprovision.core import graphs
 from reprovision.core.runtime import attention_backend, autocast_dtype, nondeterministic_op
+from reprovision.models.classifiers import FAMILIES
 from reprovision.publish.references import REFERENCE, midpoint
+from reprovision.training.fit_classifier import eager_reason
+from reprovision.training.optim import build_optimizer
 
 MODELS = ("vit", "cnn", "dcgan", "mlp")
 # The issue's targets for one H200 (reference recipes, full epochs), s/epoch.
 H200_TARGET_S_PER_EPOCH = {"vit": 3.0, "cnn": 1.5, "dcgan": 5.0, "mlp": 3.0}
 FULL_RUNS = ("cnn", "vit")  # the last part, in this order, while the budget lasts
+
+# Every recipe option the classifier fit supports (config.TrainConfig, the augment policy's mixing, the
+# ViT's drop-path), one tiny set each over the model's reference recipe; "{m}." is the classifier's own
+# section, a set naming one family's section runs for that family only, and a set that leaves a model's
+# reference recipe as it is (adam for the CNN) is not run for it. tests/test_gpu_path.py checks that the
+# sets change every TrainConfig field but STEP_NEUTRAL's.
+OPTION_SETS: dict[str, dict[str, Any]] = {
+    "grad_clip": {"{m}.grad_clip": 0.1},  # small enough to bite in a few steps
+    "label_smoothing": {"{m}.label_smoothing": 0.1},
+    "mixup": {"augment.mixup_prob": 1.0, "augment.mixup_alpha": 0.4},  # soft targets
+    "cutmix": {"augment.cutmix_prob": 1.0, "augment.cutmix_alpha": 0.5},
+    "no_augment": {"{m}.augment": False},
+    "drop_path": {"vit.drop_path": 0.1},  # stochastic depth: random draws inside the captured step
+    "decay_exempt": {"{m}.decay_exempt": True},  # parameter groups without weight decay
+    "no_weight_decay": {"{m}.weight_decay": 0.0},
+    "norm_lr_mult": {"{m}.norm_lr_mult": 4.0},  # a parameter group with its own lr
+    "ema": {"{m}.ema_decay": 0.9},  # updated between replays; its weights are in the digest
+    "lookahead": {"{m}.lookahead_every": 2, "{m}.lookahead_decay": 0.9},  # weights moved between replays
+    "adam": {"{m}.optimizer": "adam"},
+    "adamw": {"{m}.optimizer": "adamw"},
+    "sgd": {"{m}.optimizer": "sgd", "{m}.momentum": 0.8, "{m}.nesterov": False, "{m}.batch_size": 96},
+    "sgd_nesterov": {"{m}.optimizer": "sgd", "{m}.momentum": 0.9, "{m}.nesterov": True},
+    "no_scheduler": {"{m}.scheduler": "none"},
+    "cosine": {"{m}.scheduler": "cosine"},
+    "step": {"{m}.scheduler": "step", "{m}.step_size": 1, "{m}.gamma": 0.5},
+    "warmup_cosine": {"{m}.scheduler": "warmup_cosine", "{m}.warmup_epochs": 1},
+    "warmup_linear": {
+        "{m}.scheduler": "warmup_linear",
+        "{m}.warmup_fraction": 0.3,
+        "{m}.lr_start_factor": 0.1,
+        "{m}.lr_end_factor": 0.05,
+    },
+    "sam": {"{m}.sam": "sam", "{m}.sam_rho": 0.1},  # two passes per step: eager (fit_classifier.eager_reason)
+    "asam": {"{m}.sam": "asam"},
+    "fp32": {"{m}.precision": "fp32"},  # the check's other runs use the recipe's precision (bf16 on CUDA)
+}
+# TrainConfig fields that do not change what a training step computes, and why no set varies them.
+STEP_NEUTRAL = {
+    "epochs": "how many steps, not what one does",
+    "eval_batch_size": "evaluation only",
+    "tta": "evaluation and serving only",
+    "early_stop": "when training stops, not what a step does",
+    # A value the captured step reads from a device copy refreshed before every replay (graphs.py);
+    # the schedulers' sets change that value every step.
+    "lr_mult": "scales the learning rate",
+    "cpu_attention": "the attention kernel on the CPU only; on CUDA runtime.attention_backend picks it (recorded)",
+    # A compiled step is never captured (fit_classifier.eager_reason) and compiling takes minutes on the
+    # first call: `benchmark.py --compile` measures it.
+    "compile": "torch.compile runs eagerly, not as a graph",
+}
 
 # How much each part trains. Determinism: a few dozen steps and an epoch boundary, with the last
 # partial batch (its own graph) in it. --smoke shrinks everything to a CPU-sized slice.
@@ -63,6 +124,10 @@ SIZES = {
         "plain_warmup": GPU_TABLE["plain_warmup_steps"],
         "plain_timed": GPU_TABLE["plain_timed_steps"],
         "full_epochs": None,
+        "option_images": 1_000,  # 7 full batches of 128 and a partial one, per epoch
+        "option_batch": None,  # the recipe's
+        "option_test_images": 500,
+        "option_epochs": 2,  # an epoch boundary, and warmup_cosine's decay after its warm-up epoch
     },
     "smoke": {
         "determinism_images": 300,
@@ -75,8 +140,13 @@ SIZES = {
         "plain_warmup": 1,
         "plain_timed": 2,
         "full_epochs": 2,
-        # Small architectures: the smoke exercises the code, and CI runs it (the reference sizes took ~4 min)
-        "shrink": {"vit.depth": 1, "vit.embed_dim": 32, "vit.heads": 2, "cnn.widths": [8, 16], "cnn.hidden": 16},
+        "option_images": 32,
+        "option_batch": 16,  # 2 steps per epoch: the schedulers' sets then differ from one another
+        "option_test_images": 20,
+        "option_epochs": 2,
+        # Small architectures: the smoke exercises the code, and CI runs it (the reference sizes took ~4 min);
+        # two ViT blocks, as drop-path's rate rises from 0 at the first block (one block would never drop)
+        "shrink": {"vit.depth": 2, "vit.embed_dim": 32, "vit.heads": 2, "cnn.widths": [8, 16], "cnn.hidden": 16},
     },
 }
 
@@ -112,8 +182,10 @@ def trained_state(
 ) -> tuple[dict, list[dict]]:
     """Every tensor a short run ends with (weights, buffers), on the CPU, and its per-epoch history."""
     if model in CLASSIFIERS:
-        net, history, *_ = runs.train_classifier(model, params, arrays, device, cuda_graphs)
+        net, history, *_, ema = runs.train_classifier(model, params, arrays, device, cuda_graphs)
         state = {f"{model}.{k}": v for k, v in net.state_dict().items()}
+        if ema is not None:  # the weights' moving average, kept beside them (ema_decay > 0)
+            state |= {f"{model}.ema.{k}": v for k, v in ema.state_dict().items()}
     else:
         images, _ = subset(arrays, "train", params.gan.train_fraction, params.seed, device)
         gen, disc, history, _ = runs.train_gan_pair(model, params, images, device, cuda_graphs=cuda_graphs)
@@ -167,6 +239,8 @@ def determinism(model: str, size: dict, arrays, device: torch.device) -> dict:
     first = trained_state(model, params, arrays, device, cuda_graphs=True)
     second = trained_state(model, params, arrays, device, cuda_graphs=True)
     result = {"repeat": compare(first, second), "weights_sha256": digest(first[0])}
+    if model in CLASSIFIERS:
+        result["attention_kernel"] = kernel_of(model, params, device)
     if device.type != "cuda":
         return {**result, "nan_fill": "n/a (CPU: no graphs)", "graph_vs_eager": "n/a (CPU: no graphs)"}
     graphs.FILL_UNINITIALIZED_MEMORY = True
@@ -176,6 +250,57 @@ def determinism(model: str, size: dict, arrays, device: torch.device) -> dict:
         graphs.FILL_UNINITIALIZED_MEMORY = False
     result["graph_vs_eager"] = compare(first, trained_state(model, params, arrays, device, cuda_graphs=False))
     return result
+
+
+def kernel_of(model: str, params: Params, device: torch.device) -> str:
+    """The attention kernel a classifier's steps run under (runtime.attention_backend, as the stage records it)."""
+    cfg = params.classifier(model)
+    return attention_backend(device, autocast_dtype(cfg.precision, device), cfg.cpu_attention)
+
+
+# ------------------------------------------------------------------------------------------ option sets
+
+
+def option_sets(model: str) -> dict[str, dict[str, Any]]:
+    """The OPTION_SETS that apply to classifier `model`, as params.yaml overrides of its reference recipe;
+    those that would leave the recipe as it is are left out."""
+    reference = Params().model_dump()
+    out = {}
+    for name, overrides in OPTION_SETS.items():
+        if {key.split(".")[0] for key in overrides} - {"{m}", "augment", model}:
+            continue  # another family's option
+        mine = {key.replace("{m}", model): value for key, value in overrides.items()}
+        if any(reference[key.split(".")[0]][key.split(".")[1]] != value for key, value in mine.items()):
+            out[name] = mine
+    return out
+
+
+def option_set(model: str, overrides: dict[str, Any], size: dict, arrays, device: torch.device) -> dict:
+    """One option set, tiny: its final weights' digest, its attention kernel and, on CUDA, the captured
+    step against the eager one (or why the loop runs it eagerly)."""
+    base = overrides_for(model, size, arrays, images=size["option_images"], epochs=size["option_epochs"], gan_steps=0)
+    base["data.test_fraction"] = fraction(size["option_test_images"], len(arrays["test_y"]))
+    if size["option_batch"]:
+        base[f"{model}.batch_size"] = size["option_batch"]  # a set's own batch size (sgd's) wins
+    params = apply({**base, **overrides}, f"gpu_check option set {model} {overrides}")
+    cfg = params.classifier(model)
+    channels, image_size, _, classes = DATASET_SHAPES[params.data.classifier_dataset]
+    net = FAMILIES[model].build(cfg, num_classes=classes, channels=channels, image_size=image_size).to(device)
+    eager = eager_reason(net, build_optimizer(net, cfg, params.learning_rate(model), device), cfg, device)
+    amp = autocast_dtype(cfg.precision, device)
+    graphed = trained_state(model, params, arrays, device, cuda_graphs=True)
+    row = {
+        "overrides": overrides,
+        "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
+        "attention_kernel": kernel_of(model, params, device),
+        "step": "captured" if eager is None else f"eager: {eager}",
+        "weights_sha256": digest(graphed[0]),
+    }
+    if eager is None:
+        row["graph_vs_eager"] = compare(graphed, trained_state(model, params, arrays, device, cuda_graphs=False))
+    else:
+        row["graph_vs_eager"] = f"n/a ({eager})"
+    return row
 
 
 # ------------------------------------------------------------------------------------------ speed
@@ -229,7 +354,7 @@ def full_run(model: str, size: dict, arrays, device: torch.device) -> dict:
         overrides_for(model, size, arrays, images=size["train_images"], epochs=epochs, gan_steps=0),
         f"gpu_check full {model}",
     )
-    net, history, train_images, test_images, total = runs.train_classifier(model, params, arrays, device)
+    net, history, train_images, test_images, total, _ = runs.train_classifier(model, params, arrays, device)
     seconds = [r["epoch_seconds"] for r in history]
     return {
         "epochs": epochs,
@@ -291,6 +416,21 @@ def markdown(report: dict) -> str:
             )
             + " |"
         )
+    if report.get("option_sets"):
+        out += [
+            "",
+            "| model | option set | precision | attention | step | graph vs eager | weights sha256 |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for model, sets in report["option_sets"].items():
+            for name, r in sets.items():
+                if "skipped" in r or "error" in r:
+                    out.append(f"| {model} | {name} | {r.get('skipped') or 'error: ' + r['error']} | | | | |")
+                    continue
+                out.append(
+                    f"| {model} | {name} | {r['precision']} | {r['attention_kernel']} | {r['step']} | "
+                    f"{r['graph_vs_eager']} | {r['weights_sha256'][:12]} |"
+                )
     if report["full_runs"]:
         out += [
             "",
@@ -377,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "SMOKE (tiny sizes: measures nothing)" if args.smoke else "reference recipes, full epochs",
         "budget_min": args.budget_min,
         "models": {},
+        "option_sets": {},
         "full_runs": {},
         "data": {},
     }
@@ -418,6 +559,29 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{model} {part} ({time.perf_counter() - t:.1f} s): "
                 + json.dumps({k: v for k, v in entry[part].items() if k != "epoch_seconds"}, default=str),
+                flush=True,
+            )
+
+    for model in (m for m in CLASSIFIERS if m in args.models):
+        arrays = data[dataset_of(model, Params())]
+        for name, overrides in option_sets(model).items():
+            sets = report["option_sets"].setdefault(model, {})
+            if time.perf_counter() > deadline:
+                sets[name] = {"skipped": "budget spent"}
+                continue
+            t = time.perf_counter()
+            try:
+                sets[name] = option_set(model, overrides, size, arrays, device)
+            except Exception as err:
+                explained = nondeterministic_op(err)
+                sets[name] = {"error": str(explained or err).splitlines()[0][:300], "traceback": traceback.format_exc()}
+                print(sets[name]["traceback"], flush=True)
+                failed = True
+            finally:
+                save()
+            print(
+                f"{model} option set {name} ({time.perf_counter() - t:.1f} s): "
+                + json.dumps({k: v for k, v in sets[name].items() if k not in ("overrides", "traceback")}),
                 flush=True,
             )
 

@@ -13,6 +13,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from reprovision.publish.references import REFERENCE, midpoint
 from reprovision.training.classifier_setup import setup as classifier_setup  # the stages' own set-up
 from reprovision.training.fit_classifier import DeviceData, fit_classifier
 from reprovision.training.fit_gan import fit_gan, gan_optimizers
+from reprovision.training.optim import ema_of
 
 # The benchmarks' shared constants, defined here only: benchmark.py and speed_tables.py import them.
 # Seconds per epoch the references reported on their own hardware (reprovision/publish/references.py), a
@@ -175,14 +178,16 @@ def _timing(seconds: list[float], images_per_epoch: int) -> dict[str, float | No
 
 def train_classifier(
     name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device, cuda_graphs: bool = True
-) -> tuple[torch.nn.Module, list[dict], int, int, float]:
-    """The train-<name> stage's set-up and loop: (model, history, train images, test images, seconds)."""
+) -> tuple[torch.nn.Module, list[dict], int, int, float, torch.nn.Module | None]:
+    """The train-<name> stage's set-up and loop: (model, history, train images, test images, seconds, the
+    weights' moving average or None), the average kept as the stage keeps it when `ema_decay` > 0."""
     cfg = params.classifier(name)
     rng = seed_everything(params.seed, device, params.deterministic)
     train_x, train_y = subset(arrays, "train", params.data.train_fraction, params.seed, device)
     test_x, test_y = subset(arrays, "test", params.data.test_fraction, params.seed, device)
     policy = make_policy(params.data.classifier_dataset, params.augment, train_x)
     model, train, val, augmenter = classifier_setup(FAMILIES[name], params, device, rng, train_x, train_y, policy)
+    ema = ema_of(model, cfg.ema_decay)  # None unless the recipe keeps one (ema_decay > 0)
     reset_peak_memory(device)
     started = time.perf_counter()
     history = fit_classifier(
@@ -196,8 +201,9 @@ def train_classifier(
         rng,
         progress=False,
         cuda_graphs=cuda_graphs,
+        ema=ema,
     )
-    return model, history, len(train), len(test_y), time.perf_counter() - started
+    return model, history, len(train), len(test_y), time.perf_counter() - started, ema
 
 
 def run_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], device: torch.device) -> dict:
@@ -210,7 +216,7 @@ def run_classifier(name: str, params: Params, arrays: dict[str, np.ndarray], dev
         classes,
         device,
     )
-    model, history, train_images, test_images, total = train_classifier(name, params, arrays, device)
+    model, history, train_images, test_images, total, _ = train_classifier(name, params, arrays, device)
     amp = autocast_dtype(cfg.precision, device)
     return {
         **_timing([row["epoch_seconds"] for row in history], train_images),
@@ -380,8 +386,24 @@ def environment(device: torch.device) -> dict:
         "cpu": cpu,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "git_commit": git_commit(),
         "load_average_1min": os.getloadavg()[0],  # other work on the machine slows a CPU run
     }
+
+
+def git_commit() -> str:
+    """The checkout's commit (with `+dirty` for uncommitted changes), so that a JSON says what code made it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"  # no git on the machine, or a copy without .git
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def write_results(path: Path, env: dict, mode: str, args: argparse.Namespace, rows: list[dict]) -> None:

@@ -1,6 +1,7 @@
 """The CUDA path, as far as a CPU can check it: determinism as an error with one clear line, the
-attention kernel chosen on CUDA, the graph-captured step's warm-up that leaves no trace, and
-benchmarks/gpu_check.py end to end at smoke size (without MLflow or DVC importable)."""
+attention kernel chosen on CUDA, the graph-captured step's warm-up that leaves no trace, which steps run
+eagerly and why, benchmarks/gpu_check.py's option sets covering every recipe option that changes the
+training step, and gpu_check end to end at smoke size (without MLflow or DVC importable)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import pytest
 import torch
 from torch import nn
 
+from reprovision.config import Params, TrainConfig
 from reprovision.core import runtime
 from reprovision.core.graphs import CapturedStep, capturable
+from reprovision.models.classifiers import FAMILIES
+from reprovision.training.fit_classifier import eager_reason
 from reprovision.training.optim import SAM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +100,52 @@ def test_steps_a_graph_cannot_replay_are_refused_with_the_reason():
     )
     with pytest.raises(ValueError, match="cannot capture this training step as a CUDA graph: Adam is not fused"):
         CapturedStep(lambda: (), [model], [torch.optim.Adam(model.parameters())])
+    # What fit_classifier asks before it captures (only types and flags: no GPU needed), and gpu_check records.
+    cuda, cfg = torch.device("cuda"), TrainConfig()
+    fused = torch.optim.Adam(model.parameters(), fused=True)
+    assert eager_reason(model, fused, cfg, cuda) is None
+    assert eager_reason(model, SAM(fused), cfg, cuda) == "SAM's two passes per step"
+    assert eager_reason(model, fused, cfg.model_copy(update={"compile": True}), cuda) == "torch.compile"
+    assert eager_reason(model, fused, cfg, CPU) == "no CUDA graphs on cpu"
+    assert eager_reason(model, SAM(fused), cfg, CPU) == "SAM's two passes per step"  # the recipe's reason first
+    assert eager_reason(model, fused, cfg, cuda, cuda_graphs=False) == "cuda_graphs off"
+
+
+def _gpu_check():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    return gpu_check
+
+
+def test_gpu_check_option_sets_change_every_field_that_changes_the_training_step():
+    """gpu_check compares graph against eager per option set: together the sets move every TrainConfig field
+    off its reference value for some classifier, except those STEP_NEUTRAL says do not change the step (and
+    why), and also MixUp, CutMix and the ViT's drop-path; each set is valid params and changes its recipe."""
+    gpu_check = _gpu_check()
+    reference = Params()
+    changed: set[str] = set()
+    for model in FAMILIES:
+        sets = gpu_check.option_sets(model)
+        assert sets, model
+        for name, overrides in sets.items():
+            params = gpu_check.apply(overrides, f"option set {name}")  # validated as params.yaml is
+            moved = {
+                field
+                for field in type(params.classifier(model)).model_fields
+                if getattr(params.classifier(model), field) != getattr(reference.classifier(model), field)
+            }
+            moved |= {
+                f"augment.{k}" for k, v in params.augment.model_dump().items() if v != getattr(reference.augment, k)
+            }
+            assert moved, (model, name)  # a set that leaves the reference recipe as it is tests nothing
+            changed |= moved
+    neutral = set(gpu_check.STEP_NEUTRAL)
+    assert neutral <= set(TrainConfig.model_fields), neutral - set(TrainConfig.model_fields)  # no stale entry
+    assert not neutral & changed, neutral & changed  # neutral and varied at once: one of the two is wrong
+    missing = set(TrainConfig.model_fields) - neutral - changed
+    assert not missing, f"no option set in benchmarks/gpu_check.py varies {sorted(missing)}"
+    assert {"drop_path", "augment.mixup_prob", "augment.cutmix_prob"} <= changed
 
 
 def test_gpu_check_smoke_runs_end_to_end_without_mlflow_or_dvc(tmp_path, stage_mirror):
@@ -124,4 +174,19 @@ def test_gpu_check_smoke_runs_end_to_end_without_mlflow_or_dvc(tmp_path, stage_m
         assert len(speed["epoch_seconds"]) == 3 and speed["images_per_s"] > 0 and speed["plain_images_per_s"] > 0
         assert speed["flops_per_image"] > 1e6 and speed["plain_ratio"] > 0
     assert report["full_runs"]["cnn"]["epochs"] == 2 and 0 <= report["full_runs"]["cnn"]["test_acc"] <= 1
+    # Every option set ran for each classifier, with its weights' digest and attention kernel; on the CPU
+    # there is no graph to compare, and SAM says why it would run eagerly on a GPU too.
+    gpu_check = _gpu_check()
+    for model in FAMILIES:
+        assert len(report["models"][model]["determinism"]["weights_sha256"]) == 64
+        assert report["models"][model]["determinism"]["attention_kernel"] == report["environment"]["attention_kernel"]
+        sets = report["option_sets"][model]
+        assert set(sets) == set(gpu_check.option_sets(model)), model
+        for name, row in sets.items():
+            assert "error" not in row and len(row["weights_sha256"]) == 64, (model, name, row)
+            assert row["attention_kernel"] == "default" and row["graph_vs_eager"].startswith("n/a"), row
+        digests = [row["weights_sha256"] for row in sets.values()]
+        assert len(set(digests)) == len(digests), model  # each option changed what training ended with
+        assert sets["fp32"]["precision"] == "fp32" and sets["grad_clip"]["step"] == "eager: no CUDA graphs on cpu"
+        assert sets["sam"]["graph_vs_eager"] == "n/a (SAM's two passes per step)"
     assert "| model | batch | precision | s/epoch" in proc.stdout and "SMOKE" in proc.stdout

@@ -75,6 +75,32 @@ def evaluate(
     return {"loss": loss_sum.item() / len(data), "acc": correct.item() / len(data)}
 
 
+def eager_reason(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    device: torch.device,
+    world: World = World(),
+    cuda_graphs: bool = True,
+) -> str | None:
+    """Why `fit_classifier` runs this training step eagerly instead of replaying it as a CUDA graph
+    (graphs.py); None when it is captured. The recipe's own reasons come before the device's, so that a
+    CPU names them too (benchmarks/gpu_check.py records the reason per option set)."""
+    if not cuda_graphs:
+        return "cuda_graphs off"
+    if isinstance(optimizer, SAM):
+        return "SAM's two passes per step"
+    if cfg.compile:
+        return "torch.compile"
+    if getattr(model, "start_epoch", None) is not None:
+        return "the model's start_epoch changes what trains"
+    if world.size > 1:
+        return "several ranks (DDP)"
+    if device.type != "cuda":
+        return f"no CUDA graphs on {device.type}"
+    return capturable([optimizer])  # None: captured
+
+
 def fit_classifier(
     model: torch.nn.Module,
     train: DeviceData,
@@ -107,7 +133,8 @@ def fit_classifier(
 
     On one CUDA device the step is replayed as a CUDA graph (graphs.py) unless `cuda_graphs` is
     False or the step cannot be captured (several ranks, SAM's two passes, torch.compile, an
-    optimiser `graphs.capturable` refuses, a model whose `start_epoch` changes what trains): then it runs eagerly.
+    optimiser `graphs.capturable` refuses, a model whose `start_epoch` changes what trains: `eager_reason`):
+    then it runs eagerly.
     """
     device = train.x.device
     amp = autocast_dtype(cfg.precision, device)
@@ -176,15 +203,7 @@ def fit_classifier(
         # Accuracy against the original labels, also under CutMix/MixUp (the references' convention).
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
-    graphed = (
-        cuda_graphs
-        and device.type == "cuda"
-        and world.size == 1
-        and not cfg.compile
-        and not isinstance(optimizer, SAM)
-        and capturable([optimizer]) is None
-        and start_epoch is None
-    )
+    graphed = eager_reason(model, optimizer, cfg, device, world, cuda_graphs) is None
     step_fn = CapturedStep(train_step, [model], [optimizer]) if graphed else train_step
 
     for epoch in range(first_epoch, cfg.epochs + 1):
