@@ -92,16 +92,74 @@ def test_a_finished_run_is_recorded_once_per_variant_and_seed_and_a_mislabelled_
     repo = tmp_path / "clone"
     (repo / "metrics/vit").mkdir(parents=True)
     (repo / "params.yaml").write_text(yaml.safe_dump(nest(ablations.overrides("sam", 1))))
-    summary = {"val_acc": 0.81, "test_acc": 0.8, "train_seconds": 1800.0, "epochs_trained": 5}
+    summary = {"val_acc": 0.81, "monitor_test_acc": 0.8, "train_seconds": 1800.0, "epochs_trained": 5}
     (repo / "metrics/vit/summary.json").write_text(json.dumps(summary))
     for _ in range(2):  # recorded again: replaces its entry
         ablations.record(repo, "sam")
     (entry,) = json.loads((tmp_path / "ablations.json").read_text())["runs"]
-    assert (entry["study"], entry["variant"], entry["seed"], entry["val_acc"], entry["seconds"]) == (
-        "gap", "sam", 1, 0.81, 1800.0)  # fmt: skip
+    assert (entry["study"], entry["variant"], entry["seed"], entry["val_acc"], entry["test_acc"], entry["seconds"]) == (
+        "gap", "sam", 1, 0.81, 0.8, 1800.0)  # fmt: skip
     assert entry["overrides"] == {"vit.sam": "sam"} and entry["params"]["vit.epochs"] == ablations.BUDGET["vit.epochs"]
     with pytest.raises(SystemExit, match="is not variant 'mixup'"):
         ablations.record(repo, "mixup")
     assert "abl-gap-cutmix-s2" in ablations.command("cutmix", 2) and "augment.cutmix_prob=0.5" in ablations.command(
         "cutmix", 2
     )
+
+
+def size_runs(model: str, fraction: float, test: list[float]) -> list[dict]:
+    return [
+        {**entry, "variant": f"{model}-{round(100 * fraction)}", "model": model, "train_fraction": fraction}
+        for entry in runs("size", "", [0.5] * len(test), test, {})
+    ]
+
+
+SIZE_ENTRIES = [
+    *size_runs("hybrid", 0.1, [0.60, 0.62, 0.61]),
+    *size_runs("airbench94", 0.1, [0.80, 0.81, 0.79]),
+    *size_runs("hybrid", 1.0, [0.90, 0.91, 0.92]),
+    *size_runs("airbench94", 1.0, [0.93, 0.94]),
+]
+
+
+def test_the_size_study_gives_each_models_accuracy_per_size_and_their_difference_with_intervals():
+    rows = ablation.size_rows([*ENTRIES, *SIZE_ENTRIES])  # the gap study's entries are not the size study's
+    assert [r["train_fraction"] for r in rows] == [0.1, 1.0]
+    small = rows[0]["models"]["hybrid"]
+    low, high = stats.t.interval(0.95, 2, loc=0.61, scale=stats.sem([0.60, 0.62, 0.61]))
+    assert small["test_acc"] == pytest.approx(0.61) and small["half"] == pytest.approx((high - low) / 2)
+    low, high = stats.ttest_ind([0.93, 0.94], [0.90, 0.91, 0.92], equal_var=False).confidence_interval(0.95)
+    assert rows[1]["difference"] == pytest.approx(((low + high) / 2, (high - low) / 2))
+    assert not any(r["study"] == "size" for r in ablation.gap_rows([*ENTRIES, *SIZE_ENTRIES]))
+    table = ablation.size_markdown(SIZE_ENTRIES)
+    assert "| Training set | hybrid test acc (95 %) | airbench94 test acc (95 %) |" in table
+    assert "| 10 % | 61.00 ± 2.48 % (3) | 80.00 ± 2.48 % (3) |" in table
+
+
+def test_the_size_study_runs_each_recipe_on_a_share_of_the_data_for_the_same_minutes(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ablations  # benchmarks/ablations.py
+    from recipes import nest
+
+    for model in ablations.SIZE_MODELS:  # epochs x images x seconds per image: the same minutes at every size
+        budget = [
+            ablations.size_epochs(model, f) * f * ablations.FULL_EPOCH_SECONDS[model] * 0.9 / 60
+            for f in ablations.SIZE_FRACTIONS
+        ]
+        assert max(budget) - min(budget) < 0.1 * ablations.SIZE_MINUTES
+    command = ablations.command("airbench94-30", 2, "size")
+    assert "data.train_fraction=0.3" in command and "cnn.arch=airbench94" in command and command.endswith("train-cnn")
+    monkeypatch.setattr(ablations, "RESULTS", tmp_path / "ablations.json")
+    repo = tmp_path / "clone"
+    (repo / "metrics/cnn").mkdir(parents=True)
+    (repo / "params.yaml").write_text(yaml.safe_dump(nest(ablations.overrides("airbench94-30", 2, "size"))))
+    summary = {"val_acc": 0.88, "monitor_test_acc": 0.87, "train_seconds": 950.0, "epochs_trained": 39}
+    (repo / "metrics/cnn/summary.json").write_text(json.dumps(summary))
+    entry = ablations.record(repo, "airbench94-30", "size")
+    assert (entry["model"], entry["train_fraction"], entry["test_acc"], entry["seed"]) == ("airbench94", 0.3, 0.87, 2)
+    assert ablation.size_rows([entry])[0]["models"]["airbench94"]["minutes"] == pytest.approx(950 / 60)

@@ -1,10 +1,14 @@
-"""What closes the gap (issue 43): each variant's gain over its study's baseline, with a 95 % interval over seeds.
+"""What closes the gap (issue 43): each variant's gain over its study's baseline, with a 95 % interval over seeds;
+and the size study: each model's accuracy against the share of the training set it trained on.
 
 benchmarks/ablations.json holds `{"runs": [...]}`, one entry per run: `study`, `variant`, `seed`, `val_acc`,
 `test_acc`, `seconds` and the `overrides` that make the variant. A variant's gain is its mean over its seeds
 minus the baseline's; the interval is Welch's t for a difference of two means (the two sets of runs share no
 random draws that pairing by seed could cancel). Decisions read the validation gain: a variant helps when that
 interval lies wholly above zero. The test gain is reported beside it, never decided on.
+
+Entries of the size study (`study` "size") also hold `model` and `train_fraction`; its table gives each model's
+mean test accuracy per size with a t interval over seeds, and the two models' difference with Welch's.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import statistics
 from collections.abc import Sequence
 
 BASELINE = "baseline"  # the variant every other one in its study is compared with
+GAP_STUDY = "gap"
+SIZE_STUDY = "size"  # accuracy against training-set size: entries add `model` and `train_fraction`
 FIELDS = ("study", "variant", "seed", "val_acc", "test_acc", "seconds", "overrides")
 
 
@@ -60,7 +66,7 @@ def gap_rows(entries: Sequence[dict]) -> list[dict]:
     A study without a baseline gives rows with no gain (nan)."""
     check_entries(entries)
     rows = []
-    for study in dict.fromkeys(e["study"] for e in entries):
+    for study in dict.fromkeys(e["study"] for e in entries if e["study"] != SIZE_STUDY):
         runs = [e for e in entries if e["study"] == study]
         base = [e for e in runs if e["variant"] == BASELINE]
         for variant in dict.fromkeys(e["variant"] for e in runs):
@@ -112,4 +118,54 @@ def markdown(entries: Sequence[dict]) -> str:
     """The "what closes the gap" table as BENCHMARKS.md shows it."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in gap_rows(entries)]
+    return "\n".join(lines)
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, half its 95 % interval by Student's t over seeds); the half is nan with fewer than two."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan
+    return mean, float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def size_rows(entries: Sequence[dict]) -> list[dict]:
+    """One row per training-set size: each model's mean test accuracy and interval, minutes of training, and
+    (with two models) the second's test accuracy minus the first's, with Welch's interval."""
+    check_entries(entries)
+    runs = [e for e in entries if e["study"] == SIZE_STUDY]
+    models = list(dict.fromkeys(e["model"] for e in runs))
+    rows = []
+    for fraction in sorted({e["train_fraction"] for e in runs}):
+        at = {m: [e for e in runs if e["model"] == m and e["train_fraction"] == fraction] for m in models}
+        row: dict = {"train_fraction": fraction, "models": {}}
+        for model, mine in at.items():
+            if mine:
+                acc, half = mean_interval([e["test_acc"] for e in mine])
+                minutes = statistics.fmean(e["seconds"] for e in mine) / 60
+                row["models"][model] = {"seeds": len(mine), "test_acc": acc, "half": half, "minutes": minutes}
+        if len(models) == 2 and all(at[m] for m in models):
+            first, second = ([e["test_acc"] for e in at[m]] for m in models)
+            row["difference"] = gain_interval(second, first)
+        rows.append(row)
+    return rows
+
+
+def size_markdown(entries: Sequence[dict]) -> str:
+    """The size study as BENCHMARKS.md shows it: one row per size, one column per model."""
+    models = list(dict.fromkeys(e["model"] for e in entries if e["study"] == SIZE_STUDY))
+    header = ["Training set", *(f"{m} test acc (95 %)" for m in models), *(f"{m} min" for m in models)]
+    if len(models) == 2:
+        header.append(f"{models[1]} − {models[0]} (points, 95 %)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in size_rows(entries):
+        shown = [row["models"].get(m) for m in models]
+        accs = ["—" if s is None else f"{points(s['test_acc'], s['half'])[1:]} % ({s['seeds']})" for s in shown]
+        minutes = ["—" if s is None else f"{s['minutes']:.1f}" for s in shown]
+        cells = [f"{100 * row['train_fraction']:g} %", *accs, *minutes]
+        if len(models) == 2:
+            cells.append(points(*row["difference"]) if "difference" in row else "—")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
