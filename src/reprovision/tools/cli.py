@@ -197,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reprovision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_mlflow_server(sub)
+    _add_reproduce(sub)
+    _add_study(sub)
+    _add_tune(sub)
+    _add_exp_worker(sub)
+    _add_promote(sub)
+    return parser
+
+
+def _add_mlflow_server(sub: argparse._SubParsersAction) -> None:
+    """`reprovision mlflow-server start|stop|status`."""
     srv = sub.add_parser(
         "mlflow-server",
         help="start/stop the MLflow server used for parallel experiments or by a team",
@@ -237,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.set_defaults(func=_server, store=False)  # it is the store
 
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    """`reprovision reproduce RUN_ID`."""
     rep = sub.add_parser(
         "reproduce", help="train a recorded MLflow run again from its commit and params (in a temp clone) and compare"
     )
@@ -244,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--dry-run", action="store_true", help="print what would be replayed only")
     rep.set_defaults(func=_reproduce, store=True)
 
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    """`reprovision study`: the study report, or queueing a data-size study."""
     std = sub.add_parser(
         "study",
         help="tabulate and plot the classifier runs of a study (reads MLflow)",
@@ -305,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     std.add_argument("--dry-run", action="store_true", help="with --queue-*-size: print the commands, queue nothing")
     std.set_defaults(func=_study, store=True)
 
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    """`reprovision tune`: an Optuna search, one DVC experiment per trial."""
     tun = sub.add_parser(
         "tune", help="Optuna search of lr, weight decay, label smoothing; one DVC experiment per trial"
     )
@@ -328,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tun.set_defaults(func=_tune, store=True)
 
+
+def _add_exp_worker(sub: argparse._SubParsersAction) -> None:
+    """`reprovision exp-worker`: one DVC experiment on any machine."""
     wrk = sub.add_parser(
         "exp-worker",
         help="on any machine: clone the origin, run one DVC experiment, push it and its run-cache back",
@@ -355,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Its stages log where MLFLOW_TRACKING_URI points (the team's server); unset, to the clone's own mlflow.db.
     wrk.set_defaults(func=_exp_worker, store=TRACKING_ENV)
 
+
+def _add_promote(sub: argparse._SubParsersAction) -> None:
+    """`reprovision promote`: move the registry alias `champion`."""
     pro = sub.add_parser(
         "promote", help="move the registry alias `champion` to this checkout's better classifier through the gate"
     )
@@ -362,8 +388,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="move the alias even if the holder scores as well or on another split"
     )
     pro.set_defaults(func=_promote, store=True)
-
-    return parser
 
 
 if __name__ == "__main__":

@@ -62,10 +62,48 @@ def upstream_stages(workdir: Path, stage: str) -> list[str]:
 
 
 def reproduce(run_id: str, dry_run: bool = False) -> int:
+    """Replays training run `run_id` in a throwaway clone and compares its metrics with the recorded ones
+    (the module's docstring says how); 0 when they are identical, 1 when not. `dry_run`: print what would
+    be replayed only."""
     import mlflow
 
     root, uri = project_root(), tracking_uri()
     client = mlflow.MlflowClient(uri)
+    recorded_run = recorded_training_run(client, run_id, uri)
+    tags = recorded_run.data.tags
+    commit = tags.get("git_commit", "unknown")
+    check_commit_known(root, run_id, commit)
+    params = recorded_params(run_id, uri, tags)
+    stage = stage_of(recorded_run)
+    if tags.get("git_dirty") == "true":
+        print(
+            f"warning: run {run_id} ran code with uncommitted changes; replaying commit {commit[:12]} as committed",
+            file=sys.stderr,
+        )
+    print(f"replaying {stage} of run {run_id}: commit {commit[:12]}, threads {params.get('threads')}, recorded params")
+    if dry_run:
+        print(yaml.safe_dump(params, sort_keys=False))
+        return 0
+
+    started_ms = replay_in_clone(root, commit, params, stage, uri=uri, run_id=run_id)
+    # The replay's run: the stage's newest since the replay started (code at an older commit may
+    # predate the `reproduces` tag).
+    replays = client.search_runs(
+        [recorded_run.info.experiment_id],
+        filter_string=f"attributes.start_time >= {started_ms} and tags.stage = '{tags['stage']}' "
+        f"and tags.model = '{tags['model']}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not replays:
+        raise ReproduceError(f"the replay of {stage} logged no run to {uri}")
+    return 0 if compare_runs(client, run_id, recorded_run, replays[0]) else 1
+
+
+def recorded_training_run(client, run_id: str, uri: str):
+    """The MLflow run `run_id`, which must be a training run; a ReproduceError says what to check otherwise."""
+    import mlflow
+
     try:
         recorded_run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException as err:
@@ -78,7 +116,11 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
         raise ReproduceError(
             f"run {run_id} is a {tags.get('stage', 'untagged')!r} run; reproduce replays training runs"
         )
-    commit = tags.get("git_commit", "unknown")
+    return recorded_run
+
+
+def check_commit_known(root: Path, run_id: str, commit: str) -> None:
+    """A ReproduceError unless the repository at `root` has `commit`, the run's."""
     known = (
         subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True).returncode == 0
     )
@@ -87,6 +129,12 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
             f"run {run_id} was made at commit {commit}, which this repository does not have; "
             f"`git fetch` the branch that has it, then run this again"
         )
+
+
+def recorded_params(run_id: str, uri: str, tags: dict[str, str]) -> dict:
+    """The run's resolved params, with `threads: auto` replaced by the count it resolved to when it ran."""
+    import mlflow
+
     params = json.loads(
         Path(
             mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RESOLVED_PARAMS, tracking_uri=uri)
@@ -94,17 +142,12 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
     )
     if params.get("threads") == "auto" and tags.get("threads"):
         params["threads"] = int(tags["threads"])  # the count "auto" resolved to, on the recorded machine
-    stage = stage_of(recorded_run)
-    if tags.get("git_dirty") == "true":
-        print(
-            f"warning: run {run_id} ran code with uncommitted changes; replaying commit {commit[:12]} as committed",
-            file=sys.stderr,
-        )
-    print(f"replaying {stage} of run {run_id}: commit {commit[:12]}, threads {params.get('threads')}, recorded params")
-    if dry_run:
-        print(yaml.safe_dump(params, sort_keys=False))
-        return 0
+    return params
 
+
+def replay_in_clone(root: Path, commit: str, params: dict, stage: str, *, uri: str, run_id: str) -> int:
+    """Trains `stage` again in a throwaway clone of `root` at `commit` with `params`, logging to `uri` a run
+    tagged as replaying `run_id`; returns when the replay started (epoch milliseconds)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, REPRODUCES_ENV: run_id}
     env.pop("DVC_EXP_NAME", None)
     workdir = Path(tempfile.mkdtemp(prefix="reprovision-reproduce-"))
@@ -119,19 +162,13 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
         run(["dvc", "repro", "--force", "--single-item", stage], workdir, env)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    return started_ms
 
-    # The replay's run: the stage's newest since the replay started (code at an older commit may
-    # predate the `reproduces` tag).
-    replays = client.search_runs(
-        [recorded_run.info.experiment_id],
-        filter_string=f"attributes.start_time >= {started_ms} and tags.stage = '{tags['stage']}' "
-        f"and tags.model = '{tags['model']}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    if not replays:
-        raise ReproduceError(f"the replay of {stage} logged no run to {uri}")
-    replay = replays[0]
+
+def compare_runs(client, run_id: str, recorded_run, replay) -> bool:
+    """Prints the two runs' last value of each metric side by side, and whether every metric's history is
+    identical, which it returns; when not, a note if the runs computed with different CPU kernels."""
+    tags = recorded_run.data.tags
     # Timings differ run to run; eval_* came from the evaluate stage (now runs of their own).
     # System metrics (CPU, memory, disk) describe the machine at that moment, not the result.
     keys = sorted(k for k in recorded_run.data.metrics if k not in TIMING and not k.startswith(("eval_", "system/")))
@@ -151,4 +188,4 @@ def reproduce(run_id: str, dry_run: bool = False) -> int:
             "sums depend on them; README, Threads and precision, says how to lower this machine's kernels",
             file=sys.stderr,
         )
-    return 0 if same else 1
+    return same

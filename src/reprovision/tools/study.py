@@ -401,6 +401,28 @@ def write_study(
     """study.csv, one PNG per varying setting, and study.md tying them together; returns the md path."""
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "study.csv", index=False)
+    lines = _summary_lines(table, name, source)
+    moving = varying(table, x)
+    decide_on = decision_metric(table)
+    metric = decide_on or "test_acc"
+    best = best_settings(table, moving or list(x)) if decide_on else None
+    lines += _best_settings_lines(best, moving or x)
+    for setting in x:
+        lines += _setting_lines(table, setting, out=out, moving=moving, best=best, metric=metric)
+    lines += [
+        "## All runs",
+        "",
+        _markdown_table(table.assign(model=table["model"].map(lambda m: LABELS.get(m, m)))),
+        "",
+    ]
+    path = out / "study.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _summary_lines(table: pd.DataFrame, name: str, source: str) -> list[str]:
+    """study.md's title, its runs per model and where they came from, and a warning for each CONTEXT that
+    differs between them."""
     counts = ", ".join(f"{LABELS.get(m, m)} {n}" for m, n in table["model"].value_counts().sort_index().items())
     lines = [
         f"# Study: {name}",
@@ -416,31 +438,14 @@ def write_study(
                 "accuracies are not directly comparable.",
                 "",
             ]
+    return lines
 
-    moving = varying(table, x)
-    decide_on = decision_metric(table)
-    metric = decide_on or "test_acc"
-    if decide_on:
-        best = best_settings(table, moving or list(x))
-        shown = best.assign(model=best["model"].map(lambda m: LABELS.get(m, m)))
-        lines += [
-            "## Best settings",
-            "",
-            "Highest mean final validation accuracy per model (mean over runs with the same "
-            "settings, e.g. seeds; `val_acc_ci`: half the 95 % interval of that mean, Student's t); "
-            "`distinguishable`: whether that interval clears the runner-up setting's. Test accuracy beside "
-            "it (the training runs' last-epoch figure, monitoring in their precision; a pipeline's test accuracy "
-            "is its evaluate stage's) is reported, never used to choose:",
-            "",
-        ]
-        lines += [
-            _markdown_table(
-                shown[["model", *(moving or x), "runs", "val_acc", "val_acc_ci", "distinguishable", *METRICS[1:]]]
-            ),
-            "",
-        ]
-    else:
-        lines += [
+
+def _best_settings_lines(best: pd.DataFrame | None, settings: Sequence[str]) -> list[str]:
+    """study.md's "Best settings": each model's best (best_settings over `settings`), or why none is chosen
+    (`best` None: not every run held out a validation split)."""
+    if best is None:
+        return [
             "## Best settings",
             "",
             "None chosen: not every run held out a validation split (`data.val_fraction` = 0), "
@@ -448,53 +453,67 @@ def write_study(
             "The plots show final test accuracy, without a best.",
             "",
         ]
-
-    for setting in x:
-        label = AXES.get(setting, Axis(setting, log=False)).label
-        lines += [f"## {metric.removesuffix('_acc').capitalize()} accuracy vs {label}", ""]
-        if setting not in moving:
-            values = table.groupby("model")[setting].first().dropna()
-            kept = (
-                "one value per model (" + ", ".join(f"{LABELS.get(m, m)} {v:g}" for m, v in values.items()) + ")"
-                if len(values)
-                else "not recorded in these runs"
-            )
-            lines += [f"Not plotted: `{setting}` is {kept}.", ""]
-            continue
-        others = [o for o in moving if o != setting]
-        runs = slice_through_best(table, best, others) if decide_on else table
-        figure = out / f"{metric}_vs_{setting}.png"
-        starred = plot_accuracy_vs(runs, setting, figure, metric, star=bool(decide_on))
-        lines += [f"![Final {metric.removesuffix('_acc')} accuracy vs {label}]({figure.name})", ""]
-        if decide_on:
-            lines += ["; ".join(verdict(r, setting, metric) for _, r in starred.iterrows()) + "."]
-        elif others:
-            lines.append(
-                "Each point is a run; the line is the mean over runs at that setting, whatever the "
-                f"other settings ({', '.join(others)})."
-            )
-        if decide_on and others:
-            held = "; ".join(
-                f"{LABELS.get(top['model'], top['model'])} " + ", ".join(f"{o} = {top[o]:g}" for o in others)
-                for _, top in best.iterrows()
-            )
-            lines.append(
-                f"Other settings held at each model's best ({held}); {len(table) - len(runs)} runs "
-                "off that slice are in the table only."
-            )
-        if AXES.get(setting, Axis("", False)).log and (runs[setting] == 0).any():
-            lines.append(f"`{setting}` = 0 is drawn on a symlog axis (linear near 0, logarithmic beyond).")
-        lines.append("")
-
-    lines += [
-        "## All runs",
+    shown = best.assign(model=best["model"].map(lambda m: LABELS.get(m, m)))
+    return [
+        "## Best settings",
         "",
-        _markdown_table(table.assign(model=table["model"].map(lambda m: LABELS.get(m, m)))),
+        "Highest mean final validation accuracy per model (mean over runs with the same "
+        "settings, e.g. seeds; `val_acc_ci`: half the 95 % interval of that mean, Student's t); "
+        "`distinguishable`: whether that interval clears the runner-up setting's. Test accuracy beside "
+        "it (the training runs' last-epoch figure, monitoring in their precision; a pipeline's test accuracy "
+        "is its evaluate stage's) is reported, never used to choose:",
+        "",
+        _markdown_table(shown[["model", *settings, "runs", "val_acc", "val_acc_ci", "distinguishable", *METRICS[1:]]]),
         "",
     ]
-    path = out / "study.md"
-    path.write_text("\n".join(lines))
-    return path
+
+
+def _setting_lines(
+    table: pd.DataFrame,
+    setting: str,
+    *,
+    out: Path,
+    moving: Sequence[str],
+    best: pd.DataFrame | None,
+    metric: str,
+) -> list[str]:
+    """study.md's section on one setting: its plot (written to `out`) with each model's best along it when
+    `best` is known, or why it is not plotted (one value per model)."""
+    label = AXES.get(setting, Axis(setting, log=False)).label
+    lines = [f"## {metric.removesuffix('_acc').capitalize()} accuracy vs {label}", ""]
+    if setting not in moving:
+        values = table.groupby("model")[setting].first().dropna()
+        kept = (
+            "one value per model (" + ", ".join(f"{LABELS.get(m, m)} {v:g}" for m, v in values.items()) + ")"
+            if len(values)
+            else "not recorded in these runs"
+        )
+        return [*lines, f"Not plotted: `{setting}` is {kept}.", ""]
+    others = [o for o in moving if o != setting]
+    runs = slice_through_best(table, best, others) if best is not None else table
+    figure = out / f"{metric}_vs_{setting}.png"
+    starred = plot_accuracy_vs(runs, setting, figure, metric, star=best is not None)
+    lines += [f"![Final {metric.removesuffix('_acc')} accuracy vs {label}]({figure.name})", ""]
+    if best is not None:
+        lines += ["; ".join(verdict(r, setting, metric) for _, r in starred.iterrows()) + "."]
+    elif others:
+        lines.append(
+            "Each point is a run; the line is the mean over runs at that setting, whatever the "
+            f"other settings ({', '.join(others)})."
+        )
+    if best is not None and others:
+        held = "; ".join(
+            f"{LABELS.get(top['model'], top['model'])} " + ", ".join(f"{o} = {top[o]:g}" for o in others)
+            for _, top in best.iterrows()
+        )
+        lines.append(
+            f"Other settings held at each model's best ({held}); {len(table) - len(runs)} runs "
+            "off that slice are in the table only."
+        )
+    if AXES.get(setting, Axis("", False)).log and (runs[setting] == 0).any():
+        lines.append(f"`{setting}` = 0 is drawn on a symlog axis (linear near 0, logarithmic beyond).")
+    lines.append("")
+    return lines
 
 
 def run_study(

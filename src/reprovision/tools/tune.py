@@ -334,30 +334,13 @@ def tune(
     storage: str | None = None,
 ) -> optuna.Study:
     """Search SEARCH_SPACE for `model` with `trials` DVC experiments; logs the "tune" MLflow run and prints the best."""
-    if model not in CLASSIFIERS:
-        raise TuneError(f"--model {model!r}: allowed: {', '.join(CLASSIFIERS)}")
-    if trials < 1:
-        raise TuneError(f"--trials {trials}: need at least 1")
-    if epochs is not None and epochs < 1:
-        raise TuneError(f"--epochs {epochs}: need at least 1 (and 2 or more for pruning to act)")
+    check_numbers(model, trials, epochs)
     fixed = [*sets, *([f"{model}.epochs={epochs}"] if epochs else [])]
     params = check_overrides(fixed, model)
     name = name or f"{model}-{datetime.now():%m%d-%H%M}"
     build = command or (lambda exp_name, overrides_: dvc_command(exp_name, overrides_, f"train-{model}"))
     storage = storage or f"sqlite:///{Path.cwd() / STORAGE_FILE}"
-    database = rdb_storage(storage)
-    study = optuna.create_study(
-        study_name=name,
-        storage=database,
-        load_if_exists=True,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
-    )
-    end_orphaned_trials(study, database)  # trials of a tuner here that died (kill -9), their processes ended
-    with warnings.catch_warnings():  # "experimental" since Optuna 2.9; what its own heartbeat runs
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # trials of a process that died elsewhere (a lost machine)
+    study = open_study(name, storage, seed)
     import mlflow  # seconds of imports: after the arguments and the storage are known to work
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -367,15 +350,7 @@ def tune(
             f"[tune {name}] resuming: {len(study.trials)} trials on record in {storage}, {max(remaining, 0)} to run",
             flush=True,
         )
-
-    def objective(trial: optuna.Trial) -> float:
-        values = {n: trial.suggest_float(n, low, high, log=log) for n, (low, high, log) in SEARCH_SPACE.items()}
-        exp_name = f"tune-{name}-{trial.number}"
-        trial.set_user_attr("exp_name", exp_name)
-        cmd = build(exp_name, [*overrides(values, model), *fixed])
-        cmd = [executable(cmd[0]), *cmd[1:]]
-        print(f"[tune {name}] trial {trial.number}: {shlex.join(cmd)}", flush=True)
-        return run_trial(cmd, model, trial, poll)
+    objective = trial_objective(name=name, model=model, fixed=fixed, build=build, poll=poll)
 
     def log_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == optuna.trial.TrialState.COMPLETE:
@@ -403,18 +378,7 @@ def tune(
                 study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[log_trial, enough])
         finally:  # a failed or interrupted search still leaves its trials on record
             os.environ.pop(track.PARENT_RUN_ENV, None)
-            with tempfile.TemporaryDirectory() as tmp:
-                table = Path(tmp) / "trials.csv"
-                rows = trial_rows(study, model)
-                if rows:
-                    fields = list(
-                        dict.fromkeys(k for row in rows for k in row)
-                    )  # a failed first trial may lack later params
-                    with table.open("w", newline="") as fh:
-                        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
-                        writer.writeheader()
-                        writer.writerows(rows)
-                    mlflow.log_artifact(str(table))
+            log_trials_table(study, model)
         complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
         if not complete:
             raise TuneError(
@@ -422,15 +386,105 @@ def tune(
             )
         best = study.best_trial
         reproduce = dvc_command(None, [*overrides(best.params, model), *fixed], f"train-{model}")
-        mlflow.log_params({f"best.{param_key(k, model)}": v for k, v in best.params.items()})
-        mlflow.log_metric("best_value", best.value)
-        mlflow.set_tags({"best_exp_name": best.user_attrs["exp_name"], "best_command": shlex.join(reproduce)})
-        importances = param_importances(study, seed)
-        mlflow.log_metrics({f"importance.{param_key(k, model)}": v for k, v in importances.items()})
+        importances = log_best(study, best, reproduce, model=model, seed=seed)
+    print_summary(
+        study, best, name=name, model=model, finished=len(complete), reproduce=reproduce, importances=importances
+    )
+    return study
 
+
+def check_numbers(model: str, trials: int, epochs: int | None) -> None:
+    """A TuneError for a --model, --trials or --epochs that cannot run, before anything starts."""
+    if model not in CLASSIFIERS:
+        raise TuneError(f"--model {model!r}: allowed: {', '.join(CLASSIFIERS)}")
+    if trials < 1:
+        raise TuneError(f"--trials {trials}: need at least 1")
+    if epochs is not None and epochs < 1:
+        raise TuneError(f"--epochs {epochs}: need at least 1 (and 2 or more for pruning to act)")
+
+
+def open_study(name: str, storage: str, seed: int) -> optuna.Study:
+    """The study `name` in `storage`, made or resumed, with its dead trials (a tuner killed here, or a machine
+    lost elsewhere) marked failed."""
+    database = rdb_storage(storage)
+    study = optuna.create_study(
+        study_name=name,
+        storage=database,
+        load_if_exists=True,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    )
+    end_orphaned_trials(study, database)  # trials of a tuner here that died (kill -9), their processes ended
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.9; what its own heartbeat runs
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # trials of a process that died elsewhere (a lost machine)
+    return study
+
+
+def trial_objective(
+    *, name: str, model: str, fixed: list[str], build: CommandBuilder, poll: float
+) -> Callable[[optuna.Trial], float]:
+    """Optuna's objective: one trial's settings drawn from SEARCH_SPACE, run as the DVC experiment
+    tune-<name>-<number>; its value is the last validation accuracy."""
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {n: trial.suggest_float(n, low, high, log=log) for n, (low, high, log) in SEARCH_SPACE.items()}
+        exp_name = f"tune-{name}-{trial.number}"
+        trial.set_user_attr("exp_name", exp_name)
+        cmd = build(exp_name, [*overrides(values, model), *fixed])
+        cmd = [executable(cmd[0]), *cmd[1:]]
+        print(f"[tune {name}] trial {trial.number}: {shlex.join(cmd)}", flush=True)
+        return run_trial(cmd, model, trial, poll)
+
+    return objective
+
+
+def log_trials_table(study: optuna.Study, model: str) -> None:
+    """trials.csv (trial_rows) as an artifact of the active MLflow run; nothing while the study has no trial."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "trials.csv"
+        rows = trial_rows(study, model)
+        if rows:
+            fields = list(dict.fromkeys(k for row in rows for k in row))  # a failed first trial may lack later params
+            with table.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+                writer.writeheader()
+                writer.writerows(rows)
+            mlflow.log_artifact(str(table))
+
+
+def log_best(
+    study: optuna.Study, best: optuna.trial.FrozenTrial, reproduce: list[str], *, model: str, seed: int
+) -> dict[str, float]:
+    """Logs the best trial's settings, value, experiment and command (`reproduce`) to the active MLflow run,
+    then each parameter's importance, which it returns."""
+    import mlflow
+
+    mlflow.log_params({f"best.{param_key(k, model)}": v for k, v in best.params.items()})
+    mlflow.log_metric("best_value", best.value)
+    mlflow.set_tags({"best_exp_name": best.user_attrs["exp_name"], "best_command": shlex.join(reproduce)})
+    importances = param_importances(study, seed)
+    mlflow.log_metrics({f"importance.{param_key(k, model)}": v for k, v in importances.items()})
+    return importances
+
+
+def print_summary(
+    study: optuna.Study,
+    best: optuna.trial.FrozenTrial,
+    *,
+    name: str,
+    model: str,
+    finished: int,
+    reproduce: list[str],
+    importances: dict[str, float],
+) -> None:
+    """The search's outcome: trial counts, the best trial's settings, the importances and what to run next."""
     pruned = len(study.get_trials(states=(optuna.trial.TrialState.PRUNED,)))
     print(
-        f"\n[tune {name}] {len(study.trials)} trials ({len(complete)} finished, {pruned} pruned); "
+        f"\n[tune {name}] {len(study.trials)} trials ({finished} finished, {pruned} pruned); "
         f"best: trial {best.number} ({best.user_attrs['exp_name']}), val_acc {best.value:.4f}"
     )
     for key, value in best.params.items():
@@ -441,4 +495,3 @@ def tune(
     print(f"reproduce:  {shlex.join(reproduce)}")
     print(f"its results: dvc exp apply {best.user_attrs['exp_name']}")
     print(f"all trials:  reprovision study --name 'tune {name}' --exp-names 'tune-{name}-*'")
-    return study
