@@ -22,12 +22,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from reprovision.config import TrainConfig
-from reprovision.core import checkpoint as ckpt
 from reprovision.core.distributed import World, sum_over_ranks, sync_buffers, wrap
 from reprovision.core.graphs import CapturedStep, capturable
 from reprovision.core.runtime import attention_kernels, autocast_dtype, compiled_for_determinism
 from reprovision.data.augment import BatchAugment
+from reprovision.training.loop import Epochs
 from reprovision.training.optim import SAM, Lookahead, build_optimizer, build_scheduler, clip_gradients
+from reprovision.training.shipping import keep_best, restore_best, stops_early
 
 
 @dataclass
@@ -137,56 +138,177 @@ def fit_classifier(
     then it runs eagerly.
     """
     device = train.x.device
-    amp = autocast_dtype(cfg.precision, device)
-    # A last batch that would leave a rank one image breaks BatchNorm's batch statistics; every
-    # other remainder is used.
-    steps = len(train) // cfg.batch_size + (len(train) % cfg.batch_size >= 2 * world.size)
-    optimizer = build_optimizer(model, cfg, lr, device)
-    scheduler = build_scheduler(optimizer, cfg, steps)
-    start_epoch = getattr(model, "start_epoch", None)
-    lookahead = (
-        Lookahead(model, every=cfg.lookahead_every, decay=cfg.lookahead_decay, total_steps=cfg.epochs * steps)
-        if cfg.lookahead_every
-        else None
+    run = _Training.build(model, train, augment, cfg, lr, generator, world, ema)
+    loop = Epochs(
+        cfg.epochs,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        generator=generator,
+        device=device,
+        on_epoch=on_epoch,
+        main=world.is_main,
     )
-    step_model = wrap(model, world, device)
-    step_model = compiled_for_determinism(step_model) if cfg.compile else step_model
-    progress = progress and world.is_main
-    history: list[dict] = []
-    first_epoch = 1
-    best: dict | None = None  # {"epoch", "val_acc", "model"}: the best validation epoch's weights
-
-    state = ckpt.load(checkpoint, fingerprint, main=world.is_main)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        ckpt.restore_rng(state["rng"], generator, device)
-        history = state["history"]
-        best = state["best"]
-        if lookahead is not None:
-            lookahead.load_state_dict(state["lookahead"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        first_epoch = state["epoch"] + 1
+    loop.resume(restore=run.load_state_dict)
+    graphed = eager_reason(model, run.optimizer, cfg, device, world, cuda_graphs) is None
+    train_step = _train_step(run)
+    step_fn = CapturedStep(train_step, [model], [run.optimizer]) if graphed else train_step
+    for epoch in loop.epochs():
+        *totals, train_seconds = run.train_epoch(epoch, step_fn, graphed, progress=progress and world.is_main)
+        row = run.score(epoch, totals, val, test)
+        row.update(epoch_seconds=train_seconds, lr=run.optimizer.param_groups[0]["lr"])
+        run.best = keep_best(run.best, row=row, model=model)
+        stop = stops_early(run.best, epoch=epoch, patience=cfg.early_stop)
         if world.is_main:
-            print(f"resuming from {checkpoint} after epoch {state['epoch']}")
-        for row in history:  # the new tracking run gets the whole metric history, not just the tail
-            if on_epoch is not None:
-                on_epoch(row)
+            shown = " | ".join(
+                f"{split} loss {row[f'{split}_loss']:.4f} acc {row[f'{split}_acc']:.4f}"
+                for split in ("train", "val", "test")
+                if f"{split}_acc" in row
+            )
+            print(f"epoch {epoch:3d} | {shown} | {train_seconds:6.2f} s | lr {row['lr']:.2e}", flush=True)
+        loop.end_epoch(row, complete=epoch == cfg.epochs or stop, state=run.state_dict)
+        if stop:
+            if world.is_main:
+                print(f"early stop after epoch {epoch}: no better validation accuracy since epoch {run.best['epoch']}")
+            break
+    restore_best(model, run.best)  # what ships: the best validation epoch
+    return loop.history
+
+
+@dataclass
+class _Training:
+    """What one fit_classifier run steps, scores and checkpoints."""
+
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # the model as a step runs it: wrapped for DDP, compiled
+    train: DeviceData
+    augment: BatchAugment
+    cfg: TrainConfig
+    generator: torch.Generator
+    world: World
+    amp: torch.dtype | None
+    steps: int  # per epoch
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    lookahead: Lookahead | None
+    ema: torch.optim.swa_utils.AveragedModel | None
+    best: dict | None = None  # {"epoch", "val_acc", "model"}: the best validation epoch's weights (shipping.py)
+
+    @classmethod
+    def build(cls, model, train, augment, cfg, lr, generator, world, ema) -> _Training:
+        device = train.x.device
+        # A last batch that would leave a rank one image breaks BatchNorm's batch statistics; every
+        # other remainder is used.
+        steps = len(train) // cfg.batch_size + (len(train) % cfg.batch_size >= 2 * world.size)
+        optimizer = build_optimizer(model, cfg, lr, device)
+        scheduler = build_scheduler(optimizer, cfg, steps)
+        lookahead = (
+            Lookahead(model, every=cfg.lookahead_every, decay=cfg.lookahead_decay, total_steps=cfg.epochs * steps)
+            if cfg.lookahead_every
+            else None
+        )
+        step_model = wrap(model, world, device)
+        step_model = compiled_for_determinism(step_model) if cfg.compile else step_model
+        amp = autocast_dtype(cfg.precision, device)
+        return cls(
+            model, step_model, train, augment, cfg, generator, world, amp, steps, optimizer, scheduler, lookahead, ema
+        )
+
+    def state_dict(self) -> dict:
+        """This run's part of the checkpoint (loop.py adds the random streams and the history)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "best": self.best,
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.best = state["best"]
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(state["lookahead"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def train_epoch(self, epoch: int, step_fn, graphed: bool, *, progress: bool) -> tuple:
+        """One epoch of steps on this rank's shares: (summed loss, correct count, images seen, seconds)."""
+        model, train, cfg, world, steps = self.model, self.train, self.cfg, self.world, self.steps
+        device = train.x.device
+        model.train()
+        start_epoch = getattr(model, "start_epoch", None)
+        if start_epoch is not None:
+            start_epoch(epoch)
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen = 0
+        perm = torch.randperm(len(train), device=device, generator=self.generator)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress)
+        for step in bar:
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            y = train.y[idx]
+            x, target = self.augment(train.x[idx], y, train=True, index=idx, epoch=epoch)  # the same on every rank
+            weight = 1.0
+            if world.size > 1:
+                mine = world.share(len(idx))
+                x, target, y = x[mine], target[mine], y[mine]
+                # DDP averages the ranks' gradients: weighting each share's mean loss by its size
+                # makes that average the gradient of the global batch's mean loss.
+                weight = len(y) * world.size / len(idx)
+            loss, hits = step_fn(x, target, y) if graphed else step_fn(x, target, y, weight)
+            if self.scheduler is not None:
+                self.scheduler.step()
+            if self.lookahead is not None:
+                self.lookahead.step((epoch - 1) * steps + step + 1)
+            if self.ema is not None:
+                self.ema.update_parameters(model)
+            loss_sum += loss * len(y)
+            correct += hits
+            seen += len(y)
+        if self.lookahead is not None and epoch == cfg.epochs:
+            self.lookahead.finish()  # the weights that ship are the average (airbench)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return loss_sum, correct, seen, time.perf_counter() - started
+
+    def score(self, epoch: int, totals: list, val: DeviceData | None, test: DeviceData) -> dict:
+        """The epoch's row: the training figures (`totals` of train_epoch) summed over the ranks, then each
+        split evaluated."""
+        device = self.train.x.device
+        loss_sum, correct, seen = totals
+        loss_sum, correct, seen = sum_over_ranks(loss_sum, correct, torch.tensor(seen, device=device), world=self.world)
+        sync_buffers(self.model, self.world)
+        row = {"epoch": epoch, "train_loss": loss_sum.item() / seen.item(), "train_acc": correct.item() / seen.item()}
+        splits = {"val": val, "test": test} if val is not None else {"test": test}
+        for split, data in splits.items():
+            cfg = self.cfg
+            measured = evaluate(
+                self.model, data, self.augment, cfg.eval_batch_size, self.amp, self.world, cfg.cpu_attention
+            )
+            row[f"{split}_loss"], row[f"{split}_acc"] = measured["loss"], measured["acc"]
+        return row
+
+
+def _train_step(run: _Training) -> Callable:
+    """One update on the device, no host sync: (x, target, y, weight) -> the batch's mean loss and its correct
+    count. `weight`: the share's part of the global batch's mean loss (1.0 alone)."""
+    model, optimizer, cfg = run.model, run.optimizer, run.cfg
+    device = run.train.x.device
 
     def loss_of(x, target):
-        with _autocast(device, amp), attention_kernels(device, amp, cfg.cpu_attention):
-            logits = step_model(x)
+        with _autocast(device, run.amp), attention_kernels(device, run.amp, cfg.cpu_attention):
+            logits = run.step_model(x)
         return F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing), logits
 
     def backward(loss, weight: float) -> None:
-        """Gradients of the share's mean loss times `weight`, its part of the global batch's mean (1.0 alone)."""
         (loss * weight if weight != 1.0 else loss).backward()
 
     def train_step(x, target, y, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """One update on the device, no host sync; returns the batch's mean loss and its correct count."""
         loss, logits = loss_of(x, target)
         backward(loss, weight)
         if isinstance(optimizer, SAM):
@@ -203,89 +325,4 @@ def fit_classifier(
         # Accuracy against the original labels, also under CutMix/MixUp (the references' convention).
         return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
-    graphed = eager_reason(model, optimizer, cfg, device, world, cuda_graphs) is None
-    step_fn = CapturedStep(train_step, [model], [optimizer]) if graphed else train_step
-
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        model.train()
-        if start_epoch is not None:
-            start_epoch(epoch)
-        started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        perm = torch.randperm(len(train), device=device, generator=generator)
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress)
-        for step in bar:
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            y = train.y[idx]
-            x, target = augment(train.x[idx], y, train=True, index=idx, epoch=epoch)  # the same on every rank
-            weight = 1.0
-            if world.size > 1:
-                mine = world.share(len(idx))
-                x, target, y = x[mine], target[mine], y[mine]
-                # DDP averages the ranks' gradients: weighting each share's mean loss by its size
-                # makes that average the gradient of the global batch's mean loss.
-                weight = len(y) * world.size / len(idx)
-            loss, hits = step_fn(x, target, y) if graphed else step_fn(x, target, y, weight)
-            if scheduler is not None:
-                scheduler.step()
-            if lookahead is not None:
-                lookahead.step((epoch - 1) * steps + step + 1)
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss * len(y)
-            correct += hits
-            seen += len(y)
-        if lookahead is not None and epoch == cfg.epochs:
-            lookahead.finish()  # the weights that ship are the average (airbench)
-        lr_now = optimizer.param_groups[0]["lr"]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - started
-        loss_sum, correct, seen = sum_over_ranks(loss_sum, correct, torch.tensor(seen, device=device), world=world)
-        sync_buffers(model, world)
-        row = {"epoch": epoch, "train_loss": loss_sum.item() / seen.item(), "train_acc": correct.item() / seen.item()}
-        splits = {"val": val, "test": test} if val is not None else {"test": test}
-        for split, data in splits.items():
-            measured = evaluate(model, data, augment, cfg.eval_batch_size, amp, world, cfg.cpu_attention)
-            row[f"{split}_loss"], row[f"{split}_acc"] = measured["loss"], measured["acc"]
-        row.update(epoch_seconds=train_seconds, lr=lr_now)
-        history.append(row)
-        if val is not None and (best is None or row["val_acc"] > best["val_acc"]):
-            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best = {"epoch": epoch, "val_acc": row["val_acc"], "model": weights}
-        stop = val is not None and cfg.early_stop > 0 and epoch - best["epoch"] >= cfg.early_stop
-        if not world.is_main:
-            if stop:
-                break
-            continue
-        shown = " | ".join(
-            f"{split} loss {row[f'{split}_loss']:.4f} acc {row[f'{split}_acc']:.4f}" for split in ("train", *splits)
-        )
-        print(f"epoch {epoch:3d} | {shown} | {train_seconds:6.2f} s | lr {lr_now:.2e}", flush=True)
-        if checkpoint is not None:
-            ckpt.save(
-                checkpoint,
-                {
-                    "fingerprint": fingerprint,
-                    "epoch": epoch,
-                    "complete": epoch == cfg.epochs or stop,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "rng": ckpt.capture_rng(generator, device),
-                    "history": history,
-                    "best": best,
-                    "lookahead": lookahead.state_dict() if lookahead is not None else None,
-                    "ema": ema.state_dict() if ema is not None else None,
-                },
-            )
-        if on_epoch is not None:
-            on_epoch(row)
-        if stop:
-            print(f"early stop after epoch {epoch}: no better validation accuracy since epoch {best['epoch']}")
-            break
-    if best is not None:
-        model.load_state_dict(best["model"])  # what ships: the best validation epoch
-    return history
+    return train_step

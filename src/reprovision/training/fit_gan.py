@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from reprovision.core import checkpoint as ckpt
 from reprovision.core.graphs import CapturedStep, capturable
 from reprovision.data.pixels import to_pm1
+from reprovision.training.loop import Epochs, load_into, state_of
 
 
 def gan_optimizers(
@@ -71,31 +71,57 @@ def fit_gan(
     or an optimiser is one `graphs.capturable` refuses (e.g. not fused): then it runs eagerly.
     """
     device = images.device
-    n = len(images)
-    steps = n // batch_size  # drop the ragged last batch: BatchNorm1d needs > 1 sample
+    steps = len(images) // batch_size  # drop the ragged last batch: BatchNorm1d needs > 1 sample
     if max_steps:
         steps = min(steps, max_steps)
-    history: list[dict] = []
-    first_epoch = 1
+    parts = {"generator": generator_net, "discriminator": discriminator, "opt_g": opt_g, "opt_d": opt_d}
+    loop = Epochs(
+        epochs,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        generator=rng,
+        device=device,
+        on_epoch=(lambda row: on_epoch(row["epoch"], row)) if on_epoch is not None else None,
+        hook_first=True,  # what on_epoch adds to the row is checkpointed
+    )
+    resumed = (lambda state: on_resume(state["epoch"], state.get("extra", {}))) if on_resume is not None else None
+    loop.resume(lambda state: load_into(parts, state), resumed)
+    checkpointed = lambda: state_of(parts) | {"extra": extra() if extra is not None else {}}  # noqa: E731
+    eager_step = _gan_step(generator_net, discriminator, opt_g, opt_d)
+    graphed = cuda_graphs and device.type == "cuda" and capturable([opt_g, opt_d]) is None
+    captured = (
+        CapturedStep(lambda real, z: (eager_step(real, z),), [generator_net, discriminator], [opt_g, opt_d])
+        if graphed
+        else None
+    )
+    for epoch in loop.epochs():
+        generator_net.train()
+        discriminator.train()
+        started = time.perf_counter()
+        sums = torch.zeros(4, device=device)  # d_loss, g_loss, D(x), D(G(z))
+        perm = torch.randperm(len(images), device=device, generator=rng)
+        for step in tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress):
+            real = to_pm1(images[perm[step * batch_size : (step + 1) * batch_size]])
+            z = torch.randn(batch_size, latent_dim, device=device, generator=rng)
+            sums += captured(real, z)[0] if graphed else eager_step(real, z)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        means = (sums / steps).tolist()
+        row = {"epoch": epoch, "d_loss": means[0], "g_loss": means[1], "d_real": means[2], "d_fake": means[3]}
+        row["epoch_seconds"] = time.perf_counter() - started
+        print(
+            f"epoch {epoch:3d} | D loss {row['d_loss']:.4f} | G loss {row['g_loss']:.4f} | "
+            f"D(x) {row['d_real']:.3f} D(G(z)) {row['d_fake']:.3f} | {row['epoch_seconds']:6.2f} s",
+            flush=True,
+        )
+        loop.end_epoch(row, complete=epoch == epochs, state=checkpointed)
+    return loop.history
 
-    state = ckpt.load(checkpoint, fingerprint)
-    if state is not None:
-        generator_net.load_state_dict(state["generator"])
-        discriminator.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        ckpt.restore_rng(state["rng"], rng, device)
-        history = state["history"]
-        first_epoch = state["epoch"] + 1
-        print(f"resuming from {checkpoint} after epoch {state['epoch']}", flush=True)
-        if on_resume is not None:
-            on_resume(state["epoch"], state.get("extra", {}))
-        for row in history:  # the new tracking run gets the whole metric history, not just the tail
-            if on_epoch is not None:
-                on_epoch(row["epoch"], row)
+
+def _gan_step(generator_net, discriminator, opt_g, opt_d) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One D then one G update on (real images, z), on the device; returns (D loss, G loss, D(x), D(G(z)))."""
 
     def train_step(real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """One D then one G update, on the device; returns (D loss, G loss, D(x), D(G(z)))."""
         fake = generator_net(z)
 
         # Discriminator: real -> 1, fake -> 0.
@@ -118,56 +144,4 @@ def fit_gan(
         with torch.no_grad():
             return torch.stack([d_loss, g_loss, torch.sigmoid(d_real).mean(), torch.sigmoid(d_fake).mean()])
 
-    graphed = cuda_graphs and device.type == "cuda" and capturable([opt_g, opt_d]) is None
-    step_fn = (
-        CapturedStep(lambda real, z: (train_step(real, z),), [generator_net, discriminator], [opt_g, opt_d])
-        if graphed
-        else None
-    )
-
-    for epoch in range(first_epoch, epochs + 1):
-        generator_net.train()
-        discriminator.train()
-        started = time.perf_counter()
-        sums = torch.zeros(4, device=device)  # d_loss, g_loss, D(x), D(G(z))
-        perm = torch.randperm(n, device=device, generator=rng)
-        for step in tqdm(range(steps), desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress):
-            real = to_pm1(images[perm[step * batch_size : (step + 1) * batch_size]])
-            z = torch.randn(batch_size, latent_dim, device=device, generator=rng)
-            sums += step_fn(real, z)[0] if graphed else train_step(real, z)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        means = (sums / steps).tolist()
-        row = {
-            "epoch": epoch,
-            "d_loss": means[0],
-            "g_loss": means[1],
-            "d_real": means[2],
-            "d_fake": means[3],
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        history.append(row)
-        print(
-            f"epoch {epoch:3d} | D loss {row['d_loss']:.4f} | G loss {row['g_loss']:.4f} | "
-            f"D(x) {row['d_real']:.3f} D(G(z)) {row['d_fake']:.3f} | {row['epoch_seconds']:6.2f} s",
-            flush=True,
-        )
-        if on_epoch is not None:
-            on_epoch(epoch, row)
-        if checkpoint is not None:
-            ckpt.save(
-                checkpoint,
-                {
-                    "fingerprint": fingerprint,
-                    "epoch": epoch,
-                    "complete": epoch == epochs,
-                    "generator": generator_net.state_dict(),
-                    "discriminator": discriminator.state_dict(),
-                    "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict(),
-                    "rng": ckpt.capture_rng(rng, device),
-                    "history": history,
-                    "extra": extra() if extra is not None else {},
-                },
-            )
-    return history
+    return train_step

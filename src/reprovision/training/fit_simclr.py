@@ -25,9 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from reprovision.config import SSLConfig
-from reprovision.core import checkpoint as ckpt
 from reprovision.core.runtime import autocast_dtype
 from reprovision.data.augment import Policy
+from reprovision.training.loop import Epochs, load_into, state_of
 
 # RGB -> YIQ: a hue shift is a rotation of the (I, Q) chroma plane, a linear op on the whole batch
 # (the usual approximation of rotating H in HSV, e.g. Pillow's and TensorFlow's image ops differ too).
@@ -174,23 +174,17 @@ def fit_simclr(
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps)
     params = ViewParams.of(cfg)
-    history: list[dict] = []
-    first_epoch = 1
-
-    state = ckpt.load(checkpoint, fingerprint)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.restore_rng(state["rng"], generator, device)
-        history = state["history"]
-        first_epoch = state["epoch"] + 1
-        print(f"resuming from {checkpoint} after epoch {state['epoch']}")
-        for row in history:
-            if on_epoch is not None:
-                on_epoch(row)
-
-    for epoch in range(first_epoch, cfg.epochs + 1):
+    loop = Epochs(
+        cfg.epochs,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        generator=generator,
+        device=device,
+        on_epoch=on_epoch,
+    )
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    loop.resume(lambda state: load_into(parts, state))
+    for epoch in loop.epochs():
         model.train()
         started = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
@@ -219,25 +213,9 @@ def fit_simclr(
             "epoch_seconds": seconds,
             "lr": optimizer.param_groups[0]["lr"],
         }
-        history.append(row)
         print(
             f"epoch {epoch:3d} | nt-xent {row['loss']:.4f} | pair acc {row['pair_acc']:.4f} | {seconds:6.2f} s",
             flush=True,
         )
-        if checkpoint is not None:
-            ckpt.save(
-                checkpoint,
-                {
-                    "fingerprint": fingerprint,
-                    "epoch": epoch,
-                    "complete": epoch == cfg.epochs,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": ckpt.capture_rng(generator, device),
-                    "history": history,
-                },
-            )
-        if on_epoch is not None:
-            on_epoch(row)
-    return history
+        loop.end_epoch(row, complete=epoch == cfg.epochs, state=lambda: state_of(parts))
+    return loop.history
