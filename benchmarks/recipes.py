@@ -1,10 +1,10 @@
-"""The training recipes, defined in src/reprovision/recipes.py (`reprovision recipe <name>` runs one through the
+"""The training recipes, defined in src/reprovision/tools/recipes.py (`reprovision recipe <name>` runs one through the
 pipeline); the benchmark scripts and tests import them from here. Run as a script, it prints each recipe as its
 `dvc exp run -S ...` line."""
 
 from __future__ import annotations
 
-from reprovision.recipes import (  # noqa: F401  (re-exported for the benchmark scripts and tests)
+from reprovision.tools.recipes import (  # noqa: F401  (re-exported for the benchmark scripts and tests)
     AIRBENCH94,
     IMPROVED,
     MODELS,

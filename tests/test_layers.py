@@ -13,8 +13,7 @@ LIBRARY = ROOT / "src" / "reprovision"
 
 # Lowest first. Packages of one layer are peers: neither imports the other.
 LAYERS = [
-    {"config", "errors", "compat", "recipes"},  # leaves: the params schema, the errors a stage ends on, the torchvision
-    # fix, the training recipes (their names are in config; `reprovision recipe` runs them)
+    {"config", "errors", "compat"},  # leaves: the params schema, the errors a stage ends on, the torchvision fix
     {"layout"},  # where every file goes (names the classifier families of config)
     {"data"},
     {"core"},  # what a stage stands on: its start and end, runtime, checkpoints, tracking, DDP, graphs

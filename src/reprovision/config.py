@@ -67,7 +67,7 @@ NonNegativeInt = Annotated[int, Field(ge=0), NotBool]
 
 
 Scheduler = Literal["none", "cosine", "step", "warmup_cosine", "warmup_linear"]  # optim.build_scheduler
-# The recipes of reprovision/recipes.py (tests/test_recipes.py keeps the two lists equal), named here and not
+# The recipes of reprovision/tools/recipes.py (tests/test_recipes.py keeps the two lists equal), named here and not
 # imported: every stage reads this module, and editing a recipe's values must not re-run the whole DAG.
 RecipeName = Literal["none", "reference", "improved", "vit-long", "vit-modern", "airbench94", "vit-hybrid"]
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from reprovision.layout import CLASSIFIERS, STUDY
-from reprovision.recipes import RECIPES
+from reprovision.tools.recipes import RECIPES
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -88,7 +88,7 @@ def _recipe(args: argparse.Namespace) -> int:
     import shutil
     import subprocess
 
-    from reprovision.recipes import recipe_set_args
+    from reprovision.tools.recipes import recipe_set_args
 
     dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"  # this environment's first
     command = [dvc, "exp", "run", *recipe_set_args(RECIPES[args.name]), *args.dvc_args]
@@ -99,7 +99,7 @@ def _recipe(args: argparse.Namespace) -> int:
 def _add_recipe(sub: argparse._SubParsersAction) -> None:
     rec = sub.add_parser(
         "recipe",
-        help="run a training recipe (reprovision/recipes.py) through the pipeline: dvc exp run -S ... -S recipe=NAME",
+        help="run a training recipe (reprovision/tools/recipes.py) through the pipeline: dvc exp run -S ...",
         description="Examples: reprovision recipe airbench94 | reprovision recipe airbench94 -n ab-s1 -S seed=1 "
         "train-cnn | reprovision recipe vit-hybrid --queue | reprovision recipe --print improved. Everything after "
         "the name goes to `dvc exp run`, after the recipe's overrides: a -S there overrides the recipe's value. "
