@@ -186,7 +186,8 @@ def test_every_mistake_is_reported_at_once():
 def test_top_level_not_a_mapping():
     with pytest.raises(
         ConfigError,
-        match=r"expected a mapping of the sections seed, device, threads, deterministic, lr, data.*got list \[1, 2\]",
+        match=r"expected a mapping of the sections seed, device, threads, deterministic, lr, recipe, data.*got list "
+        r"\[1, 2\]",
     ):
         parse_params([1, 2])
 

@@ -67,6 +67,9 @@ NonNegativeInt = Annotated[int, Field(ge=0), NotBool]
 
 
 Scheduler = Literal["none", "cosine", "step", "warmup_cosine", "warmup_linear"]  # optim.build_scheduler
+# The recipes of reprovision/tools/recipes.py (tests/test_recipes.py keeps the two lists equal), named here and not
+# imported: every stage reads this module, and editing a recipe's values must not re-run the whole DAG.
+RecipeName = Literal["none", "reference", "improved", "vit-long", "vit-modern", "airbench94", "vit-hybrid"]
 
 
 class Section(BaseModel):
@@ -392,6 +395,9 @@ class Params(Section):
     # is the explicit, recorded opt-out for speed studies, never a default.
     deterministic: bool = True
     lr: PositiveFloat = 1e-3
+    # The recipe these values started from (`reprovision recipe <name>` sets it): a label logged with every
+    # stage's run, read by no computation; "none" is params.yaml as written.
+    recipe: RecipeName = "none"
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     judge: JudgeConfig = JudgeConfig()
@@ -535,6 +541,10 @@ def explain(error: ValidationError, source: str = "params.yaml") -> str:
             lines.append(f"  - unknown key '{key}'{hint} (allowed here: {', '.join(known)})")
             continue
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "literal_error":  # one of a list of names: the closest as a hint
+            names = err["ctx"]["expected"].split("'")[1::2]  # "'a', 'b' or 'c'" -> a, b, c
+            close = difflib.get_close_matches(str(err.get("input")), names, n=1)
+            msg += f"; did you mean '{close[0]}'?" if close else ""
         if not loc:  # a check across keys (Params._check_geometry): its message names them
             lines.append(f"  - {msg}")
             continue

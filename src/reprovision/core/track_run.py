@@ -244,7 +244,7 @@ def stage_run(
 ) -> Iterator[Any]:
     """One MLflow run for one executed stage, carrying everything needed to repeat it.
 
-    `params` are the run's flat MLflow params; `resolved` is the whole params.yaml as the stage
+    `params` are the run's flat MLflow params (with `recipe`); `resolved` is the whole params.yaml as the stage
     read it, logged as resolved_params.json for `reprovision reproduce`. `checkpoint` is where the
     stage saves its training (default: checkpoints/<model>.pt), named by the error messages.
     `run_name` defaults to the stage's name (plus the DVC experiment's); `system_metrics`: MLflow
@@ -295,7 +295,7 @@ def stage_run(
                 if group:
                     _settle_group(client, group)  # RUNNING while this stage runs (unless one failed)
                 _supersede_earlier_attempts(client, run, all_tags)
-                items = sorted((k, str(v)) for k, v in params.items())
+                items = sorted((k, str(v)) for k, v in {**params, "recipe": resolved.recipe}.items())
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
                     mlflow.log_params(dict(items[i : i + 100]))
                 # The full resolved params: what `reprovision reproduce <run-id>` replays.

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from reprovision.layout import CLASSIFIERS, STUDY
+from reprovision.tools.recipes import RECIPES
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -78,6 +79,36 @@ def _exp_worker(args: argparse.Namespace) -> int:
 
     worker.run(args.origin, args.name, args.set, args.targets, rev=args.rev, workdir=args.workdir)
     return 0
+
+
+def _recipe(args: argparse.Namespace) -> int:
+    """`dvc exp run` with the recipe's `-S` overrides and its name, then the user's arguments (a later `-S` of
+    the same key wins); the line is printed first, every value on it."""
+    import shlex
+    import shutil
+    import subprocess
+
+    from reprovision.tools.recipes import recipe_set_args
+
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or "dvc"  # this environment's first
+    command = [dvc, "exp", "run", *recipe_set_args(RECIPES[args.name]), *args.dvc_args]
+    print(shlex.join(["dvc", *command[1:]]), flush=True)
+    return 0 if args.print else subprocess.run(command).returncode
+
+
+def _add_recipe(sub: argparse._SubParsersAction) -> None:
+    rec = sub.add_parser(
+        "recipe",
+        help="run a training recipe (reprovision/tools/recipes.py) through the pipeline: dvc exp run -S ...",
+        description="Examples: reprovision recipe airbench94 | reprovision recipe airbench94 -n ab-s1 -S seed=1 "
+        "train-cnn | reprovision recipe vit-hybrid --queue | reprovision recipe --print improved. Everything after "
+        "the name goes to `dvc exp run`, after the recipe's overrides: a -S there overrides the recipe's value. "
+        "Every value lands in params.yaml (and `dvc exp show`, MLflow), and its name in params.yaml's `recipe`.",
+    )
+    rec.add_argument("--print", action="store_true", help="print the `dvc exp run` line only")
+    rec.add_argument("name", choices=list(RECIPES), help=f"one of {', '.join(RECIPES)}")
+    rec.add_argument("dvc_args", nargs=argparse.REMAINDER, metavar="...", help="more `dvc exp run` arguments")
+    rec.set_defaults(func=_recipe, store=False)  # its stages check the store themselves
 
 
 def _promote(args: argparse.Namespace) -> int:
@@ -202,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study(sub)
     _add_tune(sub)
     _add_exp_worker(sub)
+    _add_recipe(sub)
     _add_promote(sub)
     return parser
 
