@@ -17,12 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 
-from reprovision.config import DATASET_SHAPES  # noqa: E402
+from reprovision.config import DATASET_SHAPES, GANConfig, Params  # noqa: E402
 from reprovision.core import checkpoint, track_log, track_run  # noqa: E402
-from reprovision.core.context import load_subset, run_tags, start  # noqa: E402
+from reprovision.core.context import Context, load_subset, run_tags, start  # noqa: E402
 from reprovision.core.runtime import seed_everything  # noqa: E402
 from reprovision.core.stage import main, write_csv, write_json  # noqa: E402
 from reprovision.data.pixels import to_pm1  # noqa: E402
@@ -48,6 +49,205 @@ def load_judge(device: torch.device) -> LeNet:
     return judge.to(device).eval()
 
 
+@dataclass
+class EpochWork:
+    """What the stage does beside training, epoch by epoch: the FID curve, the sample frames from fixed
+    noise, the history rows. Kept in the checkpoint too (`extra`, `on_resume`): a resumed run rewrites
+    the earlier frames, whose PNGs DVC deleted."""
+
+    gen: torch.nn.Module
+    judge: LeNet
+    real_test: torch.Tensor  # the test images in [-1, 1], what the FID compares samples with
+    fixed_noise: torch.Tensor  # the same 100 noise vectors every frame
+    samples: Path  # the frames' folder
+    gcfg: GANConfig
+    seed: int
+    latent_dim: int
+    device: torch.device
+    frame_images: dict[int, torch.Tensor] = field(default_factory=dict)  # epoch -> samples (100,1,28,28) on CPU
+    fid_curve: list[dict] = field(default_factory=list)
+    history_rows: list[dict] = field(default_factory=list)
+    resumed_after: int = 0  # the epochs up to here are replayed from the checkpoint, not measured again
+    seconds_before: float = 0.0  # training time of the earlier attempts, when resumed
+    started: float = 0.0  # perf_counter() when this attempt's training started
+
+    def generate(self, noise_batches) -> torch.Tensor:
+        """The generator's images for the given noise, in eval mode (BatchNorm running stats, no dropout)."""
+        self.gen.eval()
+        with torch.no_grad():
+            fakes = torch.cat([self.gen(z) for z in noise_batches])
+        self.gen.train()
+        return fakes
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        return self.generate(
+            torch.randn(min(1000, n - i), self.latent_dim, device=self.device, generator=g) for i in range(0, n, 1000)
+        )
+
+    def frame_path(self, epoch: int) -> Path:
+        return self.samples / f"epoch_{epoch:03d}.png"
+
+    def frame_paths(self) -> list[Path]:
+        return [self.frame_path(epoch) for epoch in sorted(self.frame_images)]
+
+    def snapshot(self, epoch: int) -> None:
+        self.frame_images[epoch] = self.generate([self.fixed_noise]).cpu()
+        gm.save_grid(self.frame_images[epoch], self.frame_path(epoch), nrow=10)
+
+    def on_epoch(self, epoch: int, row: dict) -> None:
+        gcfg = self.gcfg
+        if epoch > self.resumed_after:  # a new epoch: measure it (a replayed row already carries its FID)
+            if gcfg.fid_every and (epoch % gcfg.fid_every == 0 or epoch == gcfg.epochs):
+                n = min(gcfg.fid_samples_during, len(self.real_test))
+                # Its own name: the final "fid" uses gan.fid_samples images, and FID depends on N.
+                row["fid_during"] = gm.frechet_distance(self.judge, self.real_test[:n], self.sample(n, self.seed + 2))
+                print(f"          FID({n}) {row['fid_during']:.3f}", flush=True)
+            if epoch % gcfg.sample_every == 0 or epoch == gcfg.epochs:
+                self.snapshot(epoch)
+        if "fid_during" in row:
+            self.fid_curve.append({"epoch": epoch, "fid": row["fid_during"]})
+        self.history_rows.append(
+            {k: row[k] for k in ("epoch", "d_loss", "g_loss", "d_real", "d_fake", "epoch_seconds")}
+        )
+        track_log.log_epoch(row, epoch)
+
+    def on_resume(self, epoch: int, extra: dict) -> None:
+        """Back to the state after `epoch`: the earlier frames (DVC deleted their PNGs), the time spent."""
+        self.resumed_after = epoch
+        self.seconds_before = extra["seconds"]
+        self.frame_images.clear()
+        for frame_epoch, images in sorted(extra["frames"].items()):
+            self.frame_images[frame_epoch] = images
+            gm.save_grid(images, self.frame_path(frame_epoch), nrow=10)
+
+    def seconds(self) -> float:
+        """Training time so far, the earlier attempts' included."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def extra(self) -> dict:
+        """This stage's state after an epoch, saved with the checkpoint (the FID values are in the history rows)."""
+        return {"frames": dict(self.frame_images), "seconds": self.seconds()}
+
+
+def resume_fingerprint(ctx: Context, name: str, data_sha256: str) -> str:
+    """Everything that shapes the result (checkpoint.py adds the code): the params this stage reads
+    (dvc.yaml's list), the data, the judge that measures the FID curve."""
+    params = ctx.params
+    reads = {
+        "seed": params.seed,
+        "data.gan_dataset": params.data.gan_dataset,
+        "gan": {k: v for k, v in params.gan.model_dump().items() if k not in GANS},
+        f"gan.{name}": getattr(params.gan, name).model_dump(),
+    }
+    return checkpoint.fingerprint(
+        json.dumps(reads, sort_keys=True),
+        data_sha256,
+        hashlib.sha256(JUDGE_WEIGHTS.read_bytes()).hexdigest(),
+        ctx.threads,
+        ctx.device,
+        params.deterministic,
+    )
+
+
+def gan_run_params(ctx: Context, name: str, gen: torch.nn.Module, disc: torch.nn.Module) -> dict:
+    """The run's MLflow params: the model's config, the shared GAN settings, the run's setting, the sizes."""
+    params, gcfg = ctx.params, ctx.params.gan
+    return {
+        **getattr(gcfg, name).model_dump(),
+        **{k: v for k, v in gcfg.model_dump().items() if k not in GANS},
+        "seed": params.seed,
+        "threads": ctx.threads,
+        "deterministic": params.deterministic,
+        "dataset": "mnist",
+        "model": name,
+        "g_params": count_parameters(gen),
+        "d_params": count_parameters(disc),
+    }
+
+
+def measure(work: EpochWork, train_x: torch.Tensor, total: float, run_params: dict) -> tuple[dict, torch.Tensor]:
+    """The whole record of the trained generator (the judge's quality measures, the last losses, the time),
+    and the training images in [-1, 1], which the nearest-neighbour figure compares with too."""
+    gcfg = work.gcfg
+    n = min(gcfg.fid_samples, len(work.real_test))
+    fakes = work.sample(n, work.seed + 3)
+    real_train = to_pm1(train_x)  # only now: no float copy of the train set held during training
+    quality = gm.gan_quality(
+        work.judge,
+        fakes,
+        work.real_test,
+        real_train,
+        n,
+        torch.Generator(device=work.device).manual_seed(work.seed + 4),
+    )
+    last = work.history_rows[-1]
+    metrics = {
+        **quality,
+        "d_loss": last["d_loss"],
+        "g_loss": last["g_loss"],
+        "epochs": gcfg.epochs,
+        "total_seconds": total,
+        "s_per_epoch": total / gcfg.epochs,
+        "g_params": run_params["g_params"],
+        "d_params": run_params["d_params"],
+        "device": str(work.device),
+    }
+    return metrics, real_train
+
+
+def write_metrics(name: str, metrics: dict, work: EpochWork) -> None:
+    """The metrics files dvc.yaml declares, then the final figures to MLflow (the losses are there per epoch)."""
+    write_json(GAN_METRICS / name / SUMMARY, metrics)  # the whole record (report, card)
+    write_json(METRICS / "gan" / f"{name}.json", {k: metrics[k] for k in HEADLINE}, sort_keys=False)  # `dvc exp show`
+    write_csv(METRICS / "gan" / name / "history.csv", work.history_rows)
+    write_csv(METRICS / "gan" / name / "fid.csv", work.fid_curve or [{"epoch": 0, "fid": float("nan")}])
+    per_epoch = {"d_loss", "g_loss"}  # logged with their step already
+    track_log.log_metrics({k: v for k, v in metrics.items() if k not in per_epoch}, step=work.gcfg.epochs)
+
+
+def save_pictures(work: EpochWork, out: Path, real_train: torch.Tensor) -> None:
+    """The final pictures: 100 samples, the progression of the fixed-noise frames, the nearest training images."""
+    gm.save_grid(work.sample(100, work.seed + 5), out / "grid_10x10.png", nrow=10)
+    gm.save_progression_gif(work.frame_paths(), out / "progression.gif")
+    neighbours_of = work.sample(16, work.seed + 6)
+    idx = gm.nearest_neighbours(neighbours_of, real_train)
+    gm.save_neighbour_grid(neighbours_of, real_train, idx, out / "nearest_neighbours.png")
+
+
+def save_model(name: str, params: Params, out: Path, gen: torch.nn.Module, disc: torch.nn.Module, metrics: dict) -> str:
+    """The weights and the model card; the card is returned, as the MLflow model's description too."""
+    torch.save(gen.state_dict(), out / "generator.pt")
+    torch.save(disc.state_dict(), out / "discriminator.pt")
+    card = cards.gan_card(name, params, metrics)
+    (out / "card.md").write_text(card)
+    return card
+
+
+def log_generator(name: str, out: Path, work: EpochWork, *, card: str, run_params: dict, tags: dict):
+    """The pictures as MLflow artifacts and the generator as an MLflow model; what log_model logged."""
+    track_log.log_artifacts(
+        out / "grid_10x10.png",
+        out / "progression.gif",
+        out / "nearest_neighbours.png",
+        *work.frame_paths(),
+        folder="figures",
+    )
+    return track_log.log_model(
+        RawImageGenerator(work.gen),
+        name=f"gan-{name}-generator",
+        example=work.fixed_noise[:4],
+        description=card,
+        params=run_params,
+        run_tags=tags,
+        step=work.gcfg.epochs,
+        metadata={
+            "input": f"float32 latent vectors (N, {work.latent_dim}), standard normal",
+            "output": "uint8 images (N, 1, 28, 28) in [0, 255]",
+        },
+    )
+
+
 def train_gan(name: str) -> None:
     if name not in GANS:
         raise SystemExit(f"unknown GAN {name!r}; allowed: {', '.join(GANS)}")
@@ -69,98 +269,15 @@ def train_gan(name: str) -> None:
     # A fixed noise batch, drawn from its own seeded generator, shows the same 100 digits evolving.
     noise_rng = torch.Generator(device=device).manual_seed(params.seed + 1)
     fixed_noise = torch.randn(100, mcfg.latent_dim, device=device, generator=noise_rng)
-    real_test = to_pm1(test_x)
-    # Per-epoch side work, kept in the checkpoint too: a resumed run rewrites the earlier frames.
-    frame_images: dict[int, torch.Tensor] = {}  # epoch -> the fixed-noise samples (100,1,28,28) on the CPU
-    fid_curve: list[dict] = []
-    resumed_after = 0  # the epochs up to here are replayed from the checkpoint, not measured again
-    seconds_before = 0.0  # training time of the earlier attempts, when resumed
-
-    def generate(noise_batches) -> torch.Tensor:
-        """The generator's images for the given noise, in eval mode (BatchNorm running stats, no dropout)."""
-        gen.eval()
-        with torch.no_grad():
-            fakes = torch.cat([gen(z) for z in noise_batches])
-        gen.train()
-        return fakes
-
-    def sample(n: int, seed: int) -> torch.Tensor:
-        g = torch.Generator(device=device).manual_seed(seed)
-        return generate(
-            torch.randn(min(1000, n - i), mcfg.latent_dim, device=device, generator=g) for i in range(0, n, 1000)
-        )
-
-    def frame_path(epoch: int) -> Path:
-        return samples / f"epoch_{epoch:03d}.png"
-
-    def snapshot(epoch: int) -> None:
-        frame_images[epoch] = generate([fixed_noise]).cpu()
-        gm.save_grid(frame_images[epoch], frame_path(epoch), nrow=10)
-
-    history_rows: list[dict] = []
-
-    def on_epoch(epoch: int, row: dict) -> None:
-        if epoch > resumed_after:  # a new epoch: measure it (a replayed row already carries its FID)
-            if gcfg.fid_every and (epoch % gcfg.fid_every == 0 or epoch == gcfg.epochs):
-                n = min(gcfg.fid_samples_during, len(real_test))
-                # Its own name: the final "fid" uses gan.fid_samples images, and FID depends on N.
-                row["fid_during"] = gm.frechet_distance(judge, real_test[:n], sample(n, params.seed + 2))
-                print(f"          FID({n}) {row['fid_during']:.3f}", flush=True)
-            if epoch % gcfg.sample_every == 0 or epoch == gcfg.epochs:
-                snapshot(epoch)
-        if "fid_during" in row:
-            fid_curve.append({"epoch": epoch, "fid": row["fid_during"]})
-        history_rows.append({k: row[k] for k in ("epoch", "d_loss", "g_loss", "d_real", "d_fake", "epoch_seconds")})
-        track_log.log_epoch(row, epoch)
-
-    def on_resume(epoch: int, extra: dict) -> None:
-        """Back to the state after `epoch`: the earlier frames (DVC deleted their PNGs), the time spent."""
-        nonlocal resumed_after, seconds_before
-        resumed_after = epoch
-        seconds_before = extra["seconds"]
-        frame_images.clear()
-        for frame_epoch, images in sorted(extra["frames"].items()):
-            frame_images[frame_epoch] = images
-            gm.save_grid(images, frame_path(frame_epoch), nrow=10)
-
-    def extra() -> dict:
-        """This stage's state after an epoch, saved with the checkpoint (the FID values are in the history rows)."""
-        return {"frames": dict(frame_images), "seconds": seconds_before + time.perf_counter() - started}
+    work = EpochWork(gen, judge, to_pm1(test_x), fixed_noise, samples, gcfg, params.seed, mcfg.latent_dim, device)
 
     tags = run_tags(ctx, "mnist")
-    # The resume fingerprint: everything that shapes the result (checkpoint.py adds the code). The
-    # params this stage reads (dvc.yaml's list), the data, the judge that measures the FID curve.
-    reads = {
-        "seed": params.seed,
-        "data.gan_dataset": params.data.gan_dataset,
-        "gan": {k: v for k, v in gcfg.model_dump().items() if k not in GANS},
-        f"gan.{name}": mcfg.model_dump(),
-    }
-    fingerprint = checkpoint.fingerprint(
-        json.dumps(reads, sort_keys=True),
-        tags["data_sha256"],
-        hashlib.sha256(JUDGE_WEIGHTS.read_bytes()).hexdigest(),
-        ctx.threads,
-        device,
-        params.deterministic,
-    )
-
-    run_params = {
-        **mcfg.model_dump(),
-        **{k: v for k, v in gcfg.model_dump().items() if k not in GANS},
-        "seed": params.seed,
-        "threads": ctx.threads,
-        "deterministic": params.deterministic,
-        "dataset": "mnist",
-        "model": name,
-        "g_params": count_parameters(gen),
-        "d_params": count_parameters(disc),
-    }
-    model_name = f"gan-{name}-generator"
+    fingerprint = resume_fingerprint(ctx, name, tags["data_sha256"])
+    run_params = gan_run_params(ctx, name, gen, disc)
     with track_run.stage_run("train-gan", f"gan-{name}", run_params, tags, params, system_metrics=True) as run:
         track_log.log_datasets(Path.cwd(), "mnist", tags["data_sha256"], {"train": len(train_x), "test": len(test_x)})
-        snapshot(0)
-        started = time.perf_counter()
+        work.snapshot(0)
+        work.started = time.perf_counter()
         fit_gan(
             gen,
             disc,
@@ -171,68 +288,18 @@ def train_gan(name: str) -> None:
             mcfg.batch_size,
             gcfg.epochs,
             rng,
-            on_epoch,
+            work.on_epoch,
             gcfg.steps_per_epoch_max,
             checkpoint=CHECKPOINTS / f"gan-{name}.pt",
             fingerprint=fingerprint,
-            extra=extra,
-            on_resume=on_resume,
+            extra=work.extra,
+            on_resume=work.on_resume,
         )
-        total = seconds_before + time.perf_counter() - started
-        frames = [frame_path(epoch) for epoch in sorted(frame_images)]
-
-        n = min(gcfg.fid_samples, len(real_test))
-        fakes = sample(n, params.seed + 3)
-        real_train = to_pm1(train_x)  # only now: no float copy of the train set held during training
-        quality = gm.gan_quality(
-            judge, fakes, real_test, real_train, n, torch.Generator(device=device).manual_seed(params.seed + 4)
-        )
-        last = history_rows[-1]
-        metrics = {
-            **quality,
-            "d_loss": last["d_loss"],
-            "g_loss": last["g_loss"],
-            "epochs": gcfg.epochs,
-            "total_seconds": total,
-            "s_per_epoch": total / gcfg.epochs,
-            "g_params": run_params["g_params"],
-            "d_params": run_params["d_params"],
-            "device": str(device),
-        }
-        write_json(GAN_METRICS / name / SUMMARY, metrics)  # the whole record (report, card)
-        write_json(
-            METRICS / "gan" / f"{name}.json", {k: metrics[k] for k in HEADLINE}, sort_keys=False
-        )  # for `dvc exp show`
-        write_csv(METRICS / "gan" / name / "history.csv", history_rows)
-        write_csv(METRICS / "gan" / name / "fid.csv", fid_curve or [{"epoch": 0, "fid": float("nan")}])
-        per_epoch = {"d_loss", "g_loss"}  # logged with their step already
-        track_log.log_metrics({k: v for k, v in metrics.items() if k not in per_epoch}, step=gcfg.epochs)
-
-        gm.save_grid(sample(100, params.seed + 5), out / "grid_10x10.png", nrow=10)
-        gm.save_progression_gif(frames, out / "progression.gif")
-        neighbours_of = sample(16, params.seed + 6)
-        idx = gm.nearest_neighbours(neighbours_of, real_train)
-        gm.save_neighbour_grid(neighbours_of, real_train, idx, out / "nearest_neighbours.png")
-        torch.save(gen.state_dict(), out / "generator.pt")
-        torch.save(disc.state_dict(), out / "discriminator.pt")
-        card = cards.gan_card(name, params, metrics)
-        (out / "card.md").write_text(card)
-        track_log.log_artifacts(
-            out / "grid_10x10.png", out / "progression.gif", out / "nearest_neighbours.png", *frames, folder="figures"
-        )
-        logged = track_log.log_model(
-            RawImageGenerator(gen),
-            name=model_name,
-            example=fixed_noise[:4],
-            description=card,
-            params=run_params,
-            run_tags=tags,
-            step=gcfg.epochs,
-            metadata={
-                "input": f"float32 latent vectors (N, {mcfg.latent_dim}), standard normal",
-                "output": "uint8 images (N, 1, 28, 28) in [0, 255]",
-            },
-        )
+        metrics, real_train = measure(work, train_x, work.seconds(), run_params)
+        write_metrics(name, metrics, work)
+        save_pictures(work, out, real_train)
+        card = save_model(name, params, out, gen, disc, metrics)
+        logged = log_generator(name, out, work, card=card, run_params=run_params, tags=tags)
         track_log.write_run_ref(out / "run.json", run, logged)
     print(
         f"[train-gan {name}] FID {metrics['fid']:.3f} (floor {metrics['fid_floor']:.3f}), IS "

@@ -230,6 +230,62 @@ def _settle_group(client, group_id: str) -> None:
         client.set_terminated(group_id, status, end_time=end or group.info.end_time)
 
 
+def _stage_tags(stage: str, model: str, tags: dict[str, str], *, commit: str, dirty: bool, exp_name: str) -> dict:
+    """A stage run's tags: what ran (code, command, libraries), where (host, process), and the stage's own `tags`."""
+    return {
+        "stage": stage,
+        "model": model,
+        "git_commit": commit,
+        "git_dirty": str(dirty).lower(),
+        "dvc_exp_name": exp_name,
+        "command": " ".join(sys.argv),
+        # Which process runs it: a later attempt ends this run only once that process is gone.
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        # Set by `reprovision reproduce` for the replay of a recorded run.
+        **({"reproduces": os.environ["REPROVISION_REPRODUCES"]} if os.environ.get("REPROVISION_REPRODUCES") else {}),
+        **{f"version.{k}": v for k, v in library_versions().items()},
+        **tags,
+    }
+
+
+def _start_stage_run(
+    client,
+    root: Path,
+    uri: str,
+    tags: dict[str, str],
+    run_name: str,
+    system_metrics: bool,
+    *,
+    exp_name: str,
+    commit: str,
+) -> tuple[Any, str | None]:
+    """(the started run, its `dvc exp run`'s group run or None): in the project's experiment, nested
+    under its parent, whose id it adds to `tags`."""
+    import mlflow
+
+    with reports_outage(), reports_refusal(uri):
+        experiment_id = _ensure_experiment(client, root, uri)
+        parent, group = _parent_run(client, experiment_id, exp_name, commit)
+        if parent:
+            tags["mlflow.parentRunId"] = parent  # how MLflow nests a run under another
+        run = attempt["run"] = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, tags=tags, log_system_metrics=system_metrics
+        )
+    return run, group
+
+
+def _log_params(params: dict[str, Any], resolved: Params) -> None:
+    """The run's flat params with the recipe it ran under, and the full resolved params: what `reprovision
+    reproduce <run-id>` replays."""
+    import mlflow
+
+    items = sorted((k, str(v)) for k, v in {**params, "recipe": resolved.recipe}.items())
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        mlflow.log_params(dict(items[i : i + 100]))
+    mlflow.log_dict(resolved.model_dump(), RESOLVED_PARAMS)
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -264,52 +320,25 @@ def stage_run(
     attempt["checkpoint"] = checkpoint or CHECKPOINTS / f"{model}.pt"
     commit, dirty = git_state(Path.cwd())
     exp_name = os.environ.get("DVC_EXP_NAME", "")
-    all_tags = {
-        "stage": stage,
-        "model": model,
-        "git_commit": commit,
-        "git_dirty": str(dirty).lower(),
-        "dvc_exp_name": exp_name,
-        "command": " ".join(sys.argv),
-        # Which process runs it: a later attempt ends this run only once that process is gone.
-        "host": socket.gethostname(),
-        "pid": str(os.getpid()),
-        # Set by `reprovision reproduce` for the replay of a recorded run.
-        **({"reproduces": os.environ["REPROVISION_REPRODUCES"]} if os.environ.get("REPROVISION_REPRODUCES") else {}),
-        **{f"version.{k}": v for k, v in library_versions().items()},
-        **tags,
-    }
+    all_tags = _stage_tags(stage, model, tags, commit=commit, dirty=dirty, exp_name=exp_name)
     run_name = run_name or stage
     run_name = f"{run_name}-{exp_name}" if exp_name else run_name
-    with reports_outage(), reports_refusal(uri):
-        experiment_id = _ensure_experiment(client, root, uri)
-        parent, group = _parent_run(client, experiment_id, exp_name, commit)
-        if parent:
-            all_tags["mlflow.parentRunId"] = parent  # how MLflow nests a run under another
-        run = attempt["run"] = mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name, tags=all_tags, log_system_metrics=system_metrics
-        )
+    run, group = _start_stage_run(
+        client, root, uri, all_tags, run_name, system_metrics, exp_name=exp_name, commit=commit
+    )
     try:
         with _sigterm_as_interrupt():
             with reports_outage():
                 if group:
                     _settle_group(client, group)  # RUNNING while this stage runs (unless one failed)
                 _supersede_earlier_attempts(client, run, all_tags)
-                items = sorted((k, str(v)) for k, v in {**params, "recipe": resolved.recipe}.items())
-                for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-                    mlflow.log_params(dict(items[i : i + 100]))
-                # The full resolved params: what `reprovision reproduce <run-id>` replays.
-                mlflow.log_dict(resolved.model_dump(), RESOLVED_PARAMS)
+                _log_params(params, resolved)
             yield run
     except BaseException as err:
         # Also the store failing inside the block through mlflow's own functions (report, tune).
         cause = outage_cause(err)
-        _end_run(
-            "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
-            store_failed=cause is not None,
-            client=client,
-            group=group,
-        )
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        _end_run(status, store_failed=cause is not None, client=client, group=group)
         if cause is not None and not isinstance(err, TrackingError):
             raise outage_error(cause) from None
         raise

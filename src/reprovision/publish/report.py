@@ -309,21 +309,9 @@ def datasets(manifest: dict) -> list[dict]:
     ]
 
 
-def ssl_section(root: Path, params: Params, probe: dict | None, cnn: dict | None) -> dict | None:
-    """R4's self-supervised experiment: the probe of the SimCLR encoder (`probe`, the linear-probe stage's
-    summary) beside the from-scratch floor and the supervised CNN, and the pre-training loss curve; None
-    when the SSL stages did not run."""
-    pretrained = read_json(root / METRICS / "ssl" / SUMMARY)
-    if probe is None or pretrained is None:
-        return None
-    s, full = params.ssl, Params().ssl
-    arch = s.layout()
-    reduced = (
-        s.train_fraction < 1
-        or s.epochs < full.epochs
-        or params.data.train_fraction < 1
-        or params.data.test_fraction < 1
-    )
+def ssl_table(params: Params, probe: dict, cnn: dict | None) -> dict:
+    """The probe of the SimCLR encoder beside the from-scratch floor and, when it ran, the supervised
+    counterpart (`cnn`, the record of train-<ssl.counterpart>); validation columns where the probe has them."""
     val = "probe_val" in probe
     rows = [
         [
@@ -339,8 +327,8 @@ def ssl_section(root: Path, params: Params, probe: dict | None, cnn: dict | None
             *([pct(probe["random_probe_val"])] if val else []),
         ],
     ]
-    counterpart = s.counterpart
-    same = params.classifier(counterpart).layout() == s.layout()
+    counterpart = params.ssl.counterpart
+    same = params.classifier(counterpart).layout() == params.ssl.layout()
     if cnn is not None:
         note = (
             "same architecture"
@@ -361,35 +349,81 @@ def ssl_section(root: Path, params: Params, probe: dict | None, cnn: dict | None
         f"k-NN (k={params.probe.knn_k}), test",
         *(["Linear probe, validation"] if val else []),
     ]
+    return table(header, rows)
+
+
+def ssl_loss_curve(root: Path, counterpart: str) -> dict | None:
+    """The pre-training loss per epoch (metrics/ssl/history.csv), in the counterpart's colour; None without it."""
     history = read_csv(root / METRICS / "ssl" / "history.csv", ("epoch", "loss"))
-    curve = None
-    if history is not None:
+    if history is None:
+        return None
 
-        def draw(ax):
-            sns.lineplot(data=history, x="epoch", y="loss", marker="o", ax=ax, color=COLOURS[LABELS[s.counterpart]])
-            ax.set(title="SimCLR pre-training loss", ylabel="NT-Xent loss")
+    def draw(ax):
+        sns.lineplot(data=history, x="epoch", y="loss", marker="o", ax=ax, color=COLOURS[LABELS[counterpart]])
+        ax.set(title="SimCLR pre-training loss", ylabel="NT-Xent loss")
 
-        curve = figure(
-            _figure(root / CURVES / "ssl_loss.png", draw),
-            "SimCLR pre-training loss (NT-Xent) per epoch",
-            root / REPORTS,
-        )
+    return figure(
+        _figure(root / CURVES / "ssl_loss.png", draw),
+        "SimCLR pre-training loss (NT-Xent) per epoch",
+        root / REPORTS,
+    )
+
+
+def ssl_size_study(root: Path) -> dict | None:
+    """The probe against the pre-training set's size, when SSL_SIZE_STUDY records two runs or more."""
     study = (read_json(root / SSL_SIZE_STUDY) or {}).get("runs", [])
-    size_study = None
-    if len(study) >= 2:
-        chart = ssl_size_chart(study, root / CURVES / "ssl_size.png")
-        size_study = figure(
-            chart,
-            f"Pre-training-set-size study: {len(study)} runs recorded in {SSL_SIZE_STUDY.as_posix()}",
-            root / REPORTS,
-        )
+    if len(study) < 2:
+        return None
+    chart = ssl_size_chart(study, root / CURVES / "ssl_size.png")
+    return figure(
+        chart,
+        f"Pre-training-set-size study: {len(study)} runs recorded in {SSL_SIZE_STUDY.as_posix()}",
+        root / REPORTS,
+    )
+
+
+def ssl_section(root: Path, params: Params, probe: dict | None, cnn: dict | None) -> dict | None:
+    """R4's self-supervised experiment: the probe of the SimCLR encoder (`probe`, the linear-probe stage's
+    summary) beside the from-scratch floor and the supervised CNN, and the pre-training loss curve; None
+    when the SSL stages did not run."""
+    pretrained = read_json(root / METRICS / "ssl" / SUMMARY)
+    if probe is None or pretrained is None:
+        return None
+    s, full = params.ssl, Params().ssl
+    reduced = (
+        s.train_fraction < 1
+        or s.epochs < full.epochs
+        or params.data.train_fraction < 1
+        or params.data.test_fraction < 1
+    )
+    probes = ssl_table(params, probe, cnn)
+    curve = ssl_loss_curve(root, s.counterpart)
+    size_study = ssl_size_study(root)
     configuration = cell(
-        f"{arch}, {pretrained.get('train_images', 0):,} pre-training images · "
+        f"{s.layout()}, {pretrained.get('train_images', 0):,} pre-training images · "
         f"{pretrained.get('epochs')}/{full.epochs} epochs · "
         f"batch {s.batch_size}, temperature {s.temperature}",
         badge="reduced" if reduced else None,
     )
-    return {"table": table(header, rows), "curve": curve, "size_study": size_study, "configuration": configuration}
+    return {"table": probes, "curve": curve, "size_study": size_study, "configuration": configuration}
+
+
+def r3_mismatch(params: Params, classifiers: dict) -> bool:
+    """Whether the classifiers differ from what R3 trained (its families' default architectures on
+    CIFAR-10), so that R3's figures are not their comparison."""
+    return bool(classifiers) and (
+        params.data.classifier_dataset != "cifar10"
+        or any(params.classifier(m).architecture() != type(params.classifier(m))().architecture() for m in classifiers)
+    )
+
+
+def ssl_key_numbers(probe: dict | None) -> dict[str, float]:
+    """The linear-probe stage's test and validation accuracies, as key numbers `ssl.<name>`."""
+    return {
+        f"ssl.{k}": float(v)
+        for k, v in (probe or {}).items()
+        if k.endswith(("_test", "_val")) and isinstance(v, (int, float))
+    }
 
 
 def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
@@ -440,14 +474,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "reference_scale_grids": [figure(p, c, root / REPORTS) for p, c in grids],
         "reference_scale_notes": grid_notes,
         "ablations": ablation_table((read_json(root / ABLATIONS) or {}).get("runs", [])),
-        # R3 trained its families' default architectures on CIFAR-10: other settings are not its comparison.
-        "r3_mismatch": bool(classifiers)
-        and (
-            params.data.classifier_dataset != "cifar10"
-            or any(
-                params.classifier(m).architecture() != type(params.classifier(m))().architecture() for m in classifiers
-            )
-        ),
+        "r3_mismatch": r3_mismatch(params, classifiers),
         "curves": curves,
         "curve_notes": curve_notes,
         "evaluation_table": evaluation_table(evaluation, test_images),
@@ -466,12 +493,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         "runs": {LABELS[m]: r for m, r in runs.items() if r},
         "max_frames": MAX_FRAMES,
     }
-    ssl_numbers = {
-        f"ssl.{k}": float(v)
-        for k, v in (probe or {}).items()
-        if k.endswith(("_test", "_val")) and isinstance(v, (int, float))
-    }
-    return ctx, {**key_numbers_of(classifiers, gans, judge, evaluation), **ssl_numbers}
+    return ctx, {**key_numbers_of(classifiers, gans, judge, evaluation), **ssl_key_numbers(probe)}
 
 
 # ---------------------------------------------------------------------------- rendering
