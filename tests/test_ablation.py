@@ -163,3 +163,15 @@ def test_the_size_study_runs_each_recipe_on_a_share_of_the_data_for_the_same_min
     entry = ablations.record(repo, "airbench94-30", "size")
     assert (entry["model"], entry["train_fraction"], entry["test_acc"], entry["seed"]) == ("airbench94", 0.3, 0.87, 2)
     assert ablation.size_rows([entry])[0]["models"]["airbench94"]["minutes"] == pytest.approx(950 / 60)
+
+
+def test_the_report_shows_the_size_study_beside_the_gap_table_and_neither_without_its_runs(tmp_path):
+    write_results(tmp_path)
+    (tmp_path / "benchmarks").mkdir(exist_ok=True)
+    (tmp_path / "benchmarks/ablations.json").write_text(json.dumps({"runs": SIZE_ENTRIES}))
+    report.build_report(tmp_path)
+    md, html = page(tmp_path)
+    row = ablation.size_cells(ablation.size_rows(SIZE_ENTRIES)[0], ["hybrid", "airbench94"])
+    assert 'id="size-study"' in html and 'id="ablations"' not in html  # size runs only: no gap table
+    assert "## Accuracy against training-set size" in md and "| " + " | ".join(row) + " |" in md
+    assert "| " + " | ".join(row) + " |" in ablation.size_markdown(SIZE_ENTRIES)

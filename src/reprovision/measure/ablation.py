@@ -153,19 +153,30 @@ def size_rows(entries: Sequence[dict]) -> list[dict]:
     return rows
 
 
+def size_models(entries: Sequence[dict]) -> list[str]:
+    return list(dict.fromkeys(e["model"] for e in entries if e["study"] == SIZE_STUDY))
+
+
+def size_header(models: Sequence[str]) -> list[str]:
+    header = ["Training set", *(f"{m} test acc (95 %, seeds)" for m in models), *(f"{m} min" for m in models)]
+    return header + ([f"{models[1]} − {models[0]} (points, 95 %)"] if len(models) == 2 else [])
+
+
+def size_cells(row: dict, models: Sequence[str]) -> list[str]:
+    """A size_rows row as size_header's cells."""
+    shown = [row["models"].get(m) for m in models]
+    accs = ["—" if s is None else f"{points(s['test_acc'], s['half'])[1:]} % ({s['seeds']})" for s in shown]
+    minutes = ["—" if s is None else f"{s['minutes']:.1f}" for s in shown]
+    cells = [f"{100 * row['train_fraction']:g} %", *accs, *minutes]
+    if len(models) == 2:
+        cells.append(points(*row["difference"]) if "difference" in row else "—")
+    return cells
+
+
 def size_markdown(entries: Sequence[dict]) -> str:
     """The size study as BENCHMARKS.md shows it: one row per size, one column per model."""
-    models = list(dict.fromkeys(e["model"] for e in entries if e["study"] == SIZE_STUDY))
-    header = ["Training set", *(f"{m} test acc (95 %)" for m in models), *(f"{m} min" for m in models)]
-    if len(models) == 2:
-        header.append(f"{models[1]} − {models[0]} (points, 95 %)")
+    models = size_models(entries)
+    header = size_header(models)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in size_rows(entries):
-        shown = [row["models"].get(m) for m in models]
-        accs = ["—" if s is None else f"{points(s['test_acc'], s['half'])[1:]} % ({s['seeds']})" for s in shown]
-        minutes = ["—" if s is None else f"{s['minutes']:.1f}" for s in shown]
-        cells = [f"{100 * row['train_fraction']:g} %", *accs, *minutes]
-        if len(models) == 2:
-            cells.append(points(*row["difference"]) if "difference" in row else "—")
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(size_cells(row, models)) + " |" for row in size_rows(entries)]
     return "\n".join(lines)

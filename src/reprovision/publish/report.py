@@ -75,6 +75,7 @@ from reprovision.publish.report_tables import (
     pct,
     reference_scale_epochs,
     reference_scale_table,
+    size_study_table,
     summary_rows,
     table,
     test_noise,
@@ -450,6 +451,7 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
     cards = {LABELS[m]: path.read_text() for m in CLASSIFIERS if (path := root / model_dir(m) / "card.md").exists()}
     reference_runs = read_json(root / REFERENCE_SCALE) or {}
     grids, grid_notes = reference_scale_grids(reference_runs, root)
+    ablation_runs = (read_json(root / ABLATIONS) or {}).get("runs", [])
     ctx = {
         "commit": commit,
         "dirty": dirty,
@@ -473,7 +475,8 @@ def context(root: Path, params: Params) -> tuple[dict, dict[str, float]]:
         ],
         "reference_scale_grids": [figure(p, c, root / REPORTS) for p, c in grids],
         "reference_scale_notes": grid_notes,
-        "ablations": ablation_table((read_json(root / ABLATIONS) or {}).get("runs", [])),
+        "ablations": ablation_table(ablation_runs),
+        "size_study": size_study_table(ablation_runs),
         "r3_mismatch": r3_mismatch(params, classifiers),
         "curves": curves,
         "curve_notes": curve_notes,

@@ -163,7 +163,15 @@ def repeated_runs_rows(results: dict[str, dict]) -> list[list]:
 
 def ablation_table(entries: list[dict]) -> dict | None:
     """What closes the gap (benchmarks/ablations.json): each variant's gain over its study's baseline."""
-    return table(ablation.HEADER, [ablation.cells(row) for row in ablation.gap_rows(entries)]) if entries else None
+    rows = ablation.gap_rows(entries)
+    return table(ablation.HEADER, [ablation.cells(row) for row in rows]) if rows else None
+
+
+def size_study_table(entries: list[dict]) -> dict | None:
+    """Accuracy against training-set size (benchmarks/ablations.json's study "size"), one row per size."""
+    models = ablation.size_models(entries)
+    rows = ablation.size_rows(entries) if models else []
+    return table(ablation.size_header(models), [ablation.size_cells(r, models) for r in rows]) if rows else None
 
 
 def reference_scale_epochs(results: dict[str, dict]) -> dict | None:
