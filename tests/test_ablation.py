@@ -132,7 +132,7 @@ def test_the_size_study_gives_each_models_accuracy_per_size_and_their_difference
     assert rows[1]["difference"] == pytest.approx(((low + high) / 2, (high - low) / 2))
     assert not any(r["study"] == "size" for r in ablation.gap_rows([*ENTRIES, *SIZE_ENTRIES]))
     table = ablation.size_markdown(SIZE_ENTRIES)
-    assert "| Training set | hybrid test acc (95 %) | airbench94 test acc (95 %) |" in table
+    assert "| Training set | hybrid test acc (95 %, seeds) | airbench94 test acc (95 %, seeds) |" in table
     assert "| 10 % | 61.00 ± 2.48 % (3) | 80.00 ± 2.48 % (3) |" in table
 
 
