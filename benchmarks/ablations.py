@@ -81,14 +81,14 @@ def overrides(variant: str, seed: int, study: str = STUDY) -> dict:
     if variant not in variants(study):
         raise SystemExit(f"unknown variant {variant!r} of study {study!r}; its variants: {', '.join(variants(study))}")
     if study == STUDY:
-        return {**VIT_HYBRID.overrides, **BUDGET, **VARIANTS[variant], "seed": seed}
+        return {**VIT_HYBRID.overrides, "recipe": VIT_HYBRID.name, **BUDGET, **VARIANTS[variant], "seed": seed}
     model, fraction = SIZE_VARIANTS[variant]
     size = {
         "data.train_fraction": fraction,
         "data.val_fraction": SIZE_VAL_FRACTION,
         f"{family(model)}.epochs": size_epochs(model, fraction),
     }
-    return {**SIZE_MODELS[model].overrides, **size, "seed": seed}
+    return {**SIZE_MODELS[model].overrides, "recipe": SIZE_MODELS[model].name, **size, "seed": seed}
 
 
 def stage(variant: str, study: str) -> str:
