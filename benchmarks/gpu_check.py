@@ -105,6 +105,7 @@ STEP_NEUTRAL = {
     # the schedulers' sets change that value every step.
     "lr_mult": "scales the learning rate",
     "cpu_attention": "the attention kernel on the CPU only; on CUDA runtime.attention_backend picks it (recorded)",
+    "cpu_optimizer": "the optimiser kernels on the CPU only; on CUDA they are always fused",
     # A compiled step is never captured (fit_classifier.eager_reason) and compiling takes minutes on the
     # first call: `benchmark.py --compile` measures it.
     "compile": "torch.compile runs eagerly, not as a graph",

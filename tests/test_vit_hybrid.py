@@ -80,6 +80,24 @@ def test_the_math_attention_kernel_is_the_cpus_only_when_asked():
     assert torch.allclose(math, default, atol=1e-6)  # the same attention, another kernel
 
 
+def test_the_fused_optimiser_is_the_cpus_only_when_asked_and_takes_the_same_step_to_rounding():
+    from reprovision.training.optim import build_optimizer
+
+    def steps(cpu_optimizer: str) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = ViT(tokenizer_widths=(8,), embed_dim=16, depth=1, heads=2)
+        cfg = recipe(cpu_optimizer=cpu_optimizer)
+        optimizer = build_optimizer(model, cfg, 1e-3, CPU)
+        torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4) % 2).backward()
+        optimizer.step()  # one step: the same gradients into both kernels
+        return optimizer, [p.detach().clone() for p in model.parameters()]
+
+    default, plain = steps("default")
+    fused, quick = steps("fused")
+    assert not default.defaults["fused"] and fused.defaults["fused"]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, quick))  # the same AdamW, another kernel
+
+
 def train(*, checkpoint=None, on_epoch=None):
     torch.set_num_threads(1)
     rng = runtime.seed_everything(0, CPU)

@@ -226,6 +226,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device computes it natively (runtime.py)
     # The attention kernel on the CPU (runtime.attention_backend): torch's default, or "math", faster here
     cpu_attention: Literal["default", "math"] = "default"
+    # The optimiser on the CPU: torch's default (for-each) kernels, or its fused ones, one pass per parameter
+    # (x1.11 on the hybrid ViT, BENCHMARKS "ViT speed levers"): other floats, so off by default. CUDA always fuses.
+    cpu_optimizer: Literal["default", "fused"] = "default"
     compile: bool = False
     augment: bool = True  # apply the augment-stage policy to training batches
     # Stop after this many epochs without a better validation accuracy (0: train every epoch). Needs

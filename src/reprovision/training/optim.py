@@ -130,8 +130,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device: torch
             }
             for (norm, no_decay), members in sorted(groups.items())
         ]
-    # The fused kernels update every parameter in one launch on CUDA; elsewhere torch's default is right.
-    fast = {"fused": True} if device.type == "cuda" else {}
+    # The fused kernels update every parameter in one launch on CUDA; on the CPU only when asked (other floats).
+    fast = {"fused": True} if device.type == "cuda" or cfg.cpu_optimizer == "fused" else {}
     if cfg.optimizer == "adam":
         base = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, **fast)
     elif cfg.optimizer == "adamw":
