@@ -155,9 +155,10 @@ def main() -> None:
         print(json.dumps(record(args.repo, args.variant, args.study), indent=2))
     else:
         runs = json.loads(RESULTS.read_text())["runs"]
-        print(ablation.markdown(runs))
+        tables = [ablation.markdown(runs)] if ablation.gap_rows(runs) else []
         if any(r["study"] == ablation.SIZE_STUDY for r in runs):
-            print("\n" + ablation.size_markdown(runs))
+            tables.append(ablation.size_markdown(runs))
+        print("\n\n".join(tables) or "(no run recorded)")
 
 
 if __name__ == "__main__":
