@@ -62,12 +62,17 @@ def test_a_run_recorded_twice_or_missing_a_field_is_refused_naming_it():
         ablation.gap_rows([{k: v for k, v in ENTRIES[0].items() if k != "overrides"}])
 
 
+def report_of(root, entries: list[dict]) -> tuple[str, str]:
+    """The report (markdown, html) of a synthetic results tree whose benchmarks/ablations.json holds `entries`."""
+    write_results(root)
+    (root / "benchmarks").mkdir(exist_ok=True)
+    (root / "benchmarks/ablations.json").write_text(json.dumps({"runs": entries}))
+    report.build_report(root)
+    return page(root)
+
+
 def test_the_report_and_benchmarks_show_the_table_from_a_synthetic_ablations_json(tmp_path):
-    write_results(tmp_path)
-    (tmp_path / "benchmarks").mkdir(exist_ok=True)
-    (tmp_path / "benchmarks/ablations.json").write_text(json.dumps({"runs": ENTRIES}))
-    report.build_report(tmp_path)
-    md, html = page(tmp_path)
+    md, html = report_of(tmp_path, ENTRIES)
     sam = next(r for r in ablation.gap_rows(ENTRIES) if r["variant"] == "sam")
     shown = ablation.points(sam["val_gain"], sam["val_half"])
     assert shown.startswith("+1.43 ± ") and 'id="ablations"' in html and shown in html
@@ -166,11 +171,7 @@ def test_the_size_study_runs_each_recipe_on_a_share_of_the_data_for_the_same_min
 
 
 def test_the_report_shows_the_size_study_beside_the_gap_table_and_neither_without_its_runs(tmp_path):
-    write_results(tmp_path)
-    (tmp_path / "benchmarks").mkdir(exist_ok=True)
-    (tmp_path / "benchmarks/ablations.json").write_text(json.dumps({"runs": SIZE_ENTRIES}))
-    report.build_report(tmp_path)
-    md, html = page(tmp_path)
+    md, html = report_of(tmp_path, SIZE_ENTRIES)
     row = ablation.size_cells(ablation.size_rows(SIZE_ENTRIES)[0], ["hybrid", "airbench94"])
     assert 'id="size-study"' in html and 'id="ablations"' not in html  # size runs only: no gap table
     assert "## Accuracy against training-set size" in md and "| " + " | ".join(row) + " |" in md
