@@ -31,14 +31,17 @@ def recipe(**changes) -> ViTConfig:
     return ViTConfig(**{**nest(VIT_HYBRID.overrides)["vit"], **small, "precision": "fp32", **changes})
 
 
-@pytest.mark.parametrize("widths, grid", [([], 32), ([16], 16), ([16, 24], 8)])
-def test_the_tokenizer_gives_one_token_per_pooled_pixel_of_embed_dim_channels(widths, grid):
-    tokenizer = ConvTokenizer(channels=3, widths=tuple(widths), embed_dim=40)
+@pytest.mark.parametrize(
+    "widths, final_pool, grid",
+    [([], False, 32), ([16], False, 16), ([16, 24], False, 8), ([], True, 16), ([16, 24], True, 4)],
+)
+def test_the_tokenizer_gives_one_token_per_pooled_pixel_of_embed_dim_channels(widths, final_pool, grid):
+    tokenizer = ConvTokenizer(channels=3, widths=tuple(widths), embed_dim=40, final_pool=final_pool)
     convs = [m for m in tokenizer.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == len(widths) + 1 <= 3 and [c.out_channels for c in convs] == [*widths, 40]
     tokens = tokenizer(torch.randn(2, 3, 32, 32))
     assert tokens.shape == (2, 40, grid, grid)
-    model = ViT(tokenizer_widths=tuple(widths), embed_dim=40, depth=1, heads=2)
+    model = ViT(tokenizer_widths=tuple(widths), tokenizer_final_pool=final_pool, embed_dim=40, depth=1, heads=2)
     assert model.pos_embed.shape == (1, 1 + grid * grid, 40)  # [CLS] and one per token
     logits, attentions = model(torch.randn(2, 3, 32, 32), return_attention=True)
     assert logits.shape == (2, 10) and attentions[0].shape == (2, 2, 1 + grid * grid, 1 + grid * grid)

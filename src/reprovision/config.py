@@ -259,6 +259,7 @@ class ViTConfig(TrainConfig):
     # patch: R3's patch embedding; hybrid: a convolutional tokenizer (CCT) of tokenizer_widths, then embed_dim
     arch: Literal["patch", "hybrid"] = "patch"
     tokenizer_widths: Annotated[list[PositiveInt], Field(max_length=2)] = [64, 128]  # hybrid: at most 3 convs
+    tokenizer_final_pool: bool = False  # hybrid: a 2x2 max-pool after the last conv too (a quarter of the tokens)
     patch_size: PositiveInt = 4  # patch
     embed_dim: PositiveInt = 192
     depth: PositiveInt = 12
@@ -273,14 +274,17 @@ class ViTConfig(TrainConfig):
 
     def token_stride(self) -> int:
         """Image pixels per token side: the patch size, or the hybrid tokenizer's 2 x 2 pools."""
-        return self.patch_size if self.arch == "patch" else 2 ** len(self.tokenizer_widths)
+        return (
+            self.patch_size if self.arch == "patch" else 2 ** (len(self.tokenizer_widths) + self.tokenizer_final_pool)
+        )
 
     def check_images(self, key: str, height: int, width: int, dataset: str) -> None:
         side = math.gcd(height, width)
         if self.arch == "hybrid" and side % self.token_stride():
             raise ValueError(
-                f"{key}.tokenizer_widths has {len(self.tokenizer_widths)} widths, each halving the {height}x{width} "
-                f"images of {dataset}; use fewer widths"
+                f"{key}.tokenizer_widths has {len(self.tokenizer_widths)} widths (and tokenizer_final_pool = "
+                f"{self.tokenizer_final_pool}), each pool halving the {height}x{width} images of {dataset}; "
+                "use fewer widths or no final pool"
             )
         if self.arch == "patch" and side % self.patch_size:
             raise ValueError(

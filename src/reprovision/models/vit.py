@@ -80,16 +80,20 @@ def conv_bn_gelu(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 class ConvTokenizer(nn.Module):
-    """Images (B, C, H, W) -> a map of tokens (B, D, H/2^k, W/2^k): k = len(widths) convolutions each followed
-    by a 2x2 max-pool, then one to `embed_dim` at that resolution. Convolutions see the image in channels-last
-    memory, where the CPU's convolution kernels are fastest; the map then flattens into tokens with no copy."""
+    """Images (B, C, H, W) -> a map of tokens (B, D, H/2^k, W/2^k): len(widths) convolutions each followed
+    by a 2x2 max-pool, then one to `embed_dim` at that resolution, pooled once more if `final_pool` (k counts
+    the pools). Convolutions see the image in channels-last memory, where the CPU's convolution kernels are
+    fastest; the map then flattens into tokens with no copy."""
 
-    def __init__(self, *, channels: int, widths: tuple[int, ...], embed_dim: int) -> None:
+    def __init__(self, *, channels: int, widths: tuple[int, ...], embed_dim: int, final_pool: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for c_in, c_out in zip((channels, *widths[:-1]), widths):
             layers += [*conv_bn_gelu(c_in, c_out), nn.MaxPool2d(2)]
-        self.convs = nn.Sequential(*layers, *conv_bn_gelu(widths[-1] if widths else channels, embed_dim))
+        layers += conv_bn_gelu(widths[-1] if widths else channels, embed_dim)
+        # A last pool quarters the tokens, and with them the transformer's cost, which on a CPU runs at a third
+        # of the convolutions' rate (BENCHMARKS "ViT speed levers").
+        self.convs = nn.Sequential(*layers, *([nn.MaxPool2d(2)] if final_pool else []))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.convs(x.contiguous(memory_format=torch.channels_last))
@@ -110,12 +114,13 @@ class ViT(nn.Module):
         dropout: float = 0.1,
         drop_path: float = 0.0,
         tokenizer_widths: tuple[int, ...] | None = None,
+        tokenizer_final_pool: bool = False,
     ) -> None:
         """`tokenizer_widths` None: R3's patch embedding of `patch_size`; else the convolutional tokenizer
-        (ConvTokenizer) of those widths, whose stride 2^len(widths) replaces `patch_size`."""
+        (ConvTokenizer) of those widths, whose stride 2^(pools) replaces `patch_size`."""
         super().__init__()
         if tokenizer_widths is not None:
-            patch_size = 2 ** len(tokenizer_widths)
+            patch_size = 2 ** (len(tokenizer_widths) + tokenizer_final_pool)
         if image_size % patch_size:
             raise ValueError(
                 f"patch_size={patch_size} does not divide image_size={image_size}; pick a divisor of {image_size}"
@@ -128,7 +133,12 @@ class ViT(nn.Module):
         self.patch_embed = (
             nn.Conv2d(channels, embed_dim, kernel_size=patch_size, stride=patch_size)
             if tokenizer_widths is None
-            else ConvTokenizer(channels=channels, widths=tuple(tokenizer_widths), embed_dim=embed_dim)
+            else ConvTokenizer(
+                channels=channels,
+                widths=tuple(tokenizer_widths),
+                embed_dim=embed_dim,
+                final_pool=tokenizer_final_pool,
+            )
         )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
@@ -188,6 +198,7 @@ def build_vit(cfg, *, num_classes: int, channels: int, image_size: int) -> ViT:
         dropout=cfg.dropout,
         drop_path=cfg.drop_path,
         tokenizer_widths=tuple(cfg.tokenizer_widths) if cfg.arch == "hybrid" else None,
+        tokenizer_final_pool=cfg.tokenizer_final_pool,
     )
 
 
@@ -225,10 +236,11 @@ def describe_vit(cfg, *, num_classes: int) -> str:
         cost = tokenizer_and_transformer_cost(build_vit(cfg, num_classes=num_classes, channels=3, image_size=32))
     (tok_params, tok_flops), (tf_params, tf_flops) = cost["tokenizer"], cost["transformer"]
     convs = " -> ".join(str(w) for w in (*cfg.tokenizer_widths, cfg.embed_dim))
-    stride = 2 ** len(cfg.tokenizer_widths)
+    stride = cfg.token_stride()
+    pools = "each" if cfg.tokenizer_final_pool else "each but the last"
     return (
         f"Hybrid ViT (a convolutional tokenizer, then a transformer; CCT-style): tokenizer of "
-        f"{len(cfg.tokenizer_widths) + 1} Conv3x3-BN-GELU ({convs} channels, a 2x2 max-pool after each but the last: "
+        f"{len(cfg.tokenizer_widths) + 1} Conv3x3-BN-GELU ({convs} channels, a 2x2 max-pool after {pools}: "
         f"one token per {stride}x{stride} pixels), {tok_params:,} parameters and {tok_flops / 1e6:,.1f} MFLOPs per "
         f"32x32 image; transformer: embed {cfg.embed_dim}, {blocks}, learned position embeddings, [CLS] token{drop}, "
         f"{tf_params:,} parameters and {tf_flops / 1e6:,.1f} MFLOPs"
