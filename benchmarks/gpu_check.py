@@ -146,8 +146,16 @@ SIZES = {
         "option_test_images": 20,
         "option_epochs": 2,
         # Small architectures: the smoke exercises the code, and CI runs it (the reference sizes took ~4 min);
-        # two ViT blocks, as drop-path's rate rises from 0 at the first block (one block would never drop)
-        "shrink": {"vit.depth": 2, "vit.embed_dim": 32, "vit.heads": 2, "cnn.widths": [8, 16], "cnn.hidden": 16},
+        # two ViT blocks, as drop-path's rate rises from 0 at the first block (one block would never drop);
+        # the DCGAN at half width (its full-width steps were two fifths of the smoke's time)
+        "shrink": {
+            "vit.depth": 2,
+            "vit.embed_dim": 32,
+            "vit.heads": 2,
+            "cnn.widths": [8, 16],
+            "cnn.hidden": 16,
+            "gan.dcgan.width": 64,
+        },
     },
 }
 
@@ -168,6 +176,7 @@ def overrides_for(model: str, size: dict, arrays, *, images: int | None, epochs:
     # gan.fid_samples only so that params validate (its FID floor needs as many training images);
     # no FID is computed here.
     return {
+        **{k: v for k, v in size.get("shrink", {}).items() if k.startswith(f"gan.{model}.")},
         "gan.train_fraction": fraction(images, len(arrays["train_y"])),
         "gan.epochs": epochs,
         "gan.steps_per_epoch_max": gan_steps,

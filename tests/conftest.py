@@ -23,6 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # one thread each, since a second one mostly waits for the first (test_ssl's resume test: 17 s with
 # torch's default of 2 threads beside another busy process, 2.6 s with 1). test_runtime sets its own.
 torch.set_num_threads(1)
+# So does every process the tests start that does not pin its threads (the stages pin theirs with the
+# `threads` param, TINY's 1): gpu_check's smoke took 46 s of CPU with torch's default of 2 threads
+# beside a busy process, 21 s with 1 (OMP threads spin while they wait). Environment only, read at start.
+os.environ["OMP_NUM_THREADS"] = "1"
 MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared" / "datasets")
 
 
