@@ -2,7 +2,8 @@
 and the size study: each model's accuracy against the share of the training set it trained on.
 
 benchmarks/ablations.json holds `{"runs": [...]}`, one entry per run: `study`, `variant`, `seed`, `val_acc`,
-`test_acc`, `seconds` and the `overrides` that make the variant. A variant's gain is its mean over its seeds
+`test_acc`, `seconds` and the `overrides` that make the variant (and `earlier_runs`: runs of an earlier recipe,
+set aside with a `note`, in no table). A variant's gain is its mean over its seeds
 minus the baseline's; the interval is Welch's t for a difference of two means (the two sets of runs share no
 random draws that pairing by seed could cancel). Decisions read the validation gain: a variant helps when that
 interval lies wholly above zero. The test gain is reported beside it, never decided on.
