@@ -175,6 +175,24 @@ def _new_copy(folder: Path, cache: Path | None = None) -> Path:
 STAGE_MIRROR: Path | None = None
 
 
+@pytest.fixture(autouse=True)
+def tracking_uri_restored():
+    """mlflow.set_tracking_uri() keeps the URI process-wide and also sets MLFLOW_TRACKING_URI in os.environ (for
+    child processes), and the library calls it (a stage's run, a study's search): a test that ran such code
+    in-process against its own server left it behind, and a later test on the same worker reached for that
+    stopped server (test_registry's `promote`, in one `.ci/run` of 2026-12-07). Each test ends with MLflow's
+    URI and the variable as the test began."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(before)  # a no-op unless something changed it
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="session")
 def stage_mirror(tmp_path_factory) -> Path:
     global STAGE_MIRROR
