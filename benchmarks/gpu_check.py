@@ -154,7 +154,7 @@ SIZES = {
             "vit.heads": 2,
             "cnn.widths": [8, 16],
             "cnn.hidden": 16,
-            "gan.dcgan.width": 64,
+            "gan.dcgan.width": 32,
         },
     },
 }
