@@ -6,9 +6,11 @@ import fcntl
 import lzma
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -142,14 +144,56 @@ def committed_params() -> str:
     return sh(["git", "show", "HEAD:params.yaml"], ROOT).stdout
 
 
-def pipeline_env(**extra: str) -> dict:
+def pipeline_env(forked_stages: bool = True, **extra: str) -> dict:
+    """The environment of the tests' dvc commands. Their stages are forked from this worker's fork server
+    (tests/forkserver.py) unless `forked_stages` is False: a test that finds a stage below `dvc` to kill it."""
     # The tests' runs go to the default store and experiment (`reprovision`), whatever the shell sets.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_EXPERIMENT"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if forked_stages:
+        env["PATH"] = f"{fork_server()}{os.pathsep}{env['PATH']}"
     env["REPROVISION_DATA_MIRROR"] = str(STAGE_MIRROR or MIRROR)
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     env.update(extra)
     return env
+
+
+# This worker's fork server (tests/forkserver.py), started by the first pipeline_env() that asks for it, and
+# stopped at the session's end by `fork_server_stopped`: its process and the folder of its socket and client.
+FORK_SERVER: dict = {}
+
+
+def fork_server() -> Path:
+    """The folder whose `python` starts stages by this worker's fork server, which it starts if need be."""
+    if "folder" not in FORK_SERVER:
+        from forkserver import write_client
+
+        folder = Path(tempfile.mkdtemp(prefix="forkserver-"))  # short: a socket's path has at most 107 bytes
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a stage's PYTHONPATH comes with it
+        with open(folder / "server.log", "wb") as log:
+            server = subprocess.Popen(
+                [sys.executable, str(ROOT / "tests" / "forkserver.py"), str(folder / "socket")],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
+        if server.stdout.readline().strip() != b"ready":
+            server.kill()
+            pytest.fail(f"the stages' fork server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+        write_client(folder, sys.executable, str(folder / "socket"))
+        FORK_SERVER.update(server=server, folder=folder)
+    return FORK_SERVER["folder"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fork_server_stopped():
+    yield
+    server = FORK_SERVER.get("server")
+    if server is not None:
+        os.killpg(server.pid, signal.SIGKILL)  # its own process group: the server and any stage still running
+        server.wait()
+        shutil.rmtree(FORK_SERVER["folder"], ignore_errors=True)
 
 
 def require_mirror() -> Path:

@@ -1,0 +1,218 @@
+"""A fork server for the stage processes the tests' `dvc exp run`s start: each stage is still a process of its
+own, started by DVC through `python stages/<name>.py`, but forked from a server that has imported torch,
+torch._dynamo, MLflow and its SQLAlchemy store once, instead of a fresh interpreter importing them again
+(~4.6 s of CPU per stage at test size, most of a tiny stage's cost: docs/make-test-time.md).
+
+    python tests/forkserver.py SOCKET     # the server: prints "ready" once it listens on SOCKET
+    <bin>/python stages/x.py ARGS...      # the client, written by `write_client` as `python` first on PATH
+
+The client sends its argv, working directory, environment and its stdin/stdout/stderr to the server,
+forwards SIGINT, SIGTERM and SIGHUP to the stage, and ends with the stage's exit status (or its signal).
+Anything else it is asked to run (`python -c ...`, `python -m ...`), or every call when the server is not
+there, it hands to the real interpreter with `exec`. The forked stage sees what a fresh one would: the
+environment it was given (PYTHONPATH included), its script's folder first on sys.path, `__main__` the
+script. No project module is imported by the server, so a copy's own `src/` is what its stages import.
+
+What a forked stage is not: a descendant of the `dvc` process that started it. Tests that find a stage below
+`dvc` to signal or kill it run without the server (`pipeline_env(forked_stages=False)`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+
+# Imported by the server once; what a training stage imports that costs most (`python -X importtime`).
+PRELOAD = (
+    "numpy",
+    "yaml",
+    "pydantic",
+    "torch",
+    "torch._dynamo",
+    "torch.export",
+    "torch.utils.data",
+    "sqlalchemy",
+    "alembic",
+    "mlflow",
+    "mlflow.pytorch",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.tracking",
+)
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+HEADER = struct.Struct("!I")
+STATUS = struct.Struct("!i")
+
+CLIENT = """#!{python} -IS
+# Written by tests/forkserver.py: a `python` that starts `stages/*.py` by the fork server at {socket!r}.
+import os, signal, socket, struct, sys
+REAL, SOCKET = {python!r}, {socket!r}
+args = sys.argv[1:]
+if not (args and args[0].startswith("stages/") and args[0].endswith(".py")):
+    os.execv(REAL, [REAL, *args])
+conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    conn.connect(SOCKET)
+except OSError:
+    os.execv(REAL, [REAL, *args])
+import json
+ignored = [int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) == signal.SIG_IGN]
+request = {{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ), "ignored": ignored}}
+message = json.dumps(request).encode()
+socket.send_fds(conn, [struct.pack("!I", len(message)) + message], [0, 1, 2])
+def receive():
+    data = b""
+    while len(data) < 4:
+        chunk = conn.recv(4 - len(data))
+        if not chunk:
+            sys.exit("tests/forkserver.py: the fork server went away")
+        data += chunk
+    return struct.unpack("!i", data)[0]
+pid = receive()
+for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    if sig not in ignored:
+        signal.signal(sig, lambda number, frame: os.kill(pid, number))
+status = receive()
+if status < 0:
+    signal.signal(-status, signal.SIG_DFL)
+    os.kill(os.getpid(), -status)
+sys.exit(status)
+"""
+
+
+def write_client(folder, python: str, socket_path: str):
+    """`folder`/python: the client, to put first on a stage's PATH."""
+    client = folder / "python"
+    client.write_text(CLIENT.format(python=python, socket=socket_path))
+    client.chmod(0o755)
+    return client
+
+
+def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    while len(data) < HEADER.size or len(data) < HEADER.size + HEADER.unpack_from(data)[0]:
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("the client went away")
+        data += chunk
+    return json.loads(data[HEADER.size :]), fds
+
+
+def _run_stage(request: dict, fds: list[int]) -> None:
+    """In the forked child: become `python <argv>` as started by the client, run it, exit. Never returns."""
+    import threading
+
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.dont_write_bytecode = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
+    # The dispositions a fresh interpreter starts with, given what its parent left ignored.
+    for sig in FORWARDED:
+        default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+        signal.signal(sig, signal.SIG_IGN if sig in request["ignored"] else default)
+    script = os.path.abspath(request["argv"][0])  # a fresh interpreter's __main__.__file__ is absolute too
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    sys.path[:] = [os.path.dirname(script), *extra, *sys.path[1:]]
+    sys.argv[:] = request["argv"]
+    code = 0
+    try:
+        _run_main(script)
+    except SystemExit as end:
+        if end.code is None or isinstance(end.code, int):
+            code = end.code or 0
+        else:
+            print(end.code, file=sys.stderr)
+            code = 1
+    except BaseException as error:  # noqa: BLE001 - as the interpreter does: the traceback, exit status 1
+        import traceback
+
+        traceback.print_exc()
+        code = -signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
+    threading._shutdown()  # what the interpreter does at exit: non-daemon threads first, then atexit
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code < 0:  # an uncaught KeyboardInterrupt: the interpreter ends by SIGINT
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code)
+
+
+def _reap() -> None:
+    """Wait for the per-request children that ended (their CPU, and their stages', then counts as the server's)."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _run_main(script: str) -> None:
+    """Run `script` as the interpreter runs `python script`: a new `__main__` (sys.argv left as it is)."""
+    import importlib.machinery
+    import types
+
+    main = types.ModuleType("__main__")
+    loader = importlib.machinery.SourceFileLoader("__main__", script)
+    main.__dict__.update(__file__=script, __loader__=loader, __cached__=None, __builtins__=__builtins__)
+    sys.modules["__main__"] = main
+    with open(script, "rb") as source:
+        code = compile(source.read(), script, "exec", dont_inherit=True)
+    exec(code, main.__dict__)
+
+
+def _serve_one(conn: socket.socket) -> None:
+    """In a child of the server: fork the stage, tell the client its pid, then its exit status."""
+    request, fds = _receive(conn)
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        _run_stage(request, fds)
+    for fd in fds:
+        os.close(fd)
+    conn.sendall(STATUS.pack(pid))
+    _, status = os.waitpid(pid, 0)
+    conn.sendall(STATUS.pack(os.waitstatus_to_exitcode(status)))
+
+
+def serve(socket_path: str, hours: float = 2.0) -> None:
+    """Serve until the process that started it (a pytest worker) is gone, or `hours` have passed."""
+    import importlib
+    import threading
+    import time
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    assert threading.active_count() == 1, f"a thread before fork: {threading.enumerate()}"
+    parent, deadline = os.getppid(), time.monotonic() + 3600 * hours
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)
+    listener.listen(16)
+    listener.settimeout(2.0)
+    print("ready", flush=True)
+    while os.getppid() == parent and time.monotonic() < deadline:
+        _reap()
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        conn.settimeout(None)
+        if os.fork() == 0:
+            listener.close()
+            try:
+                _serve_one(conn)
+            finally:
+                os._exit(0)
+        conn.close()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])

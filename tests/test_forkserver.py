@@ -1,0 +1,82 @@
+"""The tests' fork server (tests/forkserver.py) starts a stage as a fresh interpreter would: argv, working
+directory, environment and PYTHONPATH, `__main__`, standard streams, exit status and signals. (That a forked
+stage computes the same bits as a fresh one, the two first runs of the DAG check: test_pipeline_e2e.py's
+stages are fresh, test_pipeline_params_e2e.py's forked.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import pipeline_env
+
+PROBE = """
+import json, os, sys, time
+print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "path0": sys.path[0], "path1": sys.path[1],
+                  "file": __file__, "name": __name__, "flag": os.environ.get("PROBE_FLAG"),
+                  "stdin": sys.stdin.read(), "pid": os.getpid(), "ppid": os.getppid()}))
+sys.stdout.flush()
+if sys.argv[1] == "sleep":
+    time.sleep(60)
+sys.exit(int(sys.argv[1]) if sys.argv[1].isdigit() else "a message")
+"""
+
+
+def run(repo: Path, *args: str, stdin: str = "", forked: bool = True) -> subprocess.CompletedProcess:
+    env = pipeline_env(forked_stages=forked, PROBE_FLAG="on", PYTHONPATH=str(repo / "lib"))
+    return subprocess.run(
+        ["python", "stages/probe.py", *args], cwd=repo, env=env, input=stdin, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_a_forked_stage_sees_what_a_fresh_interpreter_sees(tmp_path):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "probe.py").write_text(PROBE)
+    forked, fresh = (run(tmp_path, "3", stdin="in", forked=f) for f in (True, False))
+    assert forked.returncode == fresh.returncode == 3
+    seen = [json.loads(r.stdout) for r in (forked, fresh)]
+    assert seen[0]["ppid"] != os.getpid() and seen[1]["ppid"] == os.getpid()  # forked by the server, or not
+    for s in seen:
+        del s["pid"], s["ppid"]
+    assert (
+        seen[0]
+        == seen[1]
+        == {
+            "argv": ["stages/probe.py", "3"],
+            "cwd": str(tmp_path),
+            "path0": str(tmp_path / "stages"),
+            "path1": str(tmp_path / "lib"),
+            "file": str(tmp_path / "stages" / "probe.py"),
+            "name": "__main__",
+            "flag": "on",
+            "stdin": "in",
+        }
+    )
+    message = run(tmp_path, "text")
+    assert message.returncode == 1 and message.stderr.strip() == "a message"
+
+
+def test_signals_reach_the_forked_stage_and_its_end_is_the_clients(tmp_path):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "probe.py").write_text(PROBE)
+    env = pipeline_env(PROBE_FLAG="on")
+    client = subprocess.Popen(
+        ["python", "stages/probe.py", "sleep"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    stage = json.loads(client.stdout.readline())["pid"]
+    assert stage != client.pid
+    client.send_signal(signal.SIGTERM)
+    assert client.wait(timeout=30) == -signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{stage}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{stage}").exists()
