@@ -101,6 +101,17 @@ def command(variant: str, seed: int, study: str = STUDY) -> str:
     return shlex.join(["dvc", "exp", "run", "-n", name, *set_args, stage(variant, study)])
 
 
+def same(wanted, found) -> bool:
+    """A param as params.yaml holds it against the value the run wanted: DVC writes `-S vit.weight_decay=1e-05`
+    as `1e-05`, which YAML 1.1 (PyYAML) reads as a string, and the stage's config as the float."""
+    if isinstance(wanted, float) and isinstance(found, str):
+        try:
+            return float(found) == wanted
+        except ValueError:
+            return False
+    return found == wanted
+
+
 def record(repo: Path, variant: str, study: str = STUDY) -> dict:
     """The finished run in `repo` as one entry of RESULTS (a run recorded again replaces its entry). Its test
     accuracy is the training stage's figure of the weights it shipped (these runs train only: no evaluate)."""
@@ -108,7 +119,7 @@ def record(repo: Path, variant: str, study: str = STUDY) -> dict:
     seed = params["seed"]
     expected = overrides(variant, seed, study)
     flat = flatten(params)
-    wrong = {k: (v, flat.get(k)) for k, v in expected.items() if flat.get(k) != v}
+    wrong = {k: (v, flat.get(k)) for k, v in expected.items() if not same(v, flat.get(k))}
     if wrong:
         raise SystemExit(f"{repo}'s params.yaml is not variant {variant!r} (key: wanted, found): {wrong}")
     trained_as = stage(variant, study).removeprefix("train-")

@@ -107,6 +107,13 @@ def test_a_finished_run_is_recorded_once_per_variant_and_seed_and_a_mislabelled_
     assert entry["overrides"] == {"vit.sam": "sam"} and entry["params"]["vit.epochs"] == ablations.BUDGET["vit.epochs"]
     with pytest.raises(SystemExit, match="is not variant 'mixup'"):
         ablations.record(repo, "mixup")
+    # `-S vit.weight_decay=1e-05` as DVC writes it: a string to PyYAML, the float to the stage.
+    written = yaml.safe_dump(nest(ablations.overrides("adam-r4", 1))).replace(
+        "weight_decay: 1.0e-05", "weight_decay: 1e-05"
+    )
+    assert yaml.safe_load(written)["vit"]["weight_decay"] == "1e-05"
+    (repo / "params.yaml").write_text(written)
+    assert ablations.record(repo, "adam-r4")["params"]["vit.weight_decay"] == 1e-05
     assert "abl-gap-cutmix-s2" in ablations.command("cutmix", 2) and "augment.cutmix_prob=0.5" in ablations.command(
         "cutmix", 2
     )
