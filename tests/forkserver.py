@@ -62,10 +62,13 @@ REAL, SOCKET = {python!r}, {socket!r}
 args = sys.argv[1:]
 if not (args and args[0].startswith("stages/") and args[0].endswith(".py")):
     os.execv(REAL, [REAL, *args])
+# Held until the stage's pid is known, then forwarded to it: a signal that came meanwhile is not lost.
+signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 try:
     conn.connect(SOCKET)
 except OSError:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))  # exec keeps it
     os.execv(REAL, [REAL, *args])
 import json
 ignored = [int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) == signal.SIG_IGN]
@@ -84,6 +87,7 @@ pid = receive()
 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     if sig not in ignored:
         signal.signal(sig, lambda number, frame: os.kill(pid, number))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 status = receive()
 if status < 0:
     signal.signal(-status, signal.SIG_DFL)
