@@ -1,6 +1,7 @@
 """The tests' fork server (tests/forkserver.py) starts a stage as a fresh interpreter would: argv, working
-directory, environment and PYTHONPATH, `__main__`, standard streams, exit status and signals; and a forked
-training stage computes the bits a fresh one does."""
+directory, environment and PYTHONPATH, `__main__`, standard streams, exit status and signals. (That a forked
+stage computes the same bits as a fresh one, the two first runs of the DAG check: test_pipeline_e2e.py's
+stages are fresh, test_pipeline_params_e2e.py's forked.)"""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import TINY, _new_copy, dvc, pipeline_env
-from pipeline import fingerprints, stages_run
+from conftest import pipeline_env
 
 PROBE = """
 import json, os, sys, time
@@ -80,18 +80,3 @@ def test_signals_reach_the_forked_stage_and_its_end_is_the_clients(tmp_path):
     while Path(f"/proc/{stage}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{stage}").exists()
-
-
-def test_a_forked_training_stage_computes_the_bits_a_fresh_one_does(tmp_path, stage_mirror):
-    """train-cnn and the stages before it at TINY size, in two copies with DVC caches of their own (nothing
-    restored from a cache), one with fresh interpreters, one forked: the same weights, history and metrics. (The
-    two-clone test of the whole DAG compares two forked runs.)"""
-    outputs = ["data/prepared/manifest.json", "models/cnn/model.pt", "metrics/cnn/history.csv", "metrics/cnn.json"]
-    found = []
-    for forked in (False, True):
-        repo = _new_copy(tmp_path / f"forked-{forked}")
-        sets = [arg for s in [*TINY, "seed=11"] for arg in ("-S", s)]
-        run = dvc(repo, "exp", "run", *sets, "train-cnn", env=pipeline_env(forked_stages=forked))
-        assert stages_run(run.stdout) == {"check-params", "fetch-data", "augment", "train-cnn"}, run.stdout
-        found.append(fingerprints(repo, outputs))
-    assert found[0] == found[1]
