@@ -65,6 +65,8 @@ def register(uri: str, model: str, answer: int) -> str:
                 name=model,
                 registered_model_name=f"reprovision-{model}",
                 serialization_format="pickle",
+                # Pinned, as the stages pin theirs: inferring them loads the model in a new interpreter (~6 s of CPU).
+                pip_requirements=["torch"],
             )
     finally:
         mlflow.set_tracking_uri(None)
