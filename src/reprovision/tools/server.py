@@ -32,6 +32,7 @@ counts (change its password through MLflow's update-password API). `/health` ans
 from __future__ import annotations
 
 import configparser
+import contextlib
 import importlib.util
 import io
 import json
@@ -263,6 +264,8 @@ def stop(root: Path | None = None) -> bool:
     except ProcessLookupError:
         return False
     for _ in range(50):
+        with contextlib.suppress(ChildProcessError):  # started by this process: reaped, or it lingers as a zombie
+            os.waitpid(pid, os.WNOHANG)
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
