@@ -144,13 +144,14 @@ def committed_params() -> str:
     return sh(["git", "show", "HEAD:params.yaml"], ROOT).stdout
 
 
-def pipeline_env(forked_stages: bool = True, **extra: str) -> dict:
-    """The environment of the tests' dvc commands. Their stages are forked from this worker's fork server
-    (tests/forkserver.py) unless `forked_stages` is False: a test that finds a stage below `dvc` to kill it."""
+def pipeline_env(forked: bool = True, **extra: str) -> dict:
+    """The environment of the tests' dvc commands. `dvc` and its stages are forked from this worker's fork server
+    (tests/forkserver.py) unless `forked` is False: a test that finds a stage below `dvc` to kill it, or compares
+    with fresh interpreters."""
     # The tests' runs go to the default store and experiment (`reprovision`), whatever the shell sets.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_EXPERIMENT"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    if forked_stages:
+    if forked:
         env["PATH"] = f"{fork_server()}{os.pathsep}{env['PATH']}"
     env["REPROVISION_DATA_MIRROR"] = str(STAGE_MIRROR or MIRROR)
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -164,9 +165,10 @@ FORK_SERVER: dict = {}
 
 
 def fork_server() -> Path:
-    """The folder whose `python` starts stages by this worker's fork server, which it starts if need be."""
+    """The folder whose `python` and `dvc` start stages and DVC by this worker's fork server, which it starts if
+    need be."""
     if "folder" not in FORK_SERVER:
-        from forkserver import write_client
+        from forkserver import write_clients
 
         folder = Path(tempfile.mkdtemp(prefix="forkserver-"))  # short: a socket's path has at most 107 bytes
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a stage's PYTHONPATH comes with it
@@ -181,7 +183,7 @@ def fork_server() -> Path:
         if server.stdout.readline().strip() != b"ready":
             server.kill()
             pytest.fail(f"the stages' fork server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-        write_client(folder, sys.executable, str(folder / "socket"))
+        write_clients(folder, sys.executable, str(Path(sys.executable).parent / "dvc"), str(folder / "socket"))
         FORK_SERVER.update(server=server, folder=folder)
     return FORK_SERVER["folder"]
 
@@ -297,7 +299,8 @@ def module_repo(tmp_path_factory, shared_cache: Path, stage_mirror) -> Path:
 
 
 def dvc(repo: Path, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    return sh([str(Path(sys.executable).parent / "dvc"), *args], repo, env or pipeline_env(), check)
+    """`dvc` as found on the environment's PATH: forked by the fork server, unless `forked=False` made it."""
+    return sh(["dvc", *args], repo, env or pipeline_env(), check)
 
 
 def exp_run(repo: Path, *sets: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,20 +1,24 @@
-"""A fork server for the stage processes the tests' `dvc exp run`s start: each stage is still a process of its
-own, started by DVC through `python stages/<name>.py`, but forked from a server that has imported torch,
-torch._dynamo, MLflow and its SQLAlchemy store once, instead of a fresh interpreter importing them again
-(~4.6 s of CPU per stage at test size, most of a tiny stage's cost: docs/make-test-time.md).
+"""A fork server for the processes the tests' pipelines start: `dvc` itself and the stages its `dvc exp run`s
+start through `python stages/<name>.py`. Each is still a process of its own, but forked from a server that has
+imported torch, torch._dynamo, MLflow and its SQLAlchemy store, and DVC's command machinery, once, instead of a
+fresh interpreter importing them again (~4.6 s of CPU per stage at test size, ~2 s per `dvc` command: most of a
+tiny stage's cost; docs/make-test-time.md).
 
     python tests/forkserver.py SOCKET     # the server: prints "ready" once it listens on SOCKET
-    <bin>/python stages/x.py ARGS...      # the client, written by `write_client` as `python` first on PATH
+    <bin>/python stages/x.py ARGS...      # the clients, written by `write_clients` first on PATH
+    <bin>/dvc ARGS...
 
-The client sends its argv, working directory, environment and its stdin/stdout/stderr to the server,
-forwards SIGINT, SIGTERM and SIGHUP to the stage, and ends with the stage's exit status (or its signal).
-Anything else it is asked to run (`python -c ...`, `python -m ...`), or every call when the server is not
-there, it hands to the real interpreter with `exec`. The forked stage sees what a fresh one would: the
-environment it was given (PYTHONPATH included), its script's folder first on sys.path, `__main__` the
-script. No project module is imported by the server, so a copy's own `src/` is what its stages import.
+A client sends its argv, working directory, environment and its stdin/stdout/stderr to the server, forwards
+SIGINT, SIGTERM and SIGHUP to the forked process, and ends with its exit status (or its signal). Anything
+else `python` is asked to run (`python -c ...`, `python -m ...`), or every call when the server is not there,
+a client hands to the real program with `exec`. The forked process sees what a fresh one would: the
+environment it was given (PYTHONPATH included), its script's folder first on sys.path (the venv's bin for
+`dvc`), `__main__` the script. No project module is imported by the server, so a copy's own `src/` is what its
+stages import.
 
-What a forked stage is not: a descendant of the `dvc` process that started it. Tests that find a stage below
-`dvc` to signal or kill it run without the server (`pipeline_env(forked_stages=False)`).
+What a forked process is not: a descendant of the process that started it, nor in its process group. Tests that
+find a stage below `dvc` to signal or kill it, or signal a `dvc` command's process group as a terminal's Ctrl-C
+does, run the real programs (`pipeline_env(forked=False)`, or the venv's `dvc` by its path).
 """
 
 from __future__ import annotations
@@ -26,8 +30,7 @@ import socket
 import struct
 import sys
 
-# Imported by the server once: what the stages import that costs most, none of it this project's code. Not
-# torchvision: it imports only through reprovision/compat.py's workaround.
+# Imported by the server once: what the stages and DVC import that costs most, none of it this project's code.
 PRELOAD = (
     "numpy",
     "yaml",
@@ -39,7 +42,6 @@ PRELOAD = (
     "sqlalchemy",
     "alembic",
     "mlflow",
-    "mlflow.pytorch",
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.tracking",
     "PIL.Image",
@@ -50,29 +52,54 @@ PRELOAD = (
     "jinja2",
     "matplotlib.pyplot",
     "seaborn",
+    # DVC's: what its CLI imports for `exp run`, `exp show`, `status`, `plots` (not pygit2: libgit2 reads HOME
+    # once, when it is first imported, and a test gives `dvc` a HOME of its own).
+    "dvc.cli",
+    "dvc.cli.parser",
+    "dvc.repo",
+    "dvc.repo.experiments",
+    "dvc.repo.experiments.queue.celery",
+    "dvc.repo.experiments.queue.tempdir",
+    "dvc.repo.plots",
+    "dvc.repo.index",
+    "dvc.lock",
+    "dvc.scm",
+    "dvc.config",
+    "dulwich.porcelain",
+    "ruamel.yaml",
+    "pyparsing",
 )
+# Not these: torchvision imports only through reprovision/compat.py's workaround; mlflow.pytorch configures the
+# root logger when imported (`logging.basicConfig`), which a fresh `dvc` or stage must not find done.
+NOT_PRELOADED = ("pygit2", "torchvision", "mlflow.pytorch")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 HEADER = struct.Struct("!I")
 STATUS = struct.Struct("!i")
 
 CLIENT = """#!{python} -IS
-# Written by tests/forkserver.py: a `python` that starts `stages/*.py` by the fork server at {socket!r}.
+# Written by tests/forkserver.py: a `python` that starts `stages/*.py`, or a `dvc`, by the fork server at {socket!r}.
 import os, signal, socket, struct, sys
-REAL, SOCKET = {python!r}, {socket!r}
+SOCKET, HELD = {socket!r}, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 args = sys.argv[1:]
-if not (args and args[0].startswith("stages/") and args[0].endswith(".py")):
-    os.execv(REAL, [REAL, *args])
-# Held until the stage's pid is known, then forwarded to it: a signal that came meanwhile is not lost.
-signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+if os.path.basename(sys.argv[0]) == "dvc":
+    real = {dvc!r}
+    argv = [real, *args]  # what a fresh `dvc`, found on PATH, has as sys.argv
+else:
+    real = {python!r}
+    argv = args
+    if not (args and args[0].startswith("stages/") and args[0].endswith(".py")):
+        os.execv(real, [real, *args])
+# Held until the forked process's pid is known, then forwarded to it: a signal that came meanwhile is not lost.
+signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
 conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 try:
     conn.connect(SOCKET)
 except OSError:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))  # exec keeps it
-    os.execv(REAL, [REAL, *args])
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # exec keeps the mask
+    os.execv(real, [real, *args])
 import json
-ignored = [int(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if signal.getsignal(s) == signal.SIG_IGN]
-request = {{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ), "ignored": ignored}}
+ignored = [int(s) for s in HELD if signal.getsignal(s) == signal.SIG_IGN]
+request = {{"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "ignored": ignored}}
 message = json.dumps(request).encode()
 socket.send_fds(conn, [struct.pack("!I", len(message)) + message], [0, 1, 2])
 def receive():
@@ -84,10 +111,10 @@ def receive():
         data += chunk
     return struct.unpack("!i", data)[0]
 pid = receive()
-for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+for sig in HELD:
     if sig not in ignored:
         signal.signal(sig, lambda number, frame: os.kill(pid, number))
-signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
 status = receive()
 if status < 0:
     signal.signal(-status, signal.SIG_DFL)
@@ -96,12 +123,12 @@ sys.exit(status)
 """
 
 
-def write_client(folder, python: str, socket_path: str):
-    """`folder`/python: the client, to put first on a stage's PATH."""
-    client = folder / "python"
-    client.write_text(CLIENT.format(python=python, socket=socket_path))
-    client.chmod(0o755)
-    return client
+def write_clients(folder, python: str, dvc: str, socket_path: str) -> None:
+    """`folder`/python and `folder`/dvc: the clients, to put first on PATH (`python` and `dvc` are the real ones)."""
+    for name in ("python", "dvc"):
+        client = folder / name
+        client.write_text(CLIENT.format(python=python, dvc=dvc, socket=socket_path))
+        client.chmod(0o755)
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -115,7 +142,8 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
 
 
 def _run_stage(request: dict, fds: list[int]) -> None:
-    """In the forked child: become `python <argv>` as started by the client, run it, exit. Never returns."""
+    """In the forked child: become `python <argv>` as started by the client (`argv[0]` the script: a stage's, or
+    the venv's `dvc`), run it, exit. Never returns."""
     import threading
 
     for target, fd in enumerate(fds):
@@ -191,6 +219,7 @@ def _serve_one(conn: socket.socket) -> None:
         _run_stage(request, fds)
     for fd in fds:
         os.close(fd)
+    print(f"forked {pid}: {' '.join(request['argv'])}", file=sys.stderr, flush=True)  # the server's log
     conn.sendall(STATUS.pack(pid))
     _, status = os.waitpid(pid, 0)
     conn.sendall(STATUS.pack(os.waitstatus_to_exitcode(status)))
@@ -199,12 +228,15 @@ def _serve_one(conn: socket.socket) -> None:
 def serve(socket_path: str, hours: float = 2.0) -> None:
     """Serve until the process that started it (a pytest worker) is gone, or `hours` have passed."""
     import importlib
+    import logging
     import threading
     import time
 
     for name in PRELOAD:
         importlib.import_module(name)
     assert threading.active_count() == 1, f"a thread before fork: {threading.enumerate()}"
+    assert not set(NOT_PRELOADED) & set(sys.modules), f"preloaded: {set(NOT_PRELOADED) & set(sys.modules)}"
+    assert not logging.root.handlers, f"the root logger configured: {logging.root.handlers}"
     parent, deadline = os.getppid(), time.monotonic() + 3600 * hours
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path)

@@ -1,7 +1,7 @@
-"""The tests' fork server (tests/forkserver.py) starts a stage as a fresh interpreter would: argv, working
-directory, environment and PYTHONPATH, `__main__`, standard streams, exit status and signals. (That a forked
-stage computes the same bits as a fresh one, the two first runs of the DAG check: test_pipeline_e2e.py's
-stages are fresh, test_pipeline_params_e2e.py's forked.)"""
+"""The tests' fork server (tests/forkserver.py) starts a stage, or `dvc`, as a fresh interpreter would: argv,
+working directory, environment and PYTHONPATH, `__main__`, standard streams, exit status and signals. (That a
+forked stage computes the same bits as a fresh one, test_pipeline_params_e2e.py checks on the first run of the
+DAG: test_fresh_interpreters_compute_what_the_forked_stages_did.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import pipeline_env
+from conftest import FORK_SERVER, dvc, pipeline_env, sh
 
 PROBE = """
 import json, os, sys, time
@@ -27,7 +27,7 @@ sys.exit(int(sys.argv[1]) if sys.argv[1].isdigit() else "a message")
 
 
 def run(repo: Path, *args: str, stdin: str = "", forked: bool = True) -> subprocess.CompletedProcess:
-    env = pipeline_env(forked_stages=forked, PROBE_FLAG="on", PYTHONPATH=str(repo / "lib"))
+    env = pipeline_env(forked=forked, PROBE_FLAG="on", PYTHONPATH=str(repo / "lib"))
     return subprocess.run(
         ["python", "stages/probe.py", *args], cwd=repo, env=env, input=stdin, capture_output=True, text=True, timeout=60
     )
@@ -80,3 +80,14 @@ def test_signals_reach_the_forked_stage_and_its_end_is_the_clients(tmp_path):
     while Path(f"/proc/{stage}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{stage}").exists()
+
+
+def test_dvc_forked_answers_as_the_real_one(tmp_path):
+    sh(["git", "init", "-q"], tmp_path)
+    dvc(tmp_path, "init", "-q", env=pipeline_env(forked=False))
+    log = FORK_SERVER["folder"] / "server.log" if FORK_SERVER else None
+    for args in (["status"], ["exp", "run", "--no-such-option"], ["params", "diff", "--json"]):
+        forked, fresh = (dvc(tmp_path, *args, env=pipeline_env(forked=f), check=False) for f in (True, False))
+        assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    log = (FORK_SERVER["folder"] / "server.log").read_text()
+    assert log.count("/dvc status") == 1 and log.count("/dvc exp run --no-such-option") == 1  # forked, not exec'd

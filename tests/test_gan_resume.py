@@ -152,7 +152,7 @@ def start_repro(repo: Path, *options: str) -> subprocess.Popen:
     return subprocess.Popen(
         [str(Path(sys.executable).parent / "dvc"), "repro", *options, STAGE],
         cwd=repo,
-        env=pipeline_env(forked_stages=False),  # its training process is found below dvc and killed
+        env=pipeline_env(forked=False),  # its training process is found below dvc and killed
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

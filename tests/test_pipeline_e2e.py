@@ -53,9 +53,7 @@ def module_repo(tmp_path_factory, stage_mirror) -> Path:
 
 def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     repo = module_repo
-    # Stages started as fresh interpreters here, forked from the fork server in test_pipeline_params_e2e.py's
-    # clone: the two agree bit for bit, so a forked stage computes what a fresh one does.
-    first = exp_run(repo, env=pipeline_env(forked_stages=False))
+    first = exp_run(repo)
     assert stages_run(first.stdout) == ALL_STAGES, first.stdout
 
     for path in [
