@@ -1,6 +1,6 @@
 """The tests' fork server (tests/forkserver.py) starts a stage, or `dvc`, as a fresh interpreter would: argv,
 working directory, environment and PYTHONPATH, `__main__`, standard streams, exit status and signals. (That a
-forked stage computes the same bits as a fresh one, test_pipeline_params_e2e.py checks on the first run of the
+forked stage computes the same bits as a fresh one, test_pipeline_e2e.py checks on the first run of the
 DAG: test_fresh_interpreters_compute_what_the_forked_stages_did.)"""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The whole DAG for real: `dvc exp run` on the real mirror, MLflow runs, caching, `-S lr=4e-4`,
-the run-cache, `reprovision reproduce` and an unreachable tracking server.
+"""The whole DAG for real: `dvc exp run` on the real mirror, MLflow runs, what fresh interpreters compute, caching,
+`-S lr=4e-4`, the run-cache, `reprovision reproduce` and an unreachable tracking server.
 
 The tests run in order on one copy of the repository and build on each other's results.
 test_pipeline_params_e2e.py runs the same first run in a second clone (on the other pytest-xdist
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ import yaml
 from conftest import _new_copy, dvc, exp_run, pipeline_env, sh
 from pipeline import (
     ALL_STAGES,
+    OUTPUTS_TO_COMPARE,
     agree_with_the_other_clone,
     all_runs,
     fingerprints,
@@ -223,6 +225,35 @@ def test_first_run_produces_every_output_and_run(module_repo, tmp_path_factory):
     assert digits.shape == (3, 1, 28, 28) and digits.dtype == np.uint8
     FIRST_RUN.update(fingerprints(repo))
     agree_with_the_other_clone(FIRST_RUN, tmp_path_factory)
+
+
+# What the fresh run below re-runs, and the results it compares: a classifier's, a GAN's and evaluate's.
+RERUN_FRESH = ["train-cnn", "train-gan@dcgan", "evaluate"]
+FRESH_RESULTS = [
+    "models/cnn/model.pt",
+    "metrics/cnn.json",
+    "metrics/cnn/summary.json",
+    "models/gan/dcgan/generator.pt",
+    "metrics/gan/dcgan.json",
+    "metrics/gan/dcgan/summary.json",
+    "metrics/evaluate.json",
+    "metrics/eval/summary.json",
+    "metrics/eval/cnn_confusion.json",
+]
+
+
+def test_fresh_interpreters_compute_what_the_forked_stages_did(module_repo, tmp_path):
+    """The tests' `dvc` and stages are forked from a server that imported torch, MLflow, DVC and the rest once
+    (tests/forkserver.py). In a copy of the first run, these stages run again as a user runs them, `dvc` and the
+    stages fresh interpreters: the same bits (a whole fresh DAG cost ~120 s of the suite's CPU more, measured)."""
+    copy = tmp_path / "fresh"
+    # A cache of its own (empty): the run-cache entries of this run must not reach the first run's cache.
+    not_the_cache = lambda folder, names: ["cache"] if Path(folder).name == ".dvc" else []  # noqa: E731
+    shutil.copytree(module_repo, copy, symlinks=True, ignore=not_the_cache)
+    run = dvc(copy, "repro", "--force", "--single-item", *RERUN_FRESH, env=pipeline_env(forked=False))
+    assert stages_run(run.stdout) == set(RERUN_FRESH), run.stdout
+    assert set(FRESH_RESULTS) <= set(OUTPUTS_TO_COMPARE)
+    assert fingerprints(copy, FRESH_RESULTS) == fingerprints(module_repo, FRESH_RESULTS)
 
 
 def test_the_champion_serves_raw_images_over_rest_as_the_pipeline_predicts(module_repo):

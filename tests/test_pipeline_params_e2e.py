@@ -1,6 +1,6 @@
 """The DAG's first run again, in a second clone with a cache of its own: bit for bit the same as
-test_pipeline_e2e.py's, and as fresh interpreters compute it. Then, on that clone, what a change marks or
-re-runs: GAN and SSL params, the thread count, a code file, a rejected param.
+test_pipeline_e2e.py's. Then, on that clone, what a change marks or re-runs: GAN and SSL params, the
+thread count, a code file, a rejected param.
 
 The tests run in order on one copy of the repository and build on each other's results.
 """
@@ -8,22 +8,13 @@ The tests run in order on one copy of the repository and build on each other's r
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import TINY, _new_copy, dvc, exp_run, pipeline_env, sh
 from imports import closure
-from pipeline import (
-    ALL_STAGES,
-    OUTPUTS_TO_COMPARE,
-    agree_with_the_other_clone,
-    fingerprints,
-    outputs_sha256,
-    stages_run,
-    training_runs,
-)
+from pipeline import ALL_STAGES, agree_with_the_other_clone, fingerprints, outputs_sha256, stages_run, training_runs
 
 from reprovision.core.runtime import cpu_kernels
 
@@ -45,35 +36,6 @@ def test_second_clone_reproduces_bit_for_bit(module_repo, tmp_path_factory):
     assert stages_run(first.stdout) == ALL_STAGES, first.stdout
     FIRST_RUN.update(fingerprints(module_repo))
     agree_with_the_other_clone(FIRST_RUN, tmp_path_factory)
-
-
-# What the fresh run below re-runs, and the results it compares: a classifier's, a GAN's and evaluate's.
-RERUN_FRESH = ["train-cnn", "train-gan@dcgan", "evaluate"]
-FRESH_RESULTS = [
-    "models/cnn/model.pt",
-    "metrics/cnn.json",
-    "metrics/cnn/summary.json",
-    "models/gan/dcgan/generator.pt",
-    "metrics/gan/dcgan.json",
-    "metrics/gan/dcgan/summary.json",
-    "metrics/evaluate.json",
-    "metrics/eval/summary.json",
-    "metrics/eval/cnn_confusion.json",
-]
-
-
-def test_fresh_interpreters_compute_what_the_forked_stages_did(module_repo, tmp_path):
-    """The tests' `dvc` and stages are forked from a server that imported torch, MLflow, DVC and the rest once
-    (tests/forkserver.py). In a copy of the first run, these stages run again as a user runs them, `dvc` and the
-    stages fresh interpreters: the same bits (a whole fresh DAG cost ~120 s of the suite's CPU more, measured)."""
-    copy = tmp_path / "fresh"
-    # A cache of its own (empty): the run-cache entries of this run must not reach the first run's cache.
-    not_the_cache = lambda folder, names: ["cache"] if Path(folder).name == ".dvc" else []  # noqa: E731
-    shutil.copytree(module_repo, copy, symlinks=True, ignore=not_the_cache)
-    run = dvc(copy, "repro", "--force", "--single-item", *RERUN_FRESH, env=pipeline_env(forked=False))
-    assert stages_run(run.stdout) == set(RERUN_FRESH), run.stdout
-    assert set(FRESH_RESULTS) <= set(OUTPUTS_TO_COMPARE)
-    assert fingerprints(copy, FRESH_RESULTS) == fingerprints(module_repo, FRESH_RESULTS)
 
 
 def test_gan_and_ssl_params_mark_only_their_stages(module_repo):
