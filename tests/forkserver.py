@@ -10,8 +10,9 @@ tiny stage's cost; docs/make-test-time.md).
 
 A client sends its argv, working directory, environment and its stdin/stdout/stderr to the server, forwards
 SIGINT, SIGTERM and SIGHUP to the forked process, and ends with its exit status (or its signal). Anything
-else `python` is asked to run (`python -c ...`, `python -m ...`), or every call when the server is not there,
-a client hands to the real program with `exec`. The forked process sees what a fresh one would: the
+else `python` is asked to run (`python -c ...`, `python -m ...`), DVC's queue (`dvc queue ...`, the celery
+workers it starts as `dvc exp queue-worker`: a forked one hung once in the suite), or every call when the
+server is not there, a client hands to the real program with `exec`. The forked process sees what a fresh one would: the
 environment it was given (PYTHONPATH included), its script's folder first on sys.path (the venv's bin for
 `dvc`), `__main__` the script. No project module is imported by the server, so a copy's own `src/` is what its
 stages import.
@@ -84,6 +85,8 @@ args = sys.argv[1:]
 if os.path.basename(sys.argv[0]) == "dvc":
     real = {dvc!r}
     argv = [real, *args]  # what a fresh `dvc`, found on PATH, has as sys.argv
+    if args[:1] in (["queue"], ["daemon"]) or args[:2] == ["exp", "queue-worker"]:
+        os.execv(real, [real, *args])  # the queue's long-lived workers: fresh (a forked one hung once)
 else:
     real = {python!r}
     argv = args
