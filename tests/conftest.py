@@ -34,21 +34,23 @@ MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared
 
 # The longest test files, longest first (docs/make-test-time.md). `make test` hands
 # out whole files in collection order (--dist loadfile --no-loadscope-reorder): the two pipeline files
-# start at once, and the many short files fill the end instead of the long ones starting late.
+# start at once, and the many short files fill the end instead of the long ones starting late. The order
+# is measured: `benchmarks/suite_schedule.py` replays xdist's schedule from a `pytest -v --durations=0` log.
 LONGEST_FILES = [
-    "test_pipeline_e2e.py",
     "test_pipeline_params_e2e.py",
+    "test_pipeline_e2e.py",
     "test_team_server.py",
-    "test_example_family.py",
     "test_tracking_outage.py",
-    "test_promotion_gate.py",
+    "test_example_family.py",
     "test_gan_resume.py",
+    "test_tune.py",
+    "test_data.py",
+    "test_promotion_gate.py",
     "test_ssl.py",
-    "test_runtime.py",
     "test_distributed.py",
-    "test_airbench.py",
-    "test_report.py",
     "test_gpu_path.py",
+    "test_runtime.py",
+    "test_report.py",
 ]
 
 
