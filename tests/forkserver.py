@@ -12,10 +12,10 @@ A client sends its argv, working directory, environment and its stdin/stdout/std
 SIGINT, SIGTERM and SIGHUP to the forked process, and ends with its exit status (or its signal). Anything
 else `python` is asked to run (`python -c ...`, `python -m ...`), DVC's queue (`dvc queue ...`, the celery
 workers it starts as `dvc exp queue-worker`: a forked one hung once in the suite), or every call when the
-server is not there, a client hands to the real program with `exec`. The forked process sees what a fresh one would: the
-environment it was given (PYTHONPATH included), its script's folder first on sys.path (the venv's bin for
-`dvc`), `__main__` the script. No project module is imported by the server, so a copy's own `src/` is what its
-stages import.
+server is not there, a client hands to the real program with `exec`. The forked process sees what a fresh
+one would: the environment it was given (PYTHONPATH included), its script's folder first on sys.path (the
+venv's bin for `dvc`), `__main__` the script. No project module is imported by the server, so a copy's own
+`src/` is what its stages import.
 
 What a forked process is not: a descendant of the process that started it, nor in its process group. Tests that
 find a stage below `dvc` to signal or kill it, or signal a `dvc` command's process group as a terminal's Ctrl-C
