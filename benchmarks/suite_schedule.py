@@ -46,7 +46,7 @@ def worker_ends(files: dict[str, list[float]], longest: list[str], workers: int 
     ends = [0.0] * workers
     for _ in range(2):  # xdist's start: a file each, then a second where 2 or fewer tests are pending
         for w in range(workers):
-            if queue and (not pending[w] or len(pending[w]) <= 2):
+            if queue and len(pending[w]) <= 2:
                 pending[w] += queue.pop(0)
     while any(pending):
         w = min((i for i in range(workers) if pending[i]), key=lambda i: ends[i])

@@ -30,6 +30,7 @@ torch.set_num_threads(1)
 # beside a busy process, 21 s with 1 (OMP threads spin while they wait). Environment only, read at start.
 os.environ["OMP_NUM_THREADS"] = "1"
 MIRROR = Path(os.environ.get("REPROVISION_DATA_MIRROR") or ROOT.parent / "shared" / "datasets")
+DVC = str(Path(sys.executable).parent / "dvc")  # the venv's own `dvc`, by its path: never the fork server's
 
 
 # The longest test files, longest first (docs/make-test-time.md). `make test` hands
@@ -185,7 +186,7 @@ def fork_server() -> Path:
         if server.stdout.readline().strip() != b"ready":
             server.kill()
             pytest.fail(f"the stages' fork server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-        write_clients(folder, sys.executable, str(Path(sys.executable).parent / "dvc"), str(folder / "socket"))
+        write_clients(folder, sys.executable, DVC, str(folder / "socket"))
         FORK_SERVER.update(server=server, folder=folder)
     return FORK_SERVER["folder"]
 

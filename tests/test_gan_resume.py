@@ -7,13 +7,12 @@ import hashlib
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import dvc, pipeline_env
+from conftest import DVC, dvc, pipeline_env
 from resume import checkpoint_state, set_params, signal_below
 
 from reprovision.models.gan import MLPDiscriminator, MLPGenerator
@@ -150,7 +149,7 @@ TIMING = {"total_seconds", "s_per_epoch"}
 def start_repro(repo: Path, *options: str) -> subprocess.Popen:
     """`dvc repro <options> train-gan@mlp` in the background, its output (stdout and stderr) on a pipe."""
     return subprocess.Popen(
-        [str(Path(sys.executable).parent / "dvc"), "repro", *options, STAGE],
+        [DVC, "repro", *options, STAGE],
         cwd=repo,
         env=pipeline_env(forked=False),  # its training process is found below dvc and killed
         stdout=subprocess.PIPE,

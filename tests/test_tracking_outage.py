@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import dvc, pipeline_env
+from conftest import DVC, dvc, pipeline_env
 from resume import checkpoint_state, history, set_params, sha256, signal_below
 
 from reprovision.core import track
@@ -33,7 +33,6 @@ SMALL_CNN = {
     "data": {"train_fraction": 0.05, "test_fraction": 0.01},
     "cnn": {"epochs": 4, "widths": [8, 16], "hidden": 16, "batch_size": 64},  # stops at 2 or 3: unfinished
 }
-DVC = str(Path(sys.executable).parent / "dvc")
 
 
 def stage_env() -> dict:
