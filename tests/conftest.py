@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,7 @@ def committed_params() -> str:
 
 
 def pipeline_env(forked: bool = True, **extra: str) -> dict:
-    """The environment of the tests' dvc commands. `dvc` and its stages are forked from this worker's fork server
+    """The environment of the tests' dvc commands. `dvc` and its stages are forked from the session's fork server
     (tests/forkserver.py) unless `forked` is False: a test that finds a stage below `dvc` to kill it, or compares
     with fresh interpreters."""
     # The tests' runs go to the default store and experiment (`reprovision`), whatever the shell sets.
@@ -162,43 +163,60 @@ def pipeline_env(forked: bool = True, **extra: str) -> dict:
     return env
 
 
-# This worker's fork server (tests/forkserver.py), started by the first pipeline_env() that asks for it, and
-# stopped at the session's end by `fork_server_stopped`: its process and the folder of its socket and client.
-FORK_SERVER: dict = {}
+# The session's fork server (tests/forkserver.py), one for all pytest-xdist workers: its folder (socket, clients,
+# log) is made by the session's first process, the owner (xdist's controller, before it starts the workers, which
+# inherit the variable); the first worker to ask starts the server; the owner kills it at the session's end
+# (`pytest_unconfigure`), and the server ends by itself if the owner is gone. One server instead of one per
+# worker: each spent ~12 s of CPU importing the same modules.
+FORK_SERVER_VAR = "REPROVISION_TESTS_FORK_SERVER"
+
+
+def pytest_configure(config) -> None:
+    if FORK_SERVER_VAR not in os.environ:  # the session's first process: a nested pytest gets a server of its own
+        folder = tempfile.mkdtemp(prefix="forkserver-")  # short: a socket's path has at most 107 bytes
+        os.environ[FORK_SERVER_VAR] = f"{os.getpid()}:{folder}"
+        config.fork_server_folder = Path(folder)
+
+
+def pytest_unconfigure(config) -> None:
+    folder = getattr(config, "fork_server_folder", None)
+    if folder is None:
+        return
+    os.environ.pop(FORK_SERVER_VAR, None)
+    pid = folder / "server.pid"
+    if pid.exists():
+        with suppress(ProcessLookupError):
+            os.killpg(int(pid.read_text()), signal.SIGKILL)  # its own process group: the server and any stage
+        with suppress(ChildProcessError):
+            os.waitpid(int(pid.read_text()), 0)  # our child when this process started it (no xdist)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def fork_server() -> Path:
-    """The folder whose `python` and `dvc` start stages and DVC by this worker's fork server, which it starts if
-    need be."""
-    if "folder" not in FORK_SERVER:
-        from forkserver import write_clients
+    """The folder whose `python` and `dvc` start stages and DVC by the session's fork server, which the first
+    process to ask starts."""
+    owner, folder = os.environ[FORK_SERVER_VAR].split(":", 1)
+    folder = Path(folder)
+    with open(folder / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker starts it, the others wait for it
+        if not (folder / "server.pid").exists():
+            from forkserver import write_clients
 
-        folder = Path(tempfile.mkdtemp(prefix="forkserver-"))  # short: a socket's path has at most 107 bytes
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a stage's PYTHONPATH comes with it
-        with open(folder / "server.log", "wb") as log:
-            server = subprocess.Popen(
-                [sys.executable, str(ROOT / "tests" / "forkserver.py"), str(folder / "socket")],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                env=env,
-                start_new_session=True,
-            )
-        if server.stdout.readline().strip() != b"ready":
-            server.kill()
-            pytest.fail(f"the stages' fork server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-        write_clients(folder, sys.executable, DVC, str(folder / "socket"))
-        FORK_SERVER.update(server=server, folder=folder)
-    return FORK_SERVER["folder"]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def fork_server_stopped():
-    yield
-    server = FORK_SERVER.get("server")
-    if server is not None:
-        os.killpg(server.pid, signal.SIGKILL)  # its own process group: the server and any stage still running
-        server.wait()
-        shutil.rmtree(FORK_SERVER["folder"], ignore_errors=True)
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a stage's PYTHONPATH comes with it
+            with open(folder / "server.log", "wb") as log:
+                server = subprocess.Popen(
+                    [sys.executable, str(ROOT / "tests" / "forkserver.py"), str(folder / "socket"), owner],
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    env=env,
+                    start_new_session=True,
+                )
+            if server.stdout.readline().strip() != b"ready":
+                server.kill()
+                pytest.fail(f"the stages' fork server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+            write_clients(folder, sys.executable, DVC, str(folder / "socket"))
+            (folder / "server.pid").write_text(str(server.pid))
+    return folder
 
 
 def require_mirror() -> Path:

@@ -4,7 +4,7 @@ imported torch, torch._dynamo, MLflow and its SQLAlchemy store, and DVC's comman
 fresh interpreter importing them again (~4.6 s of CPU per stage at test size, ~2 s per `dvc` command: most of a
 tiny stage's cost; docs/make-test-time.md).
 
-    python tests/forkserver.py SOCKET     # the server: prints "ready" once it listens on SOCKET
+    python tests/forkserver.py SOCKET OWNER   # the server: prints "ready" once it listens on SOCKET; ends with OWNER
     <bin>/python stages/x.py ARGS...      # the clients, written by `write_clients` first on PATH
     <bin>/dvc ARGS...
 
@@ -222,14 +222,22 @@ def _serve_one(conn: socket.socket) -> None:
         _run_stage(request, fds)
     for fd in fds:
         os.close(fd)
-    print(f"forked {pid}: {' '.join(request['argv'])}", file=sys.stderr, flush=True)  # the server's log
+    print(f"forked {pid} in {request['cwd']}: {' '.join(request['argv'])}", file=sys.stderr, flush=True)  # its log
     conn.sendall(STATUS.pack(pid))
     _, status = os.waitpid(pid, 0)
     conn.sendall(STATUS.pack(os.waitstatus_to_exitcode(status)))
 
 
-def serve(socket_path: str, hours: float = 2.0) -> None:
-    """Serve until the process that started it (a pytest worker) is gone, or `hours` have passed."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def serve(socket_path: str, owner: int, hours: float = 2.0) -> None:
+    """Serve until the process `owner` (the pytest session's first process) is gone, or `hours` have passed."""
     import importlib
     import logging
     import threading
@@ -240,13 +248,13 @@ def serve(socket_path: str, hours: float = 2.0) -> None:
     assert threading.active_count() == 1, f"a thread before fork: {threading.enumerate()}"
     assert not set(NOT_PRELOADED) & set(sys.modules), f"preloaded: {set(NOT_PRELOADED) & set(sys.modules)}"
     assert not logging.root.handlers, f"the root logger configured: {logging.root.handlers}"
-    parent, deadline = os.getppid(), time.monotonic() + 3600 * hours
+    deadline = time.monotonic() + 3600 * hours
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path)
     listener.listen(16)
     listener.settimeout(2.0)
     print("ready", flush=True)
-    while os.getppid() == parent and time.monotonic() < deadline:
+    while _alive(owner) and time.monotonic() < deadline:
         _reap()
         try:
             conn, _ = listener.accept()
@@ -263,4 +271,4 @@ def serve(socket_path: str, hours: float = 2.0) -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], int(sys.argv[2]))

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import dvc, fork_server, pipeline_env, sh
+from conftest import DVC, dvc, fork_server, pipeline_env, sh
 
 PROBE = """
 import json, os, sys, time
@@ -85,10 +85,11 @@ def test_signals_reach_the_forked_stage_and_its_end_is_the_clients(tmp_path):
 def test_dvc_forked_answers_as_the_real_one(tmp_path):
     sh(["git", "init", "-q"], tmp_path)
     dvc(tmp_path, "init", "-q", env=pipeline_env(forked=False))
-    log = fork_server() / "server.log"  # a line per process the server forked, this worker's tests' included
+    log = fork_server() / "server.log"  # a line per process the server forked, with its folder: every worker's
     logged = len(log.read_text())
     for args in (["status"], ["exp", "run", "--no-such-option"], ["params", "diff", "--json"]):
         forked, fresh = (dvc(tmp_path, *args, env=pipeline_env(forked=f), check=False) for f in (True, False))
         assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
     forks = log.read_text()[logged:]
-    assert forks.count("/dvc status\n") == 1 and forks.count("/dvc exp run --no-such-option\n") == 1  # not exec'd
+    assert forks.count(f"{tmp_path}: {DVC} status\n") == 1  # forked, not exec'd
+    assert forks.count(f"{tmp_path}: {DVC} exp run --no-such-option\n") == 1
