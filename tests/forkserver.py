@@ -30,6 +30,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 
 # Imported by the server once: what the stages and DVC import that costs most, none of it this project's code.
 PRELOAD = (
@@ -224,8 +225,13 @@ def _serve_one(conn: socket.socket) -> None:
         os.close(fd)
     print(f"forked {pid} in {request['cwd']}: {' '.join(request['argv'])}", file=sys.stderr, flush=True)  # its log
     conn.sendall(STATUS.pack(pid))
-    _, status = os.waitpid(pid, 0)
-    conn.sendall(STATUS.pack(os.waitstatus_to_exitcode(status)))
+    start = time.monotonic()
+    _, status, usage = os.wait4(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime  # the process and the children it waited for
+    wall = time.monotonic() - start
+    print(f"ended {pid} with {code} after {wall:.1f} s, {cpu:.1f} s of CPU", file=sys.stderr, flush=True)
+    conn.sendall(STATUS.pack(code))
 
 
 def _alive(pid: int) -> bool:
@@ -241,7 +247,6 @@ def serve(socket_path: str, owner: int, hours: float = 2.0) -> None:
     import importlib
     import logging
     import threading
-    import time
 
     for name in PRELOAD:
         importlib.import_module(name)
