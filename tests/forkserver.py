@@ -81,7 +81,7 @@ STATUS = struct.Struct("!i")
 CLIENT = """#!{python} -IS
 # Written by tests/forkserver.py: a `python` that starts `stages/*.py`, or a `dvc`, by the fork server at {socket!r}.
 import os, signal, socket, struct, sys
-SOCKET, HELD = {socket!r}, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SOCKET, HELD = {socket!r}, {held}
 args = sys.argv[1:]
 if os.path.basename(sys.argv[0]) == "dvc":
     real = {dvc!r}
@@ -131,7 +131,8 @@ def write_clients(folder, python: str, dvc: str, socket_path: str) -> None:
     """`folder`/python and `folder`/dvc: the clients, to put first on PATH (`python` and `dvc` are the real ones)."""
     for name in ("python", "dvc"):
         client = folder / name
-        client.write_text(CLIENT.format(python=python, dvc=dvc, socket=socket_path))
+        held = "(" + ", ".join(f"signal.{s.name}" for s in FORWARDED) + ")"  # the signals the server forwards
+        client.write_text(CLIENT.format(python=python, dvc=dvc, socket=socket_path, held=held))
         client.chmod(0o755)
 
 
