@@ -171,12 +171,12 @@ def pipeline_env(forked: bool = True, **extra: str) -> dict:
 # log) is made by the session's first process, the owner (xdist's controller, before it starts the workers, which
 # inherit the variable); the first worker to ask starts the server; the owner kills it at the session's end
 # (`pytest_unconfigure`), and the server ends by itself if the owner is gone. One server instead of one per
-# worker: each spent ~12 s of CPU importing the same modules.
+# worker: each spent ~7 s of CPU importing the same modules.
 FORK_SERVER_VAR = "REPROVISION_TESTS_FORK_SERVER"
 
 
 def pytest_configure(config) -> None:
-    if FORK_SERVER_VAR not in os.environ:  # the session's first process: a nested pytest gets a server of its own
+    if FORK_SERVER_VAR not in os.environ:  # the session's first process (a pytest a test starts shares its server)
         folder = tempfile.mkdtemp(prefix="forkserver-")  # short: a socket's path has at most 107 bytes
         os.environ[FORK_SERVER_VAR] = f"{os.getpid()}:{folder}"
         config.fork_server_folder = Path(folder)

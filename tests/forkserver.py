@@ -129,9 +129,9 @@ sys.exit(status)
 
 def write_clients(folder, python: str, dvc: str, socket_path: str) -> None:
     """`folder`/python and `folder`/dvc: the clients, to put first on PATH (`python` and `dvc` are the real ones)."""
+    held = "(" + ", ".join(f"signal.{s.name}" for s in FORWARDED) + ")"  # the signals the server forwards
     for name in ("python", "dvc"):
         client = folder / name
-        held = "(" + ", ".join(f"signal.{s.name}" for s in FORWARDED) + ")"  # the signals the server forwards
         client.write_text(CLIENT.format(python=python, dvc=dvc, socket=socket_path, held=held))
         client.chmod(0o755)
 
