@@ -187,6 +187,9 @@ def pytest_unconfigure(config) -> None:
     if folder is None:
         return
     os.environ.pop(FORK_SERVER_VAR, None)
+    keep = os.environ.get("REPROVISION_TESTS_FORK_LOG")  # the server's log, for benchmarks/fork_profile.py
+    if keep and (folder / "server.log").exists():
+        shutil.copyfile(folder / "server.log", keep)
     pid = folder / "server.pid"
     if pid.exists():
         with suppress(ProcessLookupError):
