@@ -190,12 +190,12 @@ def pytest_unconfigure(config) -> None:
     keep = os.environ.get("REPROVISION_TESTS_FORK_LOG")  # the server's log, for benchmarks/fork_profile.py
     if keep and (folder / "server.log").exists():
         shutil.copyfile(folder / "server.log", keep)
-    pid = folder / "server.pid"
-    if pid.exists():
+    if (folder / "server.pid").exists():
+        pid = int((folder / "server.pid").read_text())
         with suppress(ProcessLookupError):
-            os.killpg(int(pid.read_text()), signal.SIGKILL)  # its own process group: the server and any stage
+            os.killpg(pid, signal.SIGKILL)  # its own process group: the server and any stage
         with suppress(ChildProcessError):
-            os.waitpid(int(pid.read_text()), 0)  # our child when this process started it (no xdist)
+            os.waitpid(pid, 0)  # our child when this process started it (no xdist)
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -204,6 +204,8 @@ def fork_server() -> Path:
     process to ask starts."""
     owner, folder = os.environ[FORK_SERVER_VAR].split(":", 1)
     folder = Path(folder)
+    if (folder / "server.pid").exists():  # written last, once the server is ready: no lock needed then
+        return folder
     with open(folder / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker starts it, the others wait for it
         if not (folder / "server.pid").exists():
