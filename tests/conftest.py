@@ -228,6 +228,13 @@ def fork_server() -> Path:
     return folder
 
 
+def forked_python() -> str:
+    """A `python` for `SCRIPT`, `-c CODE` or `-m MODULE` that forks it from the session's fork server: for a test
+    whose child needs no fresh interpreter (not one that reads the environment when torch is imported, counts its
+    page faults, or is found in a process group to be killed)."""
+    return str(fork_server() / "forked-python")
+
+
 def require_mirror() -> Path:
     """MIRROR, or the test fails (never skips) saying how to point the suite at the datasets."""
     if not (MIRROR / "cifar10" / "cifar-10-batches-bin").is_dir():

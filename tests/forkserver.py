@@ -12,7 +12,9 @@ A client sends its argv, working directory, environment and its stdin/stdout/std
 SIGINT, SIGTERM and SIGHUP to the forked process, and ends with its exit status (or its signal). Anything
 else `python` is asked to run (`python -c ...`, `python -m ...`), DVC's queue (`dvc queue ...`, the celery
 workers it starts as `dvc exp queue-worker`: a forked one hung once in the suite), or every call when the
-server is not there, a client hands to the real program with `exec`. The forked process sees what a fresh
+server is not there, a client hands to the real program with `exec`. A third client, `forked-python`, forks
+any `python SCRIPT`, `-c CODE` or `-m MODULE`: tests name it (conftest.forked_python()) where their child
+needs no fresh interpreter. The forked process sees what a fresh
 one would: the environment it was given (PYTHONPATH included), its script's folder first on sys.path (the
 venv's bin for `dvc`), `__main__` the script. No project module is imported by the server, so a copy's own
 `src/` is what its stages import.
@@ -91,7 +93,12 @@ if os.path.basename(sys.argv[0]) == "dvc":
 else:
     real = {python!r}
     argv = args
-    if not (args and args[0].startswith("stages/") and args[0].endswith(".py")):
+    stage = args[:1] and args[0].startswith("stages/") and args[0].endswith(".py")
+    # `forked-python` forks any `SCRIPT`, `-c CODE` or `-m MODULE` (with no other interpreter option).
+    anything = os.path.basename(sys.argv[0]) == "forked-python" and (
+        args[:1] and not args[0].startswith("-") or args[:1] in (["-c"], ["-m"]) and len(args) > 1
+    )
+    if not (stage or anything):
         os.execv(real, [real, *args])
 # Held until the forked process's pid is known, then forwarded to it: a signal that came meanwhile is not lost.
 signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
@@ -128,9 +135,10 @@ sys.exit(status)
 
 
 def write_clients(folder, python: str, dvc: str, socket_path: str) -> None:
-    """`folder`/python and `folder`/dvc: the clients, to put first on PATH (`python` and `dvc` are the real ones)."""
+    """`folder`/python and `folder`/dvc: the clients, to put first on PATH (`python` and `dvc` are the real ones);
+    `folder`/forked-python: the client a test names to fork any script, `-c` or `-m` (`forked_python()`)."""
     held = "(" + ", ".join(f"signal.{s.name}" for s in FORWARDED) + ")"  # the signals the server forwards
-    for name in ("python", "dvc"):
+    for name in ("python", "forked-python", "dvc"):
         client = folder / name
         client.write_text(CLIENT.format(python=python, dvc=dvc, socket=socket_path, held=held))
         client.chmod(0o755)
@@ -162,13 +170,9 @@ def _run_stage(request: dict, fds: list[int]) -> None:
     for sig in FORWARDED:
         default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
         signal.signal(sig, signal.SIG_IGN if sig in request["ignored"] else default)
-    script = os.path.abspath(request["argv"][0])  # a fresh interpreter's __main__.__file__ is absolute too
-    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    sys.path[:] = [os.path.dirname(script), *extra, *sys.path[1:]]
-    sys.argv[:] = request["argv"]
     code = 0
     try:
-        _run_main(script)
+        _run_main(request["argv"])
     except SystemExit as end:
         if end.code is None or isinstance(end.code, int):
             code = end.code or 0
@@ -201,15 +205,32 @@ def _reap() -> None:
         pass
 
 
-def _run_main(script: str) -> None:
-    """Run `script` as the interpreter runs `python script`: a new `__main__` (sys.argv left as it is)."""
+def _run_main(argv: list[str]) -> None:
+    """Run `python *argv` (`SCRIPT ...`, `-c CODE ...` or `-m MODULE ...`) as the interpreter does: sys.argv,
+    sys.path's first entry (then PYTHONPATH's), a new `__main__`."""
     import importlib.machinery
+    import runpy
     import types
 
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    first = {"-c": "", "-m": os.getcwd()}.get(argv[0])
+    script = None if first is not None else os.path.abspath(argv[0])  # a fresh __main__.__file__ is absolute too
+    sys.path[:] = [os.path.dirname(script) if script else first, *extra, *sys.path[1:]]
+    if argv[0] == "-m":
+        sys.argv[:] = ["-m", *argv[2:]]  # run_module puts the module's file first, as `python -m` does
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        return
     main = types.ModuleType("__main__")
-    loader = importlib.machinery.SourceFileLoader("__main__", script)
-    main.__dict__.update(__file__=script, __loader__=loader, __cached__=None, __builtins__=__builtins__)
+    main.__dict__.update(__builtins__=__builtins__)
     sys.modules["__main__"] = main
+    if argv[0] == "-c":
+        sys.argv[:] = ["-c", *argv[2:]]
+        main.__dict__.update(__loader__=importlib.machinery.BuiltinImporter)
+        exec(compile(argv[1], "<string>", "exec", dont_inherit=True), main.__dict__)
+        return
+    sys.argv[:] = argv
+    loader = importlib.machinery.SourceFileLoader("__main__", script)
+    main.__dict__.update(__file__=script, __loader__=loader, __cached__=None)
     with open(script, "rb") as source:
         code = compile(source.read(), script, "exec", dont_inherit=True)
     exec(code, main.__dict__)
@@ -251,6 +272,11 @@ def serve(socket_path: str, owner: int, hours: float = 2.0) -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    # MLflow's map of the installed packages to their modules, which it builds (~0.2 s) for every logged model's
+    # requirements: the same venv for every stage, so built once here.
+    from mlflow.utils import requirements_utils
+
+    requirements_utils._init_packages_to_modules_map()
     assert threading.active_count() == 1, f"a thread before fork: {threading.enumerate()}"
     assert not set(NOT_PRELOADED) & set(sys.modules), f"preloaded: {set(NOT_PRELOADED) & set(sys.modules)}"
     assert not logging.root.handlers, f"the root logger configured: {logging.root.handlers}"

@@ -9,10 +9,11 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-from conftest import DVC, dvc, fork_server, pipeline_env, sh
+from conftest import DVC, dvc, fork_server, forked_python, pipeline_env, sh
 
 PROBE = """
 import json, os, sys, time
@@ -58,6 +59,27 @@ def test_a_forked_stage_sees_what_a_fresh_interpreter_sees(tmp_path):
     )
     message = run(tmp_path, "text")
     assert message.returncode == 1 and message.stderr.strip() == "a message"
+
+
+def test_forked_python_runs_c_and_m_as_a_fresh_interpreter(tmp_path):
+    """`forked-python -c CODE` and `-m MODULE`: the argv, sys.path, `__main__`, environment, streams and exit status
+    of `python -c` and `python -m`."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "probe_module.py").write_text(PROBE)
+    env = {**os.environ, "PROBE_FLAG": "on", "PYTHONPATH": str(tmp_path / "lib")}
+    for args, first in ((["-c", PROBE.replace("__file__", "None")], ""), (["-m", "probe_module"], str(tmp_path))):
+        forked, fresh = (
+            subprocess.run([python, *args, "4"], cwd=tmp_path, env=env, input="in", capture_output=True, text=True)
+            for python in (forked_python(), sys.executable)
+        )
+        assert forked.returncode == fresh.returncode == 4, forked.stderr
+        seen = [json.loads(r.stdout) for r in (forked, fresh)]
+        assert seen[0]["ppid"] != os.getpid() and seen[1]["ppid"] == os.getpid()  # forked by the server, or not
+        for s in seen:
+            del s["pid"], s["ppid"]
+        assert seen[0] == seen[1], args[0]
+        assert seen[0]["path0"] == first and seen[0]["path1"] == str(tmp_path / "lib") and seen[0]["name"] == "__main__"
+        assert seen[0]["argv"][1:] == ["4"] and seen[0]["stdin"] == "in" and seen[0]["flag"] == "on"
 
 
 def test_signals_reach_the_forked_stage_and_its_end_is_the_clients(tmp_path):

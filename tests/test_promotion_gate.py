@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import forked_python
 
 from reprovision.publish import registry
 from reprovision.tools import cli, server
@@ -162,7 +162,7 @@ def test_two_runs_finishing_together_leave_the_better_one_holding_the_alias(proj
     better, worse = register(uri, "cnn", 7), register(uri, "vit", 9)
     racers = [
         subprocess.Popen(
-            [sys.executable, "-c", RACER, model, acc, version, uri], cwd=root, stdout=subprocess.PIPE, text=True
+            [forked_python(), "-c", RACER, model, acc, version, uri], cwd=root, stdout=subprocess.PIPE, text=True
         )
         for model, acc, version in (("vit", "0.60", worse), ("cnn", "0.70", better))
     ]

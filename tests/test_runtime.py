@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import forked_python
 
 from reprovision.config import CNNConfig
 from reprovision.core import checkpoint, runtime
@@ -148,7 +149,7 @@ def test_fingerprint_is_the_same_in_a_clone_elsewhere_and_knows_the_code(tmp_pat
     def fingerprint_in(clone: Path) -> str:
         env = {**os.environ, "PYTHONPATH": str(clone / "src"), "PYTHONDONTWRITEBYTECODE": "1"}
         return subprocess.run(
-            [sys.executable, str(clone / "stages" / "fingerprint.py")],
+            [forked_python(), str(clone / "stages" / "fingerprint.py")],
             env=env,
             cwd=clone,
             capture_output=True,

@@ -14,7 +14,7 @@ import optuna
 import psutil
 import pytest
 import yaml
-from conftest import committed_params
+from conftest import committed_params, forked_python
 
 from reprovision.core import track
 from reprovision.tools.tune import TrialFailed, TuneError, check_overrides, read_history, tune, yaml_number
@@ -282,7 +282,7 @@ def test_two_workers_share_one_search_through_its_storage(tmp_path):
         (folder / "fake_dvc.py").write_text(FAKE_DVC.replace('hopeless = name.endswith("-2")', "hopeless = False"))
         (folder / "worker.py").write_text(TUNE_WORKER)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
-        workers.append(subprocess.Popen([sys.executable, "worker.py", storage], cwd=folder, env=env, text=True,
+        workers.append(subprocess.Popen([forked_python(), "worker.py", storage], cwd=folder, env=env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-2500:] for o in outputs)
