@@ -41,18 +41,18 @@ unexport PYTHONDONTWRITEBYTECODE
 # pyenv by default does not, and much of a stage is Python importing torch and MLflow
 # (docs/make-test-time.md). An existing .venv keeps its interpreter.
 PYTHON ?= $(shell /usr/bin/python3 -c 'import sys, ensurepip, venv; sys.exit(sys.version_info < (3, 10))' 2>/dev/null && echo /usr/bin/python3 || echo python3)
+# The venv and its pip, unless `make run` made them already (`venv` over an existing one took 4 s, re-running ensurepip).
+NEW_VENV = test -x $(PY) || { $(PYTHON) -m venv $(VENV) && $(PY) -m pip install -q pip==$(PIP_VERSION); }
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	$(NEW_VENV)
 	$(PY) -m pip install -q --no-compile -e .
 	touch $@
 
 # The tests also need the team extras (the scaleout tests run a PostgreSQL-backed MLflow server
 # with S3 artifacts and a DVC S3 remote) and the S3 emulator: one pip call for all of it.
 $(VENV)/.installed-test: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	$(NEW_VENV)
 	$(PY) -m pip install -q --no-compile -e ".[dev,team]"
 	touch $@ $(VENV)/.installed
 
