@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+from functools import reduce
 from pathlib import Path
 
 import yaml
-from recipes import AIRBENCH94, VIT_HYBRID, Recipe, dvc_set_args
+from recipes import AIRBENCH94, VIT_HYBRID, Recipe, dvc_set_args, nest
 
-from reprovision.config import flatten
+from reprovision.config import Params
 from reprovision.layout import ABLATIONS, METRICS, SUMMARY
 from reprovision.measure import ablation
 
@@ -101,15 +102,11 @@ def command(variant: str, seed: int, study: str = STUDY) -> str:
     return shlex.join(["dvc", "exp", "run", "-n", name, *set_args, stage(variant, study)])
 
 
-def same(wanted, found) -> bool:
-    """A param as params.yaml holds it against the value the run wanted: DVC writes `-S vit.weight_decay=1e-05`
-    as `1e-05`, which YAML 1.1 (PyYAML) reads as a string, and the stage's config as the float."""
-    if isinstance(wanted, float) and isinstance(found, str):
-        try:
-            return float(found) == wanted
-        except ValueError:
-            return False
-    return found == wanted
+def as_configured(params: dict, keys) -> dict:
+    """Each dotted key's value as the stages read it: through `Params`, whose types turn the `1e-05` that DVC
+    writes for `-S vit.weight_decay=1e-05` (a string to PyYAML) into the float."""
+    config = Params.model_validate(params)
+    return {key: reduce(getattr, key.split("."), config) for key in keys}
 
 
 def record(repo: Path, variant: str, study: str = STUDY) -> dict:
@@ -118,8 +115,8 @@ def record(repo: Path, variant: str, study: str = STUDY) -> dict:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     seed = params["seed"]
     expected = overrides(variant, seed, study)
-    flat = flatten(params)
-    wrong = {k: (v, flat.get(k)) for k, v in expected.items() if not same(v, flat.get(k))}
+    found, wanted = as_configured(params, expected), as_configured(nest(expected), expected)
+    wrong = {k: (wanted[k], found[k]) for k in expected if found[k] != wanted[k]}
     if wrong:
         raise SystemExit(f"{repo}'s params.yaml is not variant {variant!r} (key: wanted, found): {wrong}")
     trained_as = stage(variant, study).removeprefix("train-")
