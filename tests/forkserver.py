@@ -155,8 +155,8 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
 
 
 def _run_stage(request: dict, fds: list[int]) -> None:
-    """In the forked child: become `python <argv>` as started by the client (`argv[0]` the script: a stage's, or
-    the venv's `dvc`), run it, exit. Never returns."""
+    """In the forked child: become `python <argv>` as started by the client (`argv[0]` the script: a stage's, the
+    venv's `dvc`, any for `forked-python`, or its `-c`/`-m`), run it, exit. Never returns."""
     import threading
 
     for target, fd in enumerate(fds):
