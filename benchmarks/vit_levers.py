@@ -4,7 +4,8 @@ For R3's ViT (batch 128) and the vit-hybrid recipe's ViT (batch 256), under the 
 resolves to here, with the params' thread count: images per second of one training step (forward, backward,
 AdamW step) with torch's default attention kernel, with SDPA's reference ("math") kernel, with fused AdamW,
 and with torch.compile (Inductor's generated C++), median of the timed steps after a warm-up. Then which SDPA
-kernel each precision gets (read from the profiler), and the ops that take the time of one R3 ViT step.
+kernel each precision gets (read from the profiler), the ops that take the time of one R3 ViT step, and the
+ceiling the matrix products set: R3's step at this CPU's matmul rate with nothing else taking time.
 
     python benchmarks/vit_levers.py [--steps 5] [--no-compile]      # prints Markdown for BENCHMARKS.md
 
@@ -99,6 +100,44 @@ def top_ops(cfg: ViTConfig, batch: int, rows: int) -> list[tuple[str, float, flo
     return [(e.key, e.self_cpu_time_total / 1000, e.self_cpu_time_total / total) for e in events[:rows]]
 
 
+def matmul_ceiling(cfg: ViTConfig, batch: int, reps: int = 10) -> tuple[float, float, float]:
+    """(GFLOP/s, GFLOP per step, img/s): the rate of the matrix products of the model's linear layers at their
+    training shapes (forward, input gradient and weight gradient of each) under the precision `auto` resolves
+    to; the FLOPs FlopCounterMode counts in one training step; and the images per second a step would reach if
+    every counted FLOP ran at that rate and nothing else (norms, activations, dropout, optimiser) took time."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = FAMILY.build(cfg, num_classes=10, channels=3, image_size=32)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    shapes: list[tuple[int, int, int]] = []  # (rows, in, out) of each linear layer's call
+    hooks = [
+        m.register_forward_hook(
+            lambda m, args, out: shapes.append((args[0].numel() // m.in_features, m.in_features, m.out_features))
+        )
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    for hook in hooks:
+        hook.remove()
+    dtype = autocast_dtype("auto", CPU) or torch.float32
+    flops = seconds = 0.0
+    for rows, n_in, n_out in shapes:
+        a, w, g = (torch.randn(*s).to(dtype) for s in ((rows, n_in), (n_out, n_in), (rows, n_out)))
+        for left, right in ((a, w.T), (g, w), (g.T, a)):  # forward, input gradient, weight gradient
+            left @ right
+            started = time.perf_counter()
+            for _ in range(reps):
+                left @ right
+            seconds += (time.perf_counter() - started) / reps
+        flops += 3 * 2 * rows * n_in * n_out
+    rate = flops / seconds
+    step_flops = counter.get_total_flops()
+    return rate / 1e9, step_flops / 1e9, batch * rate / step_flops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per lever (after the warm-up)")
@@ -123,6 +162,11 @@ def main() -> None:
     print(f"\n| op (R3 ViT, one eager {amp} step, batch {batch}) | ms | share |\n|---|---|---|")
     for op, ms, share in top_ops(cfg, batch, rows=10):
         print(f"| `{op}` | {ms:.0f} | {100 * share:.1f} % |")
+    rate, step, ceiling = matmul_ceiling(cfg, batch)
+    print(
+        f"\nR3 ViT, batch {batch}: its linear layers' matrix products run at {rate:.0f} GFLOP/s ({amp}); a step "
+        f"counts {step:.1f} GFLOP; at that rate and nothing else: {ceiling:.0f} img/s"
+    )
 
 
 if __name__ == "__main__":
