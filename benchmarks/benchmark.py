@@ -13,10 +13,10 @@ accuracy, achieved TFLOP/s against FLOPs counted with `FlopCounterMode`, peak GP
 and the speed-up over the time the reference reported. Recipes live in recipes.py, the runs in
 runs.py.
 
-`--cpu-table` (speed_tables.py) instead times, on the CPU with a fixed thread count, the R3 ViT and CNN in the
-project's loop (`fit_classifier`, set up by the stages' own `setup`, reprovision/training/classifier_setup.py)
-and in a minimal hand-written PyTorch loop, each in fp32 and under bf16 autocast, and prints one Markdown
-table with the machine it ran on.
+`--cpu-table` (speed_tables.py) instead times, on the CPU with a fixed thread count, the R3 ViT and CNN and the
+vit-hybrid recipe's ViT in the project's loop (`fit_classifier`, set up by the stages' own `setup`,
+reprovision/training/classifier_setup.py) and in a minimal hand-written PyTorch loop, each in fp32 and under bf16
+autocast, and prints one Markdown table with the machine it ran on.
 
 Imports only torch, numpy, PIL, PyYAML, scikit-learn/torchvision (through reprovision.data.datasets)
 and pydantic (through reprovision.config); no dvc, no mlflow. Reads data from prepared

@@ -1,6 +1,6 @@
-"""The speed tables of BENCHMARKS.md (`benchmark.py --cpu-table`, `--gpu-table`): R3's ViT and CNN,
-and the GANs on a GPU, in the project's loop and in a minimal hand-written PyTorch loop, each in
-fp32 and under bf16 autocast, with the machine they ran on.
+"""The speed tables of BENCHMARKS.md (`benchmark.py --cpu-table`, `--gpu-table`): R3's ViT and CNN (and on
+the CPU the vit-hybrid recipe's ViT), and the GANs on a GPU, in the project's loop and in a minimal
+hand-written PyTorch loop, each in fp32 and under bf16 autocast, with the machine they ran on.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from recipes import VIT_HYBRID
 from runs import (  # benchmarks/runs.py, beside this script
     CLASSIFIERS,
     _fmt,
@@ -33,7 +34,7 @@ from runs import (  # benchmarks/runs.py, beside this script
 )
 
 from reprovision.config import CLASSIFIER_LABELS, DATASET_SHAPES, Params
-from reprovision.core.runtime import autocast_dtype, cpu_has_native_bf16, seed_everything
+from reprovision.core.runtime import attention_kernels, autocast_dtype, cpu_has_native_bf16, seed_everything
 from reprovision.data.augment import make_policy, normalize
 from reprovision.models.classifiers import FAMILIES
 from reprovision.models.gan import build_gan
@@ -51,6 +52,12 @@ LOAD_WAIT_S = 20 * 60  # ...for at most this long, then measure anyway (the head
 PRECISIONS = ("fp32", "bf16")
 LOOPS = ("project", "plain")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides whether bf16 is native
+# The table's models, each (family, overrides on top of params.yaml's defaults): R3's classifiers, and the ViT of
+# the vit-hybrid recipe (issue 43's fast ViT) as that recipe trains it (the table sets batch size and epochs).
+CPU_TABLE_MODELS: dict[str, tuple[str, dict]] = {
+    **{CLASSIFIER_LABELS[name]: (name, {}) for name in CLASSIFIERS},
+    "hybrid ViT (`vit-hybrid`)": ("vit", VIT_HYBRID.overrides),
+}
 
 
 def _fraction(images: int, total: int) -> float:
@@ -135,6 +142,8 @@ def table_plain(name: str, params: Params, arrays: dict[str, np.ndarray], device
 
     The images are normalised once, before timing; every step is autocast (when bf16) forward,
     cross-entropy, zero_grad, backward, optimiser step. No scheduler, no metrics, no determinism flag.
+    The model's CPU kernel choices (`cpu_attention`, `cpu_optimizer`) are kept: they are the model's speed,
+    not the loop's.
     """
     cfg = params.classifier(name)
     channels, size, _, classes = DATASET_SHAPES[params.data.classifier_dataset]
@@ -148,7 +157,10 @@ def table_plain(name: str, params: Params, arrays: dict[str, np.ndarray], device
     if FAMILIES[name].channels_last:  # the model as the stage builds it
         model = model.to(memory_format=torch.channels_last)
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer](
-        model.parameters(), lr=params.learning_rate(name), weight_decay=cfg.weight_decay
+        model.parameters(),
+        lr=params.learning_rate(name),
+        weight_decay=cfg.weight_decay,
+        fused=(cfg.cpu_optimizer == "fused") or None,
     )
     model.train()
     seconds = []
@@ -156,7 +168,10 @@ def table_plain(name: str, params: Params, arrays: dict[str, np.ndarray], device
     for _ in range(cfg.epochs):
         started = time.perf_counter()
         for xb, yb in batches:
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            with (
+                torch.autocast(device.type, dtype=amp, enabled=amp is not None),
+                attention_kernels(device, amp, cfg.cpu_attention),
+            ):
                 logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
             optimizer.zero_grad(set_to_none=True)
@@ -182,9 +197,10 @@ def cpu_table(args: argparse.Namespace) -> None:
     print(f"cifar10: {source} from {args.data}, {time.perf_counter() - started:.1f} s", flush=True)
     total_train, total_test = len(arrays["train_y"]), len(arrays["test_y"])
     plan = []
-    for name in CLASSIFIERS:
+    for label, (name, model_overrides) in CPU_TABLE_MODELS.items():
         for precision in PRECISIONS:
             overrides = {
+                **model_overrides,
                 "data.train_fraction": _fraction(args.table_images, total_train),
                 "data.test_fraction": _fraction(CPU_TABLE["test_images"], total_test),  # fit evaluates it, untimed
                 "data.val_fraction": 0.0,
@@ -192,36 +208,39 @@ def cpu_table(args: argparse.Namespace) -> None:
                 f"{name}.epochs": warmup + timed,
                 f"{name}.precision": precision,
             }
-            params = apply(overrides, f"--cpu-table {name} {precision}")
+            params = apply(overrides, f"--cpu-table {label} {precision}")
             for loop in LOOPS:
-                plan.append((name, precision, loop, params))
+                plan.append((label, name, precision, loop, params))
     channels, size, _, classes = DATASET_SHAPES["cifar10"]
     flops = {
-        name: classifier_flops(
-            FAMILIES[name].build(Params().classifier(name), num_classes=classes, channels=channels, image_size=size),
+        label: classifier_flops(
+            FAMILIES[name].build(
+                apply(overrides, label).classifier(name), num_classes=classes, channels=channels, image_size=size
+            ),
             channels,
             size,
             classes,
             device,
         )
-        for name in CLASSIFIERS
+        for label, (name, overrides) in CPU_TABLE_MODELS.items()
     }
 
     load_before, waited = wait_for_quiet(LOAD_LIMIT, LOAD_POLL_S, args.max_wait)
     print(f"1-minute load {load_before:.2f} after waiting {waited / 60:.1f} min: timing", flush=True)
     measured_at = datetime.datetime.now().astimezone()
     rows = []
-    for name, precision, loop, params in plan:
-        print(f"\n== {name} / {loop} loop / {precision}", flush=True)
+    for label, name, precision, loop, params in plan:
+        print(f"\n== {label} / {loop} loop / {precision}", flush=True)
         run = table_project if loop == "project" else table_plain
         row = run(name, params, arrays, device, warmup)
         row.update(
-            model=name,
+            model=label,
+            family=name,
             precision=precision,
             loop=loop,
             load_1min_after=os.getloadavg()[0],
-            gflop_per_image=flops[name] / 1e9,
-            gflop_per_s=flops[name] / 1e9 * row["images_per_s"],
+            gflop_per_image=flops[label] / 1e9,
+            gflop_per_s=flops[label] / 1e9 * row["images_per_s"],
         )
         print(
             f"{row['images_per_s']:.1f} img/s over {timed} timed epoch(s) of {row['train_images']} images "
@@ -281,7 +300,7 @@ def cpu_table_markdown(env: dict, rows: list[dict]) -> str:
             "| "
             + " | ".join(
                 [
-                    f"{CLASSIFIER_LABELS[r['model']]} ({r['gflop_per_image']:.3f} GFLOP/img)",
+                    f"{r['model']} ({r['gflop_per_image']:.3f} GFLOP/img)",
                     "project (`fit_classifier`)" if r["loop"] == "project" else "plain PyTorch",
                     "fp32" if r["precision"] == "fp32" else "bf16 autocast",
                     f"{r['images_per_s']:.1f}",
