@@ -196,7 +196,8 @@ def cpu_table(args: argparse.Namespace) -> None:
     arrays, source = load_dataset(args.data, "cifar10")
     print(f"cifar10: {source} from {args.data}, {time.perf_counter() - started:.1f} s", flush=True)
     total_train, total_test = len(arrays["train_y"]), len(arrays["test_y"])
-    plan = []
+    channels, size, _, classes = DATASET_SHAPES["cifar10"]
+    plan, flops = [], {}
     for label, (name, model_overrides) in CPU_TABLE_MODELS.items():
         for precision in PRECISIONS:
             overrides = {
@@ -211,19 +212,9 @@ def cpu_table(args: argparse.Namespace) -> None:
             params = apply(overrides, f"--cpu-table {label} {precision}")
             for loop in LOOPS:
                 plan.append((label, name, precision, loop, params))
-    channels, size, _, classes = DATASET_SHAPES["cifar10"]
-    flops = {
-        label: classifier_flops(
-            FAMILIES[name].build(
-                apply(overrides, label).classifier(name), num_classes=classes, channels=channels, image_size=size
-            ),
-            channels,
-            size,
-            classes,
-            device,
-        )
-        for label, (name, overrides) in CPU_TABLE_MODELS.items()
-    }
+        # FLOPs do not depend on the precision: the model as the last params build it
+        model = FAMILIES[name].build(params.classifier(name), num_classes=classes, channels=channels, image_size=size)
+        flops[label] = classifier_flops(model, channels, size, classes, device)
 
     load_before, waited = wait_for_quiet(LOAD_LIMIT, LOAD_POLL_S, args.max_wait)
     print(f"1-minute load {load_before:.2f} after waiting {waited / 60:.1f} min: timing", flush=True)
