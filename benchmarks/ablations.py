@@ -1,7 +1,8 @@
 """What closes the gap (issue 43 item 3): the hybrid ViT's ablation study and the training-set-size study.
 
 Study "gap": each variant is the `vit-hybrid` recipe at the study's budget, with a validation split to decide on,
-plus the one change the references propose: SAM, MixUp and Cutout (R5), CutMix and R4's tuned Adam (R4).
+plus the one change the references propose: SAM, MixUp and Cutout (R5), CutMix and R4's tuned Adam (R4), or an
+architecture change a faster or better recipe might take.
 Study "size" (R4's accuracy against training-set size): the hybrid ViT and airbench94, each at its own recipe, on
 10 %, 30 % and 100 % of the training set, every point given the same minutes of training (the epochs scale
 with 1 / size). Every run goes through the pipeline in a clone of its own, and is recorded from there into
@@ -41,6 +42,9 @@ VARIANTS: dict[str, dict] = {
     "cutout": {"augment.cutout_prob": 1.0, "augment.cutout_size": 8},  # R5
     "cutmix": {"augment.cutmix_prob": 0.5, "augment.cutmix_alpha": 1.0},  # R4: per mini-batch
     "adam-r4": {"vit.optimizer": "adam", "vit.lr_mult": 0.4, "vit.weight_decay": 1e-5},  # R4's tuned ViT Adam
+    # Architecture candidates for a recipe at 93 %: airbench's pool-before-BN order (faster), CCT's sequence pooling
+    "pool-first": {"vit.tokenizer_pool_first": True},
+    "seq-pool": {"vit.pool": "seq"},
 }
 
 

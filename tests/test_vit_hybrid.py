@@ -148,3 +148,48 @@ def test_a_tokenizer_of_more_than_three_convolutions_or_one_that_overshrinks_is_
     parse_params({"vit": {"arch": "hybrid", "tokenizer_widths": [8, 16], "patch_size": 3}})  # patch_size unused
     with pytest.raises(ConfigError, match=r"vit\.patch_size = 3 does not tile"):
         parse_params({"vit": {"patch_size": 3}})
+
+
+def test_pooling_first_reorders_the_tokenizer_only_and_keeps_its_initialisation():
+    def tokenizer(pool_first: bool) -> ConvTokenizer:
+        torch.manual_seed(0)
+        return ConvTokenizer(channels=3, widths=(8, 16), embed_dim=24, final_pool=True, pool_first=pool_first)
+
+    usual, first = tokenizer(False), tokenizer(True)
+    kinds = [[type(m).__name__ for m in t.convs] for t in (usual, first)]
+    assert kinds[0] == ["Conv2d", "BatchNorm2d", "GELU", "MaxPool2d"] * 3  # the layout earlier runs trained
+    assert kinds[1] == ["Conv2d", "MaxPool2d", "BatchNorm2d", "GELU"] * 3
+    assert all(torch.equal(a, b) for a, b in zip(usual.parameters(), first.parameters()))
+    x = torch.randn(2, 3, 32, 32)
+    first.eval()
+    expected = x
+    for i in range(0, 12, 4):
+        conv, pool, norm, act = first.convs[i : i + 4]
+        expected = act(norm(pool(conv(expected))))
+    torch.testing.assert_close(first(x), expected)
+    assert first(x).shape == usual.eval()(x).shape == (2, 24, 4, 4)
+
+
+def test_sequence_pooling_replaces_cls_and_gives_rollout_its_readout_weights():
+    from reprovision.measure.heatmaps import attention_rollout
+
+    torch.manual_seed(0)
+    model = ViT(tokenizer_widths=(8, 16), embed_dim=32, depth=2, heads=2, pool="seq").eval()
+    assert model.cls_token is None and model.pos_embed.shape == (1, 64, 32)  # one per token of the 8x8 map
+    x = torch.randn(3, 3, 32, 32)
+    logits, attentions, readout = model(x, return_attention=True)
+    assert logits.shape == (3, 10) and attentions[0].shape == (3, 2, 64, 64) and readout.shape == (3, 64)
+    torch.testing.assert_close(readout.sum(dim=1), torch.ones(3))
+    # The head reads the readout-weighted mean of the last block's normalised tokens.
+    tokens = model.patch_embed(x).flatten(2).transpose(1, 2) + model.pos_embed
+    for block in model.blocks:
+        tokens, _ = block(tokens)
+    pooled = (readout.unsqueeze(1) @ model.norm(tokens)).squeeze(1)
+    torch.testing.assert_close(model.features(x), pooled)
+    torch.testing.assert_close(model.head(pooled), logits)
+    heat = attention_rollout(model, x)
+    assert heat.shape == (3, 32, 32) and heat.min() >= 0 and torch.allclose(heat.amax(dim=(1, 2)), torch.ones(3))
+    card = describe_vit(recipe(pool="seq", tokenizer_pool_first=True), num_classes=10)
+    assert "sequence pooling (no [CLS])" in card and "before BN and GELU" in card
+    with pytest.raises(ValueError, match="pool='mean'; allowed"):
+        ViT(pool="mean")

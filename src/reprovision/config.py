@@ -260,6 +260,7 @@ class ViTConfig(TrainConfig):
     arch: Literal["patch", "hybrid"] = "patch"
     tokenizer_widths: Annotated[list[PositiveInt], Field(max_length=2)] = [64, 128]  # hybrid: at most 3 convs
     tokenizer_final_pool: bool = False  # hybrid: a 2x2 max-pool after the last conv too (a quarter of the tokens)
+    tokenizer_pool_first: bool = False  # hybrid: each conv's 2x2 max-pool before its BN and GELU (airbench's order)
     patch_size: PositiveInt = 4  # patch
     embed_dim: PositiveInt = 192
     depth: PositiveInt = 12
@@ -267,6 +268,7 @@ class ViTConfig(TrainConfig):
     mlp_ratio: PositiveFloat = 4.0
     dropout: Probability = 0.1
     drop_path: Probability = 0.0  # stochastic depth: the last block's rate, rising linearly from 0 at the first
+    pool: Literal["cls", "seq"] = "cls"  # what the head reads: a [CLS] token (R3) | CCT's sequence pooling
 
     def architecture(self) -> str:
         """R3's ViT keeps the run param `arch` it always had (the family's name); the hybrid says so."""

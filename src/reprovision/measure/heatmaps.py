@@ -132,31 +132,43 @@ def _patch_grid(num_patches: int, height: int, width: int) -> tuple[int, int]:
     if rows * cols != num_patches:
         raise ValueError(
             f"attention covers {num_patches} patch tokens, which do not tile a {height}x{width} image; "
-            "the model must return attention over [CLS] followed by every patch token"
+            "the model must return attention over [CLS] followed by every patch token (or, with readout "
+            "weights, over every patch token)"
         )
     return rows, cols
 
 
 @torch.no_grad()
 def attention_rollout(model: nn.Module, x_norm: Tensor, discard_ratio: float = 0.0) -> Tensor:
-    """Where a ViT's [CLS] token draws its information from: (B, H, W) in [0, 1].
+    """Where a ViT's prediction draws its information from: (B, H, W) in [0, 1].
 
-    `model(x, return_attention=True)` must return `(logits, [attention per block])`, each
-    attention (B, heads, T, T) with T = 1 + num_patches and [CLS] first.
+    `model(x, return_attention=True)` must return `(logits, [attention per block])`, each attention
+    (B, heads, T, T) with T = 1 + num_patches and [CLS] first: the [CLS] row of the rollout; or, for a model
+    that pools its tokens (sequence pooling), `(logits, [attention per block], readout)` with T = num_patches
+    and the pool's weights (B, T): the rollout's rows mixed by those weights.
     """
     _check_images(x_norm)
     model.eval()
     output = model(x_norm, return_attention=True)
-    if not (isinstance(output, tuple) and len(output) == 2):
+    if not (isinstance(output, tuple) and len(output) in (2, 3)):
         raise ValueError(
-            "attention_rollout: model(x, return_attention=True) must return (logits, [attention per block]); "
-            f"got {type(output).__name__}"
+            "attention_rollout: model(x, return_attention=True) must return (logits, [attention per block]) "
+            f"or (logits, [attention per block], readout weights); got {type(output).__name__}"
         )
     joint = rollout(output[1], discard_ratio)
     batch, tokens = joint.shape[0], joint.shape[-1]
-    rows, cols = _patch_grid(tokens - 1, *x_norm.shape[-2:])
-    cls_to_patches = joint[:, 0, 1:].reshape(batch, rows, cols)
-    return _scale_each_to_unit(_upsample(cls_to_patches, x_norm.shape[-2:]))
+    if len(output) == 3:
+        readout = output[2].float()
+        if readout.shape != (batch, tokens):
+            raise ValueError(
+                f"attention_rollout: readout weights of shape {tuple(readout.shape)}; the model must give one "
+                f"weight per token, ({batch}, {tokens})"
+            )
+        to_patches = (readout.unsqueeze(1) @ joint).squeeze(1)
+    else:
+        tokens, to_patches = tokens - 1, joint[:, 0, 1:]
+    rows, cols = _patch_grid(tokens, *x_norm.shape[-2:])
+    return _scale_each_to_unit(_upsample(to_patches.reshape(batch, rows, cols), x_norm.shape[-2:]))
 
 
 def save_heatmap_grid(x_uint8: np.ndarray, maps: Tensor, labels: Sequence[str], path: Path) -> None:

@@ -8,6 +8,7 @@ explicitly so that attention rollout can read every block's maps.
 `arch: hybrid` swaps the patch embedding for a convolutional tokenizer (CCT, Hassani et al. 2021):
 up to three Conv3x3-BN-GELU layers, each but the last halving the image, whose output pixels are
 the tokens. Everything after the tokens ([CLS], position embeddings, blocks, head) is the same.
+`pool: seq` reads the last block's tokens through CCT's sequence pooling instead of a [CLS] token.
 """
 
 from __future__ import annotations
@@ -75,28 +76,54 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x))), attention
 
 
-def conv_bn_gelu(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+def conv_layer(c_in: int, c_out: int, *, pool: bool, pool_first: bool) -> list[nn.Module]:
+    """Conv3x3-BN-GELU, then a 2x2 max-pool if `pool`; `pool_first` pools the convolution's output before BN
+    and GELU instead (airbench's order: a quarter of their work, the same modules and initialisation)."""
+    conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)
+    pools = [nn.MaxPool2d(2)] if pool else []
+    norm_act = [nn.BatchNorm2d(c_out), nn.GELU()]
+    return [conv, *pools, *norm_act] if pool_first else [conv, *norm_act, *pools]
 
 
 class ConvTokenizer(nn.Module):
     """Images (B, C, H, W) -> a map of tokens (B, D, H/2^k, W/2^k): len(widths) convolutions each followed
     by a 2x2 max-pool, then one to `embed_dim` at that resolution, pooled once more if `final_pool` (k counts
-    the pools). Convolutions see the image in channels-last memory, where the CPU's convolution kernels are
-    fastest; the map then flattens into tokens with no copy."""
+    the pools; `pool_first`: see conv_layer). Convolutions see the image in channels-last memory, where the CPU's
+    convolution kernels are fastest; the map then flattens into tokens with no copy."""
 
-    def __init__(self, *, channels: int, widths: tuple[int, ...], embed_dim: int, final_pool: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        channels: int,
+        widths: tuple[int, ...],
+        embed_dim: int,
+        final_pool: bool = False,
+        pool_first: bool = False,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for c_in, c_out in zip((channels, *widths[:-1]), widths):
-            layers += [*conv_bn_gelu(c_in, c_out), nn.MaxPool2d(2)]
-        layers += conv_bn_gelu(widths[-1] if widths else channels, embed_dim)
+            layers += conv_layer(c_in, c_out, pool=True, pool_first=pool_first)
         # A last pool quarters the tokens, and with them the transformer's cost, which on a CPU runs at a third
         # of the convolutions' rate (BENCHMARKS "ViT speed levers").
-        self.convs = nn.Sequential(*layers, *([nn.MaxPool2d(2)] if final_pool else []))
+        layers += conv_layer(widths[-1] if widths else channels, embed_dim, pool=final_pool, pool_first=pool_first)
+        self.convs = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.convs(x.contiguous(memory_format=torch.channels_last))
+
+
+class SequencePool(nn.Module):
+    """CCT's sequence pooling: tokens (B, T, D) -> their mean weighted by a learned softmax score, (B, D), and
+    those weights (B, T): where the head reads from, for attention rollout."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        weights = self.score(tokens).squeeze(-1).softmax(dim=-1)
+        return (weights.unsqueeze(1) @ tokens).squeeze(1), weights
 
 
 class ViT(nn.Module):
@@ -115,9 +142,12 @@ class ViT(nn.Module):
         drop_path: float = 0.0,
         tokenizer_widths: tuple[int, ...] | None = None,
         tokenizer_final_pool: bool = False,
+        tokenizer_pool_first: bool = False,
+        pool: str = "cls",
     ) -> None:
         """`tokenizer_widths` None: R3's patch embedding of `patch_size`; else the convolutional tokenizer
-        (ConvTokenizer) of those widths, whose stride 2^(pools) replaces `patch_size`."""
+        (ConvTokenizer) of those widths, whose stride 2^(pools) replaces `patch_size`. `pool`: "cls" reads a
+        [CLS] token (R3), "seq" CCT's sequence pooling of the tokens (no [CLS])."""
         super().__init__()
         if tokenizer_widths is not None:
             patch_size = 2 ** (len(tokenizer_widths) + tokenizer_final_pool)
@@ -125,6 +155,8 @@ class ViT(nn.Module):
             raise ValueError(
                 f"patch_size={patch_size} does not divide image_size={image_size}; pick a divisor of {image_size}"
             )
+        if pool not in ("cls", "seq"):
+            raise ValueError(f"pool={pool!r}; allowed: 'cls' ([CLS] token) or 'seq' (sequence pooling)")
         if embed_dim % heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by heads={heads}; pick heads dividing embed_dim")
         self.image_size = image_size
@@ -138,50 +170,63 @@ class ViT(nn.Module):
                 widths=tuple(tokenizer_widths),
                 embed_dim=embed_dim,
                 final_pool=tokenizer_final_pool,
+                pool_first=tokenizer_pool_first,
             )
         )
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + (pool == "cls"), embed_dim))
         self.embed_drop = nn.Dropout(dropout)
         # Stochastic depth rises linearly with depth, from 0 at the first block to `drop_path` (DeiT).
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(Block(embed_dim, heads, mlp_ratio, dropout, rate) for rate in rates)
         self.norm = nn.LayerNorm(embed_dim)
+        self.sequence_pool = SequencePool(embed_dim) if pool == "seq" else None
         self.head = nn.Linear(embed_dim, num_classes)
         # Small random embeddings (as in ViT/timm): zeros would make every position look the same at start.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that `decay_exempt` keeps out of weight decay besides biases and norms (timm's convention)."""
         return {"pos_embed", "cls_token"}
 
-    def _encode(self, x: Tensor, return_attention: bool) -> tuple[Tensor, list[Tensor]]:
-        """The normalised [CLS] embedding (B, D), and each block's attention when asked."""
+    def _encode(self, x: Tensor, return_attention: bool) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """What the head reads (B, D): the normalised [CLS] embedding or the sequence pool of the normalised
+        tokens; each block's attention when asked, and the sequence pool's weights (B, T) (None with [CLS])."""
         if x.ndim != 4 or x.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"ViT got input of shape {tuple(x.shape)}; it was built for (B, C, {self.image_size}, "
                 f"{self.image_size}) images: build it with image_size matching the data"
             )
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, num_patches, D)
-        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        tokens = self.embed_drop(torch.cat([cls, tokens], dim=1) + self.pos_embed)
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        tokens = self.embed_drop(tokens + self.pos_embed)
         attentions = []
         for block in self.blocks:
             tokens, attention = block(tokens, return_attention)
             if return_attention:
                 attentions.append(attention)
-        return self.norm(tokens[:, 0]), attentions
+        if self.sequence_pool is None:
+            return self.norm(tokens[:, 0]), attentions, None
+        pooled, weights = self.sequence_pool(self.norm(tokens))
+        return pooled, attentions, weights
 
     def features(self, x: Tensor) -> Tensor:
-        """The [CLS] token after the final LayerNorm: what the classifier head sees, (B, embed_dim)."""
+        """What the classifier head sees, (B, embed_dim): the [CLS] token or the tokens' sequence pool, normalised."""
         return self._encode(x, return_attention=False)[0]
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
-        """Logits (B, classes); with `return_attention`, also one (B, heads, T, T) map per block, T = 1 + patches."""
-        cls, attentions = self._encode(x, return_attention)
-        logits = self.head(cls)
-        return (logits, attentions) if return_attention else logits
+    def forward(
+        self, x: Tensor, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]] | tuple[Tensor, list[Tensor], Tensor]:
+        """Logits (B, classes); with `return_attention`, also one (B, heads, T, T) map per block (T = 1 + patches
+        with [CLS] first; T = patches with sequence pooling, which adds its weights (B, T): the head's readout)."""
+        features, attentions, readout = self._encode(x, return_attention)
+        logits = self.head(features)
+        if not return_attention:
+            return logits
+        return (logits, attentions) if readout is None else (logits, attentions, readout)
 
 
 def build_vit(cfg, *, num_classes: int, channels: int, image_size: int) -> ViT:
@@ -199,6 +244,8 @@ def build_vit(cfg, *, num_classes: int, channels: int, image_size: int) -> ViT:
         drop_path=cfg.drop_path,
         tokenizer_widths=tuple(cfg.tokenizer_widths) if cfg.arch == "hybrid" else None,
         tokenizer_final_pool=cfg.tokenizer_final_pool,
+        tokenizer_pool_first=cfg.tokenizer_pool_first,
+        pool=cfg.pool,
     )
 
 
@@ -224,11 +271,12 @@ def tokenizer_and_transformer_cost(
 
 def describe_vit(cfg, *, num_classes: int) -> str:
     drop = f", stochastic depth up to {cfg.drop_path}" if cfg.drop_path else ""
+    readout = "[CLS] token" if cfg.pool == "cls" else "sequence pooling (no [CLS])"
     blocks = f"depth {cfg.depth}, heads {cfg.heads}, MLP ratio {cfg.mlp_ratio}, dropout {cfg.dropout}"
     if cfg.arch == "patch":
         return (
             f"Vision Transformer (R3): patch {cfg.patch_size}, embed {cfg.embed_dim}, {blocks}, "
-            f"learned position embeddings, [CLS] token{drop}"
+            f"learned position embeddings, {readout}{drop}"
         )
     # The card's cost split, of a CIFAR-sized image (3x32x32: every classifier dataset's), from a model built
     # aside: its initialisation leaves the caller's random streams where they were.
@@ -238,11 +286,12 @@ def describe_vit(cfg, *, num_classes: int) -> str:
     convs = " -> ".join(str(w) for w in (*cfg.tokenizer_widths, cfg.embed_dim))
     stride = cfg.token_stride()
     pools = "each" if cfg.tokenizer_final_pool else "each but the last"
+    order = " before BN and GELU" if cfg.tokenizer_pool_first else ""
     return (
         f"Hybrid ViT (a convolutional tokenizer, then a transformer; CCT-style): tokenizer of "
-        f"{len(cfg.tokenizer_widths) + 1} Conv3x3-BN-GELU ({convs} channels, a 2x2 max-pool after {pools}: "
+        f"{len(cfg.tokenizer_widths) + 1} Conv3x3-BN-GELU ({convs} channels, a 2x2 max-pool after {pools}{order}: "
         f"one token per {stride}x{stride} pixels), {tok_params:,} parameters and {tok_flops / 1e6:,.1f} MFLOPs per "
-        f"32x32 image; transformer: embed {cfg.embed_dim}, {blocks}, learned position embeddings, [CLS] token{drop}, "
+        f"32x32 image; transformer: embed {cfg.embed_dim}, {blocks}, learned position embeddings, {readout}{drop}, "
         f"{tf_params:,} parameters and {tf_flops / 1e6:,.1f} MFLOPs"
     )
 
